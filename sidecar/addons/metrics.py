@@ -1,0 +1,177 @@
+"""Every Prometheus metric of SPEC 6, defined once, and the addon that keeps them current.
+
+Each app gets its own CollectorRegistry (no process-global state), so two gateways can live
+in one process and tests can read exact values. Labels are bounded: customers not named in
+the config are `_other`; models are catalog/slot refs or `fc:<provider>/_other`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sidecar.flow import Attempt, Flow
+from sidecar.settings.model import Settings
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+OVERHEAD_BUCKETS = (
+    0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0015, 0.0025,
+    0.005, 0.01, 0.025, 0.05, 0.1,
+)  # fmt: skip
+OTHER = "_other"
+
+
+class Metrics:
+    """The metric objects of one gateway, registered in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "ringside_requests_total", "Chat requests answered, by HTTP status", ["code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "ringside_request_duration_seconds",
+            "Whole request time as the client sees it",
+            ["stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "ringside_overhead_seconds",
+            "Time spent inside the sidecar, upstream time excluded",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "ringside_upstream_requests_total",
+            "Upstream calls by outcome",
+            ["provider", "model", "outcome"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "ringside_upstream_duration_seconds",
+            "Upstream call time",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "ringside_time_to_first_token_seconds",
+            "Time from request arrival to the first streamed chunk",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "ringside_fallbacks_total",
+            "Cascade escalations from one model to the next",
+            ["from_model", "to_model", "reason"],
+            registry=r,
+        )
+        self.cascade_exhausted = Counter(
+            "ringside_cascade_exhausted_total",
+            "Requests for which every candidate failed",
+            ["reason"],
+            registry=r,
+        )
+        self.schema_validations = Counter(
+            "ringside_schema_validations_total",
+            "Structured-output validations by result",
+            ["model", "result"],
+            registry=r,
+        )
+        self.schema_reprompts = Counter(
+            "ringside_schema_reprompts_total",
+            "Re-prompts sent after a schema validation failure",
+            ["model"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "ringside_tokens_total",
+            "Tokens by provider, model and kind (prompt|completion)",
+            ["provider", "model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "ringside_cost_usd_total", "Spend in USD", ["customer", "model"], registry=r
+        )
+        self.budget_limit = Gauge(
+            "ringside_budget_limit_usd", "Budget of the period", ["customer"], registry=r
+        )
+        self.budget_spent = Gauge(
+            "ringside_budget_spent_usd", "Spent in the period", ["customer"], registry=r
+        )
+        self.budget_remaining = Gauge(
+            "ringside_budget_remaining_usd", "Left in the period", ["customer"], registry=r
+        )
+        self.budget_exceeded = Counter(
+            "ringside_budget_exceeded_total", "Requests refused with 402", ["customer"], registry=r
+        )
+        self.rate_limited = Counter(
+            "ringside_rate_limited_total", "Requests refused with 429", ["scope"], registry=r
+        )
+        self.inflight = Gauge(
+            "ringside_inflight_requests", "Chat requests in progress", registry=r
+        )
+        self.circuit_open = Gauge(
+            "ringside_provider_circuit_open",
+            "1 while the provider's circuit breaker is open",
+            ["provider"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "ringside_config_reloads_total", "Configuration reloads", ["result"], registry=r
+        )
+
+
+def customer_label(settings: Settings, customer: str | None) -> str:
+    return customer if customer is not None and customer in settings.customers else OTHER
+
+
+class MetricsAddon:
+    """Records each request's metrics from its Flow; first in the chain so it sees every request."""
+
+    def __init__(self, metrics: Metrics, settings: Settings) -> None:
+        self.metrics = metrics
+        self.settings = settings
+
+    def request(self, flow: Flow) -> None:
+        self.metrics.inflight.inc()
+        flow.metadata["metrics_inflight"] = True
+
+    def attempt_done(self, flow: Flow, attempt: Attempt) -> None:
+        candidate = attempt.candidate
+        provider = candidate.provider.name
+        m = self.metrics
+        m.upstream_requests.labels(provider, candidate.label, attempt.outcome).inc()
+        m.upstream_duration.labels(provider).observe(attempt.seconds)
+        usage = attempt.usage
+        if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
+            m.tokens.labels(provider, candidate.label, "prompt").inc(usage.prompt_tokens)
+            m.tokens.labels(provider, candidate.label, "completion").inc(usage.completion_tokens)
+        if attempt.cost_usd:
+            customer = customer_label(self.settings, flow.principal.customer)
+            m.cost.labels(customer, candidate.label).inc(attempt.cost_usd)
+
+    def done(self, flow: Flow) -> None:
+        m = self.metrics
+        if flow.metadata.pop("metrics_inflight", False):
+            m.inflight.dec()
+        m.requests.labels(str(flow.status)).inc()
+        m.request_duration.labels("true" if flow.stream else "false").observe(flow.seconds)
+        m.overhead.observe(flow.overhead_seconds)
+        for from_model, to_model, reason in flow.fallbacks:
+            m.fallbacks.labels(from_model, to_model, reason).inc()
+        error = flow.error
+        if error is not None and flow.attempts and error.code in (
+            "upstream_unavailable",
+            "response_schema_validation_failed",
+        ):
+            m.cascade_exhausted.labels(error.code).inc()
+        if flow.first_token_at is not None and flow.attempts:
+            m.time_to_first_token.labels(flow.attempts[-1].candidate.provider.name).observe(
+                flow.first_token_at - flow.started
+            )

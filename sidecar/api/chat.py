@@ -1,0 +1,195 @@
+"""POST /v1/chat/completions: the HTTP edge of the pipeline, JSON and SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from sidecar.app import STATE
+
+from sidecar import sse
+from sidecar.api.common import (
+    JSON_CONTENT_TYPE,
+    error_response,
+    parse_json_object,
+    read_body,
+    request_id,
+)
+from sidecar.api.validation import header_error, requested_max_output, validate_chat_request
+from sidecar.errors import GatewayError, UpstreamError
+from sidecar.flow import Flow
+from sidecar.routing import Estimate
+from sidecar.runtime import Runtime
+
+log = logging.getLogger("ringside")
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def format_usd(value: float) -> str:
+    text = f"{value:.10f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def ringside_headers(flow: Flow) -> dict[str, str]:
+    headers = {"X-Request-Id": flow.id}
+    if flow.route is None:
+        return headers
+    if flow.model_used is not None:
+        headers["X-Ringside-Model-Used"] = flow.model_used
+    headers["X-Ringside-Models-Tried"] = ",".join(flow.models_tried)
+    headers["X-Ringside-Fallback-Triggered"] = "true" if flow.fallback_triggered else "false"
+    if flow.attempts and flow.priced and not flow.stream:
+        headers["X-Ringside-Cost-USD"] = format_usd(flow.cost_usd)
+    if flow.schema_enforced:
+        headers["X-Ringside-Schema-Reprompts"] = str(flow.reprompts)
+    return headers
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.enter()
+    try:
+        return await _handle(request, state.runtime)
+    finally:
+        state.leave()
+
+
+async def _handle(request: web.Request, runtime: Runtime) -> web.StreamResponse:
+    flow = Flow(
+        id=request_id(request),
+        runtime=runtime,
+        headers=request.headers,
+        client_ip=request.remote or "",
+        body={},
+        body_bytes=0,
+    )
+    pipeline = runtime.pipeline
+    try:
+        response = await _process(flow, request)
+        if flow.stream:
+            return response
+    except GatewayError as error:
+        flow.error, flow.status = error, error.status
+        await pipeline.run("error", flow)
+        response = error_response(error, ringside_headers(flow))
+    except asyncio.CancelledError:
+        flow.status = 499  # client closed the connection
+        raise
+    except Exception:
+        log.exception("internal error in request %s", flow.id)
+        error = GatewayError(
+            500, "internal_error", f"internal error; quote request id {flow.id} when reporting it"
+        )
+        flow.error, flow.status = error, 500
+        response = error_response(error, ringside_headers(flow))
+    finally:
+        flow.finished = time.perf_counter()
+        await pipeline.run("done", flow)
+    return response
+
+
+async def _process(flow: Flow, request: web.Request) -> web.StreamResponse:
+    runtime = flow.runtime
+    settings = runtime.settings
+    raw = await read_body(request, settings.limits.max_body_bytes)
+    flow.body_bytes = len(raw)
+    body: dict[str, Any] = parse_json_object(raw)
+    flow.body = body
+    await runtime.pipeline.run("request", flow)
+    if flow.response is not None:
+        return flow.response
+    validate_chat_request(body)
+    flow.stream = body.get("stream") is True
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key is not None and not (
+        1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()
+    ):
+        raise header_error("Idempotency-Key", "must be 1-255 printable characters")
+
+    estimate = Estimate(prompt_tokens=len(raw) // 4, max_output=requested_max_output(body))
+    flow.metadata["prompt_tokens_estimate"] = estimate.prompt_tokens
+    flow.route = runtime.router.resolve(body["model"], estimate)
+    if flow.route.is_cascade:
+        if flow.stream:
+            raise GatewayError(
+                400,
+                "fallback_with_stream_unsupported",
+                "a cascade (model as an array, or a slot/match: with several models) cannot "
+                "stream: send one model ref, or set stream to false",
+                param="stream",
+            )
+        if idempotency_key is not None:
+            raise GatewayError(
+                400,
+                "fallback_with_idempotency_unsupported",
+                "a cascade (model as an array, or a slot/match: with several models) cannot "
+                "be combined with Idempotency-Key: send one model ref, or drop the header",
+                param="model",
+            )
+    await runtime.pipeline.run("routed", flow)
+    if flow.stream:
+        return await _stream(flow, request)
+
+    _candidate, completion = await runtime.cascade.run(flow)
+    await runtime.pipeline.run("response", flow)
+    payload = completion.raw if completion.raw is not None else orjson.dumps(completion.body)
+    return web.Response(
+        body=payload, content_type=JSON_CONTENT_TYPE, headers=ringside_headers(flow)
+    )
+
+
+async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
+    cascade = flow.runtime.cascade
+    attempt, stream = await cascade.open_stream(flow)
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        first = []
+    except UpstreamError as error:
+        await cascade.fail_stream(flow, attempt, stream, error)
+        raise cascade.as_gateway_error(attempt.candidate, error, flow) from None
+    except BaseException:
+        await cascade.finish_stream(flow, attempt, stream)
+        raise
+    flow.first_token_at = time.perf_counter()
+    flow.model_used = attempt.candidate.ref
+    response = web.StreamResponse(headers={**SSE_HEADERS, **ringside_headers(flow)})
+    failure: UpstreamError | None = None
+    try:
+        await response.prepare(request)
+        if first:
+            await response.write(b"".join(sse.encode(chunk) for chunk in first))
+        try:
+            async for chunks in stream:
+                await response.write(b"".join(sse.encode(chunk) for chunk in chunks))
+        except UpstreamError as error:
+            failure = error
+            attempt.error = error
+            envelope = GatewayError(503, "upstream_unavailable", error.message).envelope()
+            await response.write(sse.encode(orjson.dumps(envelope)))
+        if failure is None:
+            await response.write(sse.DONE)
+        await response.write_eof()
+    except ConnectionResetError:
+        flow.status = 499  # the client went away mid-stream: nothing more to send
+    except asyncio.CancelledError:
+        flow.status = 499
+        raise
+    finally:
+        await cascade.finish_stream(flow, attempt, stream)
+        if failure is not None:
+            flow.error = GatewayError(503, "upstream_unavailable", failure.message)
+            if flow.status != 499:
+                flow.status = 503
+    await flow.runtime.pipeline.run("response", flow)
+    return response

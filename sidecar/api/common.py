@@ -1,0 +1,64 @@
+"""What every API handler shares: app keys, request ids, body reading, error responses."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import orjson
+from aiohttp import web
+
+from sidecar.errors import GatewayError, invalid_request
+JSON_CONTENT_TYPE = "application/json"
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id")
+    if given is not None and _REQUEST_ID.match(given):
+        return given
+    return "req_" + os.urandom(12).hex()
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it is known to be over `limit` bytes."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        "request_too_large",
+        f"the request body is over the {limit}-byte limit (limits.max_body_bytes)",
+    )
+
+
+def parse_json_object(raw: bytes) -> dict[str, object]:
+    if not raw:
+        raise invalid_request("the request body is empty: send a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_request(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise invalid_request("the request body must be a JSON object")
+    return body
+
+
+def error_response(error: GatewayError, headers: dict[str, str]) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=error.body(),
+        content_type=JSON_CONTENT_TYPE,
+        headers={**headers, **error.headers},
+    )

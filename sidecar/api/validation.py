@@ -1,0 +1,148 @@
+"""Checks of a chat request's parameters: a 400 naming the parameter, never a 500 later.
+
+Only what the OpenAI API defines is checked; unknown parameters pass through untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.errors import GatewayError, invalid_request
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+RESPONSE_FORMAT_TYPES = frozenset({"text", "json_object", "json_schema"})
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise invalid_request(f"{name} must be a number between {low} and {high}", name)
+    if not low <= value <= high:
+        raise invalid_request(f"{name} must be between {low} and {high}, got {value}", name)
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int | None = None) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid_request(f"{name} must be an integer", name)
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise invalid_request(f"{name} must be {bound}, got {value}", name)
+
+
+def _boolean(body: dict[str, Any], name: str) -> None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise invalid_request(f"{name} must be true or false", name)
+
+
+def _messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise invalid_request("messages must be a non-empty array of message objects", "messages")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise invalid_request(f"{where} must be an object with role and content", where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise invalid_request(
+                f"{where}.role must be one of system, developer, user, assistant, tool; "
+                f"got {role!r}",
+                f"{where}.role",
+            )
+        content = message.get("content")
+        if content is None:
+            if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+                continue
+            raise invalid_request(f"{where}.content is required", f"{where}.content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise invalid_request(
+                f"{where}.content must be a string or an array of content parts",
+                f"{where}.content",
+            )
+        for part_index, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise invalid_request(
+                    f"{where}.content[{part_index}] must be an object with a type",
+                    f"{where}.content[{part_index}]",
+                )
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise invalid_request(f"{where}.tool_call_id is required for role tool", where)
+
+
+def _response_format(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMAT_TYPES:
+        raise invalid_request(
+            "response_format must be {type: text | json_object | json_schema}", "response_format"
+        )
+    if value["type"] == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise invalid_request(
+                "response_format.json_schema must be an object with a name and a schema",
+                "response_format",
+            )
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict | bool):
+            raise invalid_request(
+                "response_format.json_schema.schema must be a JSON Schema object",
+                "response_format",
+            )
+
+
+def validate_chat_request(body: dict[str, Any]) -> None:
+    """Raise a 400 GatewayError for the first malformed parameter."""
+    if "model" not in body:
+        raise invalid_request("model is required (e.g. fc:openai/gpt-4o-mini)", "model")
+    _messages(body.get("messages"))
+    _boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise invalid_request("stream_options must be an object", "stream_options")
+        _boolean(options, "include_usage")
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1)
+    _number(body, "presence_penalty", -2, 2)
+    _number(body, "frequency_penalty", -2, 2)
+    _integer(body, "max_tokens", 1)
+    _integer(body, "max_completion_tokens", 1)
+    _integer(body, "n", 1, 128)
+    _integer(body, "seed", -(2**63), 2**63 - 1)
+    _boolean(body, "parallel_tool_calls")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str):
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+            raise invalid_request("stop must be a string or an array of up to 4 strings", "stop")
+    tools = body.get("tools")
+    if tools is not None and (
+        not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)
+    ):
+        raise invalid_request("tools must be an array of tool objects", "tools")
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and not isinstance(tool_choice, str | dict):
+        raise invalid_request("tool_choice must be a string or an object", "tool_choice")
+    _response_format(body.get("response_format"))
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid_request("user must be a string", "user")
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise invalid_request("metadata must be an object of string values", "metadata")
+
+
+def requested_max_output(body: dict[str, Any]) -> int | None:
+    value = body.get("max_completion_tokens") or body.get("max_tokens")
+    return value if isinstance(value, int) else None
+
+
+def header_error(name: str, rule: str) -> GatewayError:
+    return GatewayError(400, "invalid_request", f"header {name} {rule}", param=name)

@@ -1,0 +1,94 @@
+"""The two aiohttp applications (api and admin) and what lives as long as they do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from aiohttp import web
+
+from sidecar.addons.metrics import Metrics
+from sidecar.runtime import Runtime, RuntimeHolder, Services
+from sidecar.settings import Settings
+from sidecar.settings.model import HostPort, Listen
+from sidecar.settings.watch import watch_file
+from sidecar.upstream import new_session
+
+log = logging.getLogger("ringside")
+
+
+class GatewayState:
+    """Mutable state of one running gateway, shared by its api and admin apps."""
+
+    def __init__(self, config_path: str, settings: Settings, watch_interval: float = 1.0) -> None:
+        self.config_path = config_path
+        self.initial_settings = settings
+        self.watch_interval = watch_interval
+        self.holder: RuntimeHolder | None = None
+        self.draining = False
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self.holder is not None, "the api app has not started"
+        return self.holder.current
+
+    @property
+    def ready(self) -> bool:
+        return self.holder is not None and not self.draining
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+
+STATE = web.AppKey("gateway_state", GatewayState)
+
+
+def with_listen(settings: Settings, api: HostPort | None, admin: HostPort | None) -> Settings:
+    """Command-line overrides of the listeners."""
+    return replace(
+        settings, listen=Listen(api=api or settings.listen.api, admin=admin or settings.listen.admin)
+    )
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    session = new_session()
+    services = Services(session=session, metrics=Metrics())
+    state.holder = RuntimeHolder(state.config_path, Runtime(state.initial_settings, services))
+    watcher = asyncio.create_task(watch_file(state.config_path, state.holder.reload, state.watch_interval))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await session.close()
+
+
+def create_apps(state: GatewayState) -> tuple[web.Application, web.Application]:
+    from sidecar.api.admin import add_admin_routes
+    from sidecar.api.chat import chat_completions
+    from sidecar.api.models import list_models
+
+    api = web.Application()
+    api[STATE] = state
+    api.cleanup_ctx.append(_lifecycle)
+    api.router.add_post("/v1/chat/completions", chat_completions)
+    api.router.add_get("/v1/models", list_models)
+
+    admin = web.Application()
+    admin[STATE] = state
+    add_admin_routes(admin)
+    return api, admin

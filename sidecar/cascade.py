@@ -1,0 +1,197 @@
+"""Runs a Route: candidates in order, escalating only on errors whose Outcome says so.
+
+The one place that decides escalation (SPEC 2.2). Each upstream call is an Attempt that the
+pipeline's `attempt` / `attempt_done` hooks see, so budgets and metrics wrap every call,
+re-prompts and streams included.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from sidecar.errors import GatewayError, Outcome, UpstreamError
+from sidecar.flow import Attempt, Flow
+from sidecar.pricing import usage_cost
+from sidecar.providers.base import ChunkStream, Completion, UpstreamCall, Usage
+from sidecar.routing import Candidate
+
+if TYPE_CHECKING:
+    from sidecar.runtime import Runtime
+
+
+def _apply_rewrites(body: dict[str, Any], rules: list[Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    body = dict(body)
+    headers: dict[str, str] = {}
+    for rule in rules:
+        for name in rule.drop:
+            body.pop(name, None)
+        body.update(rule.set)
+        for name, cap in rule.cap.items():
+            value = body.get(name)
+            if not isinstance(value, int | float) or value > cap:
+                body[name] = int(cap) if float(cap).is_integer() else cap
+        headers.update(rule.headers)
+    return body, headers
+
+
+def exhausted(failures: list[tuple[Candidate, UpstreamError]], skipped_open: list[str]) -> GatewayError:
+    """The error when no candidate answered: 422 if every failure was the schema's, else 503."""
+    if failures and all(e.outcome is Outcome.SCHEMA_FAILURE for _, e in failures):
+        detail = "; ".join(f"{c.ref}: {e.message}" for c, e in failures)
+        return GatewayError(
+            422,
+            "response_schema_validation_failed",
+            f"no model produced output matching response_format: {detail}",
+            param="response_format",
+        )
+    parts = [f"{c.ref}: {e.message}" for c, e in failures]
+    parts.extend(f"{ref}: skipped, provider circuit open" for ref in skipped_open)
+    count = len(failures) + len(skipped_open)
+    lead = "the upstream provider failed" if count == 1 else f"all {count} candidate models failed"
+    return GatewayError(503, "upstream_unavailable", f"{lead}: " + "; ".join(parts))
+
+
+class Cascade:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.pipeline = runtime.pipeline
+        self.providers = runtime.providers
+        self.rewrites = runtime.settings.rewrite
+
+    def build_call(self, flow: Flow, candidate: Candidate, body: dict[str, Any]) -> UpstreamCall:
+        rules = []
+        provider_rule = self.rewrites.get("provider:" + candidate.provider.name)
+        if provider_rule is not None:
+            rules.append(provider_rule)
+        if candidate.slot is not None:
+            slot_rule = self.rewrites.get("slot:" + candidate.slot)
+            if slot_rule is not None:
+                rules.append(slot_rule)
+        headers: dict[str, str] = {}
+        if rules:
+            body, headers = _apply_rewrites(body, rules)
+        return UpstreamCall(
+            candidate.provider, candidate.model_id, body, flow.stream, headers, flow.id
+        )
+
+    def _too_small(self, flow: Flow, candidate: Candidate) -> UpstreamError | None:
+        context = candidate.context
+        estimate = flow.metadata.get("prompt_tokens_estimate", 0)
+        if context is not None and estimate > context:
+            return UpstreamError(
+                Outcome.CONTEXT_LENGTH,
+                f"skipped: estimated prompt of {estimate} tokens exceeds its {context}-token window",
+                reason="context_length",
+            )
+        return None
+
+    async def call(self, flow: Flow, candidate: Candidate, body: dict[str, Any]) -> Completion:
+        """One upstream call as an Attempt: hooks around it, usage and cost recorded."""
+        attempt = Attempt(candidate)
+        flow.attempts.append(attempt)
+        await self.pipeline.run("attempt", flow, attempt)
+        try:
+            completion = await self.providers[candidate.provider.name].complete(
+                self.build_call(flow, candidate, body)
+            )
+        except BaseException as exc:
+            attempt.error = (
+                exc
+                if isinstance(exc, UpstreamError)
+                else UpstreamError(Outcome.UNAVAILABLE, "the call was cancelled", reason="cancelled")
+            )
+            self._settle(flow, attempt, None)
+            await self.pipeline.run("attempt_done", flow, attempt)
+            raise
+        self._settle(flow, attempt, completion.usage)
+        await self.pipeline.run("attempt_done", flow, attempt)
+        return completion
+
+    @staticmethod
+    def _settle(flow: Flow, attempt: Attempt, usage: Usage | None) -> None:
+        attempt.seconds = time.perf_counter() - attempt.started
+        flow.upstream_seconds += attempt.seconds
+        attempt.usage = usage or Usage()
+        attempt.cost_usd = usage_cost(attempt.candidate, attempt.usage)
+        flow.usage.add(attempt.usage)
+        flow.cost_usd += attempt.cost_usd
+
+    async def answer(self, flow: Flow, candidate: Candidate) -> Completion:
+        """A candidate's final answer; schema enforcement wraps the call when asked for."""
+        return await self.call(flow, candidate, flow.body)
+
+    async def run(self, flow: Flow) -> tuple[Candidate, Completion]:
+        """Try each candidate in order; return the first answer or raise the cascade's error."""
+        assert flow.route is not None
+        failures: list[tuple[Candidate, UpstreamError]] = []
+        previous: tuple[Candidate, UpstreamError] | None = None
+        for candidate in flow.route.candidates:
+            skipped = self._too_small(flow, candidate)
+            if skipped is not None:
+                failures.append((candidate, skipped))
+                continue
+            if previous is not None:
+                flow.fallbacks.append((previous[0].label, candidate.label, previous[1].outcome.value))
+            flow.models_tried.append(candidate.ref)
+            try:
+                completion = await self.answer(flow, candidate)
+            except UpstreamError as error:
+                if not error.outcome.escalates:
+                    assert error.client_error is not None
+                    raise error.client_error from None
+                failures.append((candidate, error))
+                previous = (candidate, error)
+                continue
+            flow.model_used = candidate.ref
+            return candidate, completion
+        raise exhausted(failures, flow.route.skipped_open)
+
+    async def open_stream(self, flow: Flow) -> tuple[Attempt, ChunkStream]:
+        """Open the (single-candidate) stream; failures before the first byte raise here."""
+        assert flow.route is not None
+        failures: list[tuple[Candidate, UpstreamError]] = []
+        for candidate in flow.route.candidates:
+            skipped = self._too_small(flow, candidate)
+            if skipped is not None:
+                failures.append((candidate, skipped))
+                continue
+            flow.models_tried.append(candidate.ref)
+            attempt = Attempt(candidate)
+            flow.attempts.append(attempt)
+            await self.pipeline.run("attempt", flow, attempt)
+            try:
+                stream = await self.providers[candidate.provider.name].open_stream(
+                    self.build_call(flow, candidate, flow.body)
+                )
+            except UpstreamError as error:
+                await self.fail_stream(flow, attempt, None, error)
+                raise self.as_gateway_error(candidate, error, flow) from None
+            return attempt, stream
+        raise exhausted(failures, flow.route.skipped_open)
+
+    def as_gateway_error(self, candidate: Candidate, error: UpstreamError, flow: Flow) -> GatewayError:
+        if not error.outcome.escalates and error.client_error is not None:
+            return error.client_error
+        assert flow.route is not None
+        return exhausted([(candidate, error)], flow.route.skipped_open)
+
+    async def fail_stream(
+        self, flow: Flow, attempt: Attempt, stream: ChunkStream | None, error: UpstreamError
+    ) -> None:
+        attempt.error = error
+        await self.finish_stream(flow, attempt, stream)
+
+    async def finish_stream(self, flow: Flow, attempt: Attempt, stream: ChunkStream | None) -> None:
+        """Close the upstream stream and charge what it produced, even when cut short."""
+        if stream is not None:
+            await stream.aclose()
+        usage = stream.usage if stream is not None else None
+        if usage is None and stream is not None and stream.content:
+            usage = Usage(
+                flow.metadata.get("prompt_tokens_estimate", 0), max(1, len(stream.content) // 4)
+            )
+        self._settle(flow, attempt, usage)
+        if attempt.error is None:
+            flow.model_used = attempt.candidate.ref
+        await self.pipeline.run("attempt_done", flow, attempt)

@@ -1,0 +1,168 @@
+"""`ringside` command line: serve, check-config, keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import signal
+import sys
+import time
+
+from sidecar.settings import ConfigError, Settings, load_settings
+from sidecar.settings.loader import is_loopback
+from sidecar.settings.model import HostPort
+
+log = logging.getLogger("ringside")
+
+
+def _summary(settings: Settings) -> str:
+    auth = f"{len(settings.keys)} keys" if settings.keys else "no keys (open mode, loopback only)"
+    return (
+        f"ok: {settings.source}: {len(settings.providers)} providers, {len(settings.models)} "
+        f"models, {len(settings.slots)} slots, {auth}, {settings.storage.backend} storage"
+    )
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for warning in settings.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(_summary(settings))
+    return 0
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    key = "rk_" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    developer = args.developer or args.id
+    print(f"key (shown once; give it to the caller): {key}")
+    print("config line (paste under keys:):")
+    print(f'  - {{id: {args.id}, sha256: "{digest}", developer: {developer}}}')
+    return 0
+
+
+def _override(settings: Settings, args: argparse.Namespace) -> Settings:
+    from sidecar.app import with_listen
+
+    api = admin = None
+    if args.host or args.port:
+        api = HostPort(args.host or settings.listen.api.host, args.port or settings.listen.api.port)
+    if args.admin_host or args.admin_port:
+        admin = HostPort(
+            args.admin_host or settings.listen.admin.host,
+            args.admin_port or settings.listen.admin.port,
+        )
+    settings = with_listen(settings, api, admin)
+    if settings.open_mode and not is_loopback(settings.listen.api.host):
+        raise ConfigError(
+            [
+                f"{settings.source}: listen.api: no keys are configured (open mode), which is "
+                f"allowed only on a loopback listener, not {settings.listen.api.host}"
+            ]
+        )
+    return settings
+
+
+async def _serve(settings: Settings, config_path: str, started: float) -> None:
+    from aiohttp import web
+
+    from sidecar.app import GatewayState, create_apps
+
+    state = GatewayState(config_path, settings)
+    api_app, admin_app = create_apps(state)
+    api_runner = web.AppRunner(api_app, handler_cancellation=True, access_log=None)
+    admin_runner = web.AppRunner(admin_app, access_log=None)
+    await api_runner.setup()
+    await admin_runner.setup()
+    listen = settings.listen
+    await web.TCPSite(api_runner, listen.api.host, listen.api.port, backlog=1024).start()
+    await web.TCPSite(admin_runner, listen.admin.host, listen.admin.port).start()
+    mode = "open mode" if settings.open_mode else f"{len(settings.keys)} keys"
+    log.info(
+        "ringside ready in %.0f ms: api http://%s/v1, admin http://%s (%s, config %s)",
+        (time.perf_counter() - started) * 1000,
+        listen.api,
+        listen.admin,
+        mode,
+        config_path,
+    )
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: state.holder and state.holder.reload())
+    await stop.wait()
+
+    state.draining = True  # /readyz fails first; in-flight requests and streams finish
+    log.info("draining %d in-flight requests", state.inflight)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(state.idle.wait(), settings.limits.drain_seconds)
+    await api_runner.cleanup()
+    await admin_runner.cleanup()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    try:
+        settings = _override(load_settings(args.config), args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    try:
+        with runner:
+            runner.run(_serve(settings, args.config, started))
+    except OSError as exc:
+        print(f"ringside: cannot listen: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringside", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the sidecar")
+    serve.add_argument("--config", required=True, help="YAML routing table")
+    serve.add_argument("--host", help="api listener host (default from config: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="api listener port (default 8787)")
+    serve.add_argument("--admin-host", help="admin listener host (default 0.0.0.0)")
+    serve.add_argument("--admin-port", type=int, help="admin listener port (default 8788)")
+    serve.set_defaults(func=cmd_serve)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    keys = commands.add_parser("keys", help="API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_commands.add_parser("new", help="make a key and print its config line")
+    new.add_argument("--id", default="app1", help="key id in the config (default app1)")
+    new.add_argument("--developer", help="developer the key belongs to (default: the id)")
+    new.set_defaults(func=cmd_keys_new)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

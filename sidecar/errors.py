@@ -1,0 +1,159 @@
+"""Gateway errors in the OpenAI envelope, and the Outcome classes that decide escalation.
+
+Every error a client sees is a `GatewayError`; every upstream failure is an `UpstreamError`
+carrying the one `Outcome` that the cascade looks at. Nothing else decides escalation.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+import orjson
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_response_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+
+
+class GatewayError(Exception):
+    """An error answered to the client as `{"error": {message, type, param, code}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        error_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.error_type = error_type or _TYPE_BY_STATUS.get(status, "api_error")
+        self.headers = dict(headers or {})
+
+    def envelope(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.envelope())
+
+
+def invalid_request(message: str, param: str | None = None) -> GatewayError:
+    return GatewayError(400, "invalid_request", message, param=param)
+
+
+class Outcome(enum.Enum):
+    """How an upstream failure is treated: the request's fault, or a reason to escalate."""
+
+    CLIENT_FAULT = "client_fault"  # returned at once with the upstream's status, never escalates
+    UNAVAILABLE = "upstream_unavailable"  # 5xx, 408, 429, 401/403, timeouts, resets, bad bodies
+    CONTEXT_LENGTH = "context_length"  # the prompt does not fit this model: try a bigger one
+    SCHEMA_FAILURE = "response_schema_validation_failed"  # content never matched the schema
+
+    @property
+    def escalates(self) -> bool:
+        return self is not Outcome.CLIENT_FAULT
+
+
+class UpstreamError(Exception):
+    """One failed upstream attempt, already classified."""
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        message: str,
+        *,
+        status: int | None = None,
+        reason: str = "error",
+        client_error: GatewayError | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.message = message
+        self.status = status
+        self.reason = reason  # short metric label: http_503, timeout, connect, bad_body, schema …
+        self.client_error = client_error
+        self.retry_after = retry_after
+
+
+_CONTEXT_MARKERS = (
+    "context_length_exceeded",
+    "context length",
+    "context window",
+    "maximum context",
+    "too many tokens",
+    "prompt is too long",
+    "input is too long",
+)
+
+
+def looks_like_context_length(code: str | None, message: str) -> bool:
+    text = f"{code or ''} {message}".lower()
+    return any(marker in text for marker in _CONTEXT_MARKERS)
+
+
+def classify_http_failure(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    error_type: str | None = None,
+    param: str | None = None,
+    retry_after: float | None = None,
+) -> UpstreamError:
+    """Map an upstream HTTP failure onto an Outcome (SPEC 2.2).
+
+    5xx, 408, 429 and 401/403 (the provider rejected *our* key) escalate; a context-length
+    error escalates to a model with a bigger window; any other 4xx is the request's fault and
+    is handed back to the client with the upstream's own status and message.
+    """
+    reason = f"http_{status}"
+    if status >= 500 or status in (408, 429, 401, 403):
+        return UpstreamError(
+            Outcome.UNAVAILABLE,
+            f"upstream answered {status}: {message}",
+            status=status,
+            reason=reason,
+            retry_after=retry_after,
+        )
+    if looks_like_context_length(code, message):
+        return UpstreamError(
+            Outcome.CONTEXT_LENGTH,
+            f"upstream rejected the prompt as too long: {message}",
+            status=status,
+            reason="context_length",
+        )
+    client_error = GatewayError(
+        status,
+        code or "invalid_request",
+        message or f"upstream rejected the request ({status})",
+        param=param,
+        error_type=error_type,
+    )
+    return UpstreamError(
+        Outcome.CLIENT_FAULT, message, status=status, reason=reason, client_error=client_error
+    )

@@ -1,0 +1,90 @@
+"""The Flow: everything one request carries through the pipeline, from arrival to the access log."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sidecar.providers.base import Usage
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from multidict import CIMultiDictProxy
+
+    from sidecar.errors import GatewayError, UpstreamError
+    from sidecar.routing import Candidate, Route
+    from sidecar.runtime import Runtime
+
+
+@dataclass(slots=True)
+class Principal:
+    """Who is calling: the key (or anonymous in open mode), its developer, the customer."""
+
+    key_id: str | None = None
+    developer: str | None = None
+    customer: str | None = None
+    allowed: tuple[str, ...] = ()
+    via_token: bool = False
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One upstream call of one candidate (re-prompts of the same candidate are separate)."""
+
+    candidate: Candidate
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+    usage: Usage | None = None
+    error: UpstreamError | None = None
+    reserved_usd: float = 0.0
+    cost_usd: float = 0.0
+
+    @property
+    def outcome(self) -> str:
+        return "success" if self.error is None else self.error.outcome.value
+
+
+@dataclass(slots=True)
+class Flow:
+    id: str
+    runtime: Runtime
+    headers: CIMultiDictProxy[str]
+    client_ip: str
+    body: dict[str, Any]
+    body_bytes: int
+    started: float = field(default_factory=time.perf_counter)
+    started_wall: float = field(default_factory=time.time)
+    stream: bool = False
+    include_usage: bool = False
+    principal: Principal = field(default_factory=Principal)
+    route: Route | None = None
+    models_tried: list[str] = field(default_factory=list)
+    model_used: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    fallbacks: list[tuple[str, str, str]] = field(default_factory=list)  # from, to, reason
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    priced: bool = True
+    reprompts: int = 0
+    schema_enforced: bool = False
+    status: int = 200
+    error: GatewayError | None = None
+    response: web.StreamResponse | None = None  # set by an addon to short-circuit the chain
+    upstream_seconds: float = 0.0
+    first_token_at: float | None = None
+    finished: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fallback_triggered(self) -> bool:
+        return len(self.models_tried) > 1
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished or time.perf_counter()) - self.started
+
+    @property
+    def overhead_seconds(self) -> float:
+        """Time spent inside the sidecar, upstream time excluded."""
+        return max(0.0, self.seconds - self.upstream_seconds)

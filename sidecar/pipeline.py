@@ -1,0 +1,60 @@
+"""The ordered addon chain, in the style of mitmproxy: an addon is a class whose methods are hooks.
+
+Hooks, each taking the Flow (and `attempt` hooks the Attempt too):
+  request(flow)                 before routing; may set flow.response or raise GatewayError
+  routed(flow)                  after the model ref resolved to a Route
+  attempt(flow, attempt)        before each upstream call (budget reservation lives here)
+  attempt_done(flow, attempt)   after each upstream call, success or failure
+  response(flow)                a final response is ready (not for errors)
+  error(flow)                   the request ends in a GatewayError
+  done(flow)                    always last, exactly once per request (usage, metrics, logs)
+Dispatch lists are computed once per Pipeline, so a hook nobody implements costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sidecar.settings.model import AddonSpec
+
+HOOKS = ("request", "routed", "attempt", "attempt_done", "response", "error", "done")
+
+Handler = Callable[..., Any]
+
+
+class Pipeline:
+    def __init__(self, addons: Sequence[object]) -> None:
+        self.addons = tuple(addons)
+        self._handlers: dict[str, tuple[tuple[Handler, bool], ...]] = {}
+        for hook in HOOKS:
+            found = []
+            for addon in self.addons:
+                method = getattr(addon, hook, None)
+                if callable(method):
+                    found.append((method, inspect.iscoroutinefunction(method)))
+            self._handlers[hook] = tuple(found)
+
+    def has(self, hook: str) -> bool:
+        return bool(self._handlers[hook])
+
+    async def run(self, hook: str, *args: Any) -> None:
+        """Call `hook` on every addon in order; stops early once `flow.response` is set."""
+        flow = args[0]
+        for method, is_async in self._handlers[hook]:
+            if is_async:
+                await method(*args)
+            else:
+                method(*args)
+            if flow.response is not None and hook == "request":
+                return
+
+def load_addon(spec: AddonSpec) -> object:
+    """Import `package.module:ClassName` and build it with the configured options."""
+    module_name, _, class_name = spec.path.partition(":")
+    module = importlib.import_module(module_name)
+    factory = getattr(module, class_name)
+    return factory(**spec.options) if spec.options else factory()
+

@@ -1,0 +1,146 @@
+"""The provider boundary: normalized call/result types and the protocols adapters implement.
+
+Adapters are pure translation (OpenAI request → provider request, provider body → OpenAI
+shape). The network lives in `sidecar.upstream`; the in-process mock implements
+`ProviderClient` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sidecar.settings.model import ProviderSettings
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, other: Usage) -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+
+    def as_openai(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+    @classmethod
+    def from_openai(cls, data: Any) -> Usage | None:
+        if not isinstance(data, dict):
+            return None
+        prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
+        if not isinstance(prompt, int) or not isinstance(completion, int):
+            return None
+        return cls(prompt, completion)
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    """One call to one provider model: the OpenAI-shaped body after rewrites and schema prep."""
+
+    provider: ProviderSettings
+    model_id: str
+    body: dict[str, Any]  # OpenAI chat request, `model` still the client's value
+    stream: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)  # added by rewrite rules
+    request_id: str = ""
+
+
+@dataclass(slots=True)
+class Completion:
+    """A non-streamed answer in OpenAI `chat.completion` shape."""
+
+    body: dict[str, Any]
+    usage: Usage | None
+    raw: bytes | None = None  # the upstream bytes, forwardable as-is while `body` is untouched
+
+    @property
+    def message(self) -> dict[str, Any]:
+        choices = self.body.get("choices") or [{}]
+        message = choices[0].get("message") or {}
+        return message if isinstance(message, dict) else {}
+
+    @property
+    def content(self) -> str | None:
+        content = self.message.get("content")
+        return content if isinstance(content, str) else None
+
+    @property
+    def finish_reason(self) -> str | None:
+        choices = self.body.get("choices") or [{}]
+        reason = choices[0].get("finish_reason")
+        return reason if isinstance(reason, str) else None
+
+    @property
+    def ends_in_tool_calls(self) -> bool:
+        return bool(self.message.get("tool_calls")) or self.finish_reason == "tool_calls"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+    method: str = "POST"
+
+
+class ChunkStream(Protocol):
+    """An open streamed answer: yields lists of OpenAI `chat.completion.chunk` JSON bytes."""
+
+    usage: Usage | None
+    content: str  # concatenated content of choice 0 so far
+
+    def __aiter__(self) -> ChunkStream: ...
+
+    async def __anext__(self) -> list[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ProviderClient(Protocol):
+    """What the cascade calls. One per configured provider, rebuilt on config reload."""
+
+    settings: ProviderSettings
+    native_json_schema: bool
+    json_mode: bool
+
+    async def complete(self, call: UpstreamCall) -> Completion: ...
+
+    async def open_stream(self, call: UpstreamCall) -> ChunkStream: ...
+
+
+class StreamDecoder(Protocol):
+    """Turns one provider's SSE events into OpenAI chunk bytes, tracking usage and content."""
+
+    usage: Usage | None
+    content: str
+    finished: bool
+
+    def feed(self, event: str | None, data: bytes) -> list[bytes]: ...
+
+
+class Adapter(Protocol):
+    """Pure translation for one provider kind; never does I/O."""
+
+    native_json_schema: bool
+    json_mode: bool
+
+    def build_request(self, call: UpstreamCall) -> HttpRequest: ...
+
+    def parse_response(self, body: bytes, call: UpstreamCall) -> Completion: ...
+
+    def classify_error(
+        self, status: int, body: bytes, headers: Mapping[str, str]
+    ) -> Exception: ...
+
+    def stream_decoder(self, call: UpstreamCall) -> StreamDecoder: ...

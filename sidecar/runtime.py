@@ -1,0 +1,110 @@
+"""Everything compiled from one Settings: router, provider clients, addon chain, cascade.
+
+A Runtime is immutable once built; a config reload builds a new one and swaps it under the
+app's key, so requests in flight finish with the Runtime they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from sidecar.addons.accesslog import AccessLog
+from sidecar.addons.auth import Auth
+from sidecar.addons.metrics import Metrics, MetricsAddon
+from sidecar.cascade import Cascade
+from sidecar.pipeline import Pipeline, load_addon
+from sidecar.providers import build_client
+from sidecar.providers.base import ProviderClient
+from sidecar.routing import Router
+from sidecar.settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger("ringside")
+
+
+@dataclass(slots=True)
+class Services:
+    """Long-lived objects that outlive config reloads."""
+
+    session: aiohttp.ClientSession
+    metrics: Metrics
+
+
+class Runtime:
+    def __init__(self, settings: Settings, services: Services) -> None:
+        self.settings = settings
+        self.services = services
+        self.router = Router(settings)
+        self.providers: dict[str, ProviderClient] = {
+            name: build_client(provider, services.session)
+            for name, provider in settings.providers.items()
+        }
+        self.auth = Auth(settings)
+        addons: list[object] = [MetricsAddon(services.metrics, settings), self.auth]
+        if settings.access_log:
+            addons.append(AccessLog())
+        for spec in settings.addons:
+            try:
+                addons.append(load_addon(spec))
+            except Exception as exc:
+                raise ConfigError(
+                    [f"{settings.source}: addons: cannot load {spec.path}: {exc}"]
+                ) from None
+        self.pipeline = Pipeline(addons)
+        self.cascade = Cascade(self)
+        self.models_body = orjson.dumps(_models_listing(settings))
+
+
+def _models_listing(settings: Settings) -> dict[str, object]:
+    data: list[dict[str, object]] = []
+    for ref, entry in settings.models.items():
+        data.append(
+            {
+                "id": ref,
+                "object": "model",
+                "created": 0,
+                "owned_by": entry.provider,
+                "context_window": entry.context,
+                "max_output_tokens": entry.max_output,
+                "capabilities": sorted(entry.caps),
+                "tags": sorted(entry.tags),
+                "pricing": None
+                if entry.price is None
+                else {
+                    "input_per_mtok": entry.price.input_per_mtok,
+                    "output_per_mtok": entry.price.output_per_mtok,
+                },
+            }
+        )
+    for name, refs in settings.slots.items():
+        data.append(
+            {"id": f"slot:{name}", "object": "model", "created": 0, "owned_by": "ringside",
+             "refs": list(refs)}
+        )  # fmt: skip
+    return {"object": "list", "data": data}
+
+
+class RuntimeHolder:
+    """The current Runtime of a gateway, swapped atomically on reload."""
+
+    def __init__(self, config_path: str, runtime: Runtime) -> None:
+        self.config_path = config_path
+        self.current = runtime
+
+    def reload(self) -> bool:
+        """Load the file again; a bad file is refused and the running config stays in force."""
+        metrics = self.current.services.metrics
+        try:
+            settings = load_settings(self.config_path)
+            runtime = Runtime(settings, self.current.services)
+        except ConfigError as exc:
+            metrics.config_reloads.labels("error").inc()
+            log.error("config reload refused, keeping the running config:\n%s", exc)
+            return False
+        self.current = runtime
+        metrics.config_reloads.labels("success").inc()
+        log.info("config reloaded from %s", self.config_path)
+        return True

@@ -1,0 +1,429 @@
+"""YAML file → validated `Settings`, with errors that name the file, line and key path."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+import yaml
+
+from sidecar.settings.model import (
+    AddonSpec,
+    Budget,
+    Circuit,
+    CustomerSettings,
+    HostPort,
+    KeySettings,
+    Limits,
+    Listen,
+    ModelEntry,
+    Price,
+    ProviderSettings,
+    RateLimit,
+    Rewrite,
+    Settings,
+    Storage,
+    Timeouts,
+)
+
+KeyPath = tuple[str | int, ...]
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration problem; `str()` is `file:line: key.path: message`, one per line."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@cache
+def config_schema() -> dict[str, Any]:
+    text = resources.files("sidecar.settings").joinpath("schema.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(
+        config_schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+
+
+def format_path(path: KeyPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+class _Located:
+    """Finds the line of a key path in the YAML node tree."""
+
+    def __init__(self, source: str, root: yaml.Node | None) -> None:
+        self.source = source
+        self.root = root
+
+    def line(self, path: KeyPath) -> int:
+        node = self.root
+        line = node.start_mark.line + 1 if node is not None else 1
+        for part in path:
+            child = None
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    if key_node.value == part:
+                        child, line = value_node, key_node.start_mark.line + 1
+                        break
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+                if 0 <= part < len(node.value):
+                    child = node.value[part]
+                    line = child.start_mark.line + 1
+            if child is None:
+                break
+            node = child
+        return line
+
+    def problem(self, path: KeyPath, message: str) -> str:
+        return f"{self.source}:{self.line(path)}: {format_path(path)}: {message}"
+
+
+def _expand_env(value: Any, path: KeyPath, env: Mapping[str, str], missing: list[KeyPath]) -> Any:
+    if isinstance(value, str) and "${" in value:
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            missing.append((*path, f"${{{name}}}"))
+            return ""
+
+        return _ENV_PATTERN.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, (*path, k), env, missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, (*path, i), env, missing) for i, v in enumerate(value)]
+    return value
+
+
+def load_settings(path: str, env: Mapping[str, str] | None = None) -> Settings:
+    """Read, expand, validate and build. Raises ConfigError; never returns a half-valid Settings."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_settings(text, path, os.environ if env is None else env)
+
+
+def parse_settings(text: str, source: str, env: Mapping[str, str]) -> Settings:
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            raw = loader.construct_document(root) if root is not None else {}
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{source}:{line}: not valid YAML: {problem}"]) from None
+    where = _Located(source, root)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([where.problem((), "the file must hold a mapping of sections")])
+
+    missing: list[KeyPath] = []
+    data = _expand_env(raw, (), env, missing)
+    if missing:
+        raise ConfigError(
+            [where.problem(p[:-1], f"environment variable {p[-1]} is not set") for p in missing]
+        )
+
+    errors = sorted(_validator().iter_errors(data), key=lambda e: [str(p) for p in e.path])
+    if errors:
+        raise ConfigError([where.problem(tuple(e.absolute_path), e.message) for e in errors])
+    return _build(data, where, env)
+
+
+def _hostport(text: str) -> HostPort:
+    host, _, port = text.rpartition(":")
+    return HostPort(host.strip("[]"), int(port))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _price(data: Mapping[str, Any] | None) -> Price | None:
+    if data is None:
+        return None
+    return Price(float(data["input_per_mtok"]), float(data["output_per_mtok"]))
+
+
+def _rate(data: Mapping[str, Any] | None) -> RateLimit | None:
+    return None if data is None else RateLimit(rpm=data.get("rpm"), tpm=data.get("tpm"))
+
+
+def _budget(data: Mapping[str, Any] | None) -> Budget | None:
+    return None if data is None else Budget(float(data["usd"]), data.get("period", "month"))
+
+
+def split_fc_ref(ref: str) -> tuple[str, str] | None:
+    """`fc:provider/model-id` → (provider, model-id); None when malformed."""
+    if not ref.startswith("fc:"):
+        return None
+    provider, sep, model_id = ref[3:].partition("/")
+    if not sep or not provider or not model_id:
+        return None
+    return provider, model_id
+
+
+def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Settings:
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    listen_data = data.get("listen", {})
+    listen = Listen(
+        api=_hostport(listen_data.get("api", "127.0.0.1:8787")),
+        admin=_hostport(listen_data.get("admin", "0.0.0.0:8788")),
+    )
+    for name in ("api", "admin"):
+        port = getattr(listen, name).port
+        if not 0 < port < 65536:
+            problems.append(where.problem(("listen", name), f"port {port} is out of range"))
+
+    storage = Storage(**data.get("storage", {}))
+
+    from sidecar.providers import SUPPORTED_KINDS
+
+    providers: dict[str, ProviderSettings] = {}
+    for name, pdata in data.get("providers", {}).items():
+        if pdata["kind"] not in SUPPORTED_KINDS:
+            problems.append(
+                where.problem(
+                    ("providers", name, "kind"),
+                    f"kind {pdata['kind']!r} has no adapter in this build yet; supported: "
+                    + ", ".join(sorted(SUPPORTED_KINDS)),
+                )
+            )
+            continue
+        api_key = None
+        key_env = pdata.get("api_key_env")
+        if key_env:
+            api_key = env.get(key_env) or None
+            if api_key is None:
+                warnings.append(
+                    where.problem(
+                        ("providers", name, "api_key_env"),
+                        f"{key_env} is not set: calls to provider {name!r} will fail",
+                    )
+                )
+        timeout = pdata.get("timeout", {})
+        options = dict(pdata.get("options", {}))
+        if "mock" in pdata:
+            options["mock"] = pdata["mock"]
+        providers[name] = ProviderSettings(
+            name=name,
+            kind=pdata["kind"],
+            base_url=pdata.get("base_url"),
+            api_key_env=key_env,
+            api_key=api_key,
+            timeout=Timeouts(
+                connect=float(timeout.get("connect", 5.0)),
+                read=float(timeout.get("read", 60.0)),
+                total=float(timeout["total"]) if "total" in timeout else None,
+            ),
+            retries=pdata.get("retries", 0),
+            retry_backoff=float(pdata.get("retry_backoff", 0.25)),
+            retry_after_cap=float(pdata.get("retry_after_cap", 10.0)),
+            circuit=Circuit(**pdata.get("circuit", {})),
+            headers=dict(pdata.get("headers", {})),
+            native_json_schema=pdata.get("native_json_schema"),
+            catalog_only=pdata.get("catalog_only", False),
+            default_price=_price(pdata.get("default_price")),
+            options=options,
+        )
+
+    models: dict[str, ModelEntry] = {}
+    for ref, mdata in data.get("models", {}).items():
+        parts = split_fc_ref(ref)
+        if parts is None:
+            problems.append(where.problem(("models", ref), "expected fc:<provider>/<model>"))
+            continue
+        provider, model_id = parts
+        if provider not in providers:
+            problems.append(
+                where.problem(("models", ref), f"provider {provider!r} is not in providers")
+            )
+            continue
+        models[ref] = ModelEntry(
+            ref=ref,
+            provider=provider,
+            model_id=model_id,
+            price=_price(mdata),
+            context=mdata.get("context"),
+            max_output=mdata.get("max_output"),
+            caps=frozenset(mdata.get("caps", ())),
+            tags=frozenset(mdata.get("tags", ())),
+        )
+
+    slots: dict[str, tuple[str, ...]] = {}
+    for name, refs in data.get("slots", {}).items():
+        slots[name] = (refs,) if isinstance(refs, str) else tuple(refs)
+    problems.extend(_check_slots(slots, providers, models, where))
+
+    rewrite: dict[str, Rewrite] = {}
+    for target, rdata in data.get("rewrite", {}).items():
+        kind, _, name = target.partition(":")
+        known = slots if kind == "slot" else providers
+        if name not in known:
+            problems.append(where.problem(("rewrite", target), f"no {kind} named {name!r}"))
+        rewrite[target] = Rewrite(
+            set=dict(rdata.get("set", {})),
+            cap={k: float(v) for k, v in rdata.get("cap", {}).items()},
+            drop=tuple(rdata.get("drop", ())),
+            headers=dict(rdata.get("headers", {})),
+        )
+
+    keys: list[KeySettings] = []
+    seen_ids: set[str] = set()
+    for index, kdata in enumerate(data.get("keys", [])):
+        if kdata["id"] in seen_ids:
+            problems.append(where.problem(("keys", index, "id"), "duplicate key id"))
+        seen_ids.add(kdata["id"])
+        expires = kdata.get("expires")
+        keys.append(
+            KeySettings(
+                id=kdata["id"],
+                sha256=bytes.fromhex(kdata["sha256"]),
+                developer=kdata.get("developer", kdata["id"]),
+                allowed=tuple(kdata.get("allowed", ())),
+                revoked=kdata.get("revoked", False),
+                expires_at=_timestamp(expires) if expires else None,
+                budget=_budget(kdata.get("budget")),
+                rate_limit=_rate(kdata.get("rate_limit")),
+            )
+        )
+
+    customers = {
+        cid: CustomerSettings(cid, _budget(c.get("budget")), _rate(c.get("rate_limit")))
+        for cid, c in data.get("customers", {}).items()
+    }
+    rate_limits = {
+        scope: RateLimit(rpm=r.get("rpm"), tpm=r.get("tpm"))
+        for scope, r in data.get("rate_limits", {}).items()
+    }
+    trusted = tuple(data.get("trusted_proxies", ()))
+    for index, cidr in enumerate(trusted):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            problems.append(where.problem(("trusted_proxies", index), f"{cidr!r} is not a CIDR"))
+
+    if not keys and not is_loopback(listen.api.host):
+        problems.append(
+            where.problem(
+                ("listen", "api"),
+                "no keys are configured (open mode), which is allowed only on a loopback "
+                "listener: add keys or listen on 127.0.0.1",
+            )
+        )
+
+    addons = []
+    for item in data.get("addons", []):
+        if isinstance(item, str):
+            addons.append(AddonSpec(item))
+        else:
+            addons.append(AddonSpec(item["path"], dict(item.get("options", {}))))
+
+    if problems:
+        raise ConfigError(problems)
+    limits_data = data.get("limits", {})
+    default_limits = Limits()
+    return Settings(
+        source=where.source,
+        listen=listen,
+        storage=storage,
+        providers=providers,
+        models=models,
+        slots=slots,
+        rewrite=rewrite,
+        keys=tuple(keys),
+        customers=customers,
+        rate_limits=rate_limits,
+        trusted_proxies=trusted,
+        limits=Limits(
+            max_body_bytes=limits_data.get("max_body_bytes", default_limits.max_body_bytes),
+            drain_seconds=float(limits_data.get("drain_seconds", default_limits.drain_seconds)),
+        ),
+        metrics_enabled=data.get("metrics", {}).get("enabled", True),
+        access_log=data.get("access_log", {}).get("enabled", True),
+        addons=tuple(addons),
+        warnings=tuple(warnings),
+    )
+
+
+def _timestamp(text: str) -> float:
+    parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def _check_slots(
+    slots: Mapping[str, tuple[str, ...]],
+    providers: Mapping[str, ProviderSettings],
+    models: Mapping[str, ModelEntry],
+    where: _Located,
+) -> list[str]:
+    problems = []
+    for name, refs in slots.items():
+        for index, ref in enumerate(refs):
+            path: KeyPath = ("slots", name) if len(refs) == 1 else ("slots", name, index)
+            if ref.startswith("fc:"):
+                parts = split_fc_ref(ref)
+                if parts is None or parts[0] not in providers:
+                    problems.append(where.problem(path, f"{ref}: unknown provider"))
+                elif providers[parts[0]].catalog_only and ref not in models:
+                    problems.append(where.problem(path, f"{ref}: not in models (catalog_only)"))
+            elif ref.startswith("slot:"):
+                problems.extend(
+                    where.problem(path, message) for message in _slot_cycle(ref[5:], slots, [name])
+                )
+    return problems
+
+
+def _slot_cycle(target: str, slots: Mapping[str, tuple[str, ...]], trail: list[str]) -> list[str]:
+    if target not in slots:
+        return [f"slot:{target} is not defined"]
+    if target in trail:
+        return [f"slots refer to each other in a loop: {' → '.join([*trail, target])}"]
+    problems: list[str] = []
+    for ref in slots[target]:
+        if ref.startswith("slot:"):
+            problems.extend(_slot_cycle(ref[5:], slots, [*trail, target]))
+    return problems
+
+
+def key_digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()

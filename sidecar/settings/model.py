@@ -1,0 +1,164 @@
+"""The validated configuration as frozen dataclasses: built once per load, never per request."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    api: HostPort = HostPort("127.0.0.1", 8787)
+    admin: HostPort = HostPort("0.0.0.0", 8788)
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    backend: str = "sqlite"
+    sqlite_path: str = "./ringside.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    fail_open: bool = False
+    journal_path: str = "./ringside-journal.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    read: float = 60.0
+    total: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input_per_mtok: float
+    output_per_mtok: float
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class Circuit:
+    failures: int = 5
+    cooldown: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    name: str
+    kind: str
+    base_url: str | None
+    api_key_env: str | None
+    api_key: str | None = field(default=None, repr=False)  # the secret itself: never logged
+    timeout: Timeouts = Timeouts()
+    retries: int = 0
+    retry_backoff: float = 0.25
+    retry_after_cap: float = 10.0
+    circuit: Circuit = Circuit()
+    headers: Mapping[str, str] = field(default_factory=dict)
+    native_json_schema: bool | None = None
+    catalog_only: bool = False
+    default_price: Price | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """A catalog row: a priced `fc:provider/model` ref and what it can do."""
+
+    ref: str
+    provider: str
+    model_id: str
+    price: Price | None
+    context: int | None = None
+    max_output: int | None = None
+    caps: frozenset[str] = frozenset()
+    tags: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    set: Mapping[str, Any] = field(default_factory=dict)
+    cap: Mapping[str, float] = field(default_factory=dict)
+    drop: tuple[str, ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    usd: float
+    period: str = "month"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySettings:
+    id: str
+    sha256: bytes = field(repr=False)
+    developer: str
+    allowed: tuple[str, ...] = ()
+    revoked: bool = False
+    expires_at: float | None = None
+    budget: Budget | None = None
+    rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerSettings:
+    id: str
+    budget: Budget | None = None
+    rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 20 * 1024 * 1024
+    drain_seconds: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class AddonSpec:
+    path: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """One loaded configuration. Requests keep the instance they started with across reloads."""
+
+    source: str
+    listen: Listen
+    storage: Storage
+    providers: Mapping[str, ProviderSettings]
+    models: Mapping[str, ModelEntry]
+    slots: Mapping[str, tuple[str, ...]]
+    rewrite: Mapping[str, Rewrite]
+    keys: tuple[KeySettings, ...]
+    customers: Mapping[str, CustomerSettings]
+    rate_limits: Mapping[str, RateLimit]
+    trusted_proxies: tuple[str, ...]
+    limits: Limits
+    metrics_enabled: bool
+    access_log: bool
+    addons: tuple[AddonSpec, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def open_mode(self) -> bool:
+        """No keys configured: every caller is anonymous (allowed only on loopback)."""
+        return not self.keys

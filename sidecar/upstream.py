@@ -1,0 +1,149 @@
+"""All network I/O to providers: one pooled session, per-provider timeouts, SSE reading.
+
+`HttpProvider` pairs a pure adapter with the shared `aiohttp.ClientSession`; every transport
+failure leaves here as an `UpstreamError` with its Outcome already decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from sidecar import sse
+from sidecar.errors import Outcome, UpstreamError
+from sidecar.providers.base import (
+    Adapter,
+    Completion,
+    StreamDecoder,
+    UpstreamCall,
+    Usage,
+)
+from sidecar.settings.model import ProviderSettings, Timeouts
+
+
+def new_session() -> aiohttp.ClientSession:
+    """The process's one client session: keep-alive pool shared by every provider."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        skip_auto_headers=("User-Agent",),
+        auto_decompress=True,
+        trust_env=False,
+    )
+
+
+def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
+    )
+
+
+def transport_error(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamError(Outcome.UNAVAILABLE, "upstream timed out", reason="timeout")
+    detail = str(exc) or type(exc).__name__
+    return UpstreamError(
+        Outcome.UNAVAILABLE, f"upstream connection failed: {detail}", reason="connect"
+    )
+
+
+class HttpProvider:
+    """A configured provider reached over HTTP."""
+
+    def __init__(
+        self, settings: ProviderSettings, adapter: Adapter, session: aiohttp.ClientSession
+    ) -> None:
+        self.settings = settings
+        self.adapter = adapter
+        self.session = session
+        self.native_json_schema = adapter.native_json_schema
+        self.json_mode = adapter.json_mode
+        self.timeout = client_timeout(settings.timeout)
+
+    async def complete(self, call: UpstreamCall) -> Completion:
+        request = self.adapter.build_request(call)
+        try:
+            async with self.session.request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers=request.headers,
+                timeout=self.timeout,
+            ) as response:
+                body = await response.read()
+                status = response.status
+                headers = response.headers
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise transport_error(exc) from None
+        if not 200 <= status < 300:
+            raise self.adapter.classify_error(status, body, headers)
+        return self.adapter.parse_response(body, call)
+
+    async def open_stream(self, call: UpstreamCall) -> HttpChunkStream:
+        """Open the stream; an upstream failure before the first byte raises here."""
+        request = self.adapter.build_request(call)
+        try:
+            response = await self.session.request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers=request.headers,
+                timeout=self.timeout,
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise transport_error(exc) from None
+        if not 200 <= response.status < 300:
+            try:
+                body = await response.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                body = b""
+            finally:
+                response.release()
+            raise self.adapter.classify_error(response.status, body, response.headers)
+        return HttpChunkStream(response, self.adapter.stream_decoder(call))
+
+
+class HttpChunkStream:
+    """Iterates an upstream SSE response as lists of OpenAI chunk bytes."""
+
+    def __init__(self, response: aiohttp.ClientResponse, decoder: StreamDecoder) -> None:
+        self.response = response
+        self.decoder = decoder
+        self._events: AsyncIterator[tuple[str | None, bytes]] = sse.decode(response.content)
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.decoder.usage
+
+    @property
+    def content(self) -> str:
+        return self.decoder.content
+
+    def __aiter__(self) -> HttpChunkStream:
+        return self
+
+    async def __anext__(self) -> list[bytes]:
+        while not self.decoder.finished:
+            try:
+                event, data = await self._events.__anext__()
+            except StopAsyncIteration:
+                if self.decoder.usage is None and not self.decoder.content:
+                    raise UpstreamError(
+                        Outcome.UNAVAILABLE, "upstream closed the stream early", reason="bad_body"
+                    ) from None
+                break
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise transport_error(exc) from None
+            chunks = self.decoder.feed(event, data)
+            if chunks:
+                return chunks
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Drop the connection: an unfinished upstream generation is cancelled with it."""
+        if self.decoder.finished:
+            self.response.release()
+        else:
+            self.response.close()
