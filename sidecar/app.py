@@ -58,7 +58,8 @@ STATE = web.AppKey("gateway_state", GatewayState)
 def with_listen(settings: Settings, api: HostPort | None, admin: HostPort | None) -> Settings:
     """Command-line overrides of the listeners."""
     return replace(
-        settings, listen=Listen(api=api or settings.listen.api, admin=admin or settings.listen.admin)
+        settings,
+        listen=Listen(api=api or settings.listen.api, admin=admin or settings.listen.admin),
     )
 
 
@@ -67,7 +68,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     session = new_session()
     services = Services(session=session, metrics=Metrics())
     state.holder = RuntimeHolder(state.config_path, Runtime(state.initial_settings, services))
-    watcher = asyncio.create_task(watch_file(state.config_path, state.holder.reload, state.watch_interval))
+    watcher = asyncio.create_task(
+        watch_file(state.config_path, state.holder.reload, state.watch_interval)
+    )
     try:
         yield
     finally:

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from sidecar.runtime import Runtime
 
 
-def _apply_rewrites(body: dict[str, Any], rules: list[Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def _apply_rewrites(
+    body: dict[str, Any], rules: list[Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
     body = dict(body)
     headers: dict[str, str] = {}
     for rule in rules:
@@ -35,7 +37,9 @@ def _apply_rewrites(body: dict[str, Any], rules: list[Any]) -> tuple[dict[str, A
     return body, headers
 
 
-def exhausted(failures: list[tuple[Candidate, UpstreamError]], skipped_open: list[str]) -> GatewayError:
+def exhausted(
+    failures: list[tuple[Candidate, UpstreamError]], skipped_open: list[str]
+) -> GatewayError:
     """The error when no candidate answered: 422 if every failure was the schema's, else 503."""
     if failures and all(e.outcome is Outcome.SCHEMA_FAILURE for _, e in failures):
         detail = "; ".join(f"{c.ref}: {e.message}" for c, e in failures)
@@ -81,7 +85,8 @@ class Cascade:
         if context is not None and estimate > context:
             return UpstreamError(
                 Outcome.CONTEXT_LENGTH,
-                f"skipped: estimated prompt of {estimate} tokens exceeds its {context}-token window",
+                f"skipped: the estimated prompt ({estimate} tokens) exceeds the "
+                f"{context}-token window",
                 reason="context_length",
             )
         return None
@@ -99,7 +104,9 @@ class Cascade:
             attempt.error = (
                 exc
                 if isinstance(exc, UpstreamError)
-                else UpstreamError(Outcome.UNAVAILABLE, "the call was cancelled", reason="cancelled")
+                else UpstreamError(
+                    Outcome.UNAVAILABLE, "the call was cancelled", reason="cancelled"
+                )
             )
             self._settle(flow, attempt, None)
             await self.pipeline.run("attempt_done", flow, attempt)
@@ -132,7 +139,9 @@ class Cascade:
                 failures.append((candidate, skipped))
                 continue
             if previous is not None:
-                flow.fallbacks.append((previous[0].label, candidate.label, previous[1].outcome.value))
+                flow.fallbacks.append(
+                    (previous[0].label, candidate.label, previous[1].outcome.value)
+                )
             flow.models_tried.append(candidate.ref)
             try:
                 completion = await self.answer(flow, candidate)
@@ -170,7 +179,9 @@ class Cascade:
             return attempt, stream
         raise exhausted(failures, flow.route.skipped_open)
 
-    def as_gateway_error(self, candidate: Candidate, error: UpstreamError, flow: Flow) -> GatewayError:
+    def as_gateway_error(
+        self, candidate: Candidate, error: UpstreamError, flow: Flow
+    ) -> GatewayError:
         if not error.outcome.escalates and error.client_error is not None:
             return error.client_error
         assert flow.route is not None

@@ -51,10 +51,10 @@ class Pipeline:
             if flow.response is not None and hook == "request":
                 return
 
+
 def load_addon(spec: AddonSpec) -> object:
     """Import `package.module:ClassName` and build it with the configured options."""
     module_name, _, class_name = spec.path.partition(":")
     module = importlib.import_module(module_name)
     factory = getattr(module, class_name)
     return factory(**spec.options) if spec.options else factory()
-

@@ -232,7 +232,10 @@ class Router:
         for ref in refs:
             if not isinstance(ref, str):
                 raise GatewayError(
-                    400, "invalid_request", "every model in the array must be a string", param="model"
+                    400,
+                    "invalid_request",
+                    "every model in the array must be a string",
+                    param="model",
                 )
             self._expand(ref, estimate, circuit_open, route, seen, None)
         if not route.candidates and route.skipped_open:

@@ -15,6 +15,7 @@ from sidecar import sse
 from sidecar.errors import Outcome, UpstreamError
 from sidecar.providers.base import (
     Adapter,
+    ChunkStream,
     Completion,
     StreamDecoder,
     UpstreamCall,
@@ -75,13 +76,13 @@ class HttpProvider:
                 body = await response.read()
                 status = response.status
                 headers = response.headers
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise transport_error(exc) from None
         if not 200 <= status < 300:
             raise self.adapter.classify_error(status, body, headers)
         return self.adapter.parse_response(body, call)
 
-    async def open_stream(self, call: UpstreamCall) -> HttpChunkStream:
+    async def open_stream(self, call: UpstreamCall) -> ChunkStream:
         """Open the stream; an upstream failure before the first byte raises here."""
         request = self.adapter.build_request(call)
         try:
@@ -92,12 +93,12 @@ class HttpProvider:
                 headers=request.headers,
                 timeout=self.timeout,
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise transport_error(exc) from None
         if not 200 <= response.status < 300:
             try:
                 body = await response.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 body = b""
             finally:
                 response.release()
@@ -134,7 +135,7 @@ class HttpChunkStream:
                         Outcome.UNAVAILABLE, "upstream closed the stream early", reason="bad_body"
                     ) from None
                 break
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise transport_error(exc) from None
             chunks = self.decoder.feed(event, data)
             if chunks:

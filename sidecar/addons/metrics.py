@@ -30,7 +30,10 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "ringside_requests_total", "Chat requests answered, by HTTP status", ["code"], registry=r
+            "ringside_requests_total",
+            "Chat requests answered, by HTTP status",
+            ["code"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "ringside_request_duration_seconds",
@@ -113,9 +116,7 @@ class Metrics:
         self.rate_limited = Counter(
             "ringside_rate_limited_total", "Requests refused with 429", ["scope"], registry=r
         )
-        self.inflight = Gauge(
-            "ringside_inflight_requests", "Chat requests in progress", registry=r
-        )
+        self.inflight = Gauge("ringside_inflight_requests", "Chat requests in progress", registry=r)
         self.circuit_open = Gauge(
             "ringside_provider_circuit_open",
             "1 while the provider's circuit breaker is open",
@@ -166,9 +167,14 @@ class MetricsAddon:
         for from_model, to_model, reason in flow.fallbacks:
             m.fallbacks.labels(from_model, to_model, reason).inc()
         error = flow.error
-        if error is not None and flow.attempts and error.code in (
-            "upstream_unavailable",
-            "response_schema_validation_failed",
+        if (
+            error is not None
+            and flow.attempts
+            and error.code
+            in (
+                "upstream_unavailable",
+                "response_schema_validation_failed",
+            )
         ):
             m.cascade_exhausted.labels(error.code).inc()
         if flow.first_token_at is not None and flow.attempts:

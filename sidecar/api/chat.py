@@ -10,8 +10,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sidecar.app import STATE
-
 from sidecar import sse
 from sidecar.api.common import (
     JSON_CONTENT_TYPE,
@@ -21,6 +19,7 @@ from sidecar.api.common import (
     request_id,
 )
 from sidecar.api.validation import header_error, requested_max_output, validate_chat_request
+from sidecar.app import STATE
 from sidecar.errors import GatewayError, UpstreamError
 from sidecar.flow import Flow
 from sidecar.routing import Estimate
@@ -87,11 +86,11 @@ async def _handle(request: web.Request, runtime: Runtime) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("internal error in request %s", flow.id)
-        error = GatewayError(
+        internal = GatewayError(
             500, "internal_error", f"internal error; quote request id {flow.id} when reporting it"
         )
-        flow.error, flow.status = error, 500
-        response = error_response(error, ringside_headers(flow))
+        flow.error, flow.status = internal, 500
+        response = error_response(internal, ringside_headers(flow))
     finally:
         flow.finished = time.perf_counter()
         await pipeline.run("done", flow)

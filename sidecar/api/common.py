@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 
 from sidecar.errors import GatewayError, invalid_request
+
 JSON_CONTENT_TYPE = "application/json"
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from sidecar.app import STATE
-
 from sidecar.api.common import JSON_CONTENT_TYPE, error_response, request_id
+from sidecar.app import STATE
 from sidecar.errors import GatewayError
 
 

@@ -119,9 +119,14 @@ def validate_chat_request(body: dict[str, Any]) -> None:
     _integer(body, "seed", -(2**63), 2**63 - 1)
     _boolean(body, "parallel_tool_calls")
     stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str):
-        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
-            raise invalid_request("stop must be a string or an array of up to 4 strings", "stop")
+    if (
+        stop is not None
+        and not isinstance(stop, str)
+        and (
+            not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop)
+        )
+    ):
+        raise invalid_request("stop must be a string or an array of up to 4 strings", "stop")
     tools = body.get("tools")
     if tools is not None and (
         not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)

@@ -97,8 +97,13 @@ class HttpRequest:
 class ChunkStream(Protocol):
     """An open streamed answer: yields lists of OpenAI `chat.completion.chunk` JSON bytes."""
 
-    usage: Usage | None
-    content: str  # concatenated content of choice 0 so far
+    @property
+    def usage(self) -> Usage | None: ...
+
+    @property
+    def content(self) -> str:
+        """Concatenated content of choice 0 so far."""
+        ...
 
     def __aiter__(self) -> ChunkStream: ...
 
@@ -122,9 +127,14 @@ class ProviderClient(Protocol):
 class StreamDecoder(Protocol):
     """Turns one provider's SSE events into OpenAI chunk bytes, tracking usage and content."""
 
-    usage: Usage | None
-    content: str
-    finished: bool
+    @property
+    def usage(self) -> Usage | None: ...
+
+    @property
+    def content(self) -> str: ...
+
+    @property
+    def finished(self) -> bool: ...
 
     def feed(self, event: str | None, data: bytes) -> list[bytes]: ...
 
@@ -139,8 +149,6 @@ class Adapter(Protocol):
 
     def parse_response(self, body: bytes, call: UpstreamCall) -> Completion: ...
 
-    def classify_error(
-        self, status: int, body: bytes, headers: Mapping[str, str]
-    ) -> Exception: ...
+    def classify_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> Exception: ...
 
     def stream_decoder(self, call: UpstreamCall) -> StreamDecoder: ...

@@ -206,5 +206,3 @@ class MockChunkStream:
         if self.usage is None:  # cut short: charge what was produced
             prompt = self._final_usage.prompt_tokens
             self.usage = Usage(prompt, estimate_tokens(self.content) if self.content else 0)
-
-

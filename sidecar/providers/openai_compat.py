@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from sidecar.errors import Outcome, UpstreamError, classify_http_failure
-from sidecar.providers.base import Completion, HttpRequest, UpstreamCall, Usage
+from sidecar.providers.base import Completion, HttpRequest, StreamDecoder, UpstreamCall, Usage
 from sidecar.settings.model import ProviderSettings
 
 
@@ -133,7 +133,7 @@ class OpenAICompatAdapter:
             retry_after=retry_after_seconds(headers),
         )
 
-    def stream_decoder(self, call: UpstreamCall) -> OpenAIStreamDecoder:
+    def stream_decoder(self, call: UpstreamCall) -> StreamDecoder:
         options = call.body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         return OpenAIStreamDecoder(wants_usage)
@@ -165,7 +165,7 @@ class OpenAIStreamDecoder:
         if not isinstance(chunk, dict):
             raise bad_body("a stream event is not an object")
         if "error" in chunk:
-            message, code, _type, _param = parse_error_envelope(data)
+            message = parse_error_envelope(data)[0]
             raise UpstreamError(
                 Outcome.UNAVAILABLE, f"upstream failed mid-stream: {message}", reason="stream_error"
             )

@@ -1,4 +1,4 @@
-"""Configuration: YAML → validated, frozen Settings; hot reload lives in `sidecar.settings.watch`."""
+"""Configuration: YAML → validated, frozen Settings; hot reload in `sidecar.settings.watch`."""
 
 from sidecar.settings.loader import ConfigError, load_settings, parse_settings
 from sidecar.settings.model import Settings

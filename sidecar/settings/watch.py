@@ -1,4 +1,4 @@
-"""Reload on change: polls the file's identity, which a Kubernetes ConfigMap symlink swap changes."""
+"""Reload on change: polls the file's identity, which a ConfigMap symlink swap changes."""
 
 from __future__ import annotations
 
