@@ -97,3 +97,9 @@ def redis_server() -> Iterator[RedisProcess]:
     server = RedisProcess().start()
     yield server
     server.stop()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Collecting no test is a failure (exit 4), never pytest's quiet exit 5."""
+    if session.testscollected == 0:
+        raise pytest.UsageError("no tests were collected: check testpaths and file names")
