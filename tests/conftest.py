@@ -101,5 +101,5 @@ def redis_server() -> Iterator[RedisProcess]:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Collecting no test is a failure (exit 4), never pytest's quiet exit 5."""
-    if session.testscollected == 0:
+    if not session.items:
         raise pytest.UsageError("no tests were collected: check testpaths and file names")
