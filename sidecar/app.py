@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from sidecar.addons.circuits import CircuitBreakers
 from sidecar.addons.metrics import Metrics
 from sidecar.runtime import Runtime, RuntimeHolder, Services
 from sidecar.settings import Settings
@@ -66,7 +67,8 @@ def with_listen(settings: Settings, api: HostPort | None, admin: HostPort | None
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     session = new_session()
-    services = Services(session=session, metrics=Metrics())
+    metrics = Metrics()
+    services = Services(session=session, metrics=metrics, circuits=CircuitBreakers(metrics))
     state.holder = RuntimeHolder(state.config_path, Runtime(state.initial_settings, services))
     watcher = asyncio.create_task(
         watch_file(state.config_path, state.holder.reload, state.watch_interval)

@@ -14,6 +14,7 @@ import orjson
 
 from sidecar.addons.accesslog import AccessLog
 from sidecar.addons.auth import Auth
+from sidecar.addons.circuits import CircuitAddon, CircuitBreakers
 from sidecar.addons.metrics import Metrics, MetricsAddon
 from sidecar.cascade import Cascade
 from sidecar.pipeline import Pipeline, load_addon
@@ -31,6 +32,7 @@ class Services:
 
     session: aiohttp.ClientSession
     metrics: Metrics
+    circuits: CircuitBreakers
 
 
 class Runtime:
@@ -43,7 +45,13 @@ class Runtime:
             for name, provider in settings.providers.items()
         }
         self.auth = Auth(settings)
-        addons: list[object] = [MetricsAddon(services.metrics, settings), self.auth]
+        for name, provider in settings.providers.items():
+            services.circuits.configure(name, provider.circuit)
+        addons: list[object] = [
+            MetricsAddon(services.metrics, settings),
+            self.auth,
+            CircuitAddon(services.circuits),
+        ]
         if settings.access_log:
             addons.append(AccessLog())
         for spec in settings.addons:

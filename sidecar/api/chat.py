@@ -117,7 +117,7 @@ async def _process(flow: Flow, request: web.Request) -> web.StreamResponse:
 
     estimate = Estimate(prompt_tokens=len(raw) // 4, max_output=requested_max_output(body))
     flow.metadata["prompt_tokens_estimate"] = estimate.prompt_tokens
-    flow.route = runtime.router.resolve(body["model"], estimate)
+    flow.route = runtime.router.resolve(body["model"], estimate, runtime.services.circuits.is_open)
     if flow.route.is_cascade:
         if flow.stream:
             raise GatewayError(
