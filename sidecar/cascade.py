@@ -7,6 +7,8 @@ re-prompts and streams included.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,7 @@ from sidecar.flow import Attempt, Flow
 from sidecar.pricing import usage_cost
 from sidecar.providers.base import ChunkStream, Completion, UpstreamCall, Usage
 from sidecar.routing import Candidate
+from sidecar.settings.model import ProviderSettings
 
 if TYPE_CHECKING:
     from sidecar.runtime import Runtime
@@ -35,6 +38,23 @@ def _apply_rewrites(
                 body[name] = int(cap) if float(cap).is_integer() else cap
         headers.update(rule.headers)
     return body, headers
+
+
+def retry_delay(provider: ProviderSettings, tries: int, error: UpstreamError) -> float | None:
+    """Seconds to wait before trying the same candidate again, or None to move on.
+
+    Only transient failures are retried (not a rejected provider key, a too-long prompt or a
+    schema miss). Exponential backoff with equal jitter; an upstream `Retry-After` is honoured
+    up to `retry_after_cap` — a provider asking for a longer pause is escalated from instead.
+    """
+    if tries >= provider.retries or error.outcome is not Outcome.UNAVAILABLE:
+        return None
+    if error.status in (401, 403) or error.reason == "cancelled":
+        return None
+    if error.retry_after is not None:
+        return error.retry_after if error.retry_after <= provider.retry_after_cap else None
+    backoff = provider.retry_backoff * (2**tries)
+    return backoff / 2 + random.uniform(0, backoff / 2)
 
 
 def exhausted(
@@ -92,6 +112,21 @@ class Cascade:
         return None
 
     async def call(self, flow: Flow, candidate: Candidate, body: dict[str, Any]) -> Completion:
+        """Call a candidate, retrying it as its provider's `retries` allow (each try an Attempt)."""
+        tries = 0
+        while True:
+            try:
+                return await self._call_once(flow, candidate, body)
+            except UpstreamError as error:
+                delay = retry_delay(candidate.provider, tries, error)
+                if delay is None:
+                    raise
+            tries += 1
+            await asyncio.sleep(delay)
+
+    async def _call_once(
+        self, flow: Flow, candidate: Candidate, body: dict[str, Any]
+    ) -> Completion:
         """One upstream call as an Attempt: hooks around it, usage and cost recorded."""
         attempt = Attempt(candidate)
         flow.attempts.append(attempt)
@@ -166,17 +201,24 @@ class Cascade:
                 failures.append((candidate, skipped))
                 continue
             flow.models_tried.append(candidate.ref)
-            attempt = Attempt(candidate)
-            flow.attempts.append(attempt)
-            await self.pipeline.run("attempt", flow, attempt)
-            try:
-                stream = await self.providers[candidate.provider.name].open_stream(
-                    self.build_call(flow, candidate, flow.body)
-                )
-            except UpstreamError as error:
-                await self.fail_stream(flow, attempt, None, error)
-                raise self.as_gateway_error(candidate, error, flow) from None
-            return attempt, stream
+            tries = 0
+            while True:
+                attempt = Attempt(candidate)
+                flow.attempts.append(attempt)
+                await self.pipeline.run("attempt", flow, attempt)
+                try:
+                    stream = await self.providers[candidate.provider.name].open_stream(
+                        self.build_call(flow, candidate, flow.body)
+                    )
+                except UpstreamError as error:
+                    await self.fail_stream(flow, attempt, None, error)
+                    delay = retry_delay(candidate.provider, tries, error)
+                    if delay is None:
+                        raise self.as_gateway_error(candidate, error, flow) from None
+                    tries += 1
+                    await asyncio.sleep(delay)
+                    continue
+                return attempt, stream
         raise exhausted(failures, flow.route.skipped_open)
 
     def as_gateway_error(
