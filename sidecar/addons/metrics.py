@@ -74,6 +74,12 @@ class Metrics:
             ["from_model", "to_model", "reason"],
             registry=r,
         )
+        self.cascade_depth = Histogram(
+            "ringside_cascade_depth",
+            "Models tried per request that reached an upstream",
+            buckets=(1, 2, 3, 4, 5, 8),
+            registry=r,
+        )
         self.cascade_exhausted = Counter(
             "ringside_cascade_exhausted_total",
             "Requests for which every candidate failed",
@@ -164,6 +170,8 @@ class MetricsAddon:
         m.requests.labels(str(flow.status)).inc()
         m.request_duration.labels("true" if flow.stream else "false").observe(flow.seconds)
         m.overhead.observe(flow.overhead_seconds)
+        if flow.models_tried:
+            m.cascade_depth.observe(len(flow.models_tried))
         for from_model, to_model, reason in flow.fallbacks:
             m.fallbacks.labels(from_model, to_model, reason).inc()
         error = flow.error
