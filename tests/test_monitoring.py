@@ -1,0 +1,200 @@
+"""Metrics as an operator reads them (SPEC 6), and the monitoring manifests in k8s/monitoring."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import PROVIDER_KEY, openai_config
+from tests.procs import SidecarProcess
+from tests.upstreams.openai_fake import FakeOpenAI, Reply
+
+MONITORING = Path(__file__).resolve().parent.parent / "k8s" / "monitoring"
+MESSAGES = [{"role": "user", "content": "hello"}]
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not found: apt-get install prometheus (.ci/run does this)"
+)
+
+
+@pytest.fixture(scope="module")
+def gateway(_openai_server: FakeOpenAI, tmp_path_factory: Any) -> Iterator[SidecarProcess]:
+    config = openai_config(
+        _openai_server.url,
+        customers={"acme": {}},
+        slots={"chat": ["fc:openai/gpt-4o-mini", "fc:openai/gpt-4o"]},
+    )
+    proc = SidecarProcess(
+        config, {"TEST_OPENAI_KEY": PROVIDER_KEY}, str(tmp_path_factory.mktemp("monitoring"))
+    ).start()
+    yield proc
+    proc.stop()
+
+
+def samples(proc: SidecarProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    found = {}
+    for family in text_string_to_metric_families(proc.metrics_text()):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(found: dict[Any, float], name: str, **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_scripted_traffic_shows_in_every_counter(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="open-mode", max_retries=0)
+    before = samples(gateway)
+
+    client.chat.completions.create(
+        model="fc:openai/gpt-4o-mini", messages=MESSAGES, extra_headers={"FC-Customer": "acme"}
+    )
+    fake_openai.on_model("gpt-4o-mini", Reply(status=503))
+    client.chat.completions.create(
+        model="slot:chat", messages=MESSAGES, extra_headers={"FC-Customer": "someone-else"}
+    )
+    fake_openai.on_model("gpt-4o", Reply(status=500))
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="slot:chat", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+    after = samples(gateway)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("ringside_requests_total", code="200") == 2
+    assert delta("ringside_requests_total", code="503") == 1
+    assert delta("ringside_requests_total", code="400") == 1
+    assert (
+        delta(
+            "ringside_fallbacks_total",
+            from_model="fc:openai/gpt-4o-mini",
+            to_model="fc:openai/gpt-4o",
+            reason="upstream_unavailable",
+        )
+        == 2
+    )
+    assert delta("ringside_cascade_exhausted_total", reason="upstream_unavailable") == 1
+    mini, big = "fc:openai/gpt-4o-mini", "fc:openai/gpt-4o"
+    assert delta("ringside_upstream_requests_total", provider="openai", model=mini,
+                 outcome="success") == 1  # fmt: skip
+    assert delta("ringside_upstream_requests_total", provider="openai", model=mini,
+                 outcome="upstream_unavailable") == 2  # fmt: skip
+    assert delta("ringside_upstream_requests_total", provider="openai", model=big,
+                 outcome="success") == 1  # fmt: skip
+    assert delta("ringside_tokens_total", provider="openai", model=mini, kind="prompt") == 11
+    assert delta("ringside_tokens_total", provider="openai", model=big, kind="completion") == 7
+    mini_cost = (11 * 0.15 + 7 * 0.60) / 1e6
+    big_cost = (11 * 2.50 + 7 * 10.00) / 1e6
+    assert delta("ringside_cost_usd_total", customer="acme", model=mini) == pytest.approx(mini_cost)
+    assert delta("ringside_cost_usd_total", customer="_other", model=big) == pytest.approx(big_cost)
+    assert delta("ringside_request_duration_seconds_count", stream="false") == 4
+    assert delta("ringside_overhead_seconds_count") == 4
+    assert delta("ringside_cascade_depth_count") == 3
+    assert value(after, "ringside_inflight_requests") == 0
+
+
+def test_unknown_refs_and_customers_do_not_grow_labels(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="open-mode", max_retries=0)
+    for index in range(3):
+        client.chat.completions.create(
+            model=f"fc:openai/custom-{index}",
+            messages=MESSAGES,
+            extra_headers={"FC-Customer": f"tenant-{index}"},
+        )
+    text = gateway.metrics_text()
+    assert "custom-" not in text
+    assert "tenant-" not in text
+    assert 'model="fc:openai/_other"' in text
+
+
+def _exposed_names(text: str) -> set[str]:
+    names = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+        names.add(name)
+        if kind == "histogram":
+            names.update({name + "_bucket", name + "_sum", name + "_count"})
+    return names
+
+
+def _dashboard_exprs() -> list[str]:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    return exprs
+
+
+def test_dashboard_names_only_metrics_the_sidecar_exposes(gateway: SidecarProcess) -> None:
+    exposed = _exposed_names(gateway.metrics_text())
+    for expr in _dashboard_exprs():
+        for name in re.findall(r"\bringside_[a-z_]+", expr):
+            assert name in exposed, f"dashboard query names {name}, which is not exposed: {expr}"
+
+
+def test_dashboard_has_a_datasource_variable() -> None:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}"
+
+
+def test_alert_rules_name_only_metrics_the_sidecar_exposes(gateway: SidecarProcess) -> None:
+    exposed = _exposed_names(gateway.metrics_text())
+    rules = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+    for group in rules["spec"]["groups"]:
+        for rule in group["rules"]:
+            for name in re.findall(r"\bringside_[a-z_]+", rule["expr"]):
+                assert name in exposed, f"{rule['alert']} names {name}, not exposed"
+
+
+@needs_promtool
+def test_promtool_accepts_the_alert_rules(tmp_path: Path) -> None:
+    rules = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": rules["spec"]["groups"]}))
+    result = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    records = []
+    for index, expr in enumerate(_dashboard_exprs()):
+        concrete = expr.replace("$__rate_interval", "5m").replace("$namespace", ".*")
+        records.append({"record": f"ringside:dashboard_query_{index}", "expr": concrete})
+    path = tmp_path / "queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
+    result = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_accepts_a_live_scrape(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="open-mode", max_retries=0)
+    client.chat.completions.create(model="fc:openai/gpt-4o-mini", messages=MESSAGES)
+    result = subprocess.run(
+        [PROMTOOL, "check", "metrics"],
+        input=gateway.metrics_text(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
