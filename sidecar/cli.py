@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 from sidecar.settings import ConfigError, Settings, load_settings
@@ -32,6 +35,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         settings = load_settings(args.file)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return 1
+    from sidecar.pipeline import load_addon
+
+    failed = False
+    for index, spec in enumerate(settings.addons):
+        try:
+            load_addon(spec)  # serve would refuse an addon that does not import or build
+        except Exception as exc:
+            print(f"{settings.source}: addons[{index}]: cannot load {spec.path}: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            failed = True
+    if failed:
         return 1
     for warning in settings.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -71,7 +86,9 @@ def _override(settings: Settings, args: argparse.Namespace) -> Settings:
     return settings
 
 
-async def _serve(settings: Settings, config_path: str, started: float) -> None:
+async def _serve(
+    settings: Settings, config_path: str, started: float, reuse_port: bool = False
+) -> None:
     from aiohttp import web
 
     from sidecar.app import GatewayState, create_apps
@@ -83,8 +100,12 @@ async def _serve(settings: Settings, config_path: str, started: float) -> None:
     await api_runner.setup()
     await admin_runner.setup()
     listen = settings.listen
-    await web.TCPSite(api_runner, listen.api.host, listen.api.port, backlog=1024).start()
-    await web.TCPSite(admin_runner, listen.admin.host, listen.admin.port).start()
+    await web.TCPSite(
+        api_runner, listen.api.host, listen.api.port, backlog=1024, reuse_port=reuse_port
+    ).start()
+    await web.TCPSite(
+        admin_runner, listen.admin.host, listen.admin.port, reuse_port=reuse_port
+    ).start()
     mode = "open mode" if settings.open_mode else f"{len(settings.keys)} keys"
     log.info(
         "ringside ready in %.0f ms: api http://%s/v1, admin http://%s (%s, config %s)",
@@ -110,15 +131,7 @@ async def _serve(settings: Settings, config_path: str, started: float) -> None:
     await admin_runner.cleanup()
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    try:
-        settings = _override(load_settings(args.config), args)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    for warning in settings.warnings:
-        log.warning("%s", warning)
+def _run_worker(settings: Settings, config_path: str, started: float, reuse_port: bool) -> int:
     try:
         import uvloop
 
@@ -127,11 +140,95 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runner = asyncio.Runner()
     try:
         with runner:
-            runner.run(_serve(settings, args.config, started))
+            runner.run(_serve(settings, config_path, started, reuse_port))
+    except ConfigError as exc:  # e.g. an addon that cannot be loaded
+        print(exc, file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"ringside: cannot listen: {exc}", file=sys.stderr)
         return 3
     return 0
+
+
+def _supervise(settings: Settings, config_path: str, started: float, workers: int) -> int:
+    """Fork `workers` processes sharing the listeners (SO_REUSEPORT); forward signals; reap.
+
+    Metrics go through prometheus-client's multiprocess mode so that whichever worker answers
+    /metrics reports the sum of all of them. A worker that dies is replaced until shutdown.
+    """
+    from prometheus_client import multiprocess
+
+    def spawn() -> int:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            os._exit(_run_worker(settings, config_path, started, reuse_port=True))
+        return pid
+
+    children = {spawn() for _ in range(workers)}
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    worst = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        children.discard(pid)
+        multiprocess.mark_process_dead(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            worst = max(worst, abs(code))
+        elif code in (2, 3):  # a config or listen error: the next worker would fail the same way
+            stopping = True
+            forward(signal.SIGTERM, None)
+            worst = code
+        else:
+            log.error("worker %d exited with %d; starting another", pid, code)
+            time.sleep(0.5)
+            children.add(spawn())
+    return worst
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    metrics_dir = None
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # before prometheus_client is imported anywhere: it reads this once, at import
+        metrics_dir = tempfile.mkdtemp(prefix="ringside-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        settings = _override(load_settings(args.config), args)
+        if args.workers > 1 and settings.storage.backend == "memory":
+            raise ConfigError(
+                [
+                    f"{settings.source}: storage.backend: --workers {args.workers} needs a store "
+                    "the workers share (sqlite or redis); memory would give each its own budgets"
+                ]
+            )
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    if args.workers > 1:
+        try:
+            return _supervise(settings, args.config, started, args.workers)
+        finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+    return _run_worker(settings, args.config, started, reuse_port=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="api listener port (default 8787)")
     serve.add_argument("--admin-host", help="admin listener host (default 0.0.0.0)")
     serve.add_argument("--admin-port", type=int, help="admin listener port (default 8788)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the listeners via SO_REUSEPORT (default 1)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     check = commands.add_parser("check-config", help="validate a config file")

@@ -43,7 +43,9 @@ class SidecarProcess:
         config: dict[str, Any] | str,
         env: dict[str, str] | None = None,
         workdir: str | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
+        self.extra_args = list(extra_args or [])
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ringside-test-"))
         self.config_path = self.workdir / "ringside.yaml"
         self.write_config(config)
@@ -76,7 +78,7 @@ class SidecarProcess:
         cmd = [
             sys.executable, "-m", "sidecar", "serve", "--config", str(self.config_path),
             "--port", str(self.port), "--admin-host", "127.0.0.1",
-            "--admin-port", str(self.admin_port),
+            "--admin-port", str(self.admin_port), *self.extra_args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd,

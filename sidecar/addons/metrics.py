@@ -7,7 +7,16 @@ the config are `_other`; models are catalog/slot refs or `fc:<provider>/_other`.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from sidecar.flow import Attempt, Flow
 from sidecar.settings.model import Settings
@@ -21,6 +30,15 @@ OVERHEAD_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1,
 )  # fmt: skip
 OTHER = "_other"
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text to serve on /metrics: this registry, or all workers' when `--workers` > 1."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+    return generate_latest(registry)
 
 
 class Metrics:
@@ -108,13 +126,25 @@ class Metrics:
             "ringside_cost_usd_total", "Spend in USD", ["customer", "model"], registry=r
         )
         self.budget_limit = Gauge(
-            "ringside_budget_limit_usd", "Budget of the period", ["customer"], registry=r
+            "ringside_budget_limit_usd",
+            "Budget of the period",
+            ["customer"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.budget_spent = Gauge(
-            "ringside_budget_spent_usd", "Spent in the period", ["customer"], registry=r
+            "ringside_budget_spent_usd",
+            "Spent in the period",
+            ["customer"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.budget_remaining = Gauge(
-            "ringside_budget_remaining_usd", "Left in the period", ["customer"], registry=r
+            "ringside_budget_remaining_usd",
+            "Left in the period",
+            ["customer"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.budget_exceeded = Counter(
             "ringside_budget_exceeded_total", "Requests refused with 402", ["customer"], registry=r
@@ -122,12 +152,18 @@ class Metrics:
         self.rate_limited = Counter(
             "ringside_rate_limited_total", "Requests refused with 429", ["scope"], registry=r
         )
-        self.inflight = Gauge("ringside_inflight_requests", "Chat requests in progress", registry=r)
+        self.inflight = Gauge(
+            "ringside_inflight_requests",
+            "Chat requests in progress",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.circuit_open = Gauge(
             "ringside_provider_circuit_open",
             "1 while the provider's circuit breaker is open",
             ["provider"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.config_reloads = Counter(
             "ringside_config_reloads_total", "Configuration reloads", ["result"], registry=r

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from sidecar.addons.metrics import exposition
 from sidecar.app import STATE
 
 
@@ -25,7 +26,7 @@ async def metrics(request: web.Request) -> web.Response:
     holder = request.app[STATE].holder
     if holder is None:
         return web.Response(status=503, text="starting\n")
-    payload = generate_latest(holder.current.services.metrics.registry)
+    payload = exposition(holder.current.services.metrics.registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -1,0 +1,61 @@
+"""`ringside serve --workers N`: one listener shared by N processes, metrics summed over all."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import openai
+
+from tests.conftest import PROVIDER_KEY, openai_config
+from tests.procs import SidecarProcess, wait_until
+from tests.upstreams.openai_fake import FakeOpenAI
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(line) for line in out.stdout.split()]
+
+
+def test_two_workers_share_the_port_and_report_summed_metrics(
+    fake_openai: FakeOpenAI, tmp_path: Any
+) -> None:
+    config = openai_config(
+        fake_openai.url, storage={"backend": "sqlite", "sqlite_path": str(tmp_path / "r.db")}
+    )
+    proc = SidecarProcess(
+        config, {"TEST_OPENAI_KEY": PROVIDER_KEY}, str(tmp_path), extra_args=["--workers", "2"]
+    ).start()
+    try:
+        assert proc.proc is not None
+        workers = wait_until(
+            lambda: len(_children(proc.proc.pid)) == 2 and _children(proc.proc.pid)
+        )
+        assert len(workers) == 2
+        for _ in range(20):
+            client = openai.OpenAI(base_url=proc.base_url, api_key="open", max_retries=0)
+            client.chat.completions.create(model="fc:openai/gpt-4o-mini", messages=MESSAGES)
+        handled = {line["request_id"] for line in proc.access_log()}
+        assert len(handled) == 20
+        text = proc.metrics_text()
+        assert 'ringside_requests_total{code="200"} 20.0' in text
+    finally:
+        assert proc.stop() == 0
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in workers)
+
+
+def test_workers_refuse_the_per_process_memory_store(tmp_path: Any) -> None:
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text("storage: {backend: memory}\nproviders: {m: {kind: mock}}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(config_path), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "storage.backend" in result.stderr and "sqlite or redis" in result.stderr
