@@ -69,7 +69,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     session = new_session()
     metrics = Metrics()
     services = Services(session=session, metrics=metrics, circuits=CircuitBreakers(metrics))
-    state.holder = RuntimeHolder(state.config_path, Runtime(state.initial_settings, services))
+    try:
+        runtime = Runtime(state.initial_settings, services)
+    except BaseException:
+        await session.close()
+        raise
+    state.holder = RuntimeHolder(state.config_path, runtime)
     watcher = asyncio.create_task(
         watch_file(state.config_path, state.holder.reload, state.watch_interval)
     )

@@ -159,8 +159,27 @@ def parse_settings(text: str, source: str, env: Mapping[str, str]) -> Settings:
 
     errors = sorted(_validator().iter_errors(data), key=lambda e: [str(p) for p in e.path])
     if errors:
-        raise ConfigError([where.problem(tuple(e.absolute_path), e.message) for e in errors])
+        raise ConfigError(
+            [where.problem(path, message) for e in errors for path, message in _schema_problems(e)]
+        )
     return _build(data, where, env)
+
+
+def _schema_problems(error: jsonschema.ValidationError) -> list[tuple[KeyPath, str]]:
+    """A schema error as (key path, message); an unknown key is named, at its own line."""
+    path: KeyPath = tuple(error.absolute_path)
+    if (
+        error.validator == "additionalProperties"
+        and error.validator_value is False
+        and isinstance(error.instance, dict)
+        and isinstance(error.schema, dict)
+    ):
+        known = sorted(error.schema.get("properties", {}))
+        unknown = [key for key in error.instance if key not in known]
+        if unknown:
+            expected = f"expected one of: {', '.join(known)}"
+            return [((*path, key), f"unknown key; {expected}") for key in unknown]
+    return [(path, error.message)]
 
 
 def _hostport(text: str) -> HostPort:

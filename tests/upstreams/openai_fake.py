@@ -51,6 +51,7 @@ class Received:
     body: dict[str, Any]
     at: float
     disconnected: bool = False  # the sidecar closed the connection before the answer ended
+    disconnected_at: float | None = None  # time.monotonic() when that was noticed
 
 
 class FakeOpenAI:
@@ -106,6 +107,7 @@ class FakeOpenAI:
             return await self._answer(request, body, reply)
         except (asyncio.CancelledError, ConnectionResetError):
             record.disconnected = True
+            record.disconnected_at = time.monotonic()
             raise
 
     async def _answer(

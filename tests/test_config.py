@@ -1,0 +1,170 @@
+"""Configuration errors name the file, the line and the key path; `${ENV}` expands; open mode is
+refused off loopback (SPEC 5). Checked the way a user meets them: `ringside check-config`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import openai_config
+from tests.procs import SidecarProcess
+from tests.support import HELLO, ringside, sdk
+from tests.upstreams.openai_fake import FakeOpenAI
+
+BASE = """\
+storage: {backend: memory}
+providers:
+  openai:
+    kind: openai
+    base_url: http://127.0.0.1:9/v1
+models:
+  fc:openai/gpt-4o-mini: {input_per_mtok: 0.15, output_per_mtok: 0.6}
+"""
+
+
+def check(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> tuple[int, str, Path]:
+    path = tmp_path / "ringside.yaml"
+    path.write_text(text)
+    result = ringside("check-config", str(path), env=env)
+    return result.returncode, result.stderr, path
+
+
+def line_of(text: str, marker: str) -> int:
+    return next(n for n, line in enumerate(text.splitlines(), 1) if marker in line)
+
+
+def assert_refused(tmp_path: Path, text: str, marker: str, key_path: str, words: str) -> None:
+    """check-config exits non-zero with `FILE:LINE: KEY.PATH: ...WORDS...`."""
+    code, stderr, path = check(tmp_path, text)
+    assert code != 0
+    expected = f"{path}:{line_of(text, marker)}: {key_path}: "
+    lines = [line for line in stderr.splitlines() if line.startswith(expected)]
+    assert lines, f"no line starting {expected!r} in:\n{stderr}"
+    assert words in lines[0], lines[0]
+
+
+def test_schema_error_names_file_line_and_key_path(tmp_path: Path) -> None:
+    text = BASE.replace("    kind: openai\n", "    kind: openai\n    timeout: {read: -1}\n")
+    assert_refused(tmp_path, text, "timeout:", "providers.openai.timeout.read", "-1")
+
+
+def test_wrong_type_names_the_key(tmp_path: Path) -> None:
+    text = BASE.replace("    kind: openai\n", "    kind: openai\n    retries: many\n")
+    assert_refused(tmp_path, text, "retries:", "providers.openai.retries", "not of type")
+
+
+def test_unknown_key_is_named_at_its_own_line(tmp_path: Path) -> None:
+    text = BASE.replace("    kind: openai\n", "    kind: openai\n    timout: {read: 3}\n")
+    assert_refused(tmp_path, text, "timout", "providers.openai.timout", "unknown key")
+
+
+def test_unknown_top_level_section_is_named(tmp_path: Path) -> None:
+    text = BASE + "ratelimits: {ip: {rpm: 5}}\n"
+    assert_refused(tmp_path, text, "ratelimits", "ratelimits", "rate_limits")
+
+
+def test_bad_yaml_names_the_line(tmp_path: Path) -> None:
+    text = BASE + "slots:\n  chat: [fc:openai/gpt-4o-mini\nlimits: {}\n"
+    code, stderr, path = check(tmp_path, text)
+    assert code != 0
+    assert stderr.startswith(f"{path}:")
+    line = int(stderr.split(":")[1])
+    assert line in (line_of(text, "chat:"), line_of(text, "limits:"))
+    assert "not valid YAML" in stderr
+
+
+def test_unknown_provider_in_models_is_named(tmp_path: Path) -> None:
+    text = BASE + "  fc:anthropic/claude: {input_per_mtok: 1, output_per_mtok: 5}\n"
+    assert_refused(tmp_path, text, "fc:anthropic", "models.fc:anthropic/claude", "anthropic")
+
+
+def test_unknown_provider_in_slots_is_named(tmp_path: Path) -> None:
+    text = BASE + "slots:\n  chat:\n    - fc:openai/gpt-4o-mini\n    - fc:ghost/model\n"
+    assert_refused(tmp_path, text, "fc:ghost", "slots.chat[1]", "unknown provider")
+
+
+def test_slot_cycle_is_refused_naming_the_loop(tmp_path: Path) -> None:
+    text = BASE + "slots:\n  a: [fc:openai/gpt-4o-mini, slot:b]\n  b: slot:a\n"
+    code, stderr, path = check(tmp_path, text)
+    assert code != 0
+    assert f"{path}:{line_of(text, 'a: [')}: slots.a[1]: " in stderr
+    assert "loop" in stderr and "a → b → a" in stderr
+
+
+def test_slot_naming_an_undefined_slot_is_refused(tmp_path: Path) -> None:
+    text = BASE + "slots:\n  chat: slot:missing\n"
+    assert_refused(tmp_path, text, "chat:", "slots.chat", "slot:missing is not defined")
+
+
+def test_missing_env_names_the_variable_and_key(tmp_path: Path) -> None:
+    text = BASE.replace("http://127.0.0.1:9/v1", "${UPSTREAM_BASE_URL}")
+    assert_refused(tmp_path, text, "base_url", "providers.openai.base_url", "${UPSTREAM_BASE_URL}")
+
+
+def test_env_given_satisfies_the_reference(tmp_path: Path) -> None:
+    text = BASE.replace("http://127.0.0.1:9/v1", "${UPSTREAM_BASE_URL}")
+    code, stderr, _ = check(tmp_path, text, env={"UPSTREAM_BASE_URL": "http://127.0.0.1:1/v1"})
+    assert code == 0, stderr
+
+
+def test_env_expanding_to_an_invalid_value_is_a_schema_error(tmp_path: Path) -> None:
+    text = BASE.replace("http://127.0.0.1:9/v1", "${UPSTREAM_BASE_URL:-ftp://nowhere}")
+    assert_refused(tmp_path, text, "base_url", "providers.openai.base_url", "ftp://nowhere")
+
+
+def test_kind_without_an_adapter_is_refused(tmp_path: Path) -> None:
+    text = BASE.replace("kind: openai", "kind: cohere")
+    assert_refused(tmp_path, text, "kind:", "providers.openai.kind", "no adapter")
+
+
+def test_rewrite_of_an_unknown_slot_is_refused(tmp_path: Path) -> None:
+    text = BASE + "rewrite:\n  slot:nope: {drop: [seed]}\n"
+    assert_refused(tmp_path, text, "slot:nope", "rewrite.slot:nope", "no slot named 'nope'")
+
+
+def test_every_problem_is_reported_one_per_line(tmp_path: Path) -> None:
+    text = BASE.replace("    kind: openai\n", "    kind: openai\n    retries: -1\n") + (
+        "limits: {max_body_bytes: 10}\n"
+    )
+    code, stderr, _ = check(tmp_path, text)
+    assert code != 0
+    assert "providers.openai.retries" in stderr and "limits.max_body_bytes" in stderr
+    assert len(stderr.strip().splitlines()) == 2
+
+
+def test_open_mode_is_refused_on_a_non_loopback_listener(tmp_path: Path) -> None:
+    text = "listen: {api: 0.0.0.0:8787}\n" + BASE
+    assert_refused(tmp_path, text, "listen:", "listen.api", "open mode")
+
+
+def test_keys_allow_a_non_loopback_listener(tmp_path: Path) -> None:
+    text = "listen: {api: 0.0.0.0:8787}\n" + BASE + f"keys:\n  - {{id: a, sha256: {'ab' * 32}}}\n"
+    code, stderr, _ = check(tmp_path, text)
+    assert code == 0, stderr
+
+
+def test_serve_refuses_open_mode_on_a_non_loopback_host(tmp_path: Path) -> None:
+    path = tmp_path / "ringside.yaml"
+    path.write_text(BASE)
+    result = ringside("serve", "--config", str(path), "--host", "0.0.0.0", "--port", "1")
+    assert result.returncode != 0
+    assert "open mode" in result.stderr and "0.0.0.0" in result.stderr
+
+
+def test_env_and_env_defaults_expand_in_a_running_sidecar(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    config = openai_config("${FAKE_BASE_URL}")
+    config["providers"]["openai"]["headers"] = {
+        "X-Team": "${TEAM_NAME:-platform}",
+        "X-Deploy": "${DEPLOY_ENV:-dev}",
+        "X-Empty": "[${NOTHING:-}]",
+    }
+    proc = sidecar_factory(config, env={"FAKE_BASE_URL": fake_openai.url, "DEPLOY_ENV": "prod"})
+    sdk(proc).chat.completions.create(model="fc:openai/gpt-4o-mini", messages=HELLO)
+    headers = fake_openai.received[0].headers
+    assert (headers["X-Team"], headers["X-Deploy"], headers["X-Empty"]) == (
+        "platform",
+        "prod",
+        "[]",
+    )

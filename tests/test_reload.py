@@ -1,0 +1,108 @@
+"""Reload without a restart (SPEC 5): a changed file is picked up within ~2 s, a bad one is refused
+with the old config still serving, and SIGHUP reloads on demand."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests.conftest import openai_config
+from tests.procs import SidecarProcess, wait_until
+from tests.support import HELLO, metric, metric_samples, post_chat
+from tests.upstreams.openai_fake import FakeOpenAI
+
+MINI = "fc:openai/gpt-4o-mini"
+
+
+def slot_status(proc: SidecarProcess, slot: str) -> int:
+    return post_chat(proc, {"model": f"slot:{slot}", "messages": HELLO}).status
+
+
+def reloads(proc: SidecarProcess, result: str) -> float:
+    return metric(metric_samples(proc), "ringside_config_reloads_total", result=result)
+
+
+def with_slot(fake: FakeOpenAI, name: str) -> dict[str, Any]:
+    return openai_config(fake.url, slots={name: MINI})
+
+
+def test_rewritten_config_is_in_force_within_two_seconds(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    proc = sidecar_factory(with_slot(fake_openai, "old_slot"))
+    assert slot_status(proc, "new_slot") == 404
+    proc.write_config(with_slot(fake_openai, "new_slot"))
+    changed = time.monotonic()
+    wait_until(lambda: slot_status(proc, "new_slot") == 200, timeout=2.5, interval=0.1)
+    assert time.monotonic() - changed < 2.5
+    assert slot_status(proc, "old_slot") == 404
+    assert reloads(proc, "success") == 1
+
+
+def test_bad_new_config_is_refused_and_the_old_one_keeps_serving(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    proc = sidecar_factory(with_slot(fake_openai, "chat"))
+    proc.write_config("slots:\n  chat: [fc:openai/gpt-4o-mini\n")  # not valid YAML
+    wait_until(lambda: reloads(proc, "error") == 1, timeout=3, interval=0.1)
+    assert slot_status(proc, "chat") == 200
+    assert f"{proc.config_path}:" in proc.stderr() and "not valid YAML" in proc.stderr()
+
+
+def test_semantically_bad_config_is_refused_too(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    proc = sidecar_factory(with_slot(fake_openai, "chat"))
+    bad = openai_config(fake_openai.url, slots={"chat": "fc:ghost/model"})
+    proc.write_config(bad)
+    wait_until(lambda: reloads(proc, "error") == 1, timeout=3, interval=0.1)
+    assert slot_status(proc, "chat") == 200
+    assert "slots.chat: fc:ghost/model: unknown provider" in proc.stderr()
+
+
+def test_fixed_config_after_a_refused_one_is_loaded(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    proc = sidecar_factory(with_slot(fake_openai, "chat"))
+    proc.write_config("providers: 7\n")
+    wait_until(lambda: reloads(proc, "error") == 1, timeout=3, interval=0.1)
+    proc.write_config(with_slot(fake_openai, "fixed"))
+    wait_until(lambda: slot_status(proc, "fixed") == 200, timeout=3, interval=0.1)
+
+
+def test_sighup_reloads_a_change_the_file_watcher_cannot_see(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    proc = sidecar_factory(with_slot(fake_openai, "slot_a"))
+    path = proc.config_path
+    before = os.stat(path)
+    text = path.read_text()
+    # same inode, same size, same mtime: only SIGHUP can tell the sidecar
+    with open(path, "r+") as handle:
+        handle.write(text.replace("slot_a", "slot_b"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    time.sleep(1.3)  # longer than the watcher's 1 s poll
+    assert slot_status(proc, "slot_b") == 404
+
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: slot_status(proc, "slot_b") == 200, timeout=2, interval=0.05)
+    assert slot_status(proc, "slot_a") == 404
+    assert proc.proc.poll() is None
+
+
+def test_reload_changes_keys(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    import hashlib
+
+    proc = sidecar_factory(openai_config(fake_openai.url))
+    body = {"model": MINI, "messages": HELLO}
+    assert post_chat(proc, body).status == 200  # open mode
+    digest = hashlib.sha256(b"rk_added_later").hexdigest()
+    proc.write_config(openai_config(fake_openai.url, keys=[{"id": "k", "sha256": digest}]))
+    wait_until(lambda: post_chat(proc, body).status == 401, timeout=3, interval=0.1)
+    assert post_chat(proc, body, {"Authorization": "Bearer rk_added_later"}).status == 200
