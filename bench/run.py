@@ -1,0 +1,449 @@
+"""One command for the whole benchmark: `python -m bench.run` (see bench/README.md).
+
+Starts on loopback a zero-latency upstream, the floor forwarder and the sidecar on a realistic
+config (key auth, a budgeted customer with a rate limit, metrics, usage records) for each store,
+drives each with wrk at several concurrencies in interleaved rounds, and reports medians:
+requests/s, p50/p99 latency, latency added over direct, CPU µs per request of the proxy's
+process tree, stream time-to-first-byte, RSS idle and under load, startup time to /readyz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+KEY = "rk_bench_secret_key"
+BODY = json.dumps(
+    {
+        "model": "fc:bench/bench-model",
+        "messages": [
+            {"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": "Say something about foxes in one short sentence."},
+        ],
+        "max_tokens": 64,
+    }
+)
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 20.0) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as response:
+                if response.status == 200:
+                    return time.perf_counter() - started
+        except OSError:
+            pass
+        time.sleep(0.002)
+    raise TimeoutError(url)
+
+
+def wait_port(port: int, timeout: float = 20.0) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                return time.perf_counter() - started
+        except OSError:
+            time.sleep(0.002)
+    raise TimeoutError(port)
+
+
+def process_tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for each in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def rss_mib(pid: int) -> float:
+    total = 0
+    for each in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+@dataclass
+class Target:
+    name: str
+    url: str  # …/v1/chat/completions
+    pid: int | None  # the proxy process (None for direct)
+    proc: subprocess.Popen[bytes] | None = None
+    startup_s: float | None = None
+    rss_idle: float | None = None
+    runs: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+    ttfb_ms: list[float] = field(default_factory=list)
+    rss_load: float = 0.0
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+wrk.headers["FC-Customer"] = "acme"
+done = function(summary, latency, requests)
+  io.write(string.format('{"requests": %%d, "duration_us": %%d, "errors": %%d, "non2xx": %%d, ' ..
+    '"p50_us": %%d, "p99_us": %%d}\\n', summary.requests, summary.duration,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def run_wrk(target: Target, script: Path, connections: int, seconds: float) -> dict[str, float]:
+    threads = 1 if connections < 4 else 2
+    before = cpu_seconds(target.pid) if target.pid else 0.0
+    sampler_stop = threading.Event()
+
+    def sample_rss() -> None:
+        while not sampler_stop.wait(0.25):
+            if target.pid:
+                target.rss_load = max(target.rss_load, rss_mib(target.pid))
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
+         "--timeout", "10s", "-s", str(script), target.url],
+        capture_output=True, text=True, timeout=seconds + 60,
+    )  # fmt: skip
+    sampler_stop.set()
+    sampler.join()
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("{")), None)
+    if line is None:
+        raise RuntimeError(f"wrk against {target.name} failed:\n{out.stdout}\n{out.stderr}")
+    result = json.loads(line)
+    cpu = (cpu_seconds(target.pid) - before) if target.pid else 0.0
+    requests = max(1, result["requests"])
+    return {
+        "rps": requests / (result["duration_us"] / 1e6),
+        "p50_ms": result["p50_us"] / 1000,
+        "p99_ms": result["p99_us"] / 1000,
+        "cpu_us_per_req": cpu * 1e6 / requests,
+        "errors": result["errors"] + result["non2xx"],
+    }
+
+
+async def measure_ttfb(url: str, count: int) -> list[float]:
+    import aiohttp
+
+    body = json.loads(BODY)
+    body["stream"] = True
+    headers = {"Authorization": f"Bearer {KEY}", "FC-Customer": "acme"}
+    samples = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(count):
+            started = time.perf_counter()
+            async with session.post(url, json=body, headers=headers) as response:
+                await response.content.readany()
+                samples.append((time.perf_counter() - started) * 1000)
+                await response.read()
+    return samples
+
+
+def sidecar_config(upstream_port: int, store: str, workdir: Path, redis_url: str) -> Path:
+    storage: dict[str, Any] = {"backend": store}
+    if store == "sqlite":
+        storage["sqlite_path"] = str(workdir / "bench.db")
+    if store == "redis":
+        storage["redis_url"] = redis_url
+    config = {
+        "storage": storage,
+        "providers": {
+            "bench": {
+                "kind": "openai",
+                "base_url": f"http://127.0.0.1:{upstream_port}/v1",
+                "timeout": {"connect": 2, "read": 30},
+            }
+        },
+        "models": {
+            "fc:bench/bench-model": {
+                "input_per_mtok": 0.15,
+                "output_per_mtok": 0.60,
+                "context": 128000,
+                "max_output": 4096,
+            }
+        },
+        "keys": [
+            {"id": "bench", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "developer": "b"}
+        ],
+        "customers": {
+            "acme": {
+                "budget": {"usd": 1_000_000, "period": "month"},
+                "rate_limit": {"rpm": 100_000_000, "tpm": 2_000_000_000},
+            }
+        },
+        "access_log": {"enabled": False},
+    }
+    path = workdir / f"sidecar-{store}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def start_sidecar(
+    config: Path, port: int, admin_port: int, workers: int, log: Path
+) -> tuple[subprocess.Popen[bytes], float]:
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(config),
+         "--port", str(port), "--admin-host", "127.0.0.1", "--admin-port", str(admin_port),
+         "--workers", str(workers)],
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+    )  # fmt: skip
+    wait_ready(f"http://127.0.0.1:{admin_port}/readyz")
+    return proc, time.perf_counter() - started
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(targets: list[Target], concurrencies: list[int]) -> dict[str, Any]:
+    direct = targets[0]
+    floor = next(t for t in targets if t.name == "floor")
+    out: dict[str, Any] = {}
+    for target in targets:
+        entry: dict[str, Any] = {
+            "startup_s": target.startup_s,
+            "rss_idle_mib": target.rss_idle,
+            "rss_load_mib": target.rss_load or None,
+            "stream_ttfb_ms_p50": median(target.ttfb_ms),
+            "stream_ttfb_added_ms": median(target.ttfb_ms) - median(direct.ttfb_ms),
+        }
+        for c in concurrencies:
+            runs = target.runs[c]
+            entry[f"c{c}"] = {
+                key: median([run[key] for run in runs])
+                for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "errors")
+            }
+            base = median([run["p50_ms"] for run in direct.runs[c]])
+            base99 = median([run["p99_ms"] for run in direct.runs[c]])
+            entry[f"c{c}"]["added_p50_ms"] = entry[f"c{c}"]["p50_ms"] - base
+            entry[f"c{c}"]["added_p99_ms"] = entry[f"c{c}"]["p99_ms"] - base99
+        out[target.name] = entry
+    floor_cpu = out["floor"][f"c{concurrencies[-1]}"]["cpu_us_per_req"]
+    for target in targets:
+        if target.pid and target.name != "floor":
+            cpu = out[target.name][f"c{concurrencies[-1]}"]["cpu_us_per_req"]
+            out[target.name]["cpu_vs_floor"] = cpu / floor_cpu if floor_cpu else None
+    del floor
+    return out
+
+
+def markdown(results: dict[str, Any], meta: dict[str, Any], concurrencies: list[int]) -> str:
+    top = concurrencies[-1]
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} cores), Python "
+        f"{meta['python']}, wrk, {meta['rounds']} interleaved rounds of {meta['seconds']} s, "
+        "medians. Zero-latency upstream on loopback; the sidecar as one process with key auth, "
+        "a budgeted and rate-limited customer, metrics and usage records.",
+        "",
+        "| path | rps c=1 | rps c=16 | rps c=64 | p50 / p99 c=1 (ms) | added p50 / p99 c=1 (ms) "
+        f"| CPU µs/req c={top} | CPU vs floor | stream TTFB added (ms) | RSS idle / load (MiB) "
+        "| startup (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in results.items():
+        c1 = entry["c1"]
+        cells = [
+            name,
+            *(f"{entry[f'c{c}']['rps']:.0f}" if f"c{c}" in entry else "—" for c in (1, 16, 64)),
+            f"{c1['p50_ms']:.3f} / {c1['p99_ms']:.3f}",
+            "—" if name == "direct" else f"{c1['added_p50_ms']:.3f} / {c1['added_p99_ms']:.3f}",
+            "—" if name == "direct" else f"{entry[f'c{top}']['cpu_us_per_req']:.0f}",
+            f"{entry['cpu_vs_floor']:.2f}×" if entry.get("cpu_vs_floor") else "—",
+            "—" if name == "direct" else f"{entry['stream_ttfb_added_ms']:.3f}",
+            "—"
+            if name == "direct"
+            else f"{entry['rss_idle_mib']:.0f} / {entry['rss_load_mib']:.0f}",
+            "—" if entry["startup_s"] is None else f"{entry['startup_s']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(table: str) -> None:
+    readme = BENCH / "README.md"
+    text = readme.read_text() if readme.exists() else ""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    block = f"{start}\n{table}{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text += f"\n## Latest results\n\n{block}\n"
+    readme.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of one wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--stores", default="memory,sqlite,redis")
+    parser.add_argument("--workers", type=int, default=1, help="sidecar --workers")
+    parser.add_argument("--ttfb-samples", type=int, default=200)
+    parser.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk not found: apt-get install wrk", file=sys.stderr)
+        return 2
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    stores = [s for s in args.stores.split(",") if s]
+    workdir = Path(tempfile.mkdtemp(prefix="ringside-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    redis_url = ""
+    try:
+        if "redis" in stores:
+            if shutil.which("redis-server") is None:
+                print("redis-server not found: skipping the redis store", file=sys.stderr)
+                stores.remove("redis")
+            else:
+                redis_port = free_port()
+                procs.append(subprocess.Popen(
+                    ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                     "--save", "", "--appendonly", "no"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                ))  # fmt: skip
+                wait_port(redis_port)
+                redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        up_port = free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "bench.upstream", "--port", str(up_port)], cwd=BENCH.parent
+        ))  # fmt: skip
+        wait_port(up_port)
+        upstream_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+        targets = [Target("direct", upstream_url, None)]
+
+        floor_port = free_port()
+        started = time.perf_counter()
+        floor = subprocess.Popen(
+            [sys.executable, "-m", "bench.floor", "--port", str(floor_port),
+             "--upstream", upstream_url], cwd=BENCH.parent,
+        )  # fmt: skip
+        procs.append(floor)
+        startup = wait_port(floor_port)
+        del started
+        targets.append(
+            Target(
+                "floor",
+                f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+                floor.pid,
+                floor,
+                startup,
+            )
+        )
+        for store in stores:
+            config = sidecar_config(up_port, store, workdir, redis_url)
+            port, admin = free_port(), free_port()
+            proc, startup = start_sidecar(
+                config, port, admin, args.workers, workdir / f"sidecar-{store}.log"
+            )
+            procs.append(proc)
+            targets.append(
+                Target(
+                    f"sidecar ({store})",
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    proc.pid,
+                    proc,
+                    startup,
+                )
+            )
+        time.sleep(0.5)
+        for target in targets:
+            if target.pid:
+                target.rss_idle = rss_mib(target.pid)
+
+        script = workdir / "post.lua"
+        script.write_text(WRK_SCRIPT % (BODY, KEY))
+        for target in targets:  # warm up connection pools and caches
+            run_wrk(target, script, 4, 1)
+        for round_index in range(args.rounds):
+            for c in concurrencies:
+                for target in targets:
+                    result = run_wrk(target, script, c, args.seconds)
+                    target.runs.setdefault(c, []).append(result)
+                    print(f"round {round_index + 1} c={c:<3} {target.name:<18} "
+                          f"{result['rps']:8.0f} rps  p50 {result['p50_ms']:.3f} ms  "
+                          f"p99 {result['p99_ms']:.3f} ms  cpu {result['cpu_us_per_req']:.0f} µs"
+                          f"  errors {result['errors']:.0f}", flush=True)  # fmt: skip
+            for target in targets:
+                target.ttfb_ms.extend(asyncio.run(measure_ttfb(target.url, args.ttfb_samples)))
+        results = summarize(targets, concurrencies)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "workers": args.workers,
+    }
+    out = {"meta": meta, "results": results}
+    (BENCH / "results").mkdir(exist_ok=True)
+    (BENCH / "results" / "latest.json").write_text(json.dumps(out, indent=2))
+    table = markdown(results, meta, concurrencies)
+    print(table)
+    if not args.no_readme:
+        write_readme(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
