@@ -105,7 +105,10 @@ async def _process(flow: Flow, request: web.Request) -> web.StreamResponse:
     body: dict[str, Any] = parse_json_object(raw)
     flow.body = body
     await runtime.pipeline.run("request", flow)
-    if flow.response is not None:
+    if flow.response is not None:  # an addon answered: log and count it with its own status
+        flow.status = flow.response.status
+        if not flow.response.prepared:
+            flow.response.headers.setdefault("X-Request-Id", flow.id)
         return flow.response
     validate_chat_request(body)
     flow.stream = body.get("stream") is True

@@ -1,0 +1,65 @@
+"""Example user addons, loaded by import path from the config's `addons:` list.
+
+    addons:
+      - tests.addons_example:Blocklist
+      - {path: tests.addons_example:TagMetadata, options: {team: search}}
+
+An addon is a plain class whose methods are hook names (see sidecar/pipeline.py); options from
+the config are its constructor's keyword arguments. The sidecar must be able to import it: run
+it with the repository root (or wherever the module lives) on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.errors import GatewayError
+from sidecar.flow import Flow
+
+
+class TagMetadata:
+    """Adds `metadata.team` to every request before it goes upstream (an async hook)."""
+
+    def __init__(self, team: str = "unknown") -> None:
+        self.team = team
+
+    async def request(self, flow: Flow) -> None:
+        metadata = flow.body.get("metadata")
+        flow.body["metadata"] = {**(metadata if isinstance(metadata, dict) else {}),
+                                 "team": self.team}  # fmt: skip
+
+
+class Blocklist:
+    """Answers 451 itself, never calling the upstream, when the last message has a blocked word."""
+
+    def __init__(self, words: list[str] | None = None) -> None:
+        self.words = tuple(words or ["forbidden"])
+
+    def request(self, flow: Flow) -> None:
+        messages: Any = flow.body.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else {}
+        text = str(last.get("content", "")) if isinstance(last, dict) else ""
+        if any(word in text for word in self.words):
+            flow.response = web.json_response(
+                {"error": {"message": "blocked by policy", "type": "policy_error",
+                           "param": "messages", "code": "blocked"}},
+                status=451,
+            )  # fmt: skip
+
+
+class CustomerRequired:
+    """Refuses, with an OpenAI-style error, requests for some refs that name no FC-Customer."""
+
+    def __init__(self, refs: list[str]) -> None:
+        self.refs = frozenset(refs)
+
+    def routed(self, flow: Flow) -> None:
+        if flow.body.get("model") in self.refs and flow.principal.customer is None:
+            raise GatewayError(
+                400,
+                "customer_required",
+                f"{flow.body['model']} needs an FC-Customer header",
+                param="FC-Customer",
+            )
