@@ -17,6 +17,7 @@ from tests.support import (
     module_sidecar,
     post_chat,
     request,
+    start_sidecar,
     without_circuit_breakers,
 )
 from tests.upstreams.openai_fake import FakeOpenAI, Reply
@@ -152,8 +153,6 @@ def test_metrics_count_streams_and_time_to_first_token(
 def test_readyz_fails_while_draining_on_sigterm(
     fake_openai: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from tests.support import start_sidecar
-
     proc = start_sidecar(tmp_path_factory.mktemp("drain"), openai_config(fake_openai.url)).start()
     answers = []
     try:
@@ -171,3 +170,15 @@ def test_readyz_fails_while_draining_on_sigterm(
     finally:
         proc.stop()
     assert [answer.status for answer in answers] == [200]  # the in-flight request finished
+
+
+def test_metrics_can_be_turned_off(
+    fake_openai: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    config = openai_config(fake_openai.url, metrics={"enabled": False})
+    proc = start_sidecar(tmp_path_factory.mktemp("nometrics"), config).start()
+    try:
+        assert request(proc.admin_url, "GET", "/metrics").status == 404
+        assert request(proc.admin_url, "GET", "/healthz").status == 200
+    finally:
+        proc.stop()

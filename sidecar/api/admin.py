@@ -26,6 +26,8 @@ async def metrics(request: web.Request) -> web.Response:
     holder = request.app[STATE].holder
     if holder is None:
         return web.Response(status=503, text="starting\n")
+    if not holder.current.settings.metrics_enabled:
+        return web.Response(status=404, text="metrics are disabled (metrics.enabled: false)\n")
     payload = exposition(holder.current.services.metrics.registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
