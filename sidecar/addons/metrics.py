@@ -8,6 +8,7 @@ the config are `_other`; models are catalog/slot refs or `fc:<provider>/_other`.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,6 +31,7 @@ OVERHEAD_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1,
 )  # fmt: skip
 OTHER = "_other"
+EXHAUSTED_CODES = frozenset({"upstream_unavailable", "response_schema_validation_failed"})
 
 
 def exposition(registry: CollectorRegistry) -> bytes:
@@ -106,7 +108,7 @@ class Metrics:
         )
         self.schema_validations = Counter(
             "ringside_schema_validations_total",
-            "Structured-output validations by result",
+            "Structured-output validations by result (valid|invalid)",
             ["model", "result"],
             registry=r,
         )
@@ -175,11 +177,27 @@ def customer_label(settings: Settings, customer: str | None) -> str:
 
 
 class MetricsAddon:
-    """Records each request's metrics from its Flow; first in the chain so it sees every request."""
+    """Records each request's metrics from its Flow; first in the chain so it sees every request.
+
+    Labelled children are looked up once and kept (labels are bounded), which keeps
+    prometheus-client's per-call label validation and locking off the hot path.
+    """
 
     def __init__(self, metrics: Metrics, settings: Settings) -> None:
         self.metrics = metrics
         self.settings = settings
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        self._duration = {
+            stream: metrics.request_duration.labels("true" if stream else "false")
+            for stream in (True, False)
+        }
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def request(self, flow: Flow) -> None:
         self.metrics.inflight.inc()
@@ -187,41 +205,32 @@ class MetricsAddon:
 
     def attempt_done(self, flow: Flow, attempt: Attempt) -> None:
         candidate = attempt.candidate
-        provider = candidate.provider.name
+        provider, label = candidate.provider.name, candidate.label
         m = self.metrics
-        m.upstream_requests.labels(provider, candidate.label, attempt.outcome).inc()
-        m.upstream_duration.labels(provider).observe(attempt.seconds)
+        self.child(m.upstream_requests, provider, label, attempt.outcome).inc()
+        self.child(m.upstream_duration, provider).observe(attempt.seconds)
         usage = attempt.usage
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
-            m.tokens.labels(provider, candidate.label, "prompt").inc(usage.prompt_tokens)
-            m.tokens.labels(provider, candidate.label, "completion").inc(usage.completion_tokens)
+            self.child(m.tokens, provider, label, "prompt").inc(usage.prompt_tokens)
+            self.child(m.tokens, provider, label, "completion").inc(usage.completion_tokens)
         if attempt.cost_usd:
             customer = customer_label(self.settings, flow.principal.customer)
-            m.cost.labels(customer, candidate.label).inc(attempt.cost_usd)
+            self.child(m.cost, customer, label).inc(attempt.cost_usd)
 
     def done(self, flow: Flow) -> None:
         m = self.metrics
         if flow.metadata.pop("metrics_inflight", False):
             m.inflight.dec()
-        m.requests.labels(str(flow.status)).inc()
-        m.request_duration.labels("true" if flow.stream else "false").observe(flow.seconds)
+        self.child(m.requests, str(flow.status)).inc()
+        self._duration[flow.stream].observe(flow.seconds)
         m.overhead.observe(flow.overhead_seconds)
         if flow.models_tried:
             m.cascade_depth.observe(len(flow.models_tried))
         for from_model, to_model, reason in flow.fallbacks:
-            m.fallbacks.labels(from_model, to_model, reason).inc()
+            self.child(m.fallbacks, from_model, to_model, reason).inc()
         error = flow.error
-        if (
-            error is not None
-            and flow.attempts
-            and error.code
-            in (
-                "upstream_unavailable",
-                "response_schema_validation_failed",
-            )
-        ):
-            m.cascade_exhausted.labels(error.code).inc()
+        if error is not None and flow.attempts and error.code in EXHAUSTED_CODES:
+            self.child(m.cascade_exhausted, error.code).inc()
         if flow.first_token_at is not None and flow.attempts:
-            m.time_to_first_token.labels(flow.attempts[-1].candidate.provider.name).observe(
-                flow.first_token_at - flow.started
-            )
+            provider = flow.attempts[-1].candidate.provider.name
+            self.child(m.time_to_first_token, provider).observe(flow.first_token_at - flow.started)
