@@ -142,3 +142,26 @@ def test_content_part_arrays_with_images_are_accepted(
     ]
     sdk(gateway).chat.completions.create(model=MINI, messages=messages)  # type: ignore[arg-type]
     assert fake_openai.received[0].body["messages"] == messages
+
+
+def test_tool_results_in_the_conversation_are_forwarded(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{}"}}  # fmt: skip
+    messages = [
+        HELLO[0],
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    sdk(gateway).chat.completions.create(model=MINI, messages=messages)  # type: ignore[arg-type]
+    assert fake_openai.received[0].body["messages"] == messages
+
+
+def test_malformed_request_id_is_replaced_by_a_generated_one(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    raw = sdk(gateway).chat.completions.with_raw_response.create(
+        model=MINI, messages=HELLO, extra_headers={"X-Request-Id": "has spaces in it"}
+    )
+    assert raw.headers["X-Request-Id"] not in ("", "has spaces in it")

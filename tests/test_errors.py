@@ -77,6 +77,11 @@ def test_body_that_is_not_an_object_is_400(
         (chat(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
         (chat(messages=[{"role": "user"}]), "messages[0].content"),
         (chat(messages=[HELLO[0], {"role": "user", "content": 5}]), "messages[1].content"),
+        (chat(messages=[HELLO[0], {"role": "tool", "content": "42"}]), "messages[1].tool_call_id"),
+        (
+            chat(messages=[{"role": "user", "content": [{"text": "no type"}]}]),
+            "messages[0].content[0]",
+        ),
         (chat(temperature=2.5), "temperature"),
         (chat(temperature="hot"), "temperature"),
         (chat(top_p=1.5), "top_p"),
@@ -151,6 +156,15 @@ def test_bad_idempotency_key_is_400(gateway: SidecarProcess, fake_openai: FakeOp
 
 
 # -- model refs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ref", ["fc:openai", "fc:/gpt-4o", "fc:openai/", "FC:openai/gpt-4o"])
+def test_malformed_fc_ref_is_invalid_model_ref(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI, ref: str
+) -> None:
+    answer = post_chat(gateway, chat(model=ref))
+    assert answer.status == 400
+    assert answer.error["code"] == "invalid_model_ref"
 
 
 def test_bare_model_name_is_invalid_model_ref(

@@ -54,6 +54,10 @@ def _messages(messages: Any) -> None:
                 f"got {role!r}",
                 f"{where}.role",
             )
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise invalid_request(
+                f"{where}.tool_call_id is required for role tool", f"{where}.tool_call_id"
+            )
         content = message.get("content")
         if content is None:
             if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
@@ -72,8 +76,6 @@ def _messages(messages: Any) -> None:
                     f"{where}.content[{part_index}] must be an object with a type",
                     f"{where}.content[{part_index}]",
                 )
-        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
-            raise invalid_request(f"{where}.tool_call_id is required for role tool", where)
 
 
 def _response_format(value: Any) -> None:
