@@ -16,6 +16,7 @@ from sidecar.runtime import Runtime, RuntimeHolder, Services
 from sidecar.settings import Settings
 from sidecar.settings.model import HostPort, Listen
 from sidecar.settings.watch import watch_file
+from sidecar.stores import open_store
 from sidecar.upstream import new_session
 
 log = logging.getLogger("ringside")
@@ -68,11 +69,19 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     session = new_session()
     metrics = Metrics()
-    services = Services(session=session, metrics=metrics, circuits=CircuitBreakers(metrics))
+    try:
+        store = await open_store(state.initial_settings.storage)
+    except BaseException:
+        await session.close()
+        raise
+    services = Services(
+        session=session, metrics=metrics, circuits=CircuitBreakers(metrics), store=store
+    )
     try:
         runtime = Runtime(state.initial_settings, services)
     except BaseException:
         await session.close()
+        await store.close()
         raise
     state.holder = RuntimeHolder(state.config_path, runtime)
     watcher = asyncio.create_task(
@@ -85,6 +94,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await session.close()
+        await store.close()
 
 
 def create_apps(state: GatewayState) -> tuple[web.Application, web.Application]:

@@ -71,6 +71,8 @@ class Flow:
     status: int = 200
     error: GatewayError | None = None
     response: web.StreamResponse | None = None  # set by an addon to short-circuit the chain
+    answer: web.StreamResponse | None = None  # what the client was sent; set before `done`
+    capture: list[bytes] | None = None  # an addon sets [] to get every streamed body write
     upstream_seconds: float = 0.0
     first_token_at: float | None = None
     finished: float | None = None

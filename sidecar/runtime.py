@@ -15,6 +15,7 @@ import orjson
 from sidecar.addons.accesslog import AccessLog
 from sidecar.addons.auth import Auth
 from sidecar.addons.circuits import CircuitAddon, CircuitBreakers
+from sidecar.addons.idempotency import Idempotency
 from sidecar.addons.metrics import Metrics, MetricsAddon
 from sidecar.cascade import Cascade
 from sidecar.pipeline import Pipeline, load_addon
@@ -22,6 +23,7 @@ from sidecar.providers import build_client
 from sidecar.providers.base import ProviderClient
 from sidecar.routing import Router
 from sidecar.settings import ConfigError, Settings, load_settings
+from sidecar.stores import Store
 
 log = logging.getLogger("ringside")
 
@@ -33,6 +35,7 @@ class Services:
     session: aiohttp.ClientSession
     metrics: Metrics
     circuits: CircuitBreakers
+    store: Store  # storage: opened at start, closed at shutdown; a change needs a restart
 
 
 class Runtime:
@@ -51,6 +54,8 @@ class Runtime:
             MetricsAddon(services.metrics, settings),
             self.auth,
             CircuitAddon(services.circuits),
+            # request hooks: auth, then rate limits, then idempotency (a replay is no new call)
+            Idempotency(services.store.idempotency, fail_open=settings.storage.fail_open),
         ]
         if settings.access_log:
             addons.append(AccessLog())

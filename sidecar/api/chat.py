@@ -75,12 +75,14 @@ async def _handle(request: web.Request, runtime: Runtime) -> web.StreamResponse:
     pipeline = runtime.pipeline
     try:
         response = await _process(flow, request)
+        flow.answer = response
         if flow.stream:
             return response
     except GatewayError as error:
         flow.error, flow.status = error, error.status
         await pipeline.run("error", flow)
         response = error_response(error, ringside_headers(flow))
+        flow.answer = response
     except asyncio.CancelledError:
         flow.status = 499  # client closed the connection
         raise
@@ -150,6 +152,13 @@ async def _process(flow: Flow, request: web.Request) -> web.StreamResponse:
     )
 
 
+async def _send(flow: Flow, response: web.StreamResponse, data: bytes) -> None:
+    """Write a piece of a stream, and hand it to the addon that asked for a copy."""
+    if flow.capture is not None:
+        flow.capture.append(data)
+    await response.write(data)
+
+
 async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
     cascade = flow.runtime.cascade
     attempt, stream = await cascade.open_stream(flow)
@@ -170,17 +179,17 @@ async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         if first:
-            await response.write(b"".join(sse.encode(chunk) for chunk in first))
+            await _send(flow, response, b"".join(sse.encode(chunk) for chunk in first))
         try:
             async for chunks in stream:
-                await response.write(b"".join(sse.encode(chunk) for chunk in chunks))
+                await _send(flow, response, b"".join(sse.encode(chunk) for chunk in chunks))
         except UpstreamError as error:
             failure = error
             attempt.error = error
             envelope = GatewayError(503, "upstream_unavailable", error.message).envelope()
-            await response.write(sse.encode(orjson.dumps(envelope)))
+            await _send(flow, response, sse.encode(orjson.dumps(envelope)))
         if failure is None:
-            await response.write(sse.DONE)
+            await _send(flow, response, sse.DONE)
         await response.write_eof()
     except ConnectionResetError:
         flow.status = 499  # the client went away mid-stream: nothing more to send

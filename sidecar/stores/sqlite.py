@@ -1,0 +1,169 @@
+"""The embedded default store: one SQLite file in WAL mode, surviving restarts.
+
+The stdlib driver blocks, so every statement runs on one dedicated thread (a single-thread
+executor): the event loop only waits for a future, and the connection is never used by two
+threads at once. Each operation is one `BEGIN IMMEDIATE` transaction, so it is atomic also
+against other processes on the same file (`serve --workers N`), which wait up to
+`BUSY_TIMEOUT_MS` for the write lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sidecar.stores.base import Claim, ClaimState, StoreUnavailable
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000
+PURGE_EVERY = 60.0  # seconds between deletes of expired rows
+
+
+class Database:
+    """A connection owned by one thread; `run` calls a function with it, inside a transaction."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ringside-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    def _connect(self, schema: list[str]) -> None:
+        parent = Path(self.path).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        )
+        self._conn = conn
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        for statement in schema:
+            conn.execute(statement)
+
+    async def open(self, schema: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._connect, schema)
+
+    def _transaction(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        conn = self._conn
+        assert conn is not None, "the database is not open"
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(connection, *args)` in one transaction on the database thread."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._transaction, fn, args)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite {self.path}: {exc}") from exc
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=True)
+
+
+IDEMPOTENCY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS idempotency (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    token TEXT NOT NULL,          -- '' once completed
+    record BLOB,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID
+"""
+
+
+class SqliteIdempotency:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self._db = db
+        self._clock = clock
+        self._next_purge = 0.0
+
+    def _begin(
+        self, conn: sqlite3.Connection, scope: str, key: str, fingerprint: str, lease: float
+    ) -> Claim:
+        now = self._clock()
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_EVERY
+            conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+        row = conn.execute(
+            "SELECT fingerprint, record, expires_at FROM idempotency WHERE scope = ? AND key = ?",
+            (scope, key),
+        ).fetchone()
+        if row is None or row[2] <= now:
+            token = os.urandom(16).hex()
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, NULL, ?)",
+                (scope, key, fingerprint, token, now + lease),
+            )
+            return Claim(ClaimState.OWNED, token=token)
+        if row[0] != fingerprint:
+            return Claim(ClaimState.CONFLICT)
+        if row[1] is not None:
+            return Claim(ClaimState.DONE, record=bytes(row[1]))
+        return Claim(ClaimState.RUNNING)
+
+    async def begin(self, scope: str, key: str, fingerprint: str, lease: float) -> Claim:
+        return await self._db.run(self._begin, scope, key, fingerprint, lease)
+
+    def _update(
+        self, conn: sqlite3.Connection, scope: str, key: str, token: str, sql: str, values: tuple
+    ) -> bool:
+        cursor = conn.execute(
+            sql + " WHERE scope = ? AND key = ? AND token = ? AND token != '' AND expires_at > ?",
+            (*values, scope, key, token, self._clock()),
+        )
+        return cursor.rowcount == 1
+
+    async def extend(self, scope: str, key: str, token: str, lease: float) -> bool:
+        sql = "UPDATE idempotency SET expires_at = ?"
+        return await self._db.run(self._update, scope, key, token, sql, (self._clock() + lease,))
+
+    async def complete(self, scope: str, key: str, token: str, record: bytes, ttl: float) -> bool:
+        sql = "UPDATE idempotency SET token = '', record = ?, expires_at = ?"
+        values = (record, self._clock() + ttl)
+        return await self._db.run(self._update, scope, key, token, sql, values)
+
+    async def release(self, scope: str, key: str, token: str) -> None:
+        await self._db.run(self._update, scope, key, token, "DELETE FROM idempotency", ())
+
+
+class SqliteStore:
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        self.db = Database(path)
+        self.idempotency = SqliteIdempotency(self.db, clock)
+
+    @classmethod
+    async def open(cls, path: str, clock: Callable[[], float] = time.time) -> SqliteStore:
+        store = cls(path, clock)
+        try:
+            await store.db.open([IDEMPOTENCY_SCHEMA])
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self.db.close()
