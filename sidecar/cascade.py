@@ -18,6 +18,7 @@ from sidecar.pricing import usage_cost
 from sidecar.providers.base import ChunkStream, Completion, UpstreamCall, Usage
 from sidecar.routing import Candidate
 from sidecar.settings.model import ProviderSettings
+from sidecar.structured import enforce
 
 if TYPE_CHECKING:
     from sidecar.runtime import Runtime
@@ -84,6 +85,9 @@ class Cascade:
         self.rewrites = runtime.settings.rewrite
 
     def build_call(self, flow: Flow, candidate: Candidate, body: dict[str, Any]) -> UpstreamCall:
+        """The call for `body`; it streams only when the body asks to (a buffered schema
+        re-prompt loop sends the body of a streamed request without `stream`)."""
+        stream = flow.stream and body.get("stream") is True
         rules = []
         provider_rule = self.rewrites.get("provider:" + candidate.provider.name)
         if provider_rule is not None:
@@ -95,9 +99,7 @@ class Cascade:
         headers: dict[str, str] = {}
         if rules:
             body, headers = _apply_rewrites(body, rules)
-        return UpstreamCall(
-            candidate.provider, candidate.model_id, body, flow.stream, headers, flow.id
-        )
+        return UpstreamCall(candidate.provider, candidate.model_id, body, stream, headers, flow.id)
 
     def _too_small(self, flow: Flow, candidate: Candidate) -> UpstreamError | None:
         context = candidate.context
@@ -159,9 +161,19 @@ class Cascade:
         flow.usage.add(attempt.usage)
         flow.cost_usd += attempt.cost_usd
 
+    def native_schema(self, candidate: Candidate) -> bool:
+        """Whether the candidate's provider takes `response_format: json_schema` natively."""
+        return self.providers[candidate.provider.name].native_json_schema
+
     async def answer(self, flow: Flow, candidate: Candidate) -> Completion:
         """A candidate's final answer; schema enforcement wraps the call when asked for."""
-        return await self.call(flow, candidate, flow.body)
+        plan = flow.schema_plan
+        if plan is None:
+            return await self.call(flow, candidate, flow.body)
+        client = self.providers[candidate.provider.name]
+        return await enforce(
+            self.call, flow, candidate, plan, client.native_json_schema, client.json_mode
+        )
 
     async def run(self, flow: Flow) -> tuple[Candidate, Completion]:
         """Try each candidate in order; return the first answer or raise the cascade's error."""

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from sidecar.errors import GatewayError, UpstreamError
     from sidecar.routing import Candidate, Route
     from sidecar.runtime import Runtime
+    from sidecar.structured import SchemaPlan
 
 
 @dataclass(slots=True)
@@ -68,6 +69,9 @@ class Flow:
     priced: bool = True
     reprompts: int = 0
     schema_enforced: bool = False
+    schema_plan: SchemaPlan | None = None  # the compiled response_format, when it asks for JSON
+    schema_checks: list[tuple[str, str]] = field(default_factory=list)  # model label, result
+    schema_reprompts: list[str] = field(default_factory=list)  # model label of each re-prompt
     status: int = 200
     error: GatewayError | None = None
     response: web.StreamResponse | None = None  # set by an addon to short-circuit the chain

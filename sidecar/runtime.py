@@ -7,7 +7,7 @@ app's key, so requests in flight finish with the Runtime they started with.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
@@ -24,6 +24,7 @@ from sidecar.providers.base import ProviderClient
 from sidecar.routing import Router
 from sidecar.settings import ConfigError, Settings, load_settings
 from sidecar.stores import Store
+from sidecar.structured import SchemaCache
 
 log = logging.getLogger("ringside")
 
@@ -36,6 +37,7 @@ class Services:
     metrics: Metrics
     circuits: CircuitBreakers
     store: Store  # storage: opened at start, closed at shutdown; a change needs a restart
+    schemas: SchemaCache = field(default_factory=SchemaCache)  # compiled response_formats
 
 
 class Runtime:

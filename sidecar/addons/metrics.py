@@ -228,6 +228,10 @@ class MetricsAddon:
             m.cascade_depth.observe(len(flow.models_tried))
         for from_model, to_model, reason in flow.fallbacks:
             self.child(m.fallbacks, from_model, to_model, reason).inc()
+        for model, result in flow.schema_checks:
+            self.child(m.schema_validations, model, result).inc()
+        for model in flow.schema_reprompts:
+            self.child(m.schema_reprompts, model).inc()
         error = flow.error
         if error is not None and flow.attempts and error.code in EXHAUSTED_CODES:
             self.child(m.cascade_exhausted, error.code).inc()

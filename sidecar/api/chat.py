@@ -24,6 +24,7 @@ from sidecar.errors import GatewayError, UpstreamError
 from sidecar.flow import Flow
 from sidecar.routing import Estimate
 from sidecar.runtime import Runtime
+from sidecar.structured import completion_chunks, mentions_tool_calls, streamed_failure
 
 log = logging.getLogger("ringside")
 
@@ -113,6 +114,7 @@ async def _process(flow: Flow, request: web.Request) -> web.StreamResponse:
             flow.response.headers.setdefault("X-Request-Id", flow.id)
         return flow.response
     validate_chat_request(body)
+    flow.schema_plan = runtime.services.schemas.plan(body.get("response_format"))
     flow.stream = body.get("stream") is True
     idempotency_key = request.headers.get("Idempotency-Key")
     if idempotency_key is not None and not (
@@ -161,6 +163,12 @@ async def _send(flow: Flow, response: web.StreamResponse, data: bytes) -> None:
 
 async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
     cascade = flow.runtime.cascade
+    watch = flow.schema_plan is not None  # validate the streamed answer at its end
+    if watch:
+        flow.schema_enforced = True
+        assert flow.route is not None
+        if flow.route.candidates and not cascade.native_schema(flow.route.candidates[0]):
+            return await _stream_buffered(flow, request)
     attempt, stream = await cascade.open_stream(flow)
     try:
         first = await stream.__anext__()
@@ -176,19 +184,30 @@ async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
     flow.model_used = attempt.candidate.ref
     response = web.StreamResponse(headers={**SSE_HEADERS, **ringside_headers(flow)})
     failure: UpstreamError | None = None
+    tool_calls = watch and mentions_tool_calls(first)
     try:
         await response.prepare(request)
         if first:
             await _send(flow, response, b"".join(sse.encode(chunk) for chunk in first))
         try:
             async for chunks in stream:
+                if watch and not tool_calls:
+                    tool_calls = mentions_tool_calls(chunks)
                 await _send(flow, response, b"".join(sse.encode(chunk) for chunk in chunks))
         except UpstreamError as error:
             failure = error
             attempt.error = error
             envelope = GatewayError(503, "upstream_unavailable", error.message).envelope()
             await _send(flow, response, sse.encode(orjson.dumps(envelope)))
-        if failure is None:
+        rejected = None
+        if failure is None and flow.schema_plan is not None:
+            rejected = streamed_failure(
+                flow, attempt.candidate, flow.schema_plan, stream.content, tool_calls
+            )
+        if rejected is not None:
+            flow.error, flow.status = rejected, rejected.status
+            await _send(flow, response, sse.encode(rejected.body()))
+        elif failure is None:
             await _send(flow, response, sse.DONE)
         await response.write_eof()
     except ConnectionResetError:
@@ -202,5 +221,24 @@ async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
             flow.error = GatewayError(503, "upstream_unavailable", failure.message)
             if flow.status != 499:
                 flow.status = 503
+    await flow.runtime.pipeline.run("response", flow)
+    return response
+
+
+async def _stream_buffered(flow: Flow, request: web.Request) -> web.StreamResponse:
+    """Structured output from a provider without native support: the re-prompt loop runs
+    buffered, and only the validated answer is streamed, as OpenAI chunks."""
+    _candidate, completion = await flow.runtime.cascade.run(flow)
+    options = flow.body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    chunks = completion_chunks(completion, include_usage)
+    flow.first_token_at = time.perf_counter()
+    response = web.StreamResponse(headers={**SSE_HEADERS, **ringside_headers(flow)})
+    try:
+        await response.prepare(request)
+        await _send(flow, response, b"".join(sse.encode(chunk) for chunk in chunks) + sse.DONE)
+        await response.write_eof()
+    except ConnectionResetError:
+        flow.status = 499
     await flow.runtime.pipeline.run("response", flow)
     return response

@@ -98,6 +98,10 @@ def _response_format(value: Any) -> None:
                 "response_format.json_schema.schema must be a JSON Schema object",
                 "response_format",
             )
+        if not isinstance(spec.get("strict", False), bool | None):
+            raise invalid_request(
+                "response_format.json_schema.strict must be true or false", "response_format"
+            )
 
 
 def validate_chat_request(body: dict[str, Any]) -> None:

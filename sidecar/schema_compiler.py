@@ -1,0 +1,290 @@
+"""A JSON Schema compiled to a plain predicate: the fast path of structured-output validation.
+
+`jsonschema` walks a schema generically on every call (a new validator object per keyword
+descent), which costs far more than parsing the answer. The schemas LLM clients send (OpenAI
+strict mode, pydantic models) use a small set of keywords, so `compile_predicate` turns such a
+schema into nested closures once, at cache time. The predicate only ever says "valid" when
+Draft 2020-12 would: a schema using any keyword outside the subset gets no predicate (None),
+and callers ask `jsonschema` for the error list whenever the predicate says "invalid".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jsonschema import Draft202012Validator, FormatChecker
+
+Predicate = Callable[[Any], bool]
+
+_OBJECT = frozenset(
+    {"properties", "required", "additionalProperties", "minProperties", "maxProperties"}
+)
+_STRING = frozenset({"minLength", "maxLength", "pattern"})
+_NUMBER = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+_ARRAY = frozenset({"items", "minItems", "maxItems"})
+_GROUPED = _OBJECT | _STRING | _NUMBER | _ARRAY
+_SCOPED = frozenset({"$id", "$anchor", "$dynamicAnchor", "$dynamicRef", "$recursiveRef"})
+# What Draft 2020-12 asserts; any other key is an annotation (or unknown) and ignored, as
+# jsonschema ignores it.
+_ASSERTIONS = frozenset(Draft202012Validator.VALIDATORS)
+
+
+class Unsupported(Exception):
+    """The schema uses something the fast path does not reproduce exactly."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+_TYPES: dict[str, Predicate] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "number": _is_number,
+    "integer": _is_integer,
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def _always(value: Any) -> bool:
+    return True
+
+
+def _never(value: Any) -> bool:
+    return False
+
+
+def _all(checks: Sequence[Predicate]) -> Predicate:
+    if not checks:
+        return _always
+    if len(checks) == 1:
+        return checks[0]
+    frozen = tuple(checks)
+
+    def check(value: Any) -> bool:
+        for one in frozen:  # noqa: SIM110 (a loop beats all() over a generator here)
+            if not one(value):
+                return False
+        return True
+
+    return check
+
+
+def compile_predicate(schema: Any, format_checker: FormatChecker | None) -> Predicate | None:
+    """A predicate equal to Draft 2020-12 validity for `schema` (already checked), or None."""
+    if _has_scoped_keyword(schema, is_root=True):
+        return None
+    try:
+        return _Compiler(schema, format_checker).compile(schema)
+    except (Unsupported, re.error, RecursionError):
+        return None
+
+
+def _has_scoped_keyword(node: Any, is_root: bool = False) -> bool:
+    if isinstance(node, list):
+        return any(_has_scoped_keyword(item) for item in node)
+    if not isinstance(node, dict):
+        return False
+    for key, value in node.items():
+        if key in _SCOPED and not (key == "$id" and is_root):
+            return True
+        if _has_scoped_keyword(value):
+            return True
+    return False
+
+
+class _Compiler:
+    def __init__(self, root: Any, format_checker: FormatChecker | None) -> None:
+        self.root = root
+        self.format_checker = format_checker
+        self.refs: dict[str, Predicate] = {}
+        self.keywords: dict[str, Callable[[Any], Predicate]] = {
+            "type": self._type,
+            "enum": _membership,
+            "const": lambda value: _membership([value]),
+            "format": self._format,
+            "anyOf": self._any_of,
+            "allOf": self._all_of,
+            "oneOf": self._one_of,
+            "not": self._not,
+            "$ref": self._ref,
+        }
+
+    def compile(self, node: Any) -> Predicate:
+        if node is True:
+            return _always
+        if node is False:
+            return _never
+        if not isinstance(node, dict):
+            raise Unsupported("not a schema")
+        checks: list[Predicate] = []
+        for key, value in node.items():
+            if key not in _ASSERTIONS or key in _GROUPED:
+                continue
+            handler = self.keywords.get(key)
+            if handler is None:
+                raise Unsupported(key)
+            checks.append(handler(value))
+        if node.keys() & _OBJECT:
+            checks.append(self._object(node))
+        if node.keys() & _STRING:
+            checks.append(self._string(node))
+        if node.keys() & _NUMBER:
+            checks.append(self._number(node))
+        if node.keys() & _ARRAY:
+            checks.append(self._array(node))
+        return _all(checks)
+
+    # -- keywords that apply to any instance ---------------------------------------------------
+    def _type(self, value: Any) -> Predicate:
+        names = [value] if isinstance(value, str) else list(value)
+        tests = tuple(_TYPES[name] for name in names)
+        if len(tests) == 1:
+            return tests[0]
+        return lambda v: any(test(v) for test in tests)
+
+    def _format(self, name: str) -> Predicate:
+        checker = self.format_checker
+        if checker is None or name not in checker.checkers:
+            return _always
+        return lambda v: checker.conforms(v, name)
+
+    def _any_of(self, subs: list[Any]) -> Predicate:
+        checks = tuple(self.compile(sub) for sub in subs)
+        return lambda v: any(check(v) for check in checks)
+
+    def _all_of(self, subs: list[Any]) -> Predicate:
+        return _all([self.compile(sub) for sub in subs])
+
+    def _one_of(self, subs: list[Any]) -> Predicate:
+        checks = tuple(self.compile(sub) for sub in subs)
+        return lambda v: sum(1 for check in checks if check(v)) == 1
+
+    def _not(self, sub: Any) -> Predicate:
+        check = self.compile(sub)
+        return lambda v: not check(v)
+
+    def _ref(self, ref: str) -> Predicate:
+        found = self.refs.get(ref)
+        if found is not None:
+            return found
+        target: list[Predicate] = []
+        self.refs[ref] = lambda v: target[0](v)  # late-bound: refs may be recursive
+        target.append(self.compile(self._resolve(ref)))
+        return self.refs[ref]
+
+    def _resolve(self, ref: str) -> Any:
+        if ref == "#":
+            return self.root
+        if not ref.startswith("#/") or "%" in ref:
+            raise Unsupported(ref)
+        node = self.root
+        for raw in ref[2:].split("/"):
+            part = raw.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise Unsupported(ref)
+        return node
+
+    # -- keywords that apply to one JSON type ----------------------------------------------------
+    def _object(self, node: dict[str, Any]) -> Predicate:
+        properties = {name: self.compile(sub) for name, sub in node.get("properties", {}).items()}
+        required = tuple(node.get("required", ()))
+        extra = node.get("additionalProperties")
+        additional = None if extra is None or extra is True else self.compile(extra)
+        low, high = node.get("minProperties"), node.get("maxProperties")
+
+        def check(v: Any) -> bool:
+            if not isinstance(v, dict):
+                return True
+            for name in required:
+                if name not in v:
+                    return False
+            if (low is not None and len(v) < low) or (high is not None and len(v) > high):
+                return False
+            for key, item in v.items():
+                sub = properties.get(key)
+                if sub is not None:
+                    if not sub(item):
+                        return False
+                elif additional is not None and not additional(item):
+                    return False
+            return True
+
+        return check
+
+    def _string(self, node: dict[str, Any]) -> Predicate:
+        low, high = node.get("minLength"), node.get("maxLength")
+        pattern = re.compile(node["pattern"]) if "pattern" in node else None
+
+        def check(v: Any) -> bool:
+            if not isinstance(v, str):
+                return True
+            if (low is not None and len(v) < low) or (high is not None and len(v) > high):
+                return False
+            return pattern is None or pattern.search(v) is not None
+
+        return check
+
+    def _number(self, node: dict[str, Any]) -> Predicate:
+        low, high = node.get("minimum"), node.get("maximum")
+        above, below = node.get("exclusiveMinimum"), node.get("exclusiveMaximum")
+
+        def check(v: Any) -> bool:
+            if not _is_number(v):
+                return True
+            return not (
+                (low is not None and v < low)
+                or (high is not None and v > high)
+                or (above is not None and v <= above)
+                or (below is not None and v >= below)
+            )
+
+        return check
+
+    def _array(self, node: dict[str, Any]) -> Predicate:
+        items = self.compile(node["items"]) if "items" in node else None
+        low, high = node.get("minItems"), node.get("maxItems")
+
+        def check(v: Any) -> bool:
+            if not isinstance(v, list):
+                return True
+            if (low is not None and len(v) < low) or (high is not None and len(v) > high):
+                return False
+            return items is None or all(items(item) for item in v)
+
+        return check
+
+
+def _membership(values: list[Any]) -> Predicate:
+    """enum/const for scalar values, with JSON equality (true is not 1, 1 is 1.0)."""
+    if any(isinstance(v, dict | list) for v in values):
+        raise Unsupported("enum/const with arrays or objects")
+    strings = frozenset(v for v in values if isinstance(v, str))
+    booleans = tuple(v for v in values if isinstance(v, bool))
+    numbers = frozenset(v for v in values if _is_number(v))
+    has_null = any(v is None for v in values)
+
+    def check(v: Any) -> bool:
+        if isinstance(v, str):
+            return v in strings
+        if isinstance(v, bool):
+            return v in booleans
+        if _is_number(v):
+            return v in numbers
+        return v is None and has_null
+
+    return check
