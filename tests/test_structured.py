@@ -357,6 +357,20 @@ def test_native_stream_that_fails_the_schema_ends_with_an_error_event(
     assert len(fake_openai.received) == 1
 
 
+def test_native_stream_ending_in_tool_calls_is_not_validated(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "lookup", "arguments": '{"q": "Eiffel"}'}}  # fmt: skip
+    fake_openai.script(Reply(tool_calls=[call], finish_reason="tool_calls"))
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    answer = post_chat(gateway, ask(stream=True, tools=tools))
+    events = sse_events(answer.body)
+    assert events[-1] == "[DONE]"
+    deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+    assert [d["tool_calls"] for d in deltas if "tool_calls" in d] == [[{"index": 0, **call}]]
+
+
 def test_non_native_stream_runs_the_loop_buffered_and_streams_the_valid_answer(
     gateway: SidecarProcess, fake_openai: FakeOpenAI
 ) -> None:
@@ -377,6 +391,21 @@ def test_non_native_stream_runs_the_loop_buffered_and_streams_the_valid_answer(
     assert chunks[-1].usage is not None
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (30, 10)
     assert [("stream" in r.body) for r in fake_openai.received] == [False, False]
+
+
+def test_non_native_stream_streams_a_tool_call_ending_unvalidated(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "lookup", "arguments": '{"q": "Eiffel"}'}}  # fmt: skip
+    fake_openai.script(Reply(tool_calls=[call], finish_reason="tool_calls"))
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    chunks = list(sdk(gateway).chat.completions.create(**ask(COMPAT, stream=True, tools=tools)))
+    streamed = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
+    assert len(streamed) == 1
+    assert streamed[0][0].function.arguments == '{"q": "Eiffel"}'
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert len(fake_openai.received) == 1
 
 
 def test_non_native_stream_that_never_validates_is_a_422_json_error(

@@ -192,6 +192,10 @@ class FakeOpenAI:
         )
         size = max(1, -(-len(reply.content) // reply.chunks))
         pieces = [reply.content[i : i + size] for i in range(0, len(reply.content), size)]
+        if reply.tool_calls is not None:  # a tool-call ending streams the calls, no content
+            pieces = []
+            calls = [{"index": i, **call} for i, call in enumerate(reply.tool_calls)]
+            await send([{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": None}])
         for index, piece in enumerate(pieces):
             if reply.reset_after_chunks is not None and index == reply.reset_after_chunks:
                 assert request.transport is not None
