@@ -1,18 +1,23 @@
 """Reload without a restart (SPEC 5): a changed file is picked up within ~2 s, a bad one is refused
-with the old config still serving, and SIGHUP reloads on demand."""
+with the old config still serving, SIGHUP reloads on demand, and a Kubernetes ConfigMap's
+symlink swap is seen like any other change; requests in flight keep their config."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tests.conftest import openai_config
 from tests.procs import SidecarProcess, wait_until
-from tests.support import HELLO, metric, metric_samples, post_chat
-from tests.upstreams.openai_fake import FakeOpenAI
+from tests.support import HELLO, metric, metric_samples, post_chat, start_sidecar
+from tests.upstreams.openai_fake import FakeOpenAI, Reply
 
 MINI = "fc:openai/gpt-4o-mini"
 
@@ -106,3 +111,58 @@ def test_reload_changes_keys(
     proc.write_config(openai_config(fake_openai.url, keys=[{"id": "k", "sha256": digest}]))
     wait_until(lambda: post_chat(proc, body).status == 401, timeout=3, interval=0.1)
     assert post_chat(proc, body, {"Authorization": "Bearer rk_added_later"}).status == 200
+
+
+def configmap_version(volume: Path, version: str, config: dict[str, Any]) -> None:
+    """Publish a new version the way the kubelet updates a mounted ConfigMap: write a fresh
+    `..<version>` directory, then atomically repoint the `..data` symlink at it."""
+    (volume / version).mkdir()
+    (volume / version / "ringside.yaml").write_text(yaml.safe_dump(config))
+    (volume / "..data_tmp").symlink_to(version)
+    os.replace(volume / "..data_tmp", volume / "..data")
+
+
+def test_configmap_symlink_swap_is_picked_up(fake_openai: FakeOpenAI, tmp_path: Path) -> None:
+    volume = tmp_path / "configmap"
+    volume.mkdir()
+    configmap_version(volume, "..v1", with_slot(fake_openai, "old_slot"))
+    (volume / "ringside.yaml").symlink_to("..data/ringside.yaml")
+    proc = start_sidecar(tmp_path, with_slot(fake_openai, "unused"))
+    proc.config_path = volume / "ringside.yaml"  # the pod's view: a symlink into ..data
+    proc.start()
+    try:
+        assert slot_status(proc, "old_slot") == 200
+        configmap_version(volume, "..v2", with_slot(fake_openai, "new_slot"))
+        wait_until(lambda: slot_status(proc, "new_slot") == 200, timeout=2.5, interval=0.1)
+        assert slot_status(proc, "old_slot") == 404
+        assert reloads(proc, "success") == 1
+    finally:
+        proc.stop()
+
+
+def test_request_in_flight_finishes_with_the_config_it_started_with(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    def versioned(version: str) -> dict[str, Any]:
+        config = openai_config(fake_openai.url, slots={"chat": [MINI, "fc:openai/gpt-4o"]})
+        config["providers"]["openai"]["headers"] = {"X-Config-Version": version}
+        return config
+
+    proc = sidecar_factory(versioned("1"))
+    fake_openai.on_model("gpt-4o-mini", Reply(status=500, delay=2.5))
+    answers: list[Any] = []
+    in_flight = threading.Thread(
+        target=lambda: answers.append(post_chat(proc, {"model": "slot:chat", "messages": HELLO}))
+    )
+    in_flight.start()
+    wait_until(lambda: fake_openai.received)
+    proc.write_config(versioned("2"))
+    wait_until(lambda: reloads(proc, "success") == 1, timeout=2, interval=0.1)
+    assert in_flight.is_alive()  # reloaded while the first candidate was still failing
+    in_flight.join(10)
+
+    assert [answer.status for answer in answers] == [200]
+    # the fallback call was made after the reload, by the config the request started with
+    assert [r.headers["X-Config-Version"] for r in fake_openai.received] == ["1", "1"]
+    post_chat(proc, {"model": "fc:openai/gpt-4o", "messages": HELLO})
+    assert fake_openai.received[-1].headers["X-Config-Version"] == "2"
