@@ -50,6 +50,34 @@ def transport_error(exc: BaseException) -> UpstreamError:
     )
 
 
+MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
+
+
+async def sse_lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The lines of an upstream SSE body. aiohttp's own line iteration gives up on a line over
+    its read buffer (512 KiB), but one chunk that large is legitimate (a long tool-call argument,
+    a whole answer in one event); only a line over MAX_SSE_LINE_BYTES is a broken upstream."""
+    pending = bytearray()
+    async for data in content.iter_any():
+        scan_from = len(pending)
+        pending += data
+        start = 0
+        end = pending.find(b"\n", scan_from)
+        while end >= 0:
+            yield bytes(pending[start : end + 1])
+            start = end + 1
+            end = pending.find(b"\n", start)
+        del pending[:start]
+        if len(pending) > MAX_SSE_LINE_BYTES:
+            raise UpstreamError(
+                Outcome.UNAVAILABLE,
+                f"upstream sent a stream line over {MAX_SSE_LINE_BYTES} bytes",
+                reason="bad_body",
+            )
+    if pending:
+        yield bytes(pending)
+
+
 class HttpProvider:
     """A configured provider reached over HTTP."""
 
@@ -112,7 +140,9 @@ class HttpChunkStream:
     def __init__(self, response: aiohttp.ClientResponse, decoder: StreamDecoder) -> None:
         self.response = response
         self.decoder = decoder
-        self._events: AsyncIterator[tuple[str | None, bytes]] = sse.decode(response.content)
+        self._events: AsyncIterator[tuple[str | None, bytes]] = sse.decode(
+            sse_lines(response.content)
+        )
 
     @property
     def usage(self) -> Usage | None:

@@ -118,6 +118,19 @@ def test_usage_is_tracked_when_the_client_did_not_ask(
     assert (line["tokens_in"], line["tokens_out"]) == (40, 12)
 
 
+def test_a_stream_chunk_over_a_megabyte_arrives_intact(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    content = "0123456789abcdef" * 80_000  # 1.28 MB in one SSE event
+    fake_openai.script(Reply(content=content, chunks=1))
+    answer = post_chat(gateway, stream_body())
+    assert answer.status == 200
+    events = sse_events(answer.body)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == content
+
+
 def test_upstream_error_before_the_first_chunk_is_a_json_error(
     gateway: SidecarProcess, fake_openai: FakeOpenAI
 ) -> None:
