@@ -12,6 +12,7 @@ from aiohttp import web
 
 from sidecar.addons.circuits import CircuitBreakers
 from sidecar.addons.metrics import Metrics
+from sidecar.addons.ratelimit import open_limiter
 from sidecar.runtime import Runtime, RuntimeHolder, Services
 from sidecar.settings import Settings
 from sidecar.settings.model import HostPort, Listen
@@ -75,13 +76,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await session.close()
         raise
     services = Services(
-        session=session, metrics=metrics, circuits=CircuitBreakers(metrics), store=store
+        session=session,
+        metrics=metrics,
+        circuits=CircuitBreakers(metrics),
+        store=store,
+        limiter=open_limiter(state.initial_settings.storage),
     )
     try:
         runtime = Runtime(state.initial_settings, services)
     except BaseException:
         await session.close()
         await store.close()
+        await services.limiter.close()
         raise
     state.holder = RuntimeHolder(state.config_path, runtime)
     watcher = asyncio.create_task(
@@ -93,6 +99,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        await services.limiter.close()
         await session.close()
         await store.close()
 
@@ -101,12 +108,16 @@ def create_apps(state: GatewayState) -> tuple[web.Application, web.Application]:
     from sidecar.api.admin import add_admin_routes
     from sidecar.api.chat import chat_completions
     from sidecar.api.models import list_models
+    from sidecar.api.tokens import create_client_token, preflight
 
     api = web.Application()
     api[STATE] = state
     api.cleanup_ctx.append(_lifecycle)
     api.router.add_post("/v1/chat/completions", chat_completions)
     api.router.add_get("/v1/models", list_models)
+    api.router.add_post("/v1/client_tokens", create_client_token)
+    api.router.add_route("OPTIONS", "/v1/chat/completions", preflight)
+    api.router.add_route("OPTIONS", "/v1/models", preflight)
 
     admin = web.Application()
     admin[STATE] = state

@@ -1,4 +1,4 @@
-"""`ringside` command line: serve, check-config, keys."""
+"""`ringside` command line: serve, check-config, keys, token mint."""
 
 from __future__ import annotations
 
@@ -61,6 +61,56 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     print(f"key (shown once; give it to the caller): {key}")
     print("config line (paste under keys:):")
     print(f'  - {{id: {args.id}, sha256: "{digest}", developer: {developer}}}')
+    return 0
+
+
+def cmd_token_mint(args: argparse.Namespace) -> int:
+    """Sign a client token locally, with the secret the gateways verify it with."""
+    import orjson
+
+    from sidecar.addons.auth import Auth
+    from sidecar.addons.tokens import ClientTokens, grant_from_request, token_answer
+    from sidecar.errors import GatewayError
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if settings.tokens.secret is None:
+        print(
+            f"{settings.tokens.secret_env} is not set: it must hold the secret the gateways "
+            "verify client tokens with (tokens.secret_env)",
+            file=sys.stderr,
+        )
+        return 2
+    key = next((key for key in settings.keys if key.id == args.key_id), None)
+    if key is None:
+        print(f"{settings.source}: keys: no key with id {args.key_id!r}", file=sys.stderr)
+        return 2
+    problem = Auth.key_problem(key, time.time())
+    if problem is not None:
+        print(f"{problem}: its tokens would be refused", file=sys.stderr)
+        return 2
+    body: dict[str, object] = {"customer": args.customer}
+    if args.model:
+        body["allowed_models"] = args.model
+    if args.origin is not None:
+        body["origin"] = args.origin
+    if args.client_ip is not None:
+        body["client_ip"] = args.client_ip
+    if args.ttl is not None:
+        body["ttl_seconds"] = args.ttl
+    try:
+        grant = grant_from_request(body, key, settings.tokens)
+    except GatewayError as exc:
+        print(f"{exc.param}: {exc.message}" if exc.param else exc.message, file=sys.stderr)
+        return 2
+    token, claims = ClientTokens(settings.tokens).mint(grant)
+    if args.json:
+        print(orjson.dumps(token_answer(token, claims)).decode())
+    else:
+        print(token)
     return 0
 
 
@@ -259,6 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--id", default="app1", help="key id in the config (default app1)")
     new.add_argument("--developer", help="developer the key belongs to (default: the id)")
     new.set_defaults(func=cmd_keys_new)
+
+    token = commands.add_parser("token", help="client tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    mint = token_commands.add_parser(
+        "mint", help="sign a client token with the secret in tokens.secret_env; prints it"
+    )
+    mint.add_argument("--config", required=True, help="YAML routing table (keys, tokens)")
+    mint.add_argument("--key-id", required=True, help="the key the token is bound to")
+    mint.add_argument("--customer", required=True, help="the customer the token is charged to")
+    mint.add_argument(
+        "--model", action="append", help="an allowed ref or glob; repeat for more (default: all)"
+    )
+    mint.add_argument("--origin", help="bind to this web origin, e.g. https://app.example.com")
+    mint.add_argument("--client-ip", help="bind to this client IP address")
+    mint.add_argument("--ttl", type=int, help="lifetime in seconds (default tokens.default_ttl)")
+    mint.add_argument("--json", action="store_true", help="print the token with its claims")
+    mint.set_defaults(func=cmd_token_mint)
+
     return parser
 
 

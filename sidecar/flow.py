@@ -27,6 +27,8 @@ class Principal:
     customer: str | None = None
     allowed: tuple[str, ...] = ()
     via_token: bool = False
+    token_allowed: tuple[str, ...] = ()  # a client token's own allowed refs, on top of the key's
+    origin: str | None = None  # the Origin a client token is bound to (CORS answers name it)
 
 
 @dataclass(slots=True)
@@ -81,6 +83,7 @@ class Flow:
     first_token_at: float | None = None
     finished: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    extra_headers: dict[str, str] = field(default_factory=dict)  # addons' headers for the answer
 
     @property
     def fallback_triggered(self) -> bool:

@@ -17,6 +17,7 @@ from sidecar.addons.auth import Auth
 from sidecar.addons.circuits import CircuitAddon, CircuitBreakers
 from sidecar.addons.idempotency import Idempotency
 from sidecar.addons.metrics import Metrics, MetricsAddon
+from sidecar.addons.ratelimit import RateLimits
 from sidecar.cascade import Cascade
 from sidecar.pipeline import Pipeline, load_addon
 from sidecar.providers import build_client
@@ -24,6 +25,8 @@ from sidecar.providers.base import ProviderClient
 from sidecar.routing import Router
 from sidecar.settings import ConfigError, Settings, load_settings
 from sidecar.stores import Store
+from sidecar.stores.ratelimit_base import RateLimiter
+from sidecar.stores.ratelimit_memory import MemoryLimiter
 from sidecar.structured import SchemaCache
 
 log = logging.getLogger("ringside")
@@ -38,6 +41,7 @@ class Services:
     circuits: CircuitBreakers
     store: Store  # storage: opened at start, closed at shutdown; a change needs a restart
     schemas: SchemaCache = field(default_factory=SchemaCache)  # compiled response_formats
+    limiter: RateLimiter = field(default_factory=MemoryLimiter)  # GCRA state, kept on reload
 
 
 class Runtime:
@@ -55,6 +59,7 @@ class Runtime:
         addons: list[object] = [
             MetricsAddon(services.metrics, settings),
             self.auth,
+            RateLimits(settings, services.limiter, services.metrics),
             CircuitAddon(services.circuits),
             # request hooks: auth, then rate limits, then idempotency (a replay is no new call)
             Idempotency(services.store.idempotency, fail_open=settings.storage.fail_open),

@@ -4,14 +4,15 @@ for refs a key may not use (SPEC 3, 4)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import openai
 import pytest
+import yaml
 
-from tests.conftest import openai_config
-from tests.procs import SidecarProcess
-from tests.support import HELLO, module_sidecar, post_chat, request, sdk
+from tests.conftest import PROVIDER_KEY, openai_config
+from tests.procs import SidecarProcess, wait_until
+from tests.support import HELLO, module_sidecar, post_chat, request, ringside, sdk
 from tests.upstreams.openai_fake import FakeOpenAI
 
 MINI = "fc:openai/gpt-4o-mini"
@@ -129,3 +130,81 @@ def test_models_listing_needs_a_key(gateway: SidecarProcess) -> None:
 def test_models_listing_with_a_key(gateway: SidecarProcess) -> None:
     ids = [model.id for model in sdk(gateway, api_key=ALICE).models.list()]
     assert MINI in ids
+
+
+def test_key_names_the_caller_in_the_access_log(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    headers = {**bearer(ALICE), "FC-Customer": "cust_9", "X-Request-Id": "req_auth_log"}
+    assert post_chat(gateway, chat(), headers).status == 200
+    line = next(r for r in gateway.access_log() if r["request_id"] == "req_auth_log")
+    assert (line["key_id"], line["dev"], line["customer"]) == ("alice", "alice", "cust_9")
+    assert ALICE not in gateway.stdout() and ALICE not in gateway.stderr()
+
+
+def test_key_without_developer_is_its_own_developer(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    assert post_chat(gateway, chat(), {**bearer(BOB), "X-Request-Id": "req_bob_dev"}).status == 200
+    line = next(r for r in gateway.access_log() if r["request_id"] == "req_bob_dev")
+    assert (line["key_id"], line["dev"]) == ("bob", "bob")
+
+
+def test_provider_never_sees_the_client_key(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    assert post_chat(gateway, chat(), bearer(ALICE)).status == 200
+    seen = fake_openai.received[-1].headers
+    assert seen["Authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert not any(ALICE in value for value in seen.values())
+
+
+def test_api_key_in_the_client_scheme_is_401(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    answer = post_chat(gateway, chat(), {"Authorization": f"Client {ALICE}"})
+    assert answer.status == 401
+    assert answer.error["code"] == "invalid_api_key"
+
+
+def test_malformed_fc_customer_is_400(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+    answer = post_chat(gateway, chat(), {**bearer(ALICE), "FC-Customer": "no spaces allowed"})
+    assert answer.status == 400
+    assert answer.error["param"] == "FC-Customer"
+    assert fake_openai.received == []
+
+
+def test_key_revoked_in_the_config_is_refused_after_reload(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    keys = [{"id": "alice", "sha256": sha256(ALICE)}, {"id": "bob", "sha256": sha256(BOB)}]
+    proc = sidecar_factory(openai_config(fake_openai.url, keys=keys))
+    assert post_chat(proc, chat(), bearer(ALICE)).status == 200
+    keys[0]["revoked"] = True
+    proc.write_config(openai_config(fake_openai.url, keys=keys))
+    wait_until(lambda: post_chat(proc, chat(), bearer(ALICE)).status == 401, timeout=2.5)
+    assert "revoked" in post_chat(proc, chat(), bearer(ALICE)).error["message"]
+    assert post_chat(proc, chat(), bearer(BOB)).status == 200
+
+
+def test_key_with_a_future_expiry_is_served(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    keys = [{"id": "alice", "sha256": sha256(ALICE), "expires": "2999-01-01T00:00:00Z"}]
+    proc = sidecar_factory(openai_config(fake_openai.url, keys=keys))
+    assert post_chat(proc, chat(), bearer(ALICE)).status == 200
+
+
+def test_keys_new_developer_becomes_the_dev(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    result = ringside("keys", "new", "--id", "billing", "--developer", "dana")
+    assert result.returncode == 0, result.stderr
+    secret = result.stdout.split("give it to the caller): ", 1)[1].split()[0]
+    entry = yaml.safe_load(result.stdout.split("config line (paste under keys:):", 1)[1])[0]
+    assert entry["sha256"] == sha256(secret) and secret not in result.stdout.split("config line")[1]
+    proc = sidecar_factory(openai_config(fake_openai.url, keys=[entry]))
+    headers = {**bearer(secret), "X-Request-Id": "req_keys_new"}
+    assert post_chat(proc, chat(), headers).status == 200
+    line = next(r for r in proc.access_log() if r["request_id"] == "req_keys_new")
+    assert (line["key_id"], line["dev"]) == ("billing", "dana")

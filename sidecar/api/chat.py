@@ -42,6 +42,8 @@ def format_usd(value: float) -> str:
 
 def ringside_headers(flow: Flow) -> dict[str, str]:
     headers = {"X-Request-Id": flow.id}
+    if flow.extra_headers:  # rate-limit state, CORS: set by addons, on every answer
+        headers.update(flow.extra_headers)
     if flow.route is None:
         return headers
     if flow.model_used is not None:

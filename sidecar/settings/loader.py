@@ -33,6 +33,7 @@ from sidecar.settings.model import (
     Settings,
     Storage,
     Timeouts,
+    TokenSettings,
 )
 
 KeyPath = tuple[str | int, ...]
@@ -362,6 +363,8 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
         except ValueError:
             problems.append(where.problem(("trusted_proxies", index), f"{cidr!r} is not a CIDR"))
 
+    tokens = _tokens(data.get("tokens"), where, env, problems, warnings)
+
     if not keys and not is_loopback(listen.api.host):
         problems.append(
             where.problem(
@@ -402,6 +405,47 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
         access_log=data.get("access_log", {}).get("enabled", True),
         addons=tuple(addons),
         warnings=tuple(warnings),
+        tokens=tokens,
+    )
+
+
+MIN_TOKEN_SECRET_BYTES = 32
+
+
+def _tokens(
+    section: Mapping[str, Any] | None,
+    where: _Located,
+    env: Mapping[str, str],
+    problems: list[str],
+    warnings: list[str],
+) -> TokenSettings:
+    """Client-token settings; the secret is read from the environment, never from the file."""
+    defaults = TokenSettings()
+    data = section or {}
+    secret_env = data.get("secret_env", defaults.secret_env)
+    max_ttl = data.get("max_ttl", defaults.max_ttl)
+    default_ttl = data.get("default_ttl", min(defaults.default_ttl, max_ttl))
+    if default_ttl > max_ttl:
+        problems.append(
+            where.problem(("tokens", "default_ttl"), f"{default_ttl} is over max_ttl ({max_ttl})")
+        )
+    secret = env.get(secret_env) or None
+    if secret is not None and len(secret.encode()) < MIN_TOKEN_SECRET_BYTES:
+        problems.append(
+            where.problem(
+                ("tokens", "secret_env") if "secret_env" in data else ("tokens",),
+                f"{secret_env} holds {len(secret.encode())} bytes; a client-token secret needs "
+                f"at least {MIN_TOKEN_SECRET_BYTES} (e.g. `openssl rand -hex 32`)",
+            )
+        )
+    if secret is None and section is not None:
+        message = f"{secret_env} is not set: client tokens are disabled"
+        warnings.append(where.problem(("tokens",), message))
+    return TokenSettings(
+        secret_env=secret_env,
+        secret=secret.encode() if secret is not None else None,
+        default_ttl=default_ttl,
+        max_ttl=max_ttl,
     )
 
 

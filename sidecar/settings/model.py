@@ -128,6 +128,18 @@ class CustomerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenSettings:
+    """Client tokens (SPEC 4): HS256 JWTs signed with the secret in `secret_env`.
+
+    `secret` is None when that variable is unset: client tokens are then disabled."""
+
+    secret_env: str = "RINGSIDE_TOKEN_SECRET"
+    secret: bytes | None = field(default=None, repr=False)  # never logged
+    default_ttl: int = 900
+    max_ttl: int = 3600
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = 20 * 1024 * 1024
     drain_seconds: float = 20.0
@@ -159,6 +171,7 @@ class Settings:
     access_log: bool
     addons: tuple[AddonSpec, ...]
     warnings: tuple[str, ...] = ()
+    tokens: TokenSettings = TokenSettings()
 
     @property
     def open_mode(self) -> bool:

@@ -1,0 +1,216 @@
+"""Rate limits (SPEC 4): requests and tokens per minute per client IP, key, developer, customer.
+
+Scopes and who they count:
+  ip        the client IP (`X-Forwarded-For` only from `trusted_proxies`, see addons/auth.py)
+  token     the API key presented, or the key a client token was minted with (its key id)
+  dev       the key's developer
+  customer  the customer (a client token's, else FC-Customer)
+Each scope takes `rate_limits.<scope>: {rpm, tpm}`; `keys[].rate_limit` replaces the `token`
+limits of that key and `customers.<id>.rate_limit` those of that customer, field by field (a key
+that sets only `rpm` keeps the default `tpm`). A missing value means no limit.
+
+The check runs in the `request` hook, after auth and before idempotency, as one `acquire` of
+every applicable cell (GCRA, see stores/ratelimit_base.py): one dict pass in process, one Lua
+call with Redis. Tokens are charged at admission with an estimate — prompt bytes / 4 plus the
+request's own `max_tokens`/`max_completion_tokens` (without one, the output is charged when it
+is known) — capped at the limit itself so that a big request fits a full bucket, and settled to
+the real usage when the request is done (a refund, or a debt that later requests wait out).
+
+A refusal is `429 rate_limited` naming the scope in `X-Ringside-RateLimit-Scope`, with
+`Retry-After` (seconds) and `retry-after-ms` (read by the OpenAI SDKs), and the
+`x-ratelimit-*` headers of OpenAI; admitted answers carry the `x-ratelimit-*` headers too, for
+the tightest limit of each kind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from sidecar.addons.metrics import Metrics
+from sidecar.errors import GatewayError
+from sidecar.flow import Flow
+from sidecar.settings.model import RateLimit, Settings, Storage
+from sidecar.stores.ratelimit_base import REQUESTS, TOKENS, Cell, RateLimiter, Verdict
+from sidecar.stores.ratelimit_memory import MemoryLimiter
+
+SCOPES = ("ip", "token", "dev", "customer")
+SCOPE_NOUNS = {"ip": "client IP", "token": "API key", "dev": "developer", "customer": "customer"}
+_CHARGED = "ratelimit_charged"  # flow.metadata: [(cell key, tokens charged, interval)]
+
+
+def open_limiter(storage: Storage) -> RateLimiter:
+    """Redis when the store is Redis (shared by the replicas), else in this process."""
+    if storage.backend == "redis":
+        from sidecar.stores.ratelimit_redis import RedisLimiter
+
+        return RedisLimiter(storage.redis_url)
+    return MemoryLimiter()
+
+
+def merged(override: RateLimit | None, default: RateLimit | None) -> RateLimit | None:
+    if override is None:
+        return default
+    if default is None:
+        return override
+    return RateLimit(
+        rpm=override.rpm if override.rpm is not None else default.rpm,
+        tpm=override.tpm if override.tpm is not None else default.tpm,
+    )
+
+
+def duration(seconds: float) -> str:
+    """A wait as OpenAI writes it in x-ratelimit-reset-*: `120ms`, `1.5s`, `6m0s`."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m" + (f"{rest:.3f}".rstrip("0").rstrip(".") or "0") + "s"
+
+
+def tokens_estimate(flow: Flow) -> int:
+    body = flow.body
+    requested = body.get("max_completion_tokens") or body.get("max_tokens")
+    output = requested if isinstance(requested, int) and not isinstance(requested, bool) else 0
+    return flow.body_bytes // 4 + max(0, output)
+
+
+_HEADER_NAMES = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in (REQUESTS, TOKENS)
+}
+
+
+def state_headers(cells: Sequence[Cell], verdict: Verdict) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the tightest cell of each kind."""
+    tightest: dict[str, tuple[int, int, float]] = {}
+    for cell, backlog in zip(cells, verdict.backlogs, strict=True):
+        remaining = cell.remaining(backlog)
+        found = tightest.get(cell.kind)
+        if (
+            found is None
+            or remaining < found[0]
+            or (remaining == found[0] and cell.limit < found[1])
+        ):
+            tightest[cell.kind] = (remaining, cell.limit, backlog)
+    headers = {}
+    for kind, (remaining, limit, backlog) in tightest.items():
+        limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
+        headers[limit_name] = str(limit)
+        headers[remaining_name] = str(remaining)
+        headers[reset_name] = duration(backlog)
+    return headers
+
+
+class RateLimits:
+    """The addon; built per config load, the limiter's state outlives reloads."""
+
+    def __init__(self, settings: Settings, limiter: RateLimiter, metrics: Metrics) -> None:
+        self.limiter = limiter
+        defaults = settings.rate_limits
+        self.ip = defaults.get("ip")
+        self.token = defaults.get("token")
+        self.dev = defaults.get("dev")
+        self.customer = defaults.get("customer")
+        self.per_key: dict[str, RateLimit | None] = {
+            key.id: merged(key.rate_limit, self.token) for key in settings.keys if key.rate_limit
+        }
+        self.per_customer: dict[str, RateLimit | None] = {
+            customer.id: merged(customer.rate_limit, self.customer)
+            for customer in settings.customers.values()
+            if customer.rate_limit
+        }
+        self.active = any(
+            limit is not None and (limit.rpm or limit.tpm)
+            for limit in (
+                self.ip,
+                self.token,
+                self.dev,
+                self.customer,
+                *self.per_key.values(),
+                *self.per_customer.values(),
+            )
+        )
+        self.refused = {scope: metrics.rate_limited.labels(scope) for scope in SCOPES}
+
+    def cells(self, flow: Flow) -> list[Cell]:
+        principal = flow.principal
+        key_id, customer = principal.key_id, principal.customer
+        applicable = (
+            ("ip", flow.client_ip or None, self.ip),
+            ("token", key_id, self.per_key.get(key_id, self.token) if key_id else None),
+            ("dev", principal.developer, self.dev),
+            (
+                "customer",
+                customer,
+                self.per_customer.get(customer, self.customer) if customer else None,
+            ),
+        )
+        cells: list[Cell] = []
+        estimate = -1
+        for scope, who, limit in applicable:
+            if who is None or limit is None:
+                continue
+            if limit.rpm:
+                cells.append(Cell(f"{scope}:r:{who}", scope, REQUESTS, limit.rpm, 1))
+            if limit.tpm:
+                if estimate < 0:
+                    estimate = tokens_estimate(flow)
+                cost = min(estimate, limit.tpm)
+                cells.append(Cell(f"{scope}:t:{who}", scope, TOKENS, limit.tpm, cost))
+        return cells
+
+    async def request(self, flow: Flow) -> None:
+        if not self.active:
+            return
+        cells = self.cells(flow)
+        if not cells:
+            return
+        verdict = await self.limiter.acquire(cells)
+        headers = state_headers(cells, verdict)
+        if not verdict.admitted:
+            raise self.refusal(cells[verdict.refused], verdict.wait, headers)
+        flow.extra_headers.update(headers)
+        charged = [(c.key, c.cost, c.interval) for c in cells if c.kind == TOKENS]
+        if charged:
+            flow.metadata[_CHARGED] = charged
+
+    def refusal(self, cell: Cell, wait: float, headers: dict[str, str]) -> GatewayError:
+        self.refused[cell.scope].inc()
+        who = cell.key.split(":", 2)[2]
+        noun = SCOPE_NOUNS[cell.scope]
+        if cell.kind == REQUESTS:
+            what = f"{cell.limit} requests per minute per {noun} ({who})"
+        else:
+            what = (
+                f"{cell.limit} tokens per minute per {noun} ({who}); this request counts "
+                f"{int(cell.cost)} tokens (prompt bytes / 4 + max_tokens)"
+            )
+        return GatewayError(
+            429,
+            "rate_limited",
+            f"rate limit reached: {what}. Retry in {wait:.2f}s",
+            headers={
+                **headers,
+                "Retry-After": str(max(1, math.ceil(wait))),
+                "retry-after-ms": str(max(1, math.ceil(wait * 1000))),
+                "X-Ringside-RateLimit-Scope": cell.scope,
+            },
+        )
+
+    def done(self, flow: Flow) -> None:
+        """Settle the token estimate to the tokens really used (0 when nothing was called)."""
+        charged = flow.metadata.pop(_CHARGED, None)
+        if charged is None:
+            return
+        used = flow.usage.prompt_tokens + flow.usage.completion_tokens
+        shifts = [
+            (key, (used - cost) * interval) for key, cost, interval in charged if used != cost
+        ]
+        if shifts:
+            self.limiter.adjust(shifts)

@@ -1,0 +1,171 @@
+"""The shared rate limiter: GCRA cells in Redis, one atomic Lua script per request.
+
+All replicas that share the Redis see one state, so a limit is exact however many of them
+there are: `acquire` is a single EVALSHA (script registered once, reloaded by redis-py after a
+server restart) that reads every cell of the request, decides, and writes them all or none.
+Time is the Redis server's (`TIME`), so the replicas' clocks do not matter. A cell's key
+expires when the cell is full again, so idle callers cost no memory.
+
+Keys: `ringside:{rl}:<scope>:<kind>:<who>`. The one hash tag puts every limiter key in the same
+Redis Cluster slot, which a multi-key script needs (a request checks cells of several callers
+at once); the price is that the limiter's load is on one shard.
+
+With Redis unreachable the limiter fails open as far as the shared state goes: it limits in
+this process alone (the in-process limiter, same rules) and logs a warning, so each replica
+still holds a caller to the configured limits while the replicas together may admit up to
+`replicas ×` them. After a failure Redis is retried once per OUTAGE_RETRY_SECONDS, so an
+outage never costs every request a timeout. Requests are never refused because Redis is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from sidecar.stores.ratelimit_base import PERIOD, Cell, Verdict
+from sidecar.stores.ratelimit_memory import MemoryLimiter
+
+log = logging.getLogger("ringside")
+
+TIMEOUT_SECONDS = 0.5  # connect and command: a limiter that waits longer is worse than none
+OUTAGE_RETRY_SECONDS = 1.0
+WARN_EVERY_SECONDS = 30.0
+KEY_PREFIX = "ringside:{rl}:"
+
+# Time in microseconds since 2023-11-14 (a smaller number than since 1970 keeps sub-microsecond
+# precision in Lua's doubles). TATs are stored with %.17g, which round-trips a double exactly.
+_NOW = """
+local clock = redis.call('TIME')
+local now = (tonumber(clock[1]) - 1700000000) * 1000000 + tonumber(clock[2])
+"""
+
+_ACQUIRE = (
+    _NOW
+    + """
+local period = tonumber(ARGV[1])
+local n = #KEYS
+local olds, news = {}, {}
+local refused, worst = 0, 0
+for i = 1, n do
+  local interval = tonumber(ARGV[2 * i])
+  local tat = now
+  local stored = redis.call('GET', KEYS[i])
+  if stored then
+    tat = tonumber(stored)
+    if tat < now then tat = now end
+  end
+  local new = tat + tonumber(ARGV[2 * i + 1]) * interval
+  local over = new - now - period - math.min(interval / 2, 1000)
+  if over > worst then refused, worst = i, over end
+  olds[i], news[i] = tat, new
+end
+local reply = {0, refused, math.ceil(worst)}
+if refused > 0 then
+  for i = 1, n do reply[3 + i] = math.floor(olds[i] - now) end
+  return reply
+end
+reply[1] = 1
+for i = 1, n do
+  local ahead = news[i] - now
+  redis.call('SET', KEYS[i], string.format('%.17g', news[i]), 'PX', math.ceil(ahead / 1000) + 1000)
+  reply[3 + i] = math.floor(ahead)
+end
+return reply
+"""
+)
+
+_ADJUST = (
+    _NOW
+    + """
+for i = 1, #KEYS do
+  local tat = now
+  local stored = redis.call('GET', KEYS[i])
+  if stored then
+    tat = tonumber(stored)
+    if tat < now then tat = now end
+  end
+  local new = tat + tonumber(ARGV[i])
+  if new > now then
+    local ttl = math.ceil((new - now) / 1000) + 1000
+    redis.call('SET', KEYS[i], string.format('%.17g', new), 'PX', ttl)
+  else
+    redis.call('DEL', KEYS[i])
+  end
+end
+return #KEYS
+"""
+)
+
+
+class RedisLimiter:
+    def __init__(self, url: str, fallback: MemoryLimiter | None = None) -> None:
+        self.client = aioredis.from_url(
+            url,
+            socket_connect_timeout=TIMEOUT_SECONDS,
+            socket_timeout=TIMEOUT_SECONDS,
+            retry=Retry(NoBackoff(), 1),  # one immediate retry: a pooled connection gone stale
+            decode_responses=False,
+        )
+        self._acquire = self.client.register_script(_ACQUIRE)
+        self._adjust = self.client.register_script(_ADJUST)
+        self.fallback = fallback or MemoryLimiter()
+        self._down_until = 0.0
+        self._warned_at = -WARN_EVERY_SECONDS
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def acquire(self, cells: Sequence[Cell]) -> Verdict:
+        if time.monotonic() < self._down_until:
+            return self.fallback.check(cells)
+        args: list[float] = [PERIOD * 1e6]
+        for cell in cells:
+            args.append(cell.interval * 1e6)
+            args.append(cell.cost)
+        try:
+            reply = await self._acquire(keys=[KEY_PREFIX + cell.key for cell in cells], args=args)
+        except (RedisError, OSError) as exc:
+            self._outage(exc)
+            return self.fallback.check(cells)
+        admitted, refused, wait_us = reply[0], reply[1], reply[2]
+        backlogs = [max(0, ahead) / 1e6 for ahead in reply[3:]]
+        return Verdict(bool(admitted), backlogs, int(refused) - 1, int(wait_us) / 1e6)
+
+    def adjust(self, shifts: Sequence[tuple[str, float]]) -> None:
+        if time.monotonic() < self._down_until:
+            self.fallback.adjust(shifts)
+            return
+        task = asyncio.get_running_loop().create_task(self._settle(shifts))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _settle(self, shifts: Sequence[tuple[str, float]]) -> None:
+        try:
+            await self._adjust(
+                keys=[KEY_PREFIX + key for key, _ in shifts],
+                args=[seconds * 1e6 for _, seconds in shifts],
+            )
+        except (RedisError, OSError) as exc:
+            self._outage(exc)
+            self.fallback.adjust(shifts)
+
+    def _outage(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._down_until = now + OUTAGE_RETRY_SECONDS
+        if now - self._warned_at >= WARN_EVERY_SECONDS:
+            self._warned_at = now
+            log.warning(
+                "rate limits: redis unreachable (%s); limiting in this process alone until "
+                "it answers again",
+                exc,
+            )
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=2.0)
+        await self.client.aclose()
