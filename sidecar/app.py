@@ -13,11 +13,13 @@ from aiohttp import web
 from sidecar.addons.circuits import CircuitBreakers
 from sidecar.addons.metrics import Metrics
 from sidecar.addons.ratelimit import open_limiter
+from sidecar.addons.usage import UsageWriter
 from sidecar.runtime import Runtime, RuntimeHolder, Services
 from sidecar.settings import Settings
 from sidecar.settings.model import HostPort, Listen
 from sidecar.settings.watch import watch_file
 from sidecar.stores import open_store
+from sidecar.stores.budget import open_budget_store
 from sidecar.upstream import new_session
 
 log = logging.getLogger("ringside")
@@ -75,11 +77,20 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         await session.close()
         raise
+    try:
+        budgets = await open_budget_store(state.initial_settings.storage)
+    except BaseException:
+        await session.close()
+        await store.close()
+        raise
+    usage = UsageWriter(budgets)
     services = Services(
         session=session,
         metrics=metrics,
         circuits=CircuitBreakers(metrics),
         store=store,
+        budgets=budgets,
+        usage=usage,
         limiter=open_limiter(state.initial_settings.storage),
     )
     try:
@@ -87,8 +98,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         await session.close()
         await store.close()
+        await budgets.close()
         await services.limiter.close()
         raise
+    gauges = asyncio.create_task(runtime.budget.refresh())  # spent gauges from the store
     state.holder = RuntimeHolder(state.config_path, runtime)
     watcher = asyncio.create_task(
         watch_file(state.config_path, state.holder.reload, state.watch_interval)
@@ -97,8 +110,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         watcher.cancel()
+        gauges.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        with contextlib.suppress(asyncio.CancelledError):
+            await gauges
+        await usage.close()  # the queued usage records, before the store closes
+        await budgets.close()
         await services.limiter.close()
         await session.close()
         await store.close()

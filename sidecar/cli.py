@@ -1,4 +1,4 @@
-"""`ringside` command line: serve, check-config, keys, token mint."""
+"""`ringside` command line: serve, check-config, keys, token mint, usage export."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ import signal
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from sidecar.settings import ConfigError, Settings, load_settings
 from sidecar.settings.loader import is_loopback
 from sidecar.settings.model import HostPort
+
+if TYPE_CHECKING:
+    from sidecar.stores.budget import UsageRecord
 
 log = logging.getLogger("ringside")
 
@@ -281,6 +285,83 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _run_worker(settings, args.config, started, reuse_port=False)
 
 
+def _since(text: str) -> float:
+    """`7d`, `24h`, `30m` ago, or an ISO 8601 time, or Unix seconds."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    if text[-1:] in units and text[:-1].isdigit():
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    from sidecar.api.usage import parse_time
+    from sidecar.errors import GatewayError
+
+    try:
+        return parse_time(text, "--since")
+    except GatewayError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def cmd_usage_export(args: argparse.Namespace) -> int:
+    """Write the usage records of the configured store to stdout, oldest first."""
+    from sidecar.stores.budget import open_budget_store
+
+    try:
+        storage = load_settings(args.config).storage
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if storage.backend == "memory":
+        print(
+            "storage.backend is memory: usage records live only inside the running sidecar; "
+            "read them from GET /v1/customers/{id}/usage on its admin listener",
+            file=sys.stderr,
+        )
+        return 1
+    if storage.backend == "sqlite" and not os.path.exists(storage.sqlite_path):
+        print(f"no usage records: {storage.sqlite_path} does not exist", file=sys.stderr)
+        return 1
+
+    async def read() -> list[UsageRecord]:
+        store = await open_budget_store(storage, serve=False)
+        try:
+            return await store.usage(args.customer, args.since, None)
+        finally:
+            await store.close()
+
+    try:
+        records = asyncio.run(read())
+    except Exception as exc:
+        print(f"cannot read usage records from the {storage.backend} store: {exc}", file=sys.stderr)
+        return 1
+    try:
+        _write_records(records, args.format)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _write_records(records: list[UsageRecord], form: str) -> None:
+    import csv
+
+    import orjson
+
+    from sidecar.stores.budget import UsageRecord, usd_text
+
+    if form == "jsonl":
+        for record in records:
+            sys.stdout.buffer.write(orjson.dumps(record.public()) + b"\n")
+    else:
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(UsageRecord("", 0).public()))
+        writer.writeheader()
+        for record in records:
+            row = record.public()
+            row.update(
+                refs_tried=",".join(record.refs_tried),
+                fallback="true" if record.fallback else "false",
+                cost_usd=usd_text(record.cost),
+            )
+            writer.writerow(row)
+    sys.stdout.flush()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringside", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--json", action="store_true", help="print the token with its claims")
     mint.set_defaults(func=cmd_token_mint)
 
+    usage = commands.add_parser("usage", help="usage records")
+    usage_commands = usage.add_subparsers(dest="usage_command", required=True)
+    export = usage_commands.add_parser("export", help="write usage records to stdout")
+    export.add_argument("--config", required=True, help="YAML routing table (its storage)")
+    export.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    export.add_argument("--since", type=_since, help="7d, 24h, 30m, ISO 8601 or Unix seconds")
+    export.add_argument("--customer", help="only this customer's records")
+    export.set_defaults(func=cmd_usage_export)
     return parser
 
 

@@ -14,10 +14,12 @@ import orjson
 
 from sidecar.addons.accesslog import AccessLog
 from sidecar.addons.auth import Auth
+from sidecar.addons.budget import BudgetAddon
 from sidecar.addons.circuits import CircuitAddon, CircuitBreakers
 from sidecar.addons.idempotency import Idempotency
 from sidecar.addons.metrics import Metrics, MetricsAddon
 from sidecar.addons.ratelimit import RateLimits
+from sidecar.addons.usage import UsageAddon, UsageWriter
 from sidecar.cascade import Cascade
 from sidecar.pipeline import Pipeline, load_addon
 from sidecar.providers import build_client
@@ -25,6 +27,7 @@ from sidecar.providers.base import ProviderClient
 from sidecar.routing import Router
 from sidecar.settings import ConfigError, Settings, load_settings
 from sidecar.stores import Store
+from sidecar.stores.budget import BudgetStore
 from sidecar.stores.ratelimit_base import RateLimiter
 from sidecar.stores.ratelimit_memory import MemoryLimiter
 from sidecar.structured import SchemaCache
@@ -40,6 +43,8 @@ class Services:
     metrics: Metrics
     circuits: CircuitBreakers
     store: Store  # storage: opened at start, closed at shutdown; a change needs a restart
+    budgets: BudgetStore  # budget holds, spent per period, usage records (same backend)
+    usage: UsageWriter  # writes usage records off the request path
     schemas: SchemaCache = field(default_factory=SchemaCache)  # compiled response_formats
     limiter: RateLimiter = field(default_factory=MemoryLimiter)  # GCRA state, kept on reload
 
@@ -54,12 +59,15 @@ class Runtime:
             for name, provider in settings.providers.items()
         }
         self.auth = Auth(settings)
+        self.budget = BudgetAddon(settings, services.budgets, services.metrics)
         for name, provider in settings.providers.items():
             services.circuits.configure(name, provider.circuit)
         addons: list[object] = [
             MetricsAddon(services.metrics, settings),
+            UsageAddon(services.usage),
             self.auth,
             RateLimits(settings, services.limiter, services.metrics),
+            self.budget,  # its attempt hook runs before the circuits' probe is taken
             CircuitAddon(services.circuits),
             # request hooks: auth, then rate limits, then idempotency (a replay is no new call)
             Idempotency(services.store.idempotency, fail_open=settings.storage.fail_open),

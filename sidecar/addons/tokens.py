@@ -43,6 +43,7 @@ EXPOSED_HEADERS = ", ".join(
         "X-Ringside-Models-Tried",
         "X-Ringside-Fallback-Triggered",
         "X-Ringside-Cost-USD",
+        "X-Ringside-Budget-Remaining-USD",
         "X-Ringside-Schema-Reprompts",
         "X-Ringside-RateLimit-Scope",
         "Retry-After",

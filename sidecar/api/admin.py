@@ -6,6 +6,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar.addons.metrics import exposition
+from sidecar.api.usage import customer_usage
 from sidecar.app import STATE
 
 
@@ -36,3 +37,4 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/customers/{id}/usage", customer_usage)

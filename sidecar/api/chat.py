@@ -52,6 +52,9 @@ def ringside_headers(flow: Flow) -> dict[str, str]:
     headers["X-Ringside-Fallback-Triggered"] = "true" if flow.fallback_triggered else "false"
     if flow.attempts and flow.priced and not flow.stream:
         headers["X-Ringside-Cost-USD"] = format_usd(flow.cost_usd)
+    remaining = flow.metadata.get("budget_remaining_usd")  # set by the budget addon
+    if remaining is not None:
+        headers["X-Ringside-Budget-Remaining-USD"] = format_usd(remaining)
     if flow.schema_enforced:
         headers["X-Ringside-Schema-Reprompts"] = str(flow.reprompts)
     return headers

@@ -29,6 +29,8 @@ class Storage:
     redis_url: str = "redis://127.0.0.1:6379/0"
     fail_open: bool = False
     journal_path: str = "./ringside-journal.db"
+    reservation_ttl: float = 600.0  # seconds a budget hold lives unless settled (crash safety)
+    usage_retention_days: float = 90.0  # usage records older than this are deleted
 
 
 @dataclass(frozen=True, slots=True)

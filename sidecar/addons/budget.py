@@ -1,0 +1,227 @@
+"""Hard budgets per customer and per API key: reserve the worst case, settle to the real cost.
+
+Before each upstream attempt the attempt's worst-case cost (every prompt byte a token, the
+full output cap produced) is held in every budget that applies, all or none; a budget that
+cannot hold it refuses the request with 402. After the attempt the hold is settled to what
+the attempt really cost. Concurrent requests, and sidecars sharing one store, therefore never
+spend past a limit. A request with no budget makes no store call here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+
+from sidecar.addons.metrics import Metrics, customer_label
+from sidecar.addons.usage import note_charged, usage_id
+from sidecar.api.validation import requested_max_output
+from sidecar.errors import GatewayError
+from sidecar.flow import Attempt, Flow
+from sidecar.pricing import worst_case_cost
+from sidecar.providers.base import Usage
+from sidecar.settings.model import Budget, Settings
+from sidecar.stores.budget import (
+    NANO,
+    Balance,
+    BudgetExceeded,
+    BudgetStore,
+    Charge,
+    Hold,
+    RecordRef,
+    Scope,
+    StoreUnavailable,
+    carries_record,
+    ceil_nano,
+    iso_time,
+    to_nano,
+    usd_text,
+    window,
+)
+
+log = logging.getLogger("ringside")
+
+SCOPES = "budget_scopes"  # flow.metadata: the Scopes that apply to the request
+HOLDS = "budget_holds"  # flow.metadata: id(attempt) → its Holds
+REMAINING = "budget_remaining_usd"  # flow.metadata: for X-Ringside-Budget-Remaining-USD
+
+
+REPROMPT_SLACK = 8192  # bytes of validation errors a schema re-prompt may add
+
+
+def prompt_bound(flow: Flow) -> int:
+    """The most prompt tokens an attempt of this request can send: every request byte a token;
+    with a response_format, also the schema instruction (at most the request again), and for
+    re-prompts the earlier answers (their completion tokens) and the error lists."""
+    bound = flow.body_bytes
+    if flow.schema_plan is not None:
+        bound += flow.body_bytes + REPROMPT_SLACK * flow.reprompts
+        bound += sum(a.usage.completion_tokens for a in flow.attempts if a.usage is not None)
+    return bound
+
+
+def worst_case(flow: Flow, attempt: Attempt) -> float:
+    """USD an attempt can cost at most: the prompt bound, and the output cap once per choice."""
+    requested = requested_max_output(flow.body)
+    cost = worst_case_cost(attempt.candidate, prompt_bound(flow), requested)
+    choices = flow.body.get("n")
+    if isinstance(choices, int) and choices > 1:
+        cost += (choices - 1) * worst_case_cost(attempt.candidate, 0, requested)
+    return cost
+
+
+def scope_of(kind: str, ident: str, budget: Budget) -> Scope:
+    return Scope(kind, ident, to_nano(budget.usd), budget.period)
+
+
+def refusal(exc: BudgetExceeded) -> GatewayError:
+    scope, balance, win = exc.scope, exc.balance, exc.window
+    held = f" (+${usd_text(balance.held)} held by requests in flight)" if balance.held else ""
+    resets = (
+        f"the budget resets at {iso_time(win.end)}"
+        if win.end is not None
+        else "the budget is a total and does not reset"
+    )
+    per = "in total" if scope.period == "total" else f"per {scope.period}"
+    return GatewayError(
+        402,
+        "budget_exceeded",
+        f"the budget of {scope.label} cannot cover this request: limit ${usd_text(scope.limit)} "
+        f"{per}, spent ${usd_text(balance.spent)}{held}, this request may cost up to "
+        f"${usd_text(exc.amount)}; {resets}. Lower max_tokens, pick a cheaper model, or raise "
+        "the budget",
+    )
+
+
+class BudgetAddon:
+    def __init__(self, settings: Settings, store: BudgetStore, metrics: Metrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.ttl = settings.storage.reservation_ttl
+        self.customers: Mapping[str, Scope] = {
+            cid: scope_of("cust", cid, c.budget)
+            for cid, c in settings.customers.items()
+            if c.budget is not None
+        }
+        self.keys: Mapping[str, Scope] = {
+            key.id: scope_of("key", key.id, key.budget)
+            for key in settings.keys
+            if key.budget is not None
+        }
+        self.active = bool(self.customers or self.keys)
+        for cid, scope in self.customers.items():
+            metrics.budget_limit.labels(cid).set(scope.limit / NANO)
+
+    def scopes(self, flow: Flow) -> list[Scope]:
+        found = []
+        principal = flow.principal
+        if principal.customer is not None and principal.customer in self.customers:
+            found.append(self.customers[principal.customer])
+        if principal.key_id is not None and principal.key_id in self.keys:
+            found.append(self.keys[principal.key_id])
+        return found
+
+    def routed(self, flow: Flow) -> None:
+        if not self.active or flow.route is None:
+            return
+        scopes = self.scopes(flow)
+        if not scopes:
+            return
+        flow.metadata[SCOPES] = scopes
+        unpriced = [c.ref for c in flow.route.candidates if c.price is None]
+        if unpriced:
+            raise GatewayError(
+                400,
+                "invalid_request",
+                f"{scopes[0].label} has a budget, and {', '.join(unpriced)} has no price: a "
+                "budgeted request can use only priced models (add the model to `models` with "
+                "its prices, or give its provider a default_price)",
+                param="model",
+            )
+
+    async def attempt(self, flow: Flow, attempt: Attempt) -> None:
+        scopes: list[Scope] | None = flow.metadata.get(SCOPES)
+        if not scopes:
+            return
+        amount = ceil_nano(worst_case(flow, attempt))
+        now = time.time()
+        try:
+            holds = await self.store.reserve(
+                [(scope, window(scope.period, now)) for scope in scopes], amount, self.ttl
+            )
+        except BudgetExceeded as exc:
+            self.metrics.budget_exceeded.labels(
+                customer_label(self.settings, flow.principal.customer)
+            ).inc()
+            self._show(flow, {exc.scope.name: exc.balance}, scopes)
+            raise refusal(exc) from None
+        except StoreUnavailable as exc:
+            log.warning("budget store unavailable: %s", exc)
+            raise GatewayError(
+                503,
+                "store_unavailable",
+                "the budget store cannot be reached, and this request is under a budget: "
+                "retry shortly (storage.fail_open: true admits budgeted requests during a "
+                "store outage)",
+            ) from None
+        attempt.reserved_usd = amount / NANO
+        flow.metadata.setdefault(HOLDS, {})[id(attempt)] = holds
+        self._show(flow, {h.scope.name: Balance(h.spent) for h in holds}, scopes)
+
+    async def attempt_done(self, flow: Flow, attempt: Attempt) -> None:
+        if attempt.candidate.price is None:
+            flow.priced = False
+        held: dict[int, list[Hold]] | None = flow.metadata.get(HOLDS)
+        holds = held.pop(id(attempt), None) if held else None
+        if holds is None:
+            return
+        usage = attempt.usage or Usage()
+        settles = flow.metadata["budget_settles"] = flow.metadata.get("budget_settles", 0) + 1
+        record_id = usage_id(flow)
+        cost = to_nano(attempt.cost_usd)
+        charge = Charge(
+            f"{record_id}:{settles}", cost, usage.prompt_tokens, usage.completion_tokens
+        )
+        record = RecordRef(record_id, flow.principal.customer, flow.started_wall)
+        if carries_record(holds, record):
+            note_charged(flow, cost, usage)  # before the await: a cancel must not re-add it
+        try:
+            settled = await asyncio.shield(self.store.settle(holds, charge, record))
+        except Exception:
+            log.exception("settling the budget of request %s failed", flow.id)
+            return
+        self._show(flow, settled.balances, flow.metadata[SCOPES])
+
+    def _show(
+        self,
+        flow: Flow,
+        balances: Mapping[str, Balance],
+        scopes: list[Scope],
+    ) -> None:
+        """Gauges of customer budgets, and the remaining budget for the response header."""
+        remaining: list[int] = []
+        for scope in scopes:
+            balance = balances.get(scope.name)
+            if balance is None:
+                continue
+            left = balance.remaining(scope.limit)
+            remaining.append(left)
+            if scope.kind == "cust":
+                self.metrics.budget_spent.labels(scope.ident).set(balance.spent / NANO)
+                self.metrics.budget_remaining.labels(scope.ident).set(left / NANO)
+        if remaining:
+            flow.metadata[REMAINING] = min(remaining) / NANO
+
+    async def refresh(self) -> None:
+        """Set the spent and remaining gauges of every budgeted customer from the store."""
+        now = time.time()
+        for scope in self.customers.values():
+            try:
+                balance = await self.store.balance(scope, window(scope.period, now))
+            except StoreUnavailable:
+                return
+            left = balance.remaining(scope.limit)
+            self.metrics.budget_spent.labels(scope.ident).set(balance.spent / NANO)
+            self.metrics.budget_remaining.labels(scope.ident).set(left / NANO)

@@ -1,0 +1,283 @@
+"""Budgets and usage records: the store protocol the memory, sqlite and redis backends implement.
+
+Money is integer nano-USD (1 USD = 10**9) everywhere below the addon, so sums never drift.
+A request's budget life: `reserve` the attempt's worst case against every scope that applies
+(all or nothing), `settle` each attempt to its real cost (releasing the hold, adding to the
+period's spent and to the request's usage record in one atomic write), then `write_usage` the
+finished record. Every write that adds money carries an `op_id` so that a backend that may
+replay it (the redis journal) applies it at most once.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sidecar.stores.base import StoreUnavailable as StoreUnavailable  # re-exported
+
+if TYPE_CHECKING:
+    from sidecar.settings.model import Storage
+
+NANO = 1_000_000_000
+PERIODS = ("day", "month", "total")
+
+
+def to_nano(usd: float) -> int:
+    return round(usd * NANO)
+
+
+def ceil_nano(usd: float) -> int:
+    """An upper bound in nano-USD (for reservations: never round a worst case down)."""
+    return math.ceil(round(usd * NANO, 3))
+
+
+def nano_to_usd(nano: int) -> float:
+    return nano / NANO
+
+
+def usd_text(nano: int) -> str:
+    """Exact decimal text of a nano-USD amount: 123456789 → '0.123456789'."""
+    sign = "-" if nano < 0 else ""
+    whole, frac = divmod(abs(nano), NANO)
+    text = f"{frac:09d}".rstrip("0")
+    return f"{sign}{whole}.{text or '0'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One budget period: its id in the store and its UTC bounds (None for `total`)."""
+
+    period: str
+    id: str
+    start: float | None
+    end: float | None
+
+
+def window(period: str, now: float | None = None) -> Window:
+    """The period containing `now` (UTC calendar days and months)."""
+    now = time.time() if now is None else now
+    if period == "total":
+        return Window("total", "total", None, None)
+    day = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    if period == "day":
+        start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+        return Window("day", "d" + day.isoformat(), start.timestamp(), start.timestamp() + 86400)
+    start = dt.datetime(day.year, day.month, 1, tzinfo=dt.UTC)
+    days = calendar.monthrange(day.year, day.month)[1]
+    return Window(
+        "month",
+        f"m{day.year:04d}-{day.month:02d}",
+        start.timestamp(),
+        start.timestamp() + days * 86400,
+    )
+
+
+def iso_time(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    moment = dt.datetime.fromtimestamp(ts, dt.UTC)
+    text = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return text.replace(".000Z", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """A budget: a customer's (`cust:<id>`) or an API key's (`key:<id>`), in nano-USD."""
+
+    kind: str  # "cust" | "key"
+    ident: str
+    limit: int
+    period: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.ident}"
+
+    @property
+    def label(self) -> str:
+        return ("customer " if self.kind == "cust" else "API key ") + repr(self.ident)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A granted reservation of one scope; `local` when taken while the shared store was down."""
+
+    id: str
+    scope: Scope
+    window: Window
+    amount: int
+    spent: int = 0  # the scope's spent in the window when the hold was taken
+    local: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    spent: int
+    held: int = 0
+
+    def remaining(self, limit: int) -> int:
+        return max(0, limit - self.spent)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """Money and tokens added to a request's usage record (and, in a settle, to spent)."""
+
+    op_id: str  # unique per write: `<usage id>:<attempt #>` or `<usage id>:final`
+    cost: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRef:
+    """Where a settle adds its charge: the request's usage record (created if absent)."""
+
+    id: str
+    customer: str | None
+    time: float
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """One request, as SPEC 4 lists it. `cost` in nano-USD."""
+
+    id: str
+    time: float
+    request_id: str = ""
+    key_id: str | None = None
+    developer: str | None = None
+    customer: str | None = None
+    refs_tried: tuple[str, ...] = ()
+    ref_used: str | None = None
+    status: int | None = None  # None: the sidecar stopped before the request finished
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: int = 0
+    latency_ms: float | None = None
+    fallback: bool = False
+    reprompts: int = 0
+
+    def public(self) -> dict[str, Any]:
+        """The exported shape (JSONL keys; CSV columns in this order)."""
+        return {
+            "time": iso_time(self.time),
+            "request_id": self.request_id,
+            "key_id": self.key_id,
+            "dev": self.developer,
+            "customer": self.customer,
+            "refs_tried": list(self.refs_tried),
+            "ref_used": self.ref_used,
+            "status": self.status,
+            "tokens_in": self.prompt_tokens,
+            "tokens_out": self.completion_tokens,
+            "cost_usd": nano_to_usd(self.cost),
+            "latency_ms": self.latency_ms,
+            "fallback": self.fallback,
+            "reprompts": self.reprompts,
+        }
+
+
+@dataclass(slots=True)
+class Finished:
+    """A finished request's record plus the part of its cost no settle has recorded yet."""
+
+    record: UsageRecord
+    charge: Charge
+
+
+class BudgetExceeded(Exception):
+    """The scope cannot cover `amount` on top of what is spent and held."""
+
+    def __init__(self, scope: Scope, win: Window, balance: Balance, amount: int) -> None:
+        super().__init__(scope.name)
+        self.scope = scope
+        self.window = win
+        self.balance = balance
+        self.amount = amount
+
+
+@dataclass(slots=True)
+class Settled:
+    """Each settled scope's balance after the settle, by scope name."""
+
+    balances: dict[str, Balance] = field(default_factory=dict)
+
+
+def carries_record(holds: Sequence[Hold], record: RecordRef) -> bool:
+    """Whether a settle of `holds` adds its charge to the usage record: only the settle of the
+    record's own customer budget does, in the same atomic write as that customer's spent (a key
+    budget lives elsewhere, e.g. in another redis slot); other charges reach the record when
+    the request finishes."""
+    return record.customer is not None and any(
+        h.scope.kind == "cust" and h.scope.ident == record.customer for h in holds
+    )
+
+
+class BudgetStore(Protocol):
+    """Budget holds, spent per period, and usage records: one backend behind all of them."""
+
+    async def reserve(
+        self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
+    ) -> list[Hold]:
+        """Hold `amount` in every scope, or in none: raises BudgetExceeded / StoreUnavailable."""
+        ...
+
+    async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
+        """Release the holds, add `charge.cost` to each scope's spent and, when
+        `carries_record`, to the usage record, atomically. A backend that can lose its
+        connection keeps the write and applies it later (the redis journal)."""
+        ...
+
+    async def write_usage(self, finished: Sequence[Finished]) -> None:
+        """Finish records (fields set, the charge added); may run in the background."""
+        ...
+
+    async def balance(self, scope: Scope, win: Window) -> Balance: ...
+
+    async def usage(
+        self, customer: str | None, since: float | None, until: float | None
+    ) -> list[UsageRecord]:
+        """Records ordered by time; `customer=None` means every customer (and none)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def open_budget_store(storage: Storage, serve: bool = True) -> BudgetStore:
+    """The budget and usage backend that `storage.backend` names, opened (redis lazily: a
+    sidecar starts while redis is down, and replays its journal once redis answers).
+    `serve=False` (a reader such as `usage export`) leaves the redis journal alone."""
+    from sidecar.settings import ConfigError
+
+    if storage.backend == "memory":
+        from sidecar.stores.budget_memory import MemoryBudgetStore
+
+        return MemoryBudgetStore()
+    if storage.backend == "sqlite":
+        from sidecar.stores.budget_sqlite import SqliteBudgetStore
+
+        store = SqliteBudgetStore(storage.sqlite_path, storage.usage_retention_days)
+        try:
+            await store.open()
+        except (StoreUnavailable, OSError) as exc:
+            await store.close()
+            message = f"storage.sqlite_path: cannot open {storage.sqlite_path}: {exc}"
+            raise ConfigError([message]) from None
+        return store
+    if storage.backend == "redis":
+        from sidecar.stores.budget_redis import RedisBudgetStore
+
+        shared = RedisBudgetStore(
+            storage.redis_url, storage.journal_path, storage.fail_open,
+            storage.usage_retention_days,
+        )  # fmt: skip
+        if serve:
+            await shared.open()
+        return shared
+    raise ValueError(f"storage.backend: unknown backend {storage.backend!r}")

@@ -1,0 +1,357 @@
+"""Budgets and usage records in redis, shared by every sidecar that points at it.
+
+Keys are Cluster-safe: everything of one customer lives under the hash tag `{cust:<id>}` (its
+spent per period, its holds, its usage records and their index), everything of one API key's
+budget under `{key:<id>}`, so each Lua script touches one slot. Requests without a customer
+keep their records under `{nocust}`. The scripts are registered once and run by SHA.
+
+Every script that adds money is guarded by an op id (an `HSETNX` on the usage record, or on a
+per-day op hash for key budgets), so a write replayed from the local journal after an outage
+is applied at most once. When redis is unreachable a settle or a usage write is journaled (see
+budget_journal) and replayed when redis answers again; a reserve fails with StoreUnavailable,
+unless `fail_open`, in which case the sidecar admits against its last known spent plus what it
+journaled since (a best effort: other sidecars' spend during the outage is not seen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis.exceptions
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from sidecar.stores.budget import (
+    Balance,
+    BudgetExceeded,
+    Charge,
+    Finished,
+    Hold,
+    RecordRef,
+    Scope,
+    Settled,
+    StoreUnavailable,
+    UsageRecord,
+    Window,
+    carries_record,
+)
+from sidecar.stores.budget_journal import Entry, Journal
+from sidecar.stores.budget_lua import FINISH, INDEX, RELEASE, RESERVE, SETTLE
+
+log = logging.getLogger("ringside")
+
+UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+CUSTOMERS = "rs:usage:customers"  # every record tag that has records (for exports)
+SPENT_GRACE = 7 * 86400  # a period's spent counter outlives the period by this much
+OP_GUARD_TTL = 3 * 86400
+
+
+def record_tag(customer: str | None) -> str:
+    return "nocust" if customer is None else f"cust:{customer}"
+
+
+def _record_keys(customer: str | None, usage_id: str) -> list[str]:
+    tag = record_tag(customer)
+    return [f"rs:{{{tag}}}:usage:r:{usage_id}", f"rs:{{{tag}}}:usage:idx"]
+
+
+def _scope_keys(scope: Scope, win: Window) -> list[str]:
+    base = f"rs:{{{scope.name}}}:budget:"
+    return [base + "spent:" + win.id, base + "held", base + "holds", base + "hold_amount"]
+
+
+class RedisBudgetStore:
+    def __init__(
+        self,
+        url: str,
+        journal_path: str,
+        fail_open: bool = False,
+        retention_days: float = 90.0,
+        replay_interval: float = 0.5,
+    ) -> None:
+        self.client = Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=1.0,
+            socket_timeout=2.0,
+            retry=Retry(NoBackoff(), 1),
+        )
+        self.scripts = {
+            "reserve": self.client.register_script(RESERVE),
+            "release": self.client.register_script(RELEASE),
+            "settle": self.client.register_script(SETTLE),
+            "finish": self.client.register_script(FINISH),
+            "index": self.client.register_script(INDEX),
+        }
+        self.journal = Journal(journal_path)
+        self.fail_open = fail_open
+        self.retention = int(retention_days * 86400)
+        self.replay_interval = replay_interval
+        self._known: dict[tuple[str, str], int] = {}  # spent as redis last reported it
+        self._journaled: dict[tuple[str, str], int] = {}  # spent waiting in the journal
+        self._local_holds: dict[str, dict[str, int]] = {}  # fail-open holds: scope → id → nano
+        self._replayer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    async def open(self) -> None:
+        for entry in await self.journal.open():
+            self._note(entry, 1)
+        if self.journal.pending:
+            log.warning("replaying %d budget writes journaled while redis was down",
+                        self.journal.pending)  # fmt: skip
+        self._replayer = asyncio.create_task(self._replay_loop())
+
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self.scripts[name](keys=keys, args=args)
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"redis is unreachable: {exc}") from exc
+
+    # -- budgets ---------------------------------------------------------------------------
+    async def reserve(
+        self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
+    ) -> list[Hold]:
+        hold_id = os.urandom(8).hex()
+        taken: list[Hold] = []
+        try:
+            for scope, win in scopes:
+                # spend still waiting in the journal counts as spent
+                waiting = self._journaled.get((scope.name, win.id), 0)
+                args = [scope.limit - waiting, amount, hold_id, int(ttl * 1000)]
+                ok, spent, held = await self._call("reserve", _scope_keys(scope, win), args)
+                self._known[(scope.name, win.id)] = int(spent)
+                if not ok:
+                    balance = Balance(int(spent) + waiting, int(held))
+                    raise BudgetExceeded(scope, win, balance, amount)
+                taken.append(Hold(hold_id, scope, win, amount, int(spent) + waiting))
+        except BudgetExceeded:
+            await self._release(taken)
+            raise
+        except StoreUnavailable:
+            await self._release(taken)
+            if not self.fail_open:
+                raise
+            return self._reserve_locally(scopes, amount, hold_id)
+        return taken
+
+    async def _release(self, holds: Sequence[Hold]) -> None:
+        for hold in holds:
+            with contextlib.suppress(StoreUnavailable):  # it expires on its own
+                await self._call("release", _scope_keys(hold.scope, hold.window), [hold.id])
+
+    def _local_balance(self, scope: Scope, win: Window) -> Balance:
+        key = (scope.name, win.id)
+        held = sum(self._local_holds.get(scope.name, {}).values())
+        return Balance(self._known.get(key, 0) + self._journaled.get(key, 0), held)
+
+    def _reserve_locally(
+        self, scopes: Sequence[tuple[Scope, Window]], amount: int, hold_id: str
+    ) -> list[Hold]:
+        holds = []
+        for scope, win in scopes:
+            balance = self._local_balance(scope, win)
+            if balance.spent + balance.held + amount > scope.limit:
+                raise BudgetExceeded(scope, win, balance, amount)
+            holds.append(Hold(hold_id, scope, win, amount, balance.spent, local=True))
+        for hold in holds:
+            self._local_holds.setdefault(hold.scope.name, {})[hold_id] = amount
+        return holds
+
+    def _settle_entry(self, hold: Hold, charge: Charge, record: RecordRef) -> Entry:
+        scope, win = hold.scope, hold.window
+        keys = _scope_keys(scope, win)
+        spent_ttl = int(win.end - time.time()) + SPENT_GRACE if win.end is not None else 0
+        if carries_record([hold], record):
+            record_keys = _record_keys(record.customer, record.id)
+            keys += [record_keys[0], *record_keys]
+            guard_ttl = 0
+        else:
+            day = time.strftime("%Y%m%d", time.gmtime(record.time))
+            keys.append(f"rs:{{{scope.name}}}:budget:ops:{day}")
+            guard_ttl = OP_GUARD_TTL
+        args = [
+            "" if hold.local else hold.id, charge.cost, "op:" + charge.op_id, max(spent_ttl, 0),
+            guard_ttl, charge.prompt_tokens, charge.completion_tokens, repr(record.time),
+            int(record.time * 1000), record.id, record.customer or "", self.retention,
+        ]  # fmt: skip
+        return Entry("settle", keys, args, [(scope.name, win.id, charge.cost)])
+
+    async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
+        settled = Settled()
+        journal: list[Entry] = []
+        for hold in holds:
+            if hold.local:
+                self._local_holds.get(hold.scope.name, {}).pop(hold.id, None)
+            entry = self._settle_entry(hold, charge, record)
+            try:
+                _fresh, spent, held = await self._call("settle", entry.keys, entry.args)
+            except StoreUnavailable:
+                journal.append(entry)
+                continue
+            self._known[(hold.scope.name, hold.window.id)] = int(spent)
+            settled.balances[hold.scope.name] = Balance(int(spent), int(held))
+        if journal:
+            await self._journal(journal)
+            for entry in journal:
+                scope_name = entry.moves[0][0]
+                hold = next(h for h in holds if h.scope.name == scope_name)
+                settled.balances[scope_name] = self._local_balance(hold.scope, hold.window)
+        return settled
+
+    async def balance(self, scope: Scope, win: Window) -> Balance:
+        _ok, spent, held = await self._call("reserve", _scope_keys(scope, win), [0, 0, "", 0])
+        self._known[(scope.name, win.id)] = int(spent)
+        return Balance(int(spent), int(held))
+
+    # -- usage records ---------------------------------------------------------------------
+    def _finish_entries(self, item: Finished) -> list[Entry]:
+        r, charge = item.record, item.charge
+        fields: list[Any] = [
+            "time", repr(r.time), "request_id", r.request_id, "key_id", r.key_id or "",
+            "developer", r.developer or "", "customer", r.customer or "",
+            "refs_tried", ",".join(r.refs_tried), "ref_used", r.ref_used or "",
+            "status", "" if r.status is None else r.status,
+            "latency_ms", "" if r.latency_ms is None else repr(r.latency_ms),
+            "fallback", int(r.fallback), "reprompts", r.reprompts,
+        ]  # fmt: skip
+        args = [
+            "op:" + charge.op_id, r.id, int(r.time * 1000), self.retention, charge.cost,
+            charge.prompt_tokens, charge.completion_tokens,
+            int((time.time() - self.retention) * 1000), *fields,
+        ]  # fmt: skip
+        return [
+            Entry("finish", _record_keys(r.customer, r.id), args),
+            Entry("index", [CUSTOMERS], [record_tag(r.customer)]),
+        ]
+
+    async def write_usage(self, finished: Sequence[Finished]) -> None:
+        entries = [entry for item in finished for entry in self._finish_entries(item)]
+        if not entries:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for entry in entries:
+            await self.scripts[entry.script](keys=entry.keys, args=entry.args, client=pipe)
+        try:
+            await pipe.execute()
+        except UNREACHABLE:
+            await self._journal(entries)
+
+    async def usage(
+        self, customer: str | None, since: float | None, until: float | None
+    ) -> list[UsageRecord]:
+        try:
+            if customer is not None:
+                tags = [record_tag(customer)]
+            else:
+                tags = sorted(str(tag) for tag in await self.client.smembers(CUSTOMERS))
+            low = "-inf" if since is None else int(since * 1000)
+            high = "+inf" if until is None else f"({int(until * 1000)}"
+            records: list[UsageRecord] = []
+            for tag in tags:
+                found = await self.client.zrangebyscore(f"rs:{{{tag}}}:usage:idx", low, high)
+                ids = [str(usage_id) for usage_id in found]
+                pipe = self.client.pipeline(transaction=False)
+                for usage_id in ids:
+                    pipe.hgetall(f"rs:{{{tag}}}:usage:r:{usage_id}")
+                for usage_id, data in zip(ids, await pipe.execute(), strict=True):
+                    if data:
+                        records.append(_parse(usage_id, data))
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"redis is unreachable: {exc}") from exc
+        records.sort(key=lambda r: (r.time, r.id))
+        return records
+
+    # -- the journal -----------------------------------------------------------------------
+    def _note(self, entry: Entry, sign: int) -> None:
+        for scope, period, nano in entry.moves:
+            key = (scope, period)
+            self._journaled[key] = self._journaled.get(key, 0) + sign * nano
+
+    async def _journal(self, entries: Sequence[Entry]) -> None:
+        await self.journal.append(entries)
+        for entry in entries:
+            self._note(entry, 1)
+        self._wake.set()
+
+    async def replay(self) -> int:
+        """Apply journaled writes to redis, oldest first; stops at the first failure."""
+        applied = 0
+        while self.journal.pending:
+            entries = await self.journal.read()
+            if not entries:
+                self.journal.pending = 0
+                break
+            for entry in entries:
+                try:
+                    result = await self._call(entry.script, entry.keys, entry.args)
+                except StoreUnavailable:
+                    return applied
+                await self.journal.remove(entry)
+                self._note(entry, -1)
+                if entry.script == "settle":
+                    scope, period, _ = entry.moves[0]
+                    self._known[(scope, period)] = int(result[1])
+                applied += 1
+        if applied:
+            log.info("replayed %d journaled budget writes to redis", applied)
+        return applied
+
+    async def _replay_loop(self) -> None:
+        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that races
+        # with the event being set, and the loop would then never end
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.replay_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            if self.journal.pending:
+                try:
+                    await self.replay()
+                except Exception:
+                    log.exception("replaying the budget journal failed; will retry")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._replayer is not None:
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+        if self.journal.pending:
+            with contextlib.suppress(Exception):
+                await self.replay()
+        await self.journal.close()
+        await self.client.aclose()
+
+
+def _parse(usage_id: str, data: dict[str, str]) -> UsageRecord:
+    def text(name: str) -> str | None:
+        return data.get(name) or None
+
+    status = text("status")
+    latency = text("latency_ms")
+    refs = data.get("refs_tried", "")
+    return UsageRecord(
+        id=usage_id,
+        time=float(data.get("time", "0")),
+        request_id=data.get("request_id", ""),
+        key_id=text("key_id"),
+        developer=text("developer"),
+        customer=text("customer"),
+        refs_tried=tuple(refs.split(",")) if refs else (),
+        ref_used=text("ref_used"),
+        status=int(status) if status else None,
+        prompt_tokens=int(data.get("prompt_tokens", 0)),
+        completion_tokens=int(data.get("completion_tokens", 0)),
+        cost=int(data.get("cost", 0)),
+        latency_ms=float(latency) if latency else None,
+        fallback=data.get("fallback") == "1",
+        reprompts=int(data.get("reprompts", 0)),
+    )

@@ -1,0 +1,273 @@
+"""Budgets and usage records in an embedded sqlite file (the default backend).
+
+One connection on one dedicated thread: calls queue up there instead of fighting for locks.
+Each reserve and each settle is one `BEGIN IMMEDIATE` transaction, so a settle's spent and the
+usage record's cost commit together (a `kill -9` leaves both or neither), and several
+processes may share one file. WAL journal, `synchronous=NORMAL`: a committed transaction
+survives the process dying (not a power cut between checkpoints).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from sidecar.stores.budget import (
+    Balance,
+    BudgetExceeded,
+    Charge,
+    Finished,
+    Hold,
+    RecordRef,
+    Scope,
+    Settled,
+    StoreUnavailable,
+    UsageRecord,
+    Window,
+    carries_record,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS budget_spent (
+    scope TEXT NOT NULL, period TEXT NOT NULL, spent INTEGER NOT NULL,
+    PRIMARY KEY (scope, period)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS budget_hold (
+    id TEXT NOT NULL, scope TEXT NOT NULL, amount INTEGER NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (scope, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage_record (
+    id TEXT PRIMARY KEY, time REAL NOT NULL, request_id TEXT, key_id TEXT, developer TEXT,
+    customer TEXT, refs_tried TEXT, ref_used TEXT, status INTEGER,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cost INTEGER NOT NULL DEFAULT 0, latency_ms REAL, fallback INTEGER, reprompts INTEGER
+);
+CREATE INDEX IF NOT EXISTS usage_record_customer_time ON usage_record (customer, time);
+CREATE INDEX IF NOT EXISTS usage_record_time ON usage_record (time);
+"""
+
+_COLUMNS = (
+    "id, time, request_id, key_id, developer, customer, refs_tried, ref_used, status, "
+    "prompt_tokens, completion_tokens, cost, latency_ms, fallback, reprompts"
+)
+_ADD_CHARGE = (
+    "INSERT INTO usage_record (id, time, customer, cost, prompt_tokens, completion_tokens) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET cost = cost + excluded.cost, "
+    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = completion_tokens + excluded.completion_tokens"
+)
+_FINISH = (
+    f"INSERT INTO usage_record ({_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
+    "ON CONFLICT (id) DO UPDATE SET request_id = excluded.request_id, "
+    "key_id = excluded.key_id, developer = excluded.developer, customer = excluded.customer, "
+    "refs_tried = excluded.refs_tried, ref_used = excluded.ref_used, status = excluded.status, "
+    "latency_ms = excluded.latency_ms, fallback = excluded.fallback, "
+    "reprompts = excluded.reprompts, cost = cost + excluded.cost, "
+    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = completion_tokens + excluded.completion_tokens"
+)
+PRUNE_EVERY = 3600.0
+
+
+class SqliteBudgetStore:
+    def __init__(
+        self,
+        path: str,
+        retention_days: float = 90.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.retention = retention_days * 86400
+        self.clock = clock
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ringside-budget-db")
+        self._db: sqlite3.Connection | None = None
+        self._pruned_at = 0.0
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite {self.path}: {exc}") from exc
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            directory = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(directory, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+            self._db = db
+        return self._db
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Any:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    async def open(self) -> None:
+        await self._run(self._conn)
+
+    # -- budgets ---------------------------------------------------------------------------
+    @staticmethod
+    def _balance(db: sqlite3.Connection, scope: str, period: str, now: float) -> Balance:
+        row = db.execute(
+            "SELECT spent FROM budget_spent WHERE scope = ? AND period = ?", (scope, period)
+        ).fetchone()
+        held = db.execute(
+            "SELECT COALESCE(SUM(amount), 0) FROM budget_hold WHERE scope = ? AND expires > ?",
+            (scope, now),
+        ).fetchone()
+        return Balance(row[0] if row else 0, held[0])
+
+    def _reserve(
+        self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
+    ) -> list[Hold]:
+        now = self.clock()
+        hold_id = os.urandom(8).hex()
+        holds = []
+        with self._transaction() as db:
+            for scope, win in scopes:
+                db.execute(
+                    "DELETE FROM budget_hold WHERE scope = ? AND expires <= ?", (scope.name, now)
+                )
+                balance = self._balance(db, scope.name, win.id, now)
+                if balance.spent + balance.held + amount > scope.limit:
+                    raise BudgetExceeded(scope, win, balance, amount)
+                holds.append(Hold(hold_id, scope, win, amount, balance.spent))
+            for hold in holds:
+                db.execute(
+                    "INSERT INTO budget_hold (id, scope, amount, expires) VALUES (?, ?, ?, ?)",
+                    (hold_id, hold.scope.name, amount, now + ttl),
+                )
+        return holds
+
+    async def reserve(
+        self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
+    ) -> list[Hold]:
+        return await self._run(self._reserve, scopes, amount, ttl)
+
+    def _settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
+        now = self.clock()
+        settled = Settled()
+        with self._transaction() as db:
+            for hold in holds:
+                db.execute(
+                    "DELETE FROM budget_hold WHERE scope = ? AND id = ?", (hold.scope.name, hold.id)
+                )
+                db.execute(
+                    "INSERT INTO budget_spent (scope, period, spent) VALUES (?, ?, ?) "
+                    "ON CONFLICT (scope, period) DO UPDATE SET spent = spent + excluded.spent",
+                    (hold.scope.name, hold.window.id, charge.cost),
+                )
+                settled.balances[hold.scope.name] = self._balance(
+                    db, hold.scope.name, hold.window.id, now
+                )
+            if not carries_record(holds, record):
+                return settled
+            db.execute(
+                _ADD_CHARGE,
+                (
+                    record.id,
+                    record.time,
+                    record.customer,
+                    charge.cost,
+                    charge.prompt_tokens,
+                    charge.completion_tokens,
+                ),
+            )
+        return settled
+
+    async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
+        return await self._run(self._settle, holds, charge, record)
+
+    def _balance_now(self, scope: Scope, win: Window) -> Balance:
+        return self._balance(self._conn(), scope.name, win.id, self.clock())
+
+    async def balance(self, scope: Scope, win: Window) -> Balance:
+        return await self._run(self._balance_now, scope, win)
+
+    # -- usage records ---------------------------------------------------------------------
+    def _write_usage(self, finished: Sequence[Finished]) -> None:
+        with self._transaction() as db:
+            db.executemany(_FINISH, [_row(item) for item in finished])
+        now = self.clock()
+        if now - self._pruned_at > PRUNE_EVERY:
+            self._pruned_at = now
+            with self._transaction() as db:
+                db.execute("DELETE FROM usage_record WHERE time < ?", (now - self.retention,))
+
+    async def write_usage(self, finished: Sequence[Finished]) -> None:
+        if finished:
+            await self._run(self._write_usage, finished)
+
+    def _usage(
+        self, customer: str | None, since: float | None, until: float | None
+    ) -> list[UsageRecord]:
+        where = ["time >= ?", "time < ?"]
+        args: list[Any] = [since or 0.0, until or float("inf")]
+        if customer is not None:
+            where.append("customer = ?")
+            args.append(customer)
+        rows = self._conn().execute(
+            f"SELECT {_COLUMNS} FROM usage_record WHERE {' AND '.join(where)} ORDER BY time, id",
+            args,
+        )
+        return [_record(row) for row in rows]
+
+    async def usage(
+        self, customer: str | None, since: float | None, until: float | None
+    ) -> list[UsageRecord]:
+        return await self._run(self._usage, customer, since, until)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    async def close(self) -> None:
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+
+def _row(item: Finished) -> tuple[Any, ...]:
+    r, charge = item.record, item.charge
+    return (
+        r.id, r.time, r.request_id, r.key_id, r.developer, r.customer, ",".join(r.refs_tried),
+        r.ref_used, r.status, charge.prompt_tokens, charge.completion_tokens, charge.cost,
+        r.latency_ms, int(r.fallback), r.reprompts,
+    )  # fmt: skip
+
+
+def _record(row: Sequence[Any]) -> UsageRecord:
+    return UsageRecord(
+        id=row[0],
+        time=row[1],
+        request_id=row[2] or "",
+        key_id=row[3],
+        developer=row[4],
+        customer=row[5],
+        refs_tried=tuple(row[6].split(",")) if row[6] else (),
+        ref_used=row[7],
+        status=row[8],
+        prompt_tokens=row[9],
+        completion_tokens=row[10],
+        cost=row[11],
+        latency_ms=row[12],
+        fallback=bool(row[13]),
+        reprompts=row[14] or 0,
+    )
