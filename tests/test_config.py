@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import openai_config
 from tests.procs import SidecarProcess
 from tests.support import HELLO, ringside, sdk
@@ -167,4 +169,35 @@ def test_env_and_env_defaults_expand_in_a_running_sidecar(
         "platform",
         "prod",
         "[]",
+    )
+
+
+def test_env_expansion_gives_numbers_and_booleans_where_the_schema_wants_them(
+    tmp_path: Path,
+) -> None:
+    from sidecar.settings import parse_settings
+
+    text = (
+        "storage: {backend: memory, fail_open: '${FAIL_OPEN}'}\n"
+        "providers:\n"
+        "  openai: {kind: openai, retries: '${RETRIES:-2}', timeout: {read: '${READ}'},\n"
+        "           headers: {X-Org: '${ORG}'}}\n"
+    )
+    env = {"FAIL_OPEN": "true", "READ": "12.5", "ORG": "123"}
+    settings = parse_settings(text, "env.yaml", env)
+    provider = settings.providers["openai"]
+    assert provider.retries == 2
+    assert provider.timeout.read == 12.5
+    assert settings.storage.fail_open is True
+    assert provider.headers["X-Org"] == "123"  # a string field keeps the digits as text
+
+
+def test_env_expansion_that_is_not_a_number_is_still_a_clear_error() -> None:
+    from sidecar.settings import ConfigError, parse_settings
+
+    text = "providers:\n  openai: {kind: openai, retries: '${RETRIES}'}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text, "env.yaml", {"RETRIES": "many"})
+    assert "env.yaml:2: providers.openai.retries: 'many' is not of type 'integer'" in str(
+        caught.value
     )

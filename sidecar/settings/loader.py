@@ -159,11 +159,47 @@ def parse_settings(text: str, source: str, env: Mapping[str, str]) -> Settings:
         )
 
     errors = sorted(_validator().iter_errors(data), key=lambda e: [str(p) for p in e.path])
+    if errors and _coerce_expanded(data, errors, raw):
+        errors = sorted(_validator().iter_errors(data), key=lambda e: [str(p) for p in e.path])
     if errors:
         raise ConfigError(
             [where.problem(path, message) for e in errors for path, message in _schema_problems(e)]
         )
     return _build(data, where, env)
+
+
+_SCALAR_TYPES: dict[str, type | tuple[type, ...]] = {
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+}
+
+
+def _coerce_expanded(data: Any, errors: list[jsonschema.ValidationError], raw: Any) -> bool:
+    """`retries: ${RETRIES:-2}` expands to the string "2": where the schema wants a number or a
+    boolean and the value came from `${…}`, read the expanded text as a YAML scalar."""
+    changed = False
+    for error in errors:
+        wanted = _SCALAR_TYPES.get(str(error.validator_value))
+        path = tuple(error.absolute_path)
+        if error.validator != "type" or wanted is None or not path:
+            continue
+        original = raw
+        for part in path:
+            original = original[part]
+        if not (isinstance(original, str) and "${" in original and isinstance(error.instance, str)):
+            continue
+        try:
+            value = yaml.safe_load(error.instance)
+        except yaml.YAMLError:
+            continue
+        if isinstance(value, wanted) and (wanted is bool or not isinstance(value, bool)):
+            parent = data
+            for part in path[:-1]:
+                parent = parent[part]
+            parent[path[-1]] = value
+            changed = True
+    return changed
 
 
 def _schema_problems(error: jsonschema.ValidationError) -> list[tuple[KeyPath, str]]:
