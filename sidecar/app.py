@@ -125,6 +125,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 def create_apps(state: GatewayState) -> tuple[web.Application, web.Application]:
     from sidecar.api.admin import add_admin_routes
     from sidecar.api.chat import chat_completions
+    from sidecar.api.common import unknown_route
     from sidecar.api.models import list_models
     from sidecar.api.tokens import create_client_token, preflight
 
@@ -136,6 +137,7 @@ def create_apps(state: GatewayState) -> tuple[web.Application, web.Application]:
     api.router.add_post("/v1/client_tokens", create_client_token)
     api.router.add_route("OPTIONS", "/v1/chat/completions", preflight)
     api.router.add_route("OPTIONS", "/v1/models", preflight)
+    api.router.add_route("*", "/{path:.*}", unknown_route)  # last: only what nothing else serves
 
     admin = web.Application()
     admin[STATE] = state

@@ -340,3 +340,18 @@ def test_sdk_raw_response_of_an_error_has_the_headers(
 def test_unknown_api_path_is_404(gateway: SidecarProcess) -> None:
     answer = request(gateway.url, "POST", "/v1/nothing-here", {})
     assert answer.status == 404
+
+
+def test_unknown_path_is_404_in_the_openai_envelope(gateway: SidecarProcess) -> None:
+    answer = request(gateway.url, "POST", "/v1/embeddings", {"input": "x"})
+    assert answer.status == 404
+    assert answer.error["code"] == "not_found"
+    assert "/v1/embeddings" in answer.error["message"]
+    assert answer.headers["X-Request-Id"]
+
+
+def test_wrong_method_is_405_naming_the_right_one(gateway: SidecarProcess) -> None:
+    answer = request(gateway.url, "GET", "/v1/chat/completions")
+    assert answer.status == 405
+    assert answer.error["code"] == "method_not_allowed"
+    assert answer.headers["Allow"] == "POST, OPTIONS"

@@ -32,6 +32,7 @@ from sidecar.stores.budget import (
     RecordRef,
     Scope,
     StoreUnavailable,
+    Window,
     carries_record,
     ceil_nano,
     iso_time,
@@ -113,6 +114,20 @@ class BudgetAddon:
         self.active = bool(self.customers or self.keys)
         for cid, scope in self.customers.items():
             metrics.budget_limit.labels(cid).set(scope.limit / NANO)
+        self._gauges = {
+            cid: (metrics.budget_spent.labels(cid), metrics.budget_remaining.labels(cid))
+            for cid in self.customers
+        }
+        self._windows: dict[str, Window] = {}
+
+    def window(self, period: str, now: float) -> Window:
+        """The current period, computed once per period rather than per request."""
+        found = self._windows.get(period)
+        if found is None or (
+            found.start is not None and found.end is not None and not found.start <= now < found.end
+        ):
+            found = self._windows[period] = window(period, now)
+        return found
 
     def scopes(self, flow: Flow) -> list[Scope]:
         found = []
@@ -149,7 +164,7 @@ class BudgetAddon:
         now = time.time()
         try:
             holds = await self.store.reserve(
-                [(scope, window(scope.period, now)) for scope in scopes], amount, self.ttl
+                [(scope, self.window(scope.period, now)) for scope in scopes], amount, self.ttl
             )
         except BudgetExceeded as exc:
             self.metrics.budget_exceeded.labels(
@@ -209,8 +224,9 @@ class BudgetAddon:
             left = balance.remaining(scope.limit)
             remaining.append(left)
             if scope.kind == "cust":
-                self.metrics.budget_spent.labels(scope.ident).set(balance.spent / NANO)
-                self.metrics.budget_remaining.labels(scope.ident).set(left / NANO)
+                spent_gauge, remaining_gauge = self._gauges[scope.ident]
+                spent_gauge.set(balance.spent / NANO)
+                remaining_gauge.set(left / NANO)
         if remaining:
             flow.metadata[REMAINING] = min(remaining) / NANO
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -220,6 +221,18 @@ async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         flow.status = 499
         raise
+    except Exception:
+        if not response.prepared:
+            raise
+        # headers are out: the only honest answer left is an SSE error event that ends the stream
+        log.exception("internal error in stream %s", flow.id)
+        internal = GatewayError(
+            500, "internal_error", f"internal error; quote request id {flow.id} when reporting it"
+        )
+        flow.error, flow.status = internal, 500
+        with contextlib.suppress(Exception):
+            await response.write(sse.encode(internal.body()))
+            await response.write_eof()
     finally:
         await cascade.finish_stream(flow, attempt, stream)
         if failure is not None:

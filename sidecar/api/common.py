@@ -63,3 +63,31 @@ def error_response(error: GatewayError, headers: dict[str, str]) -> web.Response
         content_type=JSON_CONTENT_TYPE,
         headers={**headers, **error.headers},
     )
+
+
+_METHODS = {
+    "/v1/chat/completions": "POST, OPTIONS",
+    "/v1/models": "GET, OPTIONS",
+    "/v1/client_tokens": "POST",
+}
+
+
+async def unknown_route(request: web.Request) -> web.Response:
+    """Anything the API does not serve, answered in the OpenAI envelope (never aiohttp's text)."""
+    headers = {"X-Request-Id": request_id(request)}
+    allowed = _METHODS.get(request.path)
+    if allowed is not None:
+        error = GatewayError(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.path}; use {allowed.split(',')[0]}",
+            headers={"Allow": allowed},
+        )
+    else:
+        error = GatewayError(
+            404,
+            "not_found",
+            f"no such endpoint: {request.method} {request.path} "
+            "(the API serves POST /v1/chat/completions and GET /v1/models)",
+        )
+    return error_response(error, headers)
