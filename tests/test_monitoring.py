@@ -198,3 +198,50 @@ def test_promtool_accepts_a_live_scrape(gateway: SidecarProcess, fake_openai: Fa
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_refusals_and_schema_failures_show_in_their_counters(
+    fake_openai: FakeOpenAI, sidecar_factory: Any
+) -> None:
+    config = openai_config(
+        fake_openai.url,
+        customers={
+            "tight": {"budget": {"usd": 0.0000001, "period": "day"}},
+            "limited": {"rate_limit": {"rpm": 1}},
+        },
+    )
+    proc = sidecar_factory(config)
+    client = openai.OpenAI(base_url=proc.base_url, api_key="open-mode", max_retries=0)
+    mini = "fc:openai/gpt-4o-mini"
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(
+            model=mini, messages=MESSAGES, extra_headers={"FC-Customer": "tight"}
+        )
+    assert refused.value.status_code == 402
+
+    limited = {"FC-Customer": "limited"}
+    client.chat.completions.create(model=mini, messages=MESSAGES, extra_headers=limited)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model=mini, messages=MESSAGES, extra_headers=limited)
+
+    fake_openai.on_model("gpt-4o-mini", Reply(content="not json at all"))
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "city", "schema": {"type": "object", "required": ["city"]}},
+    }
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model=mini, messages=MESSAGES, response_format=schema)
+
+    found = samples(proc)
+    assert value(found, "ringside_requests_total", code="402") == 1
+    assert value(found, "ringside_requests_total", code="429") == 1
+    assert value(found, "ringside_requests_total", code="422") == 1
+    assert value(found, "ringside_requests_total", code="200") == 1
+    assert value(found, "ringside_budget_exceeded_total", customer="tight") == 1
+    assert value(found, "ringside_rate_limited_total", scope="customer") == 1
+    assert value(found, "ringside_schema_validations_total", model=mini, result="invalid") == 3
+    assert value(found, "ringside_schema_reprompts_total", model=mini) == 2
+    assert value(found, "ringside_cascade_exhausted_total",
+                 reason="response_schema_validation_failed") == 1  # fmt: skip
+    assert value(found, "ringside_budget_limit_usd", customer="tight") == pytest.approx(1e-7)
