@@ -8,17 +8,14 @@ not counted twice. A sqlite file, `synchronous=FULL`: an appended entry survives
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sqlite3
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
-T = TypeVar("T")
+from sidecar.stores.sqlite_thread import ThreadedSqlite
 
 
 @dataclass(slots=True)
@@ -41,28 +38,15 @@ class Entry:
         return cls(data["script"], data["keys"], data["args"], moves, seq)
 
 
-class Journal:
+JOURNAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY AUTOINCREMENT, entry BLOB NOT NULL);
+"""
+
+
+class Journal(ThreadedSqlite):
     def __init__(self, path: str) -> None:
-        self.path = path
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ringside-journal")
-        self._db: sqlite3.Connection | None = None
+        super().__init__(path, "ringside-journal", JOURNAL_SCHEMA, synchronous="FULL")
         self.pending = 0
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS journal "
-                "(seq INTEGER PRIMARY KEY AUTOINCREMENT, entry BLOB NOT NULL)"
-            )
-            self._db = db
-        return self._db
 
     def _open(self) -> list[Entry]:
         if not os.path.exists(self.path):
@@ -103,12 +87,3 @@ class Journal:
     async def remove(self, entry: Entry) -> None:
         await self._run(self._remove, entry.seq)
         self.pending = max(0, self.pending - 1)
-
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    async def close(self) -> None:
-        await self._run(self._close)
-        self._executor.shutdown(wait=True)

@@ -9,13 +9,11 @@ survives the process dying (not a power cut between checkpoints).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from sidecar.stores.budget import (
@@ -32,6 +30,7 @@ from sidecar.stores.budget import (
     Window,
     carries_record,
 )
+from sidecar.stores.sqlite_thread import ThreadedSqlite
 
 T = TypeVar("T")
 
@@ -77,36 +76,23 @@ _FINISH = (
 PRUNE_EVERY = 3600.0
 
 
-class SqliteBudgetStore:
+class SqliteBudgetStore(ThreadedSqlite):
     def __init__(
         self,
         path: str,
         retention_days: float = 90.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = path
+        super().__init__(path, "ringside-budget-db", SCHEMA, synchronous="NORMAL")
         self.retention = retention_days * 86400
         self.clock = clock
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ringside-budget-db")
-        self._db: sqlite3.Connection | None = None
         self._pruned_at = 0.0
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await super()._run(fn, *args)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"sqlite {self.path}: {exc}") from exc
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            directory = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(directory, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SCHEMA)
-            self._db = db
-        return self._db
 
     @contextlib.contextmanager
     def _transaction(self) -> Any:
@@ -233,15 +219,6 @@ class SqliteBudgetStore:
         self, customer: str | None, since: float | None, until: float | None
     ) -> list[UsageRecord]:
         return await self._run(self._usage, customer, since, until)
-
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    async def close(self) -> None:
-        await self._run(self._close)
-        self._executor.shutdown(wait=True)
 
 
 def _row(item: Finished) -> tuple[Any, ...]:
