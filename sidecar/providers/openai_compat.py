@@ -181,4 +181,8 @@ class OpenAIStreamDecoder:
             self.usage = Usage.from_openai(usage)
             if not self.wants_usage and not choices:
                 return []  # the usage chunk we asked for on our own
+        elif "usage" in chunk and not self.wants_usage:
+            # `"usage": null` is there only because we asked for usage: OpenAI omits it otherwise
+            del chunk["usage"]
+            return [orjson.dumps(chunk)]
         return [data]
