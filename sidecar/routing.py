@@ -260,6 +260,13 @@ class Router:
             self._add(self.candidate(ref, slot), circuit_open, route, seen)
         elif ref.startswith("slot:"):
             name = ref[5:]
+            if not name:
+                raise GatewayError(
+                    400,
+                    "invalid_model_ref",
+                    "slot: needs a slot name, e.g. slot:chat",
+                    param="model",
+                )
             refs = self.settings.slots.get(name)
             if refs is None:
                 raise model_not_found(f"slot {name!r} is not in the routing table")

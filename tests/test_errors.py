@@ -158,7 +158,9 @@ def test_bad_idempotency_key_is_400(gateway: SidecarProcess, fake_openai: FakeOp
 # -- model refs ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ref", ["fc:openai", "fc:/gpt-4o", "fc:openai/", "FC:openai/gpt-4o"])
+@pytest.mark.parametrize(
+    "ref", ["fc:openai", "fc:/gpt-4o", "fc:openai/", "FC:openai/gpt-4o", "slot:", "match:"]
+)
 def test_malformed_fc_ref_is_invalid_model_ref(
     gateway: SidecarProcess, fake_openai: FakeOpenAI, ref: str
 ) -> None:
