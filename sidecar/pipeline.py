@@ -1,7 +1,9 @@
 """The ordered addon chain, in the style of mitmproxy: an addon is a class whose methods are hooks.
 
 Hooks, each taking the Flow (and `attempt` hooks the Attempt too):
-  request(flow)                 before routing; may set flow.response or raise GatewayError
+  headers(flow)                 before the body is read: who is calling (auth); may set
+                                flow.response or raise GatewayError
+  request(flow)                 body parsed, before routing; may set flow.response or raise
   routed(flow)                  after the model ref resolved to a Route
   attempt(flow, attempt)        before each upstream call (budget reservation lives here)
   attempt_done(flow, attempt)   after each upstream call, success or failure
@@ -20,7 +22,9 @@ from typing import Any
 
 from sidecar.settings.model import AddonSpec
 
-HOOKS = ("request", "routed", "attempt", "attempt_done", "response", "error", "done")
+HOOKS = ("headers", "request", "routed", "attempt", "attempt_done", "response", "error", "done")
+
+SHORT_CIRCUIT = frozenset({"headers", "request"})  # hooks after which flow.response ends the chain
 
 Handler = Callable[..., Any]
 
@@ -48,7 +52,7 @@ class Pipeline:
                 await method(*args)
             else:
                 method(*args)
-            if flow.response is not None and hook == "request":
+            if flow.response is not None and hook in SHORT_CIRCUIT:
                 return
 
 

@@ -208,3 +208,13 @@ def test_keys_new_developer_becomes_the_dev(
     assert post_chat(proc, chat(), headers).status == 200
     line = next(r for r in proc.access_log() if r["request_id"] == "req_keys_new")
     assert (line["key_id"], line["dev"]) == ("billing", "dana")
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"x" * 3_000_000], ids=["garbage", "oversized"])
+def test_caller_without_a_key_is_refused_before_its_body_is_read(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI, body: bytes
+) -> None:
+    answer = post_chat(gateway, body, {"Authorization": "Bearer rk_nobody_has_this"})
+    assert answer.status == 401
+    assert answer.error["code"] == "invalid_api_key"
+    assert fake_openai.received == []

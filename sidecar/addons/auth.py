@@ -239,7 +239,8 @@ class Auth:
             origin=origin,
         )
 
-    def request(self, flow: Flow) -> None:
+    def headers(self, flow: Flow) -> None:
+        """Before the body is read: an unauthenticated caller cannot make us buffer it."""
         flow.client_ip = self.proxies.client_ip(flow.client_ip, flow.headers)
         flow.principal = self.authenticate(flow.headers, flow.client_ip)
         if flow.principal.origin is not None:

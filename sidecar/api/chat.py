@@ -106,19 +106,28 @@ async def _handle(request: web.Request, runtime: Runtime) -> web.StreamResponse:
     return response
 
 
+def _addon_answer(flow: Flow) -> web.StreamResponse:
+    """An addon answered: log and count it with its own status."""
+    assert flow.response is not None
+    flow.status = flow.response.status
+    if not flow.response.prepared:
+        flow.response.headers.setdefault("X-Request-Id", flow.id)
+    return flow.response
+
+
 async def _process(flow: Flow, request: web.Request) -> web.StreamResponse:
     runtime = flow.runtime
     settings = runtime.settings
+    await runtime.pipeline.run("headers", flow)
+    if flow.response is not None:
+        return _addon_answer(flow)
     raw = await read_body(request, settings.limits.max_body_bytes)
     flow.body_bytes = len(raw)
     body: dict[str, Any] = parse_json_object(raw)
     flow.body = body
     await runtime.pipeline.run("request", flow)
-    if flow.response is not None:  # an addon answered: log and count it with its own status
-        flow.status = flow.response.status
-        if not flow.response.prepared:
-            flow.response.headers.setdefault("X-Request-Id", flow.id)
-        return flow.response
+    if flow.response is not None:
+        return _addon_answer(flow)
     validate_chat_request(body)
     flow.schema_plan = runtime.services.schemas.plan(body.get("response_format"))
     flow.stream = body.get("stream") is True
