@@ -1,59 +1,37 @@
 """The embedded default store: one SQLite file in WAL mode, surviving restarts.
 
-The stdlib driver blocks, so every statement runs on one dedicated thread (a single-thread
-executor): the event loop only waits for a future, and the connection is never used by two
-threads at once. Each operation is one `BEGIN IMMEDIATE` transaction, so it is atomic also
-against other processes on the same file (`serve --workers N`), which wait up to
-`BUSY_TIMEOUT_MS` for the write lock.
+Every statement runs on the connection's own thread (`ThreadedSqlite`). Each operation is one
+`BEGIN IMMEDIATE` transaction, so it is atomic also against other processes on the same file
+(`serve --workers N`), which wait for the write lock.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.stores.base import Claim, ClaimState, StoreUnavailable
+from sidecar.stores.sqlite_thread import ThreadedSqlite
 
 T = TypeVar("T")
 
-BUSY_TIMEOUT_MS = 5000
 PURGE_EVERY = 60.0  # seconds between deletes of expired rows
 
 
-class Database:
-    """A connection owned by one thread; `run` calls a function with it, inside a transaction."""
+class Database(ThreadedSqlite):
+    """The idempotency database: `run` calls `fn(connection, *args)` in one transaction."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ringside-sqlite")
-        self._conn: sqlite3.Connection | None = None
+    def __init__(self, path: str, schema: str) -> None:
+        super().__init__(path, "ringside-sqlite", schema, synchronous="NORMAL")
 
-    def _connect(self, schema: list[str]) -> None:
-        parent = Path(self.path).parent
-        parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
-        )
-        self._conn = conn
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        for statement in schema:
-            conn.execute(statement)
-
-    async def open(self, schema: list[str]) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._connect, schema)
+    async def open(self) -> None:
+        await self._run(self._conn)  # errors as they are: a bad path stops the start
 
     def _transaction(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        conn = self._conn
-        assert conn is not None, "the database is not open"
+        conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(conn, *args)
@@ -65,21 +43,10 @@ class Database:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(connection, *args)` in one transaction on the database thread."""
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._transaction, fn, args)
+            return await self._run(self._transaction, fn, args)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"sqlite {self.path}: {exc}") from exc
-
-    def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._close)
-        self._executor.shutdown(wait=True)
 
 
 IDEMPOTENCY_SCHEMA = """
@@ -152,14 +119,14 @@ class SqliteIdempotency:
 
 class SqliteStore:
     def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
-        self.db = Database(path)
+        self.db = Database(path, IDEMPOTENCY_SCHEMA)
         self.idempotency = SqliteIdempotency(self.db, clock)
 
     @classmethod
     async def open(cls, path: str, clock: Callable[[], float] = time.time) -> SqliteStore:
         store = cls(path, clock)
         try:
-            await store.db.open([IDEMPOTENCY_SCHEMA])
+            await store.db.open()
         except BaseException:
             await store.close()
             raise
