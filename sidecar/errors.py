@@ -66,6 +66,13 @@ def invalid_request(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, "invalid_request", message, param=param)
 
 
+def internal_error(request_id: str) -> GatewayError:
+    """A bug of ours: logged with its traceback, answered without one."""
+    return GatewayError(
+        500, "internal_error", f"internal error; quote request id {request_id} when reporting it"
+    )
+
+
 class Outcome(enum.Enum):
     """How an upstream failure is treated: the request's fault, or a reason to escalate."""
 

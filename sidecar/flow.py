@@ -26,7 +26,6 @@ class Principal:
     developer: str | None = None
     customer: str | None = None
     allowed: tuple[str, ...] = ()
-    via_token: bool = False
     token_allowed: tuple[str, ...] = ()  # a client token's own allowed refs, on top of the key's
     origin: str | None = None  # the Origin a client token is bound to (CORS answers name it)
 
@@ -40,7 +39,6 @@ class Attempt:
     seconds: float = 0.0
     usage: Usage | None = None
     error: UpstreamError | None = None
-    reserved_usd: float = 0.0
     cost_usd: float = 0.0
 
     @property

@@ -41,18 +41,16 @@ class Pipeline:
                     found.append((method, inspect.iscoroutinefunction(method)))
             self._handlers[hook] = tuple(found)
 
-    def has(self, hook: str) -> bool:
-        return bool(self._handlers[hook])
-
     async def run(self, hook: str, *args: Any) -> None:
         """Call `hook` on every addon in order; stops early once `flow.response` is set."""
         flow = args[0]
+        stops = hook in SHORT_CIRCUIT
         for method, is_async in self._handlers[hook]:
             if is_async:
                 await method(*args)
             else:
                 method(*args)
-            if flow.response is not None and hook in SHORT_CIRCUIT:
+            if stops and flow.response is not None:
                 return
 
 

@@ -234,7 +234,6 @@ class Auth:
             developer=key.developer,
             customer=claims.customer,
             allowed=key.allowed,
-            via_token=True,
             token_allowed=claims.allowed_models,
             origin=origin,
         )

@@ -181,7 +181,6 @@ class BudgetAddon:
                 "retry shortly (storage.fail_open: true admits budgeted requests during a "
                 "store outage)",
             ) from None
-        attempt.reserved_usd = amount / NANO
         flow.metadata.setdefault(HOLDS, {})[id(attempt)] = holds
         self._show(flow, {h.scope.name: Balance(h.spent) for h in holds}, scopes)
 

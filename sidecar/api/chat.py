@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web
 
 from sidecar import sse
+from sidecar.addons.idempotency import well_formed
 from sidecar.api.common import (
     JSON_CONTENT_TYPE,
     error_response,
@@ -21,7 +22,7 @@ from sidecar.api.common import (
 )
 from sidecar.api.validation import header_error, requested_max_output, validate_chat_request
 from sidecar.app import STATE
-from sidecar.errors import GatewayError, UpstreamError
+from sidecar.errors import GatewayError, UpstreamError, internal_error
 from sidecar.flow import Flow
 from sidecar.routing import Estimate
 from sidecar.runtime import Runtime
@@ -95,9 +96,7 @@ async def _handle(request: web.Request, runtime: Runtime) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("internal error in request %s", flow.id)
-        internal = GatewayError(
-            500, "internal_error", f"internal error; quote request id {flow.id} when reporting it"
-        )
+        internal = internal_error(flow.id)
         flow.error, flow.status = internal, 500
         response = error_response(internal, ringside_headers(flow))
     finally:
@@ -132,9 +131,7 @@ async def _process(flow: Flow, request: web.Request) -> web.StreamResponse:
     flow.schema_plan = runtime.services.schemas.plan(body.get("response_format"))
     flow.stream = body.get("stream") is True
     idempotency_key = request.headers.get("Idempotency-Key")
-    if idempotency_key is not None and not (
-        1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()
-    ):
+    if idempotency_key is not None and not well_formed(idempotency_key):
         raise header_error("Idempotency-Key", "must be 1-255 printable characters")
 
     estimate = Estimate(prompt_tokens=len(raw) // 4, max_output=requested_max_output(body))
@@ -235,9 +232,7 @@ async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
             raise
         # headers are out: the only honest answer left is an SSE error event that ends the stream
         log.exception("internal error in stream %s", flow.id)
-        internal = GatewayError(
-            500, "internal_error", f"internal error; quote request id {flow.id} when reporting it"
-        )
+        internal = internal_error(flow.id)
         flow.error, flow.status = internal, 500
         with contextlib.suppress(Exception):
             await response.write(sse.encode(internal.body()))

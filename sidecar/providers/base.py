@@ -81,10 +81,6 @@ class Completion:
         reason = choices[0].get("finish_reason")
         return reason if isinstance(reason, str) else None
 
-    @property
-    def ends_in_tool_calls(self) -> bool:
-        return bool(self.message.get("tool_calls")) or self.finish_reason == "tool_calls"
-
 
 @dataclass(frozen=True, slots=True)
 class HttpRequest:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import ipaddress
 import json
 import os
@@ -525,7 +524,3 @@ def _slot_cycle(target: str, slots: Mapping[str, tuple[str, ...]], trail: list[s
         if ref.startswith("slot:"):
             problems.extend(_slot_cycle(ref[5:], slots, [*trail, target]))
     return problems
-
-
-def key_digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
