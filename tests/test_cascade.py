@@ -114,6 +114,8 @@ def test_connection_reset_escalates(client: openai.OpenAI, fake_openai: FakeOpen
     fake_openai.on_model("cheap", Reply(reset=True))
     raw = create_raw(client, ["fc:openai/cheap", "fc:openai/mid"])
     assert raw.headers["X-Ringside-Model-Used"] == "fc:openai/mid"
+    assert raw.headers["X-Ringside-Models-Tried"] == "fc:openai/cheap,fc:openai/mid"
+    assert fake_openai.models_called() == ["cheap", "mid"]
 
 
 @pytest.mark.parametrize(
@@ -125,6 +127,9 @@ def test_unparseable_upstream_body_escalates(
     fake_openai.on_model("cheap", Reply(raw_body=body))
     raw = create_raw(client, ["fc:openai/cheap", "fc:openai/mid"])
     assert raw.headers["X-Ringside-Model-Used"] == "fc:openai/mid"
+    assert raw.headers["X-Ringside-Fallback-Triggered"] == "true"
+    assert fake_openai.models_called() == ["cheap", "mid"]
+    assert raw.parse().choices[0].message.content == "Hello from the fake upstream."
 
 
 def test_context_length_error_escalates(client: openai.OpenAI, fake_openai: FakeOpenAI) -> None:

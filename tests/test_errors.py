@@ -339,11 +339,6 @@ def test_sdk_raw_response_of_an_error_has_the_headers(
     assert caught.value.response.headers["X-Ringside-Models-Tried"] == MINI
 
 
-def test_unknown_api_path_is_404(gateway: SidecarProcess) -> None:
-    answer = request(gateway.url, "POST", "/v1/nothing-here", {})
-    assert answer.status == 404
-
-
 def test_unknown_path_is_404_in_the_openai_envelope(gateway: SidecarProcess) -> None:
     answer = request(gateway.url, "POST", "/v1/embeddings", {"input": "x"})
     assert answer.status == 404
