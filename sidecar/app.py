@@ -11,7 +11,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from sidecar.addons.circuits import CircuitBreakers
-from sidecar.addons.metrics import Metrics
+from sidecar.addons.metrics import Metrics, flush_periodically
 from sidecar.addons.ratelimit import open_limiter
 from sidecar.addons.usage import UsageWriter
 from sidecar.runtime import Runtime, RuntimeHolder, Services
@@ -102,6 +102,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await services.limiter.close()
         raise
     gauges = asyncio.create_task(runtime.budget.refresh())  # spent gauges from the store
+    flusher = asyncio.create_task(flush_periodically(metrics))
     state.holder = RuntimeHolder(state.config_path, runtime)
     watcher = asyncio.create_task(
         watch_file(state.config_path, state.holder.reload, state.watch_interval)
@@ -109,12 +110,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        watcher.cancel()
-        gauges.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        with contextlib.suppress(asyncio.CancelledError):
-            await gauges
+        for task in (watcher, gauges, flusher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        metrics.tally.flush()
         await usage.close()  # the queued usage records, before the store closes
         await budgets.close()
         await services.limiter.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any
 
 from sidecar.settings.model import AddonSpec
@@ -29,10 +29,24 @@ SHORT_CIRCUIT = frozenset({"headers", "request"})  # hooks after which flow.resp
 Handler = Callable[..., Any]
 
 
+class _Done:
+    """An awaitable that is already finished: `await` on it returns at once, no event loop."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # never reached: makes this a generator that is finished at its first step
+
+
+DONE = _Done()
+
+
 class Pipeline:
     def __init__(self, addons: Sequence[object]) -> None:
         self.addons = tuple(addons)
         self._handlers: dict[str, tuple[tuple[Handler, bool], ...]] = {}
+        self._all_sync: dict[str, bool] = {}
         for hook in HOOKS:
             found = []
             for addon in self.addons:
@@ -40,9 +54,24 @@ class Pipeline:
                 if callable(method):
                     found.append((method, inspect.iscoroutinefunction(method)))
             self._handlers[hook] = tuple(found)
+            self._all_sync[hook] = not any(is_async for _, is_async in found)
 
-    async def run(self, hook: str, *args: Any) -> None:
-        """Call `hook` on every addon in order; stops early once `flow.response` is set."""
+    def run(self, hook: str, *args: Any) -> Awaitable[None]:
+        """Call `hook` on every addon in order; stops early once `flow.response` is set.
+
+        A hook with only synchronous handlers runs right here, and what is returned is
+        already done: awaiting it costs no coroutine and no trip through the event loop."""
+        if self._all_sync[hook]:
+            flow = args[0]
+            stops = hook in SHORT_CIRCUIT
+            for method, _ in self._handlers[hook]:
+                method(*args)
+                if stops and flow.response is not None:
+                    break
+            return DONE
+        return self._run_async(hook, args)
+
+    async def _run_async(self, hook: str, args: tuple[Any, ...]) -> None:
         flow = args[0]
         stops = hook in SHORT_CIRCUIT
         for method, is_async in self._handlers[hook]:

@@ -182,7 +182,9 @@ class BudgetAddon:
                 "store outage)",
             ) from None
         flow.metadata.setdefault(HOLDS, {})[id(attempt)] = holds
-        self._show(flow, {h.scope.name: Balance(h.spent) for h in holds}, scopes)
+        # the header as of now (a stream's headers leave before its settle); gauges at settle
+        left = min(h.scope.limit - h.spent for h in holds)
+        flow.metadata[REMAINING] = max(0, left) / NANO
 
     async def attempt_done(self, flow: Flow, attempt: Attempt) -> None:
         if attempt.candidate.price is None:
@@ -201,8 +203,11 @@ class BudgetAddon:
         record = RecordRef(record_id, flow.principal.customer, flow.started_wall)
         if carries_record(holds, record):
             note_charged(flow, cost, usage)  # before the await: a cancel must not re-add it
+        settling = self.store.settle(holds, charge, record)
         try:
-            settled = await asyncio.shield(self.store.settle(holds, charge, record))
+            # a store that settles in-process never suspends, so no cancel can cut it short;
+            # any other settle must finish even when the client goes away
+            settled = await (settling if self.store.inline else asyncio.shield(settling))
         except Exception:
             log.exception("settling the budget of request %s failed", flow.id)
             return
@@ -224,8 +229,8 @@ class BudgetAddon:
             remaining.append(left)
             if scope.kind == "cust":
                 spent_gauge, remaining_gauge = self._gauges[scope.ident]
-                spent_gauge.set(balance.spent / NANO)
-                remaining_gauge.set(left / NANO)
+                self.metrics.tally.set(spent_gauge, balance.spent / NANO)
+                self.metrics.tally.set(remaining_gauge, left / NANO)
         if remaining:
             flow.metadata[REMAINING] = min(remaining) / NANO
 
@@ -238,5 +243,6 @@ class BudgetAddon:
             except StoreUnavailable:
                 return
             left = balance.remaining(scope.limit)
-            self.metrics.budget_spent.labels(scope.ident).set(balance.spent / NANO)
-            self.metrics.budget_remaining.labels(scope.ident).set(left / NANO)
+            spent_gauge, remaining_gauge = self._gauges[scope.ident]
+            self.metrics.tally.set(spent_gauge, balance.spent / NANO)
+            self.metrics.tally.set(remaining_gauge, left / NANO)

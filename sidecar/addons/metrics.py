@@ -7,7 +7,9 @@ the config are `_other`; models are catalog/slot refs or `fc:<provider>/_other`.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import (
@@ -31,16 +33,78 @@ OVERHEAD_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1,
 )  # fmt: skip
 OTHER = "_other"
+FLUSH_SECONDS = 1.0  # how far behind /metrics may be for a worker that did not serve the scrape
+MAX_PENDING = 4096  # distinct pending series before a flush is forced
 EXHAUSTED_CODES = frozenset({"upstream_unavailable", "response_schema_validation_failed"})
 
 
-def exposition(registry: CollectorRegistry) -> bytes:
+def exposition(metrics: Metrics) -> bytes:
     """The text to serve on /metrics: this registry, or all workers' when `--workers` > 1."""
+    metrics.tally.flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
-    return generate_latest(registry)
+    return generate_latest(metrics.registry)
+
+
+class Tally:
+    """Per-request metric updates as plain dict arithmetic, handed to prometheus-client in bulk.
+
+    prometheus-client locks and validates on every update (about 1 µs per counter increment,
+    2 µs per histogram observation); a request makes a dozen. Here an update adds to a dict
+    entry, and `flush` (before every scrape, and every FLUSH_SECONDS for the other workers'
+    scrapes) applies the sums: one increment per counter series and per histogram bucket.
+    """
+
+    def __init__(self) -> None:
+        self._added: dict[Any, float] = {}  # counter or gauge child → amount to add
+        self._latest: dict[Any, float] = {}  # gauge child → value to set
+        self._buckets: dict[Any, list[float]] = {}  # histogram child → [per-bucket counts, sum]
+        self._bounds: dict[Any, tuple[float, ...]] = {}
+
+    def inc(self, child: Any, amount: float = 1.0) -> None:
+        added = self._added
+        added[child] = added.get(child, 0.0) + amount
+
+    def set(self, child: Any, value: float) -> None:
+        self._latest[child] = value
+
+    def observe(self, child: Any, value: float) -> None:
+        pending = self._buckets.get(child)
+        if pending is None:
+            if len(self._buckets) >= MAX_PENDING:
+                self.flush()
+            bounds = self._bounds.get(child)
+            if bounds is None:
+                bounds = self._bounds[child] = tuple(child._upper_bounds)
+            pending = self._buckets[child] = [0.0] * (len(bounds) + 1)
+        pending[bisect_left(self._bounds[child], value)] += 1
+        pending[-1] += value
+
+    def flush(self) -> None:
+        added, self._added = self._added, {}
+        latest, self._latest = self._latest, {}
+        buckets, self._buckets = self._buckets, {}
+        for child, amount in added.items():
+            child.inc(amount)
+        for child, value in latest.items():
+            child.set(value)
+        for child, pending in buckets.items():
+            # prometheus-client's own histogram fields (stable since 0.4): the bucket values
+            # and the sum, which observe() itself updates
+            for index, count in enumerate(pending[:-1]):
+                if count:
+                    child._buckets[index].inc(count)
+            child._sum.inc(pending[-1])
+
+
+async def flush_periodically(metrics: Metrics) -> None:
+    """Keep the shared (multiprocess) values at most FLUSH_SECONDS behind, and the pending
+    tally small between scrapes."""
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        metrics.tally.flush()
 
 
 class Metrics:
@@ -48,6 +112,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.tally = Tally()
         r = self.registry
         self.requests = Counter(
             "ringside_requests_total",
@@ -179,12 +244,13 @@ def customer_label(settings: Settings, customer: str | None) -> str:
 class MetricsAddon:
     """Records each request's metrics from its Flow; first in the chain so it sees every request.
 
-    Labelled children are looked up once and kept (labels are bounded), which keeps
-    prometheus-client's per-call label validation and locking off the hot path.
+    Labelled children are looked up once and kept (labels are bounded), and updates go through
+    the Tally, which keeps prometheus-client's per-call validation and locking off the hot path.
     """
 
     def __init__(self, metrics: Metrics, settings: Settings) -> None:
         self.metrics = metrics
+        self.tally = metrics.tally
         self.settings = settings
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         self._duration = {
@@ -200,41 +266,43 @@ class MetricsAddon:
         return found
 
     def request(self, flow: Flow) -> None:
-        self.metrics.inflight.inc()
+        self.tally.inc(self.metrics.inflight)
         flow.metadata["metrics_inflight"] = True
 
     def attempt_done(self, flow: Flow, attempt: Attempt) -> None:
         candidate = attempt.candidate
         provider, label = candidate.provider.name, candidate.label
-        m = self.metrics
-        self.child(m.upstream_requests, provider, label, attempt.outcome).inc()
-        self.child(m.upstream_duration, provider).observe(attempt.seconds)
+        m, tally = self.metrics, self.tally
+        tally.inc(self.child(m.upstream_requests, provider, label, attempt.outcome))
+        tally.observe(self.child(m.upstream_duration, provider), attempt.seconds)
         usage = attempt.usage
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
-            self.child(m.tokens, provider, label, "prompt").inc(usage.prompt_tokens)
-            self.child(m.tokens, provider, label, "completion").inc(usage.completion_tokens)
+            tally.inc(self.child(m.tokens, provider, label, "prompt"), usage.prompt_tokens)
+            tally.inc(self.child(m.tokens, provider, label, "completion"), usage.completion_tokens)
         if attempt.cost_usd:
             customer = customer_label(self.settings, flow.principal.customer)
-            self.child(m.cost, customer, label).inc(attempt.cost_usd)
+            tally.inc(self.child(m.cost, customer, label), attempt.cost_usd)
 
     def done(self, flow: Flow) -> None:
-        m = self.metrics
+        m, tally = self.metrics, self.tally
         if flow.metadata.pop("metrics_inflight", False):
-            m.inflight.dec()
-        self.child(m.requests, str(flow.status)).inc()
-        self._duration[flow.stream].observe(flow.seconds)
-        m.overhead.observe(flow.overhead_seconds)
+            tally.inc(m.inflight, -1.0)
+        tally.inc(self.child(m.requests, str(flow.status)))
+        tally.observe(self._duration[flow.stream], flow.seconds)
+        tally.observe(m.overhead, flow.overhead_seconds)
         if flow.models_tried:
-            m.cascade_depth.observe(len(flow.models_tried))
+            tally.observe(m.cascade_depth, len(flow.models_tried))
         for from_model, to_model, reason in flow.fallbacks:
-            self.child(m.fallbacks, from_model, to_model, reason).inc()
+            tally.inc(self.child(m.fallbacks, from_model, to_model, reason))
         for model, result in flow.schema_checks:
-            self.child(m.schema_validations, model, result).inc()
+            tally.inc(self.child(m.schema_validations, model, result))
         for model in flow.schema_reprompts:
-            self.child(m.schema_reprompts, model).inc()
+            tally.inc(self.child(m.schema_reprompts, model))
         error = flow.error
         if error is not None and flow.attempts and error.code in EXHAUSTED_CODES:
-            self.child(m.cascade_exhausted, error.code).inc()
+            tally.inc(self.child(m.cascade_exhausted, error.code))
         if flow.first_token_at is not None and flow.attempts:
             provider = flow.attempts[-1].candidate.provider.name
-            self.child(m.time_to_first_token, provider).observe(flow.first_token_at - flow.started)
+            tally.observe(
+                self.child(m.time_to_first_token, provider), flow.first_token_at - flow.started
+            )

@@ -36,6 +36,7 @@ from sidecar.stores.ratelimit_memory import MemoryLimiter
 
 SCOPES = ("ip", "token", "dev", "customer")
 SCOPE_NOUNS = {"ip": "client IP", "token": "API key", "dev": "developer", "customer": "customer"}
+MAX_PLANS = 10_000  # callers whose cells are kept built (forgotten all at once beyond this)
 _CHARGED = "ratelimit_charged"  # flow.metadata: [(cell key, tokens charged, interval)]
 
 
@@ -88,20 +89,20 @@ _HEADER_NAMES = {
 
 def state_headers(cells: Sequence[Cell], verdict: Verdict) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers for the tightest cell of each kind."""
-    tightest: dict[str, tuple[int, int, float]] = {}
+    tightest: dict[str, tuple[int, Cell, float]] = {}
     for cell, backlog in zip(cells, verdict.backlogs, strict=True):
         remaining = cell.remaining(backlog)
         found = tightest.get(cell.kind)
         if (
             found is None
             or remaining < found[0]
-            or (remaining == found[0] and cell.limit < found[1])
+            or (remaining == found[0] and cell.limit < found[1].limit)
         ):
-            tightest[cell.kind] = (remaining, cell.limit, backlog)
+            tightest[cell.kind] = (remaining, cell, backlog)
     headers = {}
-    for kind, (remaining, limit, backlog) in tightest.items():
+    for kind, (remaining, cell, backlog) in tightest.items():
         limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-        headers[limit_name] = str(limit)
+        headers[limit_name] = cell.limit_text
         headers[remaining_name] = str(remaining)
         headers[reset_name] = duration(backlog)
     return headers
@@ -137,33 +138,52 @@ class RateLimits:
             )
         )
         self.refused = {scope: metrics.rate_limited.labels(scope) for scope in SCOPES}
+        self._plans: dict[tuple[str | None, ...], tuple[Cell | tuple[str, str, int], ...]] = {}
 
     def cells(self, flow: Flow) -> list[Cell]:
         principal = flow.principal
-        key_id, customer = principal.key_id, principal.customer
+        who = (flow.client_ip or None, principal.key_id, principal.developer, principal.customer)
+        plan = self._plans.get(who)
+        if plan is None:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[who] = self._plan(*who)
+        estimate = -1
+        cells: list[Cell] = []
+        for entry in plan:
+            if isinstance(entry, Cell):
+                cells.append(entry)
+                continue
+            if estimate < 0:
+                estimate = tokens_estimate(flow)
+            key, scope, limit = entry
+            cells.append(Cell(key, scope, TOKENS, limit, min(estimate, limit)))
+        return cells
+
+    def _plan(
+        self, ip: str | None, key_id: str | None, developer: str | None, customer: str | None
+    ) -> tuple[Cell | tuple[str, str, int], ...]:
+        """The cells of one caller: request cells whole (their cost is always 1), token cells
+        as (key, scope, limit) to be costed per request."""
         applicable = (
-            ("ip", flow.client_ip or None, self.ip),
+            ("ip", ip, self.ip),
             ("token", key_id, self.per_key.get(key_id, self.token) if key_id else None),
-            ("dev", principal.developer, self.dev),
+            ("dev", developer, self.dev),
             (
                 "customer",
                 customer,
                 self.per_customer.get(customer, self.customer) if customer else None,
             ),
         )
-        cells: list[Cell] = []
-        estimate = -1
+        plan: list[Cell | tuple[str, str, int]] = []
         for scope, who, limit in applicable:
             if who is None or limit is None:
                 continue
             if limit.rpm:
-                cells.append(Cell(f"{scope}:r:{who}", scope, REQUESTS, limit.rpm, 1))
+                plan.append(Cell(f"{scope}:r:{who}", scope, REQUESTS, limit.rpm, 1))
             if limit.tpm:
-                if estimate < 0:
-                    estimate = tokens_estimate(flow)
-                cost = min(estimate, limit.tpm)
-                cells.append(Cell(f"{scope}:t:{who}", scope, TOKENS, limit.tpm, cost))
-        return cells
+                plan.append((f"{scope}:t:{who}", scope, limit.tpm))
+        return tuple(plan)
 
     async def request(self, flow: Flow) -> None:
         if not self.active:

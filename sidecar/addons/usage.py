@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 
 from sidecar.flow import Flow
+from sidecar.ids import new_id
 from sidecar.providers.base import Usage
 from sidecar.stores.budget import BudgetStore, Charge, Finished, UsageRecord, to_nano
 
@@ -28,7 +28,7 @@ def usage_id(flow: Flow) -> str:
     """The request's record id: unique even when clients reuse an X-Request-Id."""
     found = flow.metadata.get("usage_id")
     if found is None:
-        found = flow.metadata["usage_id"] = os.urandom(12).hex()
+        found = flow.metadata["usage_id"] = new_id()
     return str(found)
 
 

@@ -29,7 +29,7 @@ async def metrics(request: web.Request) -> web.Response:
         return web.Response(status=503, text="starting\n")
     if not holder.current.settings.metrics_enabled:
         return web.Response(status=404, text="metrics are disabled (metrics.enabled: false)\n")
-    payload = exposition(holder.current.services.metrics.registry)
+    payload = exposition(holder.current.services.metrics)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

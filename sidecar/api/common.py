@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import orjson
 from aiohttp import web
 
 from sidecar.errors import GatewayError, invalid_request
+from sidecar.ids import new_id
 
 JSON_CONTENT_TYPE = "application/json"
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -18,7 +18,7 @@ def request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id")
     if given is not None and _REQUEST_ID.match(given):
         return given
-    return "req_" + os.urandom(12).hex()
+    return "req_" + new_id()
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

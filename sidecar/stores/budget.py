@@ -93,10 +93,10 @@ class Scope:
     ident: str
     limit: int
     period: str
+    name: str = field(init=False)  # `cust:<id>`: the store's key, built once
 
-    @property
-    def name(self) -> str:
-        return f"{self.kind}:{self.ident}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", f"{self.kind}:{self.ident}")
 
     @property
     def label(self) -> str:
@@ -221,6 +221,8 @@ def carries_record(holds: Sequence[Hold], record: RecordRef) -> bool:
 
 class BudgetStore(Protocol):
     """Budget holds, spent per period, and usage records: one backend behind all of them."""
+
+    inline: bool  # True when no call ever suspends (the in-process store): nothing to shield
 
     async def reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float

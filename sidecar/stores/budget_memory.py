@@ -3,12 +3,12 @@ that accept losing the period's spend on restart. Nothing here awaits, so each c
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from sidecar.ids import new_id
 from sidecar.stores.budget import (
     Balance,
     BudgetExceeded,
@@ -24,53 +24,62 @@ from sidecar.stores.budget import (
 )
 
 MAX_RECORDS = 100_000  # oldest records are dropped beyond this: memory is bounded
+SWEEP_SECONDS = 1.0  # how often expired holds are looked for
 
 
 class MemoryBudgetStore:
+    inline = True
+
     def __init__(
         self, max_records: int = MAX_RECORDS, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.clock = clock
         self._spent: dict[tuple[str, str], int] = {}
         self._holds: dict[str, dict[str, tuple[int, float]]] = {}  # scope → id → amount, expiry
+        self._held: dict[str, int] = {}  # scope → sum of its holds
+        self._next_sweep = 0.0
         self._records: dict[str, UsageRecord] = {}
         self._order: deque[str] = deque()
         self._max_records = max_records
 
-    def _held(self, scope: str, now: float) -> int:
-        holds = self._holds.get(scope)
-        if not holds:
-            return 0
-        expired = [hold_id for hold_id, (_, expires) in holds.items() if expires <= now]
-        for hold_id in expired:
-            del holds[hold_id]
-        return sum(amount for amount, _ in holds.values())
+    def _sweep(self, now: float) -> None:
+        """Drop expired holds (a hold outlives its request only if its settle never ran)."""
+        self._next_sweep = now + SWEEP_SECONDS
+        for scope, holds in self._holds.items():
+            expired = [hold_id for hold_id, (_, expires) in holds.items() if expires <= now]
+            for hold_id in expired:
+                self._held[scope] -= holds.pop(hold_id)[0]
 
     async def reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
         now = self.clock()
-        hold_id = os.urandom(8).hex()
-        holds = []
+        if now >= self._next_sweep:
+            self._sweep(now)
+        spent, held = self._spent, self._held
         for scope, win in scopes:
-            balance = Balance(self._spent.get((scope.name, win.id), 0), self._held(scope.name, now))
+            balance = Balance(spent.get((scope.name, win.id), 0), held.get(scope.name, 0))
             if balance.spent + balance.held + amount > scope.limit:
                 raise BudgetExceeded(scope, win, balance, amount)
-            holds.append(Hold(hold_id, scope, win, amount, balance.spent))
-        for hold in holds:
-            self._holds.setdefault(hold.scope.name, {})[hold_id] = (amount, now + ttl)
+        hold_id = new_id()
+        holds = []
+        for scope, win in scopes:
+            holds.append(Hold(hold_id, scope, win, amount, spent.get((scope.name, win.id), 0)))
+            self._holds.setdefault(scope.name, {})[hold_id] = (amount, now + ttl)
+            held[scope.name] = held.get(scope.name, 0) + amount
         return holds
 
     async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
         settled = Settled()
-        now = self.clock()
+        spent, held = self._spent, self._held
         for hold in holds:
-            self._holds.get(hold.scope.name, {}).pop(hold.id, None)
-            key = (hold.scope.name, hold.window.id)
-            self._spent[key] = self._spent.get(key, 0) + charge.cost
-            settled.balances[hold.scope.name] = Balance(
-                self._spent[key], self._held(hold.scope.name, now)
-            )
+            name = hold.scope.name
+            taken = self._holds.get(name, {}).pop(hold.id, None)
+            if taken is not None:
+                held[name] -= taken[0]
+            key = (name, hold.window.id)
+            spent[key] = spent.get(key, 0) + charge.cost
+            settled.balances[name] = Balance(spent[key], held.get(name, 0))
         if carries_record(holds, record):
             _add(self._record(record.id, record.customer, record.time), charge)
         return settled
@@ -88,16 +97,18 @@ class MemoryBudgetStore:
         for item in finished:
             record = item.record
             found = self._record(record.id, record.customer, record.time)
-            cost, prompt, completion = found.cost, found.prompt_tokens, found.completion_tokens
-            self._records[record.id] = replace(
-                record, cost=cost, prompt_tokens=prompt, completion_tokens=completion
-            )
-            _add(self._records[record.id], item.charge)
+            # the finished record replaces the one the settles added to, keeping their sums
+            record.cost = found.cost
+            record.prompt_tokens = found.prompt_tokens
+            record.completion_tokens = found.completion_tokens
+            self._records[record.id] = record
+            _add(record, item.charge)
 
     async def balance(self, scope: Scope, win: Window) -> Balance:
-        return Balance(
-            self._spent.get((scope.name, win.id), 0), self._held(scope.name, self.clock())
-        )
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return Balance(self._spent.get((scope.name, win.id), 0), self._held.get(scope.name, 0))
 
     async def usage(
         self, customer: str | None, since: float | None, until: float | None

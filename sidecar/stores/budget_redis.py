@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +27,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from sidecar.ids import new_id
 from sidecar.stores.budget import (
     Balance,
     BudgetExceeded,
@@ -68,6 +68,8 @@ def _scope_keys(scope: Scope, win: Window) -> list[str]:
 
 
 class RedisBudgetStore:
+    inline = False
+
     def __init__(
         self,
         url: str,
@@ -119,7 +121,7 @@ class RedisBudgetStore:
     async def reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
-        hold_id = os.urandom(8).hex()
+        hold_id = new_id()
         taken: list[Hold] = []
         try:
             for scope, win in scopes:

@@ -10,12 +10,12 @@ survives the process dying (not a power cut between checkpoints).
 from __future__ import annotations
 
 import contextlib
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from sidecar.ids import new_id
 from sidecar.stores.budget import (
     Balance,
     BudgetExceeded,
@@ -77,6 +77,8 @@ PRUNE_EVERY = 3600.0
 
 
 class SqliteBudgetStore(ThreadedSqlite):
+    inline = False
+
     def __init__(
         self,
         path: str,
@@ -124,7 +126,7 @@ class SqliteBudgetStore(ThreadedSqlite):
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
         now = self.clock()
-        hold_id = os.urandom(8).hex()
+        hold_id = new_id()
         holds = []
         with self._transaction() as db:
             for scope, win in scopes:

@@ -30,13 +30,14 @@ class Cell:
     A plain slotted class (a few are built per request): `interval` and `slack` (the rounding
     tolerance) are computed once here, for the backends and the headers."""
 
-    __slots__ = ("cost", "interval", "key", "kind", "limit", "scope", "slack")
+    __slots__ = ("cost", "interval", "key", "kind", "limit", "limit_text", "scope", "slack")
 
     def __init__(self, key: str, scope: str, kind: str, limit: int, cost: float) -> None:
         self.key = key  # stable identity across requests and replicas: scope, kind, who
         self.scope = scope  # ip | token | dev | customer
         self.kind = kind  # requests | tokens
         self.limit = limit
+        self.limit_text = str(limit)  # for the x-ratelimit-limit-* header
         self.cost = cost
         interval = self.interval = PERIOD / limit
         self.slack = interval / 2 if interval < 2 * TOLERANCE else TOLERANCE
