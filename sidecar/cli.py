@@ -173,6 +173,10 @@ async def _serve(
         admin_runner, listen.admin.host, listen.admin.port, reuse_port=reuse_port
     ).start()
     settle_heap()
+    from sidecar.structured import warm_up
+
+    # ready first; what only some requests need is imported off the event loop
+    warm_up_task = asyncio.get_running_loop().run_in_executor(None, warm_up)
     mode = "open mode" if settings.open_mode else f"{len(settings.keys)} keys"
     log.info(
         "ringside ready in %.0f ms: api http://%s/v1, admin http://%s (%s, config %s)",
@@ -189,6 +193,7 @@ async def _serve(
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: state.holder and state.holder.reload())
     await stop.wait()
+    await warm_up_task
 
     state.draining = True  # /readyz fails first; in-flight requests and streams finish
     log.info("draining %d in-flight requests", state.inflight)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
-
-from jsonschema import Draft202012Validator, FormatChecker
+from typing import Any, Protocol
 
 Predicate = Callable[[Any], bool]
 
@@ -26,9 +24,28 @@ _NUMBER = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum
 _ARRAY = frozenset({"items", "minItems", "maxItems"})
 _GROUPED = _OBJECT | _STRING | _NUMBER | _ARRAY
 _SCOPED = frozenset({"$id", "$anchor", "$dynamicAnchor", "$dynamicRef", "$recursiveRef"})
-# What Draft 2020-12 asserts; any other key is an annotation (or unknown) and ignored, as
-# jsonschema ignores it.
-_ASSERTIONS = frozenset(Draft202012Validator.VALIDATORS)
+# What Draft 2020-12 asserts (jsonschema's Draft202012Validator.VALIDATORS, written out so
+# that this module does not import jsonschema; a test checks the two agree); any other key is
+# an annotation (or unknown) and ignored, as jsonschema ignores it.
+ASSERTIONS = frozenset(
+    {
+        "$dynamicRef", "$ref", "additionalProperties", "allOf", "anyOf", "const", "contains",
+        "dependentRequired", "dependentSchemas", "enum", "exclusiveMaximum", "exclusiveMinimum",
+        "format", "if", "items", "maxContains", "maxItems", "maxLength", "maxProperties",
+        "maximum", "minContains", "minItems", "minLength", "minProperties", "minimum",
+        "multipleOf", "not", "oneOf", "pattern", "patternProperties", "prefixItems",
+        "properties", "propertyNames", "required", "type", "unevaluatedItems",
+        "unevaluatedProperties", "uniqueItems",
+    }
+)  # fmt: skip
+
+
+class FormatChecker(Protocol):
+    """What the compiler needs of a format checker (jsonschema's FormatChecker has it)."""
+
+    checkers: dict[str, Any]
+
+    def conforms(self, instance: object, format: str) -> bool: ...
 
 
 class Unsupported(Exception):
@@ -117,6 +134,7 @@ class _Compiler:
             "allOf": self._all_of,
             "oneOf": self._one_of,
             "not": self._not,
+            "propertyNames": self._property_names,
             "$ref": self._ref,
         }
 
@@ -129,7 +147,7 @@ class _Compiler:
             raise Unsupported("not a schema")
         checks: list[Predicate] = []
         for key, value in node.items():
-            if key not in _ASSERTIONS or key in _GROUPED:
+            if key not in ASSERTIONS or key in _GROUPED:
                 continue
             handler = self.keywords.get(key)
             if handler is None:
@@ -173,6 +191,10 @@ class _Compiler:
     def _not(self, sub: Any) -> Predicate:
         check = self.compile(sub)
         return lambda v: not check(v)
+
+    def _property_names(self, sub: Any) -> Predicate:
+        check = self.compile(sub)
+        return lambda v: not isinstance(v, dict) or all(check(key) for key in v)
 
     def _ref(self, ref: str) -> Predicate:
         found = self.refs.get(ref)

@@ -19,19 +19,20 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, ValidationError
-from jsonschema_specifications import REGISTRY as SPECIFICATIONS
-from referencing.exceptions import Unresolvable
-from referencing.jsonschema import DRAFT202012
 
 from sidecar.errors import GatewayError, Outcome, UpstreamError, invalid_request
 from sidecar.providers.base import Completion
 from sidecar.schema_compiler import Predicate, compile_predicate
 
 if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError
+
     from sidecar.flow import Flow
     from sidecar.routing import Candidate
+
+# jsonschema (≈0.1 s to import) is imported on the first response_format, not at startup;
+# the server warms it up in a background thread once it is ready (see warm_up).
 
 MAX_REPROMPTS = 2
 MAX_LISTED_ERRORS = 5
@@ -39,7 +40,6 @@ MAX_MESSAGE_CHARS = 200
 DEFAULT_CACHE_SIZE = 512
 
 _FENCE = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\r?\n?(.*?)\r?\n?[ \t]*```", re.S)
-_NO_REMOTE_REFS = SPECIFICATIONS  # the metaschemas only: a $ref is never fetched over the network
 _NOT_SCHEMA_KEYS = frozenset({"const", "enum", "default", "examples"})
 _JSON_OBJECT = {"type": "json_object"}
 _OBJECT_INSTRUCTION = (
@@ -191,9 +191,21 @@ class SchemaCache:
         return found
 
 
+def warm_up() -> None:
+    """Import what compiling a schema needs (run off the event loop, after startup)."""
+    import jsonschema  # noqa: F401
+    import jsonschema_specifications  # noqa: F401
+
+
 def _compile(response_format: dict[str, Any]) -> SchemaPlan | GatewayError:
     if response_format["type"] == "json_object":
         return SchemaPlan("json_object", None, _OBJECT_INSTRUCTION)
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    # the metaschemas only: a $ref is never fetched over the network
+    from jsonschema_specifications import REGISTRY as no_remote_refs
+
     spec = response_format["json_schema"]
     schema = spec.get("schema", {})
     try:
@@ -205,7 +217,7 @@ def _compile(response_format: dict[str, Any]) -> SchemaPlan | GatewayError:
             f"{exc.message}" + (f" (at {where})" if where else ""),
             "response_format",
         )
-    unresolved = _unresolvable_ref(schema)
+    unresolved = _unresolvable_ref(schema, no_remote_refs)
     if unresolved is not None:
         return invalid_request(
             f"response_format.json_schema.schema has a $ref that cannot be resolved: "
@@ -213,16 +225,19 @@ def _compile(response_format: dict[str, Any]) -> SchemaPlan | GatewayError:
             "response_format",
         )
     formats = Draft202012Validator.FORMAT_CHECKER
-    validator = Draft202012Validator(schema, registry=_NO_REMOTE_REFS, format_checker=formats)
+    validator = Draft202012Validator(schema, registry=no_remote_refs, format_checker=formats)
     fast = compile_predicate(schema, formats)
     return SchemaPlan("json_schema", validator, _instruction(spec, schema), fast)
 
 
-def _unresolvable_ref(schema: Any) -> str | None:
+def _unresolvable_ref(schema: Any, registry: Any) -> str | None:
     """The first `$ref` that does not point inside the schema itself, if any."""
+    from referencing.exceptions import Unresolvable
+    from referencing.jsonschema import DRAFT202012
+
     if not isinstance(schema, dict):
         return None
-    root = _NO_REMOTE_REFS.resolver_with_root(DRAFT202012.create_resource(schema))
+    root = registry.resolver_with_root(DRAFT202012.create_resource(schema))
     for resolver, ref in _refs(schema, root, is_root=True):
         try:
             resolver.lookup(ref)
@@ -239,6 +254,8 @@ def _refs(node: Any, resolver: Any, is_root: bool = False) -> Iterator[tuple[Any
     if not isinstance(node, dict):
         return
     if not is_root and isinstance(node.get("$id"), str):
+        from referencing.jsonschema import DRAFT202012
+
         resolver = resolver.in_subresource(DRAFT202012.create_resource(node))
     for key, value in node.items():
         if key in ("$ref", "$dynamicRef") and isinstance(value, str):

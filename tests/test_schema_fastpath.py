@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
-from sidecar.schema_compiler import compile_predicate
+from sidecar.schema_compiler import ASSERTIONS, compile_predicate
+from sidecar.settings.loader import _valid_config, _validator
 
 FORMATS = Draft202012Validator.FORMAT_CHECKER
 
@@ -68,6 +72,7 @@ SCHEMAS: dict[str, Any] = {
         "maximum": 9,
     },
     "escaped-ref": {"$defs": {"a/b": {"type": "string"}}, "items": {"$ref": "#/$defs/a~1b"}},
+    "property-names": {"type": "object", "propertyNames": {"pattern": "^[a-c]$", "maxLength": 1}},
     "unknown-keywords-ignored": {"type": "object", "x-vendor": {"type": "string"}, "nullable": 1},
     "true": True,
     "false": False,
@@ -140,3 +145,41 @@ def test_recursive_schema_checks_deep_instances() -> None:
     assert not fast([[[]], [1]])
     for left, right in itertools.product([[], [[]]], [[], [1]]):
         assert fast([left, right]) == Draft202012Validator(schema).is_valid([left, right])
+
+
+def test_the_assertion_list_covers_every_draft_2020_12_keyword() -> None:
+    # a keyword missing here would be ignored by the fast path instead of sent to jsonschema
+    assert set(Draft202012Validator.VALIDATORS) <= ASSERTIONS
+
+
+def _config_variants() -> list[Any]:
+    demo = yaml.safe_load(Path("config/demo.yaml").read_text())
+    variants = [demo]
+    for path, value in [
+        (("storage", "backend"), "mongo"),
+        (("storage", "unknown_key"), 1),
+        (("limits", "max_body_bytes"), -1),
+        (("limits", "max_body_bytes"), "big"),
+        (("listen",), "not a mapping"),
+        (("keys",), [{"id": "k", "sha256": "0" * 64, "expires": "2999-01-01T00:00:00Z"}]),
+        (("keys",), [{"id": "k", "sha256": "0" * 64, "expires": "next tuesday"}]),
+        (("keys",), [{"id": "k", "sha256": "xyz"}]),
+        (("customers",), {"acme": {"budget": {"usd": 5, "period": "month"}}}),
+        (("customers",), {"bad id!": {"budget": {"usd": 5, "period": "month"}}}),
+        (("customers",), {"acme": {"budget": {"usd": 5, "period": "fortnight"}}}),
+    ]:
+        doc = copy.deepcopy(demo)
+        parent = doc
+        for part in path[:-1]:
+            parent = parent.setdefault(part, {})
+        parent[path[-1]] = value
+        variants.append(doc)
+    return variants
+
+
+def test_the_config_check_agrees_with_jsonschema() -> None:
+    fast = _valid_config()
+    assert fast is not None, "the config schema should compile: startup then skips jsonschema"
+    verdicts = [(fast(doc), _validator().is_valid(doc)) for doc in _config_variants()]
+    assert all(mine == reference for mine, reference in verdicts), verdicts
+    assert [reference for _, reference in verdicts].count(True) >= 3  # valid ones are covered
