@@ -406,3 +406,34 @@ def test_streamed_partial_output_is_charged(
     report = settled_usage(proc, "acme", 1)
     assert report["tokens"]["output"] == 50  # 200 characters streamed before the failure
     assert nano(report["spent_usd"]) == nano(report["cost_usd"]) > 0
+
+
+@pytest.mark.redis
+def test_a_redis_that_lost_its_scripts_still_holds_budgets_and_limits(
+    fake_openai: FakeOpenAI,
+    sidecar_factory: Callable[..., SidecarProcess],
+    redis_server: RedisProcess,
+    tmp_path: Any,
+) -> None:
+    """A restart or failover empties redis's script cache; the pipelined EVALSHA calls must
+    load the scripts again rather than fail the request."""
+    import redis
+
+    fake_openai.on_model("priced", ANSWER)
+    customer = unique("flushed")
+    config = budget_config(
+        fake_openai.url, storage_for("redis", tmp_path, redis_server), **{customer: 1.0}
+    )
+    config["customers"][customer]["rate_limit"] = {"rpm": 1000}
+    proc = sidecar_factory(config, ADMIN_ENV)
+    first = post_chat(proc, BODY, {"FC-Customer": customer})
+    assert first.status == 200
+
+    redis.Redis.from_url(redis_server.url).script_flush()
+    second = post_chat(proc, BODY, {"FC-Customer": customer})
+
+    assert second.status == 200
+    assert second.headers["x-ratelimit-remaining-requests"] == "998"
+    assert second.headers["X-Ringside-Budget-Remaining-USD"] == "0.9996"  # 1 − 2 × $0.0002
+    report = settled_usage(proc, customer, 2)
+    assert nano(report["spent_usd"]) == 2 * COST

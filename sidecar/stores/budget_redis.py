@@ -44,6 +44,7 @@ from sidecar.stores.budget import (
 )
 from sidecar.stores.budget_journal import Entry, Journal
 from sidecar.stores.budget_lua import FINISH, INDEX, RELEASE, RESERVE, SETTLE
+from sidecar.stores.redis_batch import ScriptBatcher
 
 log = logging.getLogger("ringside")
 
@@ -92,6 +93,7 @@ class RedisBudgetStore:
             "finish": self.client.register_script(FINISH),
             "index": self.client.register_script(INDEX),
         }
+        self.batcher = ScriptBatcher(self.client, self.scripts)
         self.journal = Journal(journal_path)
         self.fail_open = fail_open
         self.retention = int(retention_days * 86400)
@@ -113,7 +115,7 @@ class RedisBudgetStore:
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
-            return await self.scripts[name](keys=keys, args=args)
+            return await self.batcher.call(name, keys, args)
         except UNREACHABLE as exc:
             raise StoreUnavailable(f"redis is unreachable: {exc}") from exc
 
@@ -238,13 +240,15 @@ class RedisBudgetStore:
         entries = [entry for item in finished for entry in self._finish_entries(item)]
         if not entries:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for entry in entries:
-            await self.scripts[entry.script](keys=entry.keys, args=entry.args, client=pipe)
-        try:
-            await pipe.execute()
-        except UNREACHABLE:
-            await self._journal(entries)
+        results = await asyncio.gather(
+            *(self.batcher.call(e.script, e.keys, e.args) for e in entries), return_exceptions=True
+        )
+        unsent = [e for e, r in zip(entries, results, strict=True) if isinstance(r, UNREACHABLE)]
+        if unsent:
+            await self._journal(unsent)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None and not isinstance(failed, UNREACHABLE):
+            raise failed  # the writer retries the batch: each finish applies once (op guard)
 
     async def usage(
         self, customer: str | None, since: float | None, until: float | None
@@ -330,6 +334,7 @@ class RedisBudgetStore:
             with contextlib.suppress(Exception):
                 await self.replay()
         await self.journal.close()
+        await self.batcher.drain()
         await self.client.aclose()
 
 

@@ -20,6 +20,7 @@ outage never costs every request a timeout. Requests are never refused because R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from redis.exceptions import RedisError
 
 from sidecar.stores.ratelimit_base import PERIOD, Cell, Verdict
 from sidecar.stores.ratelimit_memory import MemoryLimiter
+from sidecar.stores.redis_batch import ScriptBatcher
 
 log = logging.getLogger("ringside")
 
@@ -113,12 +115,16 @@ class RedisLimiter:
             retry=Retry(NoBackoff(), 1),  # one immediate retry: a pooled connection gone stale
             decode_responses=False,
         )
-        self._acquire = self.client.register_script(_ACQUIRE)
-        self._adjust = self.client.register_script(_ADJUST)
+        self.batcher = ScriptBatcher(
+            self.client,
+            {
+                "acquire": self.client.register_script(_ACQUIRE),
+                "adjust": self.client.register_script(_ADJUST),
+            },
+        )
         self.fallback = fallback or MemoryLimiter()
         self._down_until = 0.0
         self._warned_at = -WARN_EVERY_SECONDS
-        self._background: set[asyncio.Task[None]] = set()
 
     async def acquire(self, cells: Sequence[Cell]) -> Verdict:
         if time.monotonic() < self._down_until:
@@ -128,7 +134,9 @@ class RedisLimiter:
             args.append(cell.interval * 1e6)
             args.append(cell.cost)
         try:
-            reply = await self._acquire(keys=[KEY_PREFIX + cell.key for cell in cells], args=args)
+            reply = await self.batcher.call(
+                "acquire", [KEY_PREFIX + cell.key for cell in cells], args
+            )
         except (RedisError, OSError) as exc:
             self._outage(exc)
             return self.fallback.check(cells)
@@ -140,19 +148,18 @@ class RedisLimiter:
         if time.monotonic() < self._down_until:
             self.fallback.adjust(shifts)
             return
-        task = asyncio.get_running_loop().create_task(self._settle(shifts))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        sent = self.batcher.call(
+            "adjust", [KEY_PREFIX + key for key, _ in shifts], [s * 1e6 for _, s in shifts]
+        )
+        sent.add_done_callback(lambda done: self._adjusted(done, shifts))
 
-    async def _settle(self, shifts: Sequence[tuple[str, float]]) -> None:
-        try:
-            await self._adjust(
-                keys=[KEY_PREFIX + key for key, _ in shifts],
-                args=[seconds * 1e6 for _, seconds in shifts],
-            )
-        except (RedisError, OSError) as exc:
+    def _adjusted(self, sent: asyncio.Future[object], shifts: Sequence[tuple[str, float]]) -> None:
+        exc = sent.exception()
+        if isinstance(exc, (RedisError, OSError)):
             self._outage(exc)
             self.fallback.adjust(shifts)
+        elif exc is not None:
+            log.error("rate limits: adjusting %d cells failed: %s", len(shifts), exc)
 
     def _outage(self, exc: BaseException) -> None:
         now = time.monotonic()
@@ -166,6 +173,6 @@ class RedisLimiter:
             )
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.wait(self._background, timeout=2.0)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.batcher.drain(), 2.0)
         await self.client.aclose()
