@@ -5,6 +5,7 @@ config (key auth, a budgeted customer with a rate limit, metrics, usage records)
 drives each with wrk at several concurrencies in interleaved rounds, and reports medians:
 requests/s, p50/p99 latency, latency added over direct, CPU µs per request of the proxy's
 process tree, stream time-to-first-byte, RSS idle and under load, startup time to /readyz.
+With --peer, the LiteLLM proxy and/or the Portkey gateway on the same upstream (bench/peers.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from bench import peers
+
 BENCH = Path(__file__).resolve().parent
 KEY = "rk_bench_secret_key"
 BODY = json.dumps(
@@ -43,6 +46,7 @@ BODY = json.dumps(
         "max_tokens": 64,
     }
 )
+HEADERS = {"Authorization": f"Bearer {KEY}", "FC-Customer": "acme"}  # the sidecar's, and direct's
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -121,14 +125,14 @@ class Target:
     runs: dict[int, list[dict[str, float]]] = field(default_factory=dict)
     ttfb_ms: list[float] = field(default_factory=list)
     rss_load: float = 0.0
+    headers: dict[str, str] = field(default_factory=lambda: dict(HEADERS))
 
 
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = [[%s]]
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer %s"
-wrk.headers["FC-Customer"] = "acme"
+%s
 done = function(summary, latency, requests)
   io.write(string.format('{"requests": %%d, "duration_us": %%d, "errors": %%d, "non2xx": %%d, ' ..
     '"p50_us": %%d, "p99_us": %%d}\\n', summary.requests, summary.duration,
@@ -136,6 +140,13 @@ done = function(summary, latency, requests)
     summary.errors.status, latency:percentile(50), latency:percentile(99)))
 end
 """
+
+
+def wrk_script(headers: dict[str, str], path: Path) -> Path:
+    """One Lua script per target: the body is the same, the headers are the target's own."""
+    lines = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
+    path.write_text(WRK_SCRIPT % (BODY, lines))
+    return path
 
 
 def run_wrk(target: Target, script: Path, connections: int, seconds: float) -> dict[str, float]:
@@ -172,12 +183,11 @@ def run_wrk(target: Target, script: Path, connections: int, seconds: float) -> d
     }
 
 
-async def measure_ttfb(url: str, count: int) -> list[float]:
+async def measure_ttfb(url: str, count: int, headers: dict[str, str]) -> list[float]:
     import aiohttp
 
     body = json.loads(BODY)
     body["stream"] = True
-    headers = {"Authorization": f"Bearer {KEY}", "FC-Customer": "acme"}
     samples = []
     async with aiohttp.ClientSession() as session:
         for _ in range(count):
@@ -275,7 +285,36 @@ def summarize(targets: list[Target], concurrencies: list[int]) -> dict[str, Any]
             cpu = out[target.name][f"c{concurrencies[-1]}"]["cpu_us_per_req"]
             out[target.name]["cpu_vs_floor"] = cpu / floor_cpu if floor_cpu else None
     del floor
+    add_vs_sidecar(out, concurrencies)
     return out
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+def add_vs_sidecar(out: dict[str, Any], concurrencies: list[int]) -> None:
+    """Each peer over the memory-store sidecar (else the first store run), in the same run."""
+    sidecars = [name for name in out if name.startswith("sidecar (")]
+    if not sidecars:
+        return
+    base_name = "sidecar (memory)" if "sidecar (memory)" in sidecars else sidecars[0]
+    base = out[base_name]
+    for name, entry in out.items():
+        if not name.startswith("peer ("):
+            continue
+        entry["vs_sidecar"] = {
+            "sidecar": base_name,
+            "rss_idle": ratio(entry["rss_idle_mib"], base["rss_idle_mib"]),
+            "startup": ratio(entry["startup_s"], base["startup_s"]),
+            **{
+                f"c{c}": {
+                    key: ratio(entry[f"c{c}"][key], base[f"c{c}"][key])
+                    for key in ("rps", "cpu_us_per_req")
+                }
+                for c in concurrencies
+            },
+        }
 
 
 def markdown(results: dict[str, Any], meta: dict[str, Any], concurrencies: list[int]) -> str:
@@ -307,7 +346,39 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], concurrencies: list[
             "—" if entry["startup_s"] is None else f"{entry['startup_s']:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + peer_lines(results, meta, top)) + "\n"
+
+
+def times(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def peer_lines(results: dict[str, Any], meta: dict[str, Any], top: int) -> list[str]:
+    """A second table, only when peers ran: each peer over the sidecar, as ratios."""
+    rows = {name: entry["vs_sidecar"] for name, entry in results.items() if "vs_sidecar" in entry}
+    if not rows:
+        return []
+    base = next(iter(rows.values()))["sidecar"]
+    lines = [
+        "",
+        "Peers, on the same upstream and machine: "
+        + "; ".join(meta.get("peers", {}).values())
+        + f". Each over {base} (above 1: the peer does more requests/s, or spends more CPU, "
+        "memory or startup time):",
+        "",
+        f"| peer | rps c=1 | rps c=16 | rps c=64 | CPU µs/req c={top} | RSS idle | startup |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, vs in rows.items():
+        cells = [
+            name,
+            *(times(vs[f"c{c}"]["rps"]) if f"c{c}" in vs else "—" for c in (1, 16, 64)),
+            times(vs[f"c{top}"]["cpu_us_per_req"]),
+            times(vs["rss_idle"]),
+            times(vs["startup"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_readme(table: str) -> None:
@@ -322,6 +393,24 @@ def write_readme(table: str) -> None:
     readme.write_text(text)
 
 
+def start_peer(name: str, upstream_port: int, workdir: Path) -> peers.Peer | None:
+    """Install (once) and start a peer; one that cannot be had here is left out, not fatal."""
+    model = json.loads(BODY)["model"]
+    try:
+        return peers.start_peer(name, free_port(), upstream_port, model, KEY, workdir)
+    except (peers.PeerError, OSError, subprocess.SubprocessError) as error:
+        print(f"peer {name}: left out, {error}", file=sys.stderr, flush=True)
+        return None
+
+
+def peer_names(values: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    names = list(dict.fromkeys(n.strip() for v in values for n in v.split(",") if n.strip()))
+    for name in names:
+        if name not in peers.PEERS:
+            parser.error(f"--peer {name}: one of {', '.join(peers.PEERS)}")
+    return names
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one wrk run")
@@ -330,6 +419,12 @@ def main() -> int:
     parser.add_argument("--stores", default="memory,sqlite,redis")
     parser.add_argument("--workers", type=int, default=1, help="sidecar --workers")
     parser.add_argument("--ttfb-samples", type=int, default=200)
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        help="also measure litellm and/or portkey (repeatable or comma-separated)",
+    )
     parser.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -337,6 +432,8 @@ def main() -> int:
         return 2
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     stores = [s for s in args.stores.split(",") if s]
+    wanted_peers = peer_names(args.peer, parser)
+    described: dict[str, str] = {}
     workdir = Path(tempfile.mkdtemp(prefix="ringside-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     redis_url = ""
@@ -396,26 +493,43 @@ def main() -> int:
                     startup,
                 )
             )
+        for name in wanted_peers:
+            if peer := start_peer(name, up_port, workdir):
+                procs.append(peer.proc)
+                described[name] = peer.description
+                targets.append(
+                    Target(
+                        f"peer ({name})",
+                        peer.url,
+                        peer.proc.pid,
+                        peer.proc,
+                        peer.startup_s,
+                        headers=peer.headers,
+                    )
+                )
         time.sleep(0.5)
         for target in targets:
             if target.pid:
                 target.rss_idle = rss_mib(target.pid)
 
-        script = workdir / "post.lua"
-        script.write_text(WRK_SCRIPT % (BODY, KEY))
+        scripts = {
+            target.name: wrk_script(target.headers, workdir / f"post-{index}.lua")
+            for index, target in enumerate(targets)
+        }
         for target in targets:  # warm up connection pools and caches
-            run_wrk(target, script, 4, 1)
+            run_wrk(target, scripts[target.name], 4, 1)
         for round_index in range(args.rounds):
             for c in concurrencies:
                 for target in targets:
-                    result = run_wrk(target, script, c, args.seconds)
+                    result = run_wrk(target, scripts[target.name], c, args.seconds)
                     target.runs.setdefault(c, []).append(result)
                     print(f"round {round_index + 1} c={c:<3} {target.name:<18} "
                           f"{result['rps']:8.0f} rps  p50 {result['p50_ms']:.3f} ms  "
                           f"p99 {result['p99_ms']:.3f} ms  cpu {result['cpu_us_per_req']:.0f} µs"
                           f"  errors {result['errors']:.0f}", flush=True)  # fmt: skip
             for target in targets:
-                target.ttfb_ms.extend(asyncio.run(measure_ttfb(target.url, args.ttfb_samples)))
+                samples = measure_ttfb(target.url, args.ttfb_samples, target.headers)
+                target.ttfb_ms.extend(asyncio.run(samples))
         results = summarize(targets, concurrencies)
     finally:
         for proc in procs:
@@ -435,6 +549,8 @@ def main() -> int:
         "seconds": args.seconds,
         "workers": args.workers,
     }
+    if described:
+        meta["peers"] = described
     out = {"meta": meta, "results": results}
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / "latest.json").write_text(json.dumps(out, indent=2))
