@@ -1,14 +1,16 @@
 """Budgets and usage records in an embedded sqlite file (the default backend).
 
 One connection on one dedicated thread: calls queue up there instead of fighting for locks.
-Each reserve and each settle is one `BEGIN IMMEDIATE` transaction, so a settle's spent and the
-usage record's cost commit together (a `kill -9` leaves both or neither), and several
-processes may share one file. WAL journal, `synchronous=NORMAL`: a committed transaction
+Reserves and settles run in `BEGIN IMMEDIATE` transactions, those queued at the same time
+sharing one (group commit, each in its own savepoint), so a settle's spent and the usage
+record's cost commit together (a `kill -9` leaves both or neither), and several processes may
+share one file. WAL journal, `synchronous=NORMAL`: a committed transaction
 survives the process dying (not a power cut between checkpoints).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import time
@@ -33,6 +35,7 @@ from sidecar.stores.budget import (
 from sidecar.stores.sqlite_thread import ThreadedSqlite
 
 T = TypeVar("T")
+_Call = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budget_spent (
@@ -89,6 +92,8 @@ class SqliteBudgetStore(ThreadedSqlite):
         self.retention = retention_days * 86400
         self.clock = clock
         self._pruned_at = 0.0
+        self._queue: list[_Call] = []
+        self._busy = False  # a batch is queued or on the thread: later calls wait for the next
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -110,6 +115,66 @@ class SqliteBudgetStore(ThreadedSqlite):
     async def open(self) -> None:
         await self._run(self._conn)
 
+    async def close(self) -> None:
+        for _ in range(500):  # the queued reserves and settles first (at most 5 s)
+            if not self._busy:
+                break
+            await asyncio.sleep(0.01)
+        await super().close()
+
+    # -- group commit ----------------------------------------------------------------------
+    async def _batched(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(db, *args)` in a transaction shared with the other reserves and settles
+        queued meanwhile: one thread hop and one commit for all of them (group commit).
+
+        Each call runs in its own savepoint, in arrival order, so each sees the writes of the
+        ones before it exactly as if they had committed one by one; one that raises (a
+        BudgetExceeded, say) is rolled back alone."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((fn, args, future))
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._flush)  # after this turn: take what else the turn queued
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        done = asyncio.wrap_future(self._executor.submit(self._apply, batch))
+        done.add_done_callback(lambda applied: self._deliver(batch, applied))
+
+    def _apply(self, batch: list[_Call]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        with self._transaction() as db:
+            for fn, args, _ in batch:
+                db.execute("SAVEPOINT call")
+                try:
+                    outcomes.append((True, fn(db, *args)))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO call")
+                    outcomes.append((False, exc))
+                db.execute("RELEASE call")
+        return outcomes
+
+    def _deliver(self, batch: list[_Call], applied: asyncio.Future[list[tuple[bool, Any]]]) -> None:
+        failed = (
+            StoreUnavailable("the store closed") if applied.cancelled() else applied.exception()
+        )
+        outcomes = applied.result() if failed is None else [(False, failed)] * len(batch)
+        for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue  # the caller was cancelled; what it asked for is done all the same
+            if ok:
+                future.set_result(value)
+            elif isinstance(value, sqlite3.Error):
+                future.set_exception(StoreUnavailable(f"sqlite {self.path}: {value}"))
+            else:
+                future.set_exception(value)
+        if self._queue:
+            self._flush()
+        else:
+            self._busy = False
+
     # -- budgets ---------------------------------------------------------------------------
     @staticmethod
     def _balance(db: sqlite3.Connection, scope: str, period: str, now: float) -> Balance:
@@ -123,50 +188,54 @@ class SqliteBudgetStore(ThreadedSqlite):
         return Balance(row[0] if row else 0, held[0])
 
     def _reserve(
-        self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
+        self,
+        db: sqlite3.Connection,
+        scopes: Sequence[tuple[Scope, Window]],
+        amount: int,
+        ttl: float,
     ) -> list[Hold]:
         now = self.clock()
         hold_id = new_id()
         holds = []
-        with self._transaction() as db:
-            for scope, win in scopes:
-                db.execute(
-                    "DELETE FROM budget_hold WHERE scope = ? AND expires <= ?", (scope.name, now)
-                )
-                balance = self._balance(db, scope.name, win.id, now)
-                if balance.spent + balance.held + amount > scope.limit:
-                    raise BudgetExceeded(scope, win, balance, amount)
-                holds.append(Hold(hold_id, scope, win, amount, balance.spent))
-            for hold in holds:
-                db.execute(
-                    "INSERT INTO budget_hold (id, scope, amount, expires) VALUES (?, ?, ?, ?)",
-                    (hold_id, hold.scope.name, amount, now + ttl),
-                )
+        for scope, win in scopes:
+            db.execute(
+                "DELETE FROM budget_hold WHERE scope = ? AND expires <= ?", (scope.name, now)
+            )
+            balance = self._balance(db, scope.name, win.id, now)
+            if balance.spent + balance.held + amount > scope.limit:
+                raise BudgetExceeded(scope, win, balance, amount)
+            holds.append(Hold(hold_id, scope, win, amount, balance.spent))
+        for hold in holds:
+            db.execute(
+                "INSERT INTO budget_hold (id, scope, amount, expires) VALUES (?, ?, ?, ?)",
+                (hold_id, hold.scope.name, amount, now + ttl),
+            )
         return holds
 
     async def reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
-        return await self._run(self._reserve, scopes, amount, ttl)
+        result: list[Hold] = await self._batched(self._reserve, scopes, amount, ttl)
+        return result
 
-    def _settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
+    def _settle(
+        self, db: sqlite3.Connection, holds: Sequence[Hold], charge: Charge, record: RecordRef
+    ) -> Settled:
         now = self.clock()
         settled = Settled()
-        with self._transaction() as db:
-            for hold in holds:
-                db.execute(
-                    "DELETE FROM budget_hold WHERE scope = ? AND id = ?", (hold.scope.name, hold.id)
-                )
-                db.execute(
-                    "INSERT INTO budget_spent (scope, period, spent) VALUES (?, ?, ?) "
-                    "ON CONFLICT (scope, period) DO UPDATE SET spent = spent + excluded.spent",
-                    (hold.scope.name, hold.window.id, charge.cost),
-                )
-                settled.balances[hold.scope.name] = self._balance(
-                    db, hold.scope.name, hold.window.id, now
-                )
-            if not carries_record(holds, record):
-                return settled
+        for hold in holds:
+            db.execute(
+                "DELETE FROM budget_hold WHERE scope = ? AND id = ?", (hold.scope.name, hold.id)
+            )
+            db.execute(
+                "INSERT INTO budget_spent (scope, period, spent) VALUES (?, ?, ?) "
+                "ON CONFLICT (scope, period) DO UPDATE SET spent = spent + excluded.spent",
+                (hold.scope.name, hold.window.id, charge.cost),
+            )
+            settled.balances[hold.scope.name] = self._balance(
+                db, hold.scope.name, hold.window.id, now
+            )
+        if carries_record(holds, record):
             db.execute(
                 _ADD_CHARGE,
                 (
@@ -181,7 +250,8 @@ class SqliteBudgetStore(ThreadedSqlite):
         return settled
 
     async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
-        return await self._run(self._settle, holds, charge, record)
+        result: Settled = await self._batched(self._settle, holds, charge, record)
+        return result
 
     def _balance_now(self, scope: Scope, win: Window) -> Balance:
         return self._balance(self._conn(), scope.name, win.id, self.clock())
