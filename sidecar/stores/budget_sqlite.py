@@ -10,8 +10,6 @@ survives the process dying (not a power cut between checkpoints).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +33,6 @@ from sidecar.stores.budget import (
 from sidecar.stores.sqlite_thread import ThreadedSqlite
 
 T = TypeVar("T")
-_Call = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budget_spent (
@@ -92,8 +89,6 @@ class SqliteBudgetStore(ThreadedSqlite):
         self.retention = retention_days * 86400
         self.clock = clock
         self._pruned_at = 0.0
-        self._queue: list[_Call] = []
-        self._busy = False  # a batch is queued or on the thread: later calls wait for the next
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -101,79 +96,8 @@ class SqliteBudgetStore(ThreadedSqlite):
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"sqlite {self.path}: {exc}") from exc
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Any:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-
     async def open(self) -> None:
         await self._run(self._conn)
-
-    async def close(self) -> None:
-        for _ in range(500):  # the queued reserves and settles first (at most 5 s)
-            if not self._busy:
-                break
-            await asyncio.sleep(0.01)
-        await super().close()
-
-    # -- group commit ----------------------------------------------------------------------
-    async def _batched(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(db, *args)` in a transaction shared with the other reserves and settles
-        queued meanwhile: one thread hop and one commit for all of them (group commit).
-
-        Each call runs in its own savepoint, in arrival order, so each sees the writes of the
-        ones before it exactly as if they had committed one by one; one that raises (a
-        BudgetExceeded, say) is rolled back alone."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((fn, args, future))
-        if not self._busy:
-            self._busy = True
-            loop.call_soon(self._flush)  # after this turn: take what else the turn queued
-        return await future
-
-    def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        done = asyncio.wrap_future(self._executor.submit(self._apply, batch))
-        done.add_done_callback(lambda applied: self._deliver(batch, applied))
-
-    def _apply(self, batch: list[_Call]) -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
-        with self._transaction() as db:
-            for fn, args, _ in batch:
-                db.execute("SAVEPOINT call")
-                try:
-                    outcomes.append((True, fn(db, *args)))
-                except Exception as exc:
-                    db.execute("ROLLBACK TO call")
-                    outcomes.append((False, exc))
-                db.execute("RELEASE call")
-        return outcomes
-
-    def _deliver(self, batch: list[_Call], applied: asyncio.Future[list[tuple[bool, Any]]]) -> None:
-        failed = (
-            StoreUnavailable("the store closed") if applied.cancelled() else applied.exception()
-        )
-        outcomes = applied.result() if failed is None else [(False, failed)] * len(batch)
-        for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
-            if future.done():
-                continue  # the caller was cancelled; what it asked for is done all the same
-            if ok:
-                future.set_result(value)
-            elif isinstance(value, sqlite3.Error):
-                future.set_exception(StoreUnavailable(f"sqlite {self.path}: {value}"))
-            else:
-                future.set_exception(value)
-        if self._queue:
-            self._flush()
-        else:
-            self._busy = False
 
     # -- budgets ---------------------------------------------------------------------------
     @staticmethod
@@ -215,7 +139,7 @@ class SqliteBudgetStore(ThreadedSqlite):
     async def reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
-        result: list[Hold] = await self._batched(self._reserve, scopes, amount, ttl)
+        result: list[Hold] = await self._enqueue(self._reserve, scopes, amount, ttl)
         return result
 
     def _settle(
@@ -250,7 +174,7 @@ class SqliteBudgetStore(ThreadedSqlite):
         return settled
 
     async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
-        result: Settled = await self._batched(self._settle, holds, charge, record)
+        result: Settled = await self._enqueue(self._settle, holds, charge, record)
         return result
 
     def _balance_now(self, scope: Scope, win: Window) -> Balance:

@@ -1,7 +1,8 @@
 """The embedded default store: one SQLite file in WAL mode, surviving restarts.
 
-Every statement runs on the connection's own thread (`ThreadedSqlite`). Each operation is one
-`BEGIN IMMEDIATE` transaction, so it is atomic also against other processes on the same file
+Every statement runs on the connection's own thread (`ThreadedSqlite`). Each operation runs
+in a `BEGIN IMMEDIATE` transaction (shared with the operations queued at the same time, each in
+its own savepoint), so it is atomic also against other processes on the same file
 (`serve --workers N`), which wait for the write lock.
 """
 
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sidecar.stores.base import Claim, ClaimState, StoreUnavailable
+from sidecar.stores.base import Claim, ClaimState
 from sidecar.stores.sqlite_thread import ThreadedSqlite
 
 T = TypeVar("T")
@@ -30,23 +31,10 @@ class Database(ThreadedSqlite):
     async def open(self) -> None:
         await self._run(self._conn)  # errors as they are: a bad path stops the start
 
-    def _transaction(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn, *args)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
-
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(connection, *args)` in one transaction on the database thread."""
-        try:
-            return await self._run(self._transaction, fn, args)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"sqlite {self.path}: {exc}") from exc
+        """`fn(connection, *args)` in a transaction on the database thread (group commit)."""
+        result: T = await self._enqueue(fn, *args)
+        return result
 
 
 IDEMPOTENCY_SCHEMA = """
