@@ -28,8 +28,11 @@ log = logging.getLogger("ringside")
 class GatewayState:
     """Mutable state of one running gateway, shared by its api and admin apps."""
 
-    def __init__(self, config_path: str, settings: Settings, watch_interval: float = 1.0) -> None:
+    def __init__(
+        self, config_path: str, settings: Settings, watch_interval: float = 1.0, workers: int = 1
+    ) -> None:
         self.config_path = config_path
+        self.workers = workers  # processes serving this config (`serve --workers`)
         self.initial_settings = settings
         self.watch_interval = watch_interval
         self.holder: RuntimeHolder | None = None
@@ -91,7 +94,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         store=store,
         budgets=budgets,
         usage=usage,
-        limiter=open_limiter(state.initial_settings.storage),
+        limiter=open_limiter(state.initial_settings.storage, state.workers),
     )
     try:
         runtime = Runtime(state.initial_settings, services)

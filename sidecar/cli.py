@@ -152,14 +152,13 @@ def settle_heap() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
 
 
-async def _serve(
-    settings: Settings, config_path: str, started: float, reuse_port: bool = False
-) -> None:
+async def _serve(settings: Settings, config_path: str, started: float, workers: int = 1) -> None:
     from aiohttp import web
 
     from sidecar.app import GatewayState, create_apps
 
-    state = GatewayState(config_path, settings)
+    state = GatewayState(config_path, settings, workers=workers)
+    reuse_port = workers > 1
     api_app, admin_app = create_apps(state)
     api_runner = web.AppRunner(api_app, handler_cancellation=True, access_log=None)
     admin_runner = web.AppRunner(admin_app, access_log=None)
@@ -203,7 +202,7 @@ async def _serve(
     await admin_runner.cleanup()
 
 
-def _run_worker(settings: Settings, config_path: str, started: float, reuse_port: bool) -> int:
+def _run_worker(settings: Settings, config_path: str, started: float, workers: int) -> int:
     try:
         import uvloop
 
@@ -212,7 +211,7 @@ def _run_worker(settings: Settings, config_path: str, started: float, reuse_port
         runner = asyncio.Runner()
     try:
         with runner:
-            runner.run(_serve(settings, config_path, started, reuse_port))
+            runner.run(_serve(settings, config_path, started, workers))
     except ConfigError as exc:  # e.g. an addon that cannot be loaded
         print(exc, file=sys.stderr)
         return 2
@@ -235,7 +234,7 @@ def _supervise(settings: Settings, config_path: str, started: float, workers: in
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
-            os._exit(_run_worker(settings, config_path, started, reuse_port=True))
+            os._exit(_run_worker(settings, config_path, started, workers))
         return pid
 
     children = {spawn() for _ in range(workers)}
@@ -300,7 +299,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         finally:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
-    return _run_worker(settings, args.config, started, reuse_port=False)
+    return _run_worker(settings, args.config, started, workers=1)
 
 
 def _since(text: str) -> float:

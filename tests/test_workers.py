@@ -1,12 +1,15 @@
-"""`ringside serve --workers N`: one listener shared by N processes, metrics summed over all."""
+"""`ringside serve --workers N`: one listener shared by N processes, metrics summed over all,
+rate limits counted once for all of them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from typing import Any
 
+import aiohttp
 import openai
 
 from tests.conftest import PROVIDER_KEY, openai_config
@@ -61,3 +64,31 @@ def test_workers_refuse_the_per_process_memory_store(tmp_path: Any) -> None:
     )
     assert result.returncode == 2
     assert "storage.backend" in result.stderr and "sqlite or redis" in result.stderr
+
+
+async def test_workers_on_sqlite_share_one_rate_limit(
+    fake_openai: FakeOpenAI, tmp_path: Any
+) -> None:
+    config = openai_config(
+        fake_openai.url,
+        storage={"backend": "sqlite", "sqlite_path": str(tmp_path / "r.db")},
+        customers={"acme": {"rate_limit": {"rpm": 10}}},
+    )
+    proc = SidecarProcess(
+        config, {"TEST_OPENAI_KEY": PROVIDER_KEY}, str(tmp_path), extra_args=["--workers", "2"]
+    ).start()
+    body = {"model": "fc:openai/gpt-4o-mini", "messages": MESSAGES}
+
+    async def one() -> int:
+        # a connection of its own each: SO_REUSEPORT spreads them over both workers
+        async with aiohttp.ClientSession() as session:
+            url = proc.base_url + "/chat/completions"
+            async with session.post(url, json=body, headers={"FC-Customer": "acme"}) as answer:
+                return answer.status
+
+    try:
+        statuses = await asyncio.gather(*(one() for _ in range(60)))
+    finally:
+        assert proc.stop() == 0
+    assert statuses.count(200) == 10  # per-worker limits would admit about 20
+    assert statuses.count(429) == 50

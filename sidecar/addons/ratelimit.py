@@ -40,12 +40,17 @@ MAX_PLANS = 10_000  # callers whose cells are kept built (forgotten all at once 
 _CHARGED = "ratelimit_charged"  # flow.metadata: [(cell key, tokens charged, interval)]
 
 
-def open_limiter(storage: Storage) -> RateLimiter:
-    """Redis when the store is Redis (shared by the replicas), else in this process."""
+def open_limiter(storage: Storage, workers: int = 1) -> RateLimiter:
+    """Redis when the store is Redis (shared by the replicas); the sqlite file when several
+    workers share it; else in this process."""
     if storage.backend == "redis":
         from sidecar.stores.ratelimit_redis import RedisLimiter
 
         return RedisLimiter(storage.redis_url)
+    if storage.backend == "sqlite" and workers > 1:
+        from sidecar.stores.ratelimit_sqlite import SqliteLimiter
+
+        return SqliteLimiter(storage.sqlite_path)
     return MemoryLimiter()
 
 

@@ -65,6 +65,26 @@ class Verdict:
     wait: float = 0.0
 
 
+def decide(cells: Sequence[Cell], tats: Sequence[float | None], now: float) -> Verdict:
+    """GCRA over a request's cells, given each cell's TAT (None: never seen or full): admit
+    all or none. When admitted, cell i's new TAT is `now + verdict.backlogs[i]`."""
+    news: list[float] = []
+    refused, worst = -1, 0.0
+    for index, cell in enumerate(cells):
+        tat = tats[index]
+        if tat is None or tat < now:
+            tat = now
+        new = tat + cell.cost * cell.interval
+        over = new - now - PERIOD - cell.slack
+        if over > worst:
+            refused, worst = index, over
+        news.append(new)
+    if refused >= 0:
+        backlogs = [0.0 if tat is None or tat < now else tat - now for tat in tats]
+        return Verdict(False, backlogs, refused, worst)
+    return Verdict(True, [new - now for new in news])
+
+
 class RateLimiter(Protocol):
     async def acquire(self, cells: Sequence[Cell]) -> Verdict:
         """Check every cell; charge all of them, or none when any refuses."""

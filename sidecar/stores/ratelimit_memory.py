@@ -1,8 +1,8 @@
 """The in-process rate limiter: GCRA cells in a dict, on the monotonic clock.
 
-The default for `storage.backend: memory | sqlite` (one process holds the state; with
-`serve --workers N` each worker limits on its own), and the stand-in of the redis limiter while
-Redis is unreachable. A check is dictionary lookups and arithmetic; cells that are full again
+The limiter of `storage.backend: memory`, and of `sqlite` in one process (which holds the
+state; several workers share the sqlite file instead), and the stand-in of the shared limiters
+while their store is unreachable. A check is dictionary lookups and arithmetic; cells that are full again
 are swept once per period, so memory stays proportional to the callers of the last minute.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from sidecar.stores.ratelimit_base import PERIOD, Cell, Verdict
+from sidecar.stores.ratelimit_base import PERIOD, Cell, Verdict, decide
 
 
 class MemoryLimiter:
@@ -23,25 +23,13 @@ class MemoryLimiter:
     def check(self, cells: Sequence[Cell]) -> Verdict:
         now = self._clock()
         tats = self._tat
-        news: list[float] = []
-        refused, worst = -1, 0.0
-        for index, cell in enumerate(cells):
-            tat = tats.get(cell.key, now)
-            if tat < now:
-                tat = now
-            new = tat + cell.cost * cell.interval
-            over = new - now - PERIOD - cell.slack
-            if over > worst:
-                refused, worst = index, over
-            news.append(new)
-        if refused >= 0:
-            backlogs = [max(tats.get(cell.key, now) - now, 0.0) for cell in cells]
-            return Verdict(False, backlogs, refused, worst)
-        for cell, new in zip(cells, news, strict=True):
-            tats[cell.key] = new
-        if now >= self._next_sweep:
-            self._sweep(now)
-        return Verdict(True, [new - now for new in news])
+        verdict = decide(cells, [tats.get(cell.key) for cell in cells], now)
+        if verdict.admitted:
+            for cell, backlog in zip(cells, verdict.backlogs, strict=True):
+                tats[cell.key] = now + backlog
+            if now >= self._next_sweep:
+                self._sweep(now)
+        return verdict
 
     async def acquire(self, cells: Sequence[Cell]) -> Verdict:
         return self.check(cells)
