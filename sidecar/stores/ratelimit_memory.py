@@ -2,8 +2,9 @@
 
 The limiter of `storage.backend: memory`, and of `sqlite` in one process (which holds the
 state; several workers share the sqlite file instead), and the stand-in of the shared limiters
-while their store is unreachable. A check is dictionary lookups and arithmetic; cells that are full again
-are swept once per period, so memory stays proportional to the callers of the last minute.
+while their store is unreachable. A check is dictionary lookups and arithmetic; cells that are
+full again are swept once per period, so memory stays proportional to the callers of the last
+minute.
 """
 
 from __future__ import annotations

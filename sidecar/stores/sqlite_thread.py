@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from sidecar.stores.base import StoreUnavailable
 
 T = TypeVar("T")
 _Call = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+OPEN_ATTEMPTS = 50  # about 12 s of retries in all
 CLOSE_WAIT_SECONDS = 5.0  # how long close() waits for queued group-commit calls
 
 
@@ -45,12 +47,26 @@ class ThreadedSqlite:
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self._synchronous}")
-            db.executescript(self._schema)
-            self._db = db
+            self._db = self._connect()
         return self._db
+
+    def _connect(self) -> sqlite3.Connection:
+        """Connect, switch to WAL and create the tables. Workers starting together race for
+        this, and sqlite answers some of those races "locked" at once, without waiting for
+        the busy timeout: try again for a while."""
+        for attempt in range(OPEN_ATTEMPTS):
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA synchronous={self._synchronous}")
+                db.executescript(self._schema)
+                return db
+            except sqlite3.OperationalError as exc:
+                db.close()
+                if "locked" not in str(exc) or attempt == OPEN_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
