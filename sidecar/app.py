@@ -24,6 +24,8 @@ from sidecar.upstream import new_session
 
 log = logging.getLogger("ringside")
 
+GAUGE_WAIT_SECONDS = 0.5  # startup waits this long for the budget gauges' first reading
+
 
 class GatewayState:
     """Mutable state of one running gateway, shared by its api and admin apps."""
@@ -105,6 +107,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await services.limiter.close()
         raise
     gauges = asyncio.create_task(runtime.budget.refresh())  # spent gauges from the store
+    # ready with them when the store answers at once; a store that is down must not hold us up
+    await asyncio.wait({gauges}, timeout=GAUGE_WAIT_SECONDS)
     flusher = asyncio.create_task(flush_periodically(metrics))
     state.holder = RuntimeHolder(state.config_path, runtime)
     watcher = asyncio.create_task(
