@@ -322,8 +322,9 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], concurrencies: list[
     lines = [
         f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} cores), Python "
         f"{meta['python']}, wrk, {meta['rounds']} interleaved rounds of {meta['seconds']} s, "
-        "medians. Zero-latency upstream on loopback; the sidecar as one process with key auth, "
-        "a budgeted and rate-limited customer, metrics and usage records.",
+        "medians. Zero-latency upstream on loopback; the sidecar as "
+        + ("one process" if meta.get("workers", 1) == 1 else f"{meta['workers']} workers")
+        + " with key auth, a budgeted and rate-limited customer, metrics and usage records.",
         "",
         "| path | rps c=1 | rps c=16 | rps c=64 | p50 / p99 c=1 (ms) | added p50 / p99 c=1 (ms) "
         f"| CPU µs/req c={top} | CPU vs floor | stream TTFB added (ms) | RSS idle / load (MiB) "
@@ -331,12 +332,14 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], concurrencies: list[
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
-        c1 = entry["c1"]
+        c1 = entry.get("c1")  # absent when --concurrency leaves out 1
         cells = [
             name,
             *(f"{entry[f'c{c}']['rps']:.0f}" if f"c{c}" in entry else "—" for c in (1, 16, 64)),
-            f"{c1['p50_ms']:.3f} / {c1['p99_ms']:.3f}",
-            "—" if name == "direct" else f"{c1['added_p50_ms']:.3f} / {c1['added_p99_ms']:.3f}",
+            "—" if c1 is None else f"{c1['p50_ms']:.3f} / {c1['p99_ms']:.3f}",
+            "—"
+            if name == "direct" or c1 is None
+            else f"{c1['added_p50_ms']:.3f} / {c1['added_p99_ms']:.3f}",
             "—" if name == "direct" else f"{entry[f'c{top}']['cpu_us_per_req']:.0f}",
             f"{entry['cpu_vs_floor']:.2f}×" if entry.get("cpu_vs_floor") else "—",
             "—" if name == "direct" else f"{entry['stream_ttfb_added_ms']:.3f}",
