@@ -26,6 +26,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise too_large(limit)
+    content = request.content
+    if content.is_eof():  # a small body arrives with the headers: it is all buffered already
+        whole = content.read_nowait()
+        if len(whole) > limit:
+            raise too_large(limit)
+        return whole
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():

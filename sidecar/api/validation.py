@@ -5,6 +5,7 @@ Only what the OpenAI API defines is checked; unknown parameters pass through unt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sidecar.errors import GatewayError, invalid_request
@@ -44,27 +45,30 @@ def _messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise invalid_request("messages must be a non-empty array of message objects", "messages")
     for index, message in enumerate(messages):
-        where = f"messages[{index}]"
         if not isinstance(message, dict):
+            where = f"messages[{index}]"
             raise invalid_request(f"{where} must be an object with role and content", where)
         role = message.get("role")
         if role not in ROLES:
+            where = f"messages[{index}]"
             raise invalid_request(
                 f"{where}.role must be one of system, developer, user, assistant, tool; "
                 f"got {role!r}",
                 f"{where}.role",
             )
         if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            where = f"messages[{index}]"
             raise invalid_request(
                 f"{where}.tool_call_id is required for role tool", f"{where}.tool_call_id"
             )
         content = message.get("content")
+        if isinstance(content, str):
+            continue
+        where = f"messages[{index}]"
         if content is None:
             if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
                 continue
             raise invalid_request(f"{where}.content is required", f"{where}.content")
-        if isinstance(content, str):
-            continue
         if not isinstance(content, list):
             raise invalid_request(
                 f"{where}.content must be a string or an array of content parts",
@@ -104,27 +108,17 @@ def _response_format(value: Any) -> None:
             )
 
 
-def validate_chat_request(body: dict[str, Any]) -> None:
-    """Raise a 400 GatewayError for the first malformed parameter."""
-    if "model" not in body:
-        raise invalid_request("model is required (e.g. fc:openai/gpt-4o-mini)", "model")
-    _messages(body.get("messages"))
-    _boolean(body, "stream")
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise invalid_request("stream_options must be an object", "stream_options")
-        _boolean(options, "include_usage")
-    _number(body, "temperature", 0, 2)
-    _number(body, "top_p", 0, 1)
-    _number(body, "presence_penalty", -2, 2)
-    _number(body, "frequency_penalty", -2, 2)
-    _integer(body, "max_tokens", 1)
-    _integer(body, "max_completion_tokens", 1)
-    _integer(body, "n", 1, 128)
-    _integer(body, "seed", -(2**63), 2**63 - 1)
-    _boolean(body, "parallel_tool_calls")
-    stop = body.get("stop")
+def _stream_options(body: dict[str, Any], _name: str) -> None:
+    options = body["stream_options"]
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise invalid_request("stream_options must be an object", "stream_options")
+    _boolean(options, "include_usage")
+
+
+def _stop(body: dict[str, Any], _name: str) -> None:
+    stop = body["stop"]
     if (
         stop is not None
         and not isinstance(stop, str)
@@ -133,21 +127,58 @@ def validate_chat_request(body: dict[str, Any]) -> None:
         )
     ):
         raise invalid_request("stop must be a string or an array of up to 4 strings", "stop")
-    tools = body.get("tools")
+
+
+def _tools(body: dict[str, Any], _name: str) -> None:
+    tools = body["tools"]
     if tools is not None and (
         not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)
     ):
         raise invalid_request("tools must be an array of tool objects", "tools")
-    tool_choice = body.get("tool_choice")
-    if tool_choice is not None and not isinstance(tool_choice, str | dict):
-        raise invalid_request("tool_choice must be a string or an object", "tool_choice")
-    _response_format(body.get("response_format"))
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise invalid_request("user must be a string", "user")
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise invalid_request("metadata must be an object of string values", "metadata")
+
+
+def _of_type(kind: type | tuple[type, ...], rule: str) -> Callable[[dict[str, Any], str], None]:
+    def check(body: dict[str, Any], name: str) -> None:
+        value = body[name]
+        if value is not None and not isinstance(value, kind):
+            raise invalid_request(f"{name} must be {rule}", name)
+
+    return check
+
+
+# Each parameter's check, in the order errors are reported; only parameters present are looked
+# at (a typical request sends three or four of them).
+_CHECKS: tuple[tuple[str, Callable[[dict[str, Any], str], None]], ...] = (
+    ("messages", lambda body, _: _messages(body["messages"])),
+    ("stream", _boolean),
+    ("stream_options", _stream_options),
+    ("temperature", lambda body, name: _number(body, name, 0, 2)),
+    ("top_p", lambda body, name: _number(body, name, 0, 1)),
+    ("presence_penalty", lambda body, name: _number(body, name, -2, 2)),
+    ("frequency_penalty", lambda body, name: _number(body, name, -2, 2)),
+    ("max_tokens", lambda body, name: _integer(body, name, 1)),
+    ("max_completion_tokens", lambda body, name: _integer(body, name, 1)),
+    ("n", lambda body, name: _integer(body, name, 1, 128)),
+    ("seed", lambda body, name: _integer(body, name, -(2**63), 2**63 - 1)),
+    ("parallel_tool_calls", _boolean),
+    ("stop", _stop),
+    ("tools", _tools),
+    ("tool_choice", _of_type((str, dict), "a string or an object")),
+    ("response_format", lambda body, _: _response_format(body["response_format"])),
+    ("user", _of_type(str, "a string")),
+    ("metadata", _of_type(dict, "an object of string values")),
+)  # fmt: skip
+
+
+def validate_chat_request(body: dict[str, Any]) -> None:
+    """Raise a 400 GatewayError for the first malformed parameter."""
+    if "model" not in body:
+        raise invalid_request("model is required (e.g. fc:openai/gpt-4o-mini)", "model")
+    if "messages" not in body:
+        _messages(None)
+    for name, check in _CHECKS:
+        if name in body:
+            check(body, name)
 
 
 def requested_max_output(body: dict[str, Any]) -> int | None:
