@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from sidecar import safe_regex
+
 Predicate = Callable[[Any], bool]
 
 _OBJECT = frozenset(
@@ -97,13 +99,27 @@ def _all(checks: Sequence[Predicate]) -> Predicate:
     return check
 
 
-def compile_predicate(schema: Any, format_checker: FormatChecker | None) -> Predicate | None:
-    """A predicate equal to Draft 2020-12 validity for `schema` (already checked), or None."""
+def trusted_matcher(pattern: str) -> Callable[[str], bool]:
+    """`re`, without a time bound: for schemas of our own (the config's), not a client's."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise safe_regex.BadPattern(f"{pattern!r}: {exc}") from None
+    return lambda text: compiled.search(text) is not None
+
+
+def compile_predicate(
+    schema: Any,
+    format_checker: FormatChecker | None,
+    matcher: Callable[[str], Callable[[str], bool]] = safe_regex.matcher,
+) -> Predicate | None:
+    """A predicate equal to Draft 2020-12 validity for `schema` (already checked), or None.
+    `pattern`s match through `matcher`: by default bounded in time (see safe_regex)."""
     if _has_scoped_keyword(schema, is_root=True):
         return None
     try:
-        return _Compiler(schema, format_checker).compile(schema)
-    except (Unsupported, re.error, RecursionError):
+        return _Compiler(schema, format_checker, matcher).compile(schema)
+    except (Unsupported, safe_regex.BadPattern, RecursionError):
         return None
 
 
@@ -121,9 +137,15 @@ def _has_scoped_keyword(node: Any, is_root: bool = False) -> bool:
 
 
 class _Compiler:
-    def __init__(self, root: Any, format_checker: FormatChecker | None) -> None:
+    def __init__(
+        self,
+        root: Any,
+        format_checker: FormatChecker | None,
+        matcher: Callable[[str], Callable[[str], bool]],
+    ) -> None:
         self.root = root
         self.format_checker = format_checker
+        self.matcher = matcher
         self.refs: dict[str, Predicate] = {}
         self.keywords: dict[str, Callable[[Any], Predicate]] = {
             "type": self._type,
@@ -250,14 +272,14 @@ class _Compiler:
 
     def _string(self, node: dict[str, Any]) -> Predicate:
         low, high = node.get("minLength"), node.get("maxLength")
-        pattern = re.compile(node["pattern"]) if "pattern" in node else None
+        matches = self.matcher(node["pattern"]) if "pattern" in node else None
 
         def check(v: Any) -> bool:
             if not isinstance(v, str):
                 return True
             if (low is not None and len(v) < low) or (high is not None and len(v) > high):
                 return False
-            return pattern is None or pattern.search(v) is not None
+            return matches is None or matches(v)
 
         return check
 

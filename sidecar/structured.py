@@ -15,6 +15,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ import orjson
 
 from sidecar.errors import GatewayError, Outcome, UpstreamError, invalid_request
 from sidecar.providers.base import Completion
+from sidecar.safe_regex import SAFE_KEYWORDS, unbounded_keyword
 from sidecar.schema_compiler import Predicate, compile_predicate
 
 if TYPE_CHECKING:
@@ -195,6 +197,9 @@ def warm_up() -> None:
     """Import what compiling a schema needs (run off the event loop, after startup)."""
     import jsonschema  # noqa: F401
     import jsonschema_specifications  # noqa: F401
+    import regex  # noqa: F401
+
+    _validator_class()
 
 
 def _compile(response_format: dict[str, Any]) -> SchemaPlan | GatewayError:
@@ -224,10 +229,25 @@ def _compile(response_format: dict[str, Any]) -> SchemaPlan | GatewayError:
             f"{unresolved!r} (only references inside the schema are followed)",
             "response_format",
         )
+    unbounded = unbounded_keyword(schema)
+    if unbounded is not None:
+        return invalid_request(
+            f"response_format.json_schema.schema uses {unbounded}, which the gateway does not "
+            "support (it cannot bound the time that matching takes)",
+            "response_format",
+        )
     formats = Draft202012Validator.FORMAT_CHECKER
-    validator = Draft202012Validator(schema, registry=no_remote_refs, format_checker=formats)
+    validator = _validator_class()(schema, registry=no_remote_refs, format_checker=formats)
     fast = compile_predicate(schema, formats)
     return SchemaPlan("json_schema", validator, _instruction(spec, schema), fast)
+
+
+@cache
+def _validator_class() -> Any:
+    """Draft 2020-12 with the keywords that match client patterns bounded in time."""
+    from jsonschema import Draft202012Validator, validators
+
+    return validators.extend(Draft202012Validator, SAFE_KEYWORDS)
 
 
 def _unresolvable_ref(schema: Any, registry: Any) -> str | None:

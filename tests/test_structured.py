@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,33 @@ def test_invalid_schema_is_refused_before_routing(
     answer = post_chat(gateway, ask("fc:nowhere/model", response_format=response_format))
     assert answer.status == 400
     assert answer.error["param"] == "response_format"
+
+
+def test_a_catastrophic_pattern_cannot_stall_the_gateway(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    # Python's re takes exponential time for ^(a|aa)+$ against 60 a's and a '!': hours
+    schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a|aa)+$"}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    fake_openai.on_model("gpt-4o-mini", Reply(content=json.dumps({"s": "a" * 60 + "!"})))
+    started = time.monotonic()
+    answer = post_chat(gateway, ask(response_format=response_format))
+    assert time.monotonic() - started < 5
+    assert answer.status == 422
+    assert answer.error["code"] == "response_schema_validation_failed"
+    assert "took over 50 ms and was stopped" in answer.error["message"]
+
+
+def test_unevaluated_properties_with_pattern_properties_is_400(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    schema = {"patternProperties": {"^x": True}, "unevaluatedProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "u", "schema": schema}}
+    answer = post_chat(gateway, ask(response_format=response_format))
+    assert answer.status == 400
+    assert answer.error["param"] == "response_format"
+    assert "unevaluatedProperties together with patternProperties" in answer.error["message"]
+    assert fake_openai.received == []
 
 
 # -- streaming ---------------------------------------------------------------------------------

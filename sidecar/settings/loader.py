@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from sidecar.schema_compiler import Predicate, compile_predicate
+from sidecar.schema_compiler import Predicate, compile_predicate, trusted_matcher
 from sidecar.settings.model import (
     AddonSpec,
     Budget,
@@ -82,7 +82,7 @@ class _ConfigFormats:
 def _valid_config() -> Predicate | None:
     """A compiled check of the config schema: a valid file (the usual case) is accepted
     without importing jsonschema (≈0.1 s of startup); jsonschema explains an invalid one."""
-    return compile_predicate(config_schema(), _ConfigFormats())
+    return compile_predicate(config_schema(), _ConfigFormats(), trusted_matcher)
 
 
 def format_path(path: KeyPath) -> str:
