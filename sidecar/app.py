@@ -126,6 +126,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await budgets.close()
         await services.limiter.close()
         await session.close()
+        services.http1.close()
         await store.close()
 
 

@@ -21,6 +21,7 @@ from sidecar.addons.metrics import Metrics, MetricsAddon
 from sidecar.addons.ratelimit import RateLimits
 from sidecar.addons.usage import UsageAddon, UsageWriter
 from sidecar.cascade import Cascade
+from sidecar.http1 import Http1Client
 from sidecar.pipeline import Pipeline, load_addon
 from sidecar.providers import build_client
 from sidecar.providers.base import ProviderClient
@@ -47,6 +48,7 @@ class Services:
     usage: UsageWriter  # writes usage records off the request path
     schemas: SchemaCache = field(default_factory=SchemaCache)  # compiled response_formats
     limiter: RateLimiter = field(default_factory=MemoryLimiter)  # GCRA state, kept on reload
+    http1: Http1Client = field(default_factory=Http1Client)  # non-streamed upstream calls
 
 
 class Runtime:
@@ -55,7 +57,7 @@ class Runtime:
         self.services = services
         self.router = Router(settings)
         self.providers: dict[str, ProviderClient] = {
-            name: build_client(provider, services.session)
+            name: build_client(provider, services.session, services.http1)
             for name, provider in settings.providers.items()
         }
         self.auth = Auth(settings)

@@ -13,6 +13,7 @@ import aiohttp
 
 from sidecar import sse
 from sidecar.errors import Outcome, UpstreamError
+from sidecar.http1 import Http1Client
 from sidecar.providers.base import (
     Adapter,
     ChunkStream,
@@ -82,30 +83,36 @@ class HttpProvider:
     """A configured provider reached over HTTP."""
 
     def __init__(
-        self, settings: ProviderSettings, adapter: Adapter, session: aiohttp.ClientSession
+        self,
+        settings: ProviderSettings,
+        adapter: Adapter,
+        session: aiohttp.ClientSession,
+        http1: Http1Client,
     ) -> None:
         self.settings = settings
         self.adapter = adapter
-        self.session = session
+        self.session = session  # streams
+        self.http1 = http1  # everything else
         self.native_json_schema = adapter.native_json_schema
         self.json_mode = adapter.json_mode
         self.timeout = client_timeout(settings.timeout)
 
     async def complete(self, call: UpstreamCall) -> Completion:
         request = self.adapter.build_request(call)
+        timeouts = self.settings.timeout
         try:
-            async with self.session.request(
+            response = await self.http1.request(
+                self.http1.target(request.url),
+                request.headers,
+                request.body,
+                timeouts.connect,
+                timeouts.read,
+                timeouts.total,
                 request.method,
-                request.url,
-                data=request.body,
-                headers=request.headers,
-                timeout=self.timeout,
-            ) as response:
-                body = await response.read()
-                status = response.status
-                headers = response.headers
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            )
+        except (TimeoutError, OSError) as exc:
             raise transport_error(exc) from None
+        body, status, headers = response.body, response.status, response.headers
         if not 200 <= status < 300:
             raise self.adapter.classify_error(status, body, headers)
         return self.adapter.parse_response(body, call)

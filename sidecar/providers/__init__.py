@@ -10,12 +10,15 @@ from sidecar.settings.model import ProviderSettings
 if TYPE_CHECKING:
     import aiohttp
 
+    from sidecar.http1 import Http1Client
     from sidecar.providers.base import ProviderClient
 
 SUPPORTED_KINDS = frozenset({*COMPAT_KINDS, "mock"})
 
 
-def build_client(settings: ProviderSettings, session: aiohttp.ClientSession) -> ProviderClient:
+def build_client(
+    settings: ProviderSettings, session: aiohttp.ClientSession, http1: Http1Client
+) -> ProviderClient:
     """A client for one configured provider; kinds are checked at config load."""
     if settings.kind == "mock":
         from sidecar.providers.mock import MockProvider
@@ -24,4 +27,4 @@ def build_client(settings: ProviderSettings, session: aiohttp.ClientSession) -> 
     from sidecar.upstream import HttpProvider
 
     adapter = OpenAICompatAdapter(settings, COMPAT_KINDS[settings.kind])
-    return HttpProvider(settings, adapter, session)
+    return HttpProvider(settings, adapter, session, http1)

@@ -7,6 +7,7 @@ subprocess sidecars can all talk to it while a test blocks.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Callable
 
@@ -14,8 +15,11 @@ from aiohttp import web
 
 
 class ThreadedServer:
-    def __init__(self, make_app: Callable[[], web.Application]) -> None:
+    def __init__(
+        self, make_app: Callable[[], web.Application], tls: ssl.SSLContext | None = None
+    ) -> None:
         self._make_app = make_app
+        self._tls = tls
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -23,7 +27,7 @@ class ThreadedServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> ThreadedServer:
         self._thread.start()
@@ -33,7 +37,7 @@ class ThreadedServer:
     async def _start(self) -> None:
         self._runner = web.AppRunner(self._make_app(), handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._tls)
         await site.start()
         server = site._server
         assert server is not None
