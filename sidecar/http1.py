@@ -127,6 +127,10 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self._parser.get_status_code() < 200:  # 100 Continue, 103 Early Hints: not
+            self._headers = CIMultiDict()  # the answer; the final response follows
+            self._body, self._size, self._headers_done = [], 0, False
+            return
         self._done = True
         self._keep_alive = self._parser.should_keep_alive()  # only valid inside the callback
         waiter = self._waiter

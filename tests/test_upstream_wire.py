@@ -125,9 +125,8 @@ def test_sequential_calls_reuse_one_connection(
     assert len(connections) == 1
 
 
-@pytest.fixture
-def close_delimited_upstream() -> Iterator[str]:
-    """HTTP/1.0-style: no Content-Length, no chunking, the body ends with the connection."""
+def raw_upstream(reply: bytes) -> Iterator[str]:
+    """A server that reads one request and answers with exactly `reply`, then closes."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     port: list[int] = []
@@ -139,7 +138,7 @@ def close_delimited_upstream() -> Iterator[str]:
             if line.lower().startswith(b"content-length")
         ))  # fmt: skip
         await reader.readexactly(length)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + BODY)
+        writer.write(reply)
         await writer.drain()
         writer.close()
 
@@ -155,6 +154,32 @@ def close_delimited_upstream() -> Iterator[str]:
     yield f"http://127.0.0.1:{port[0]}/v1"
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+
+
+@pytest.fixture
+def close_delimited_upstream() -> Iterator[str]:
+    """HTTP/1.0-style: no Content-Length, no chunking, the body ends with the connection."""
+    yield from raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + BODY)
+
+
+@pytest.fixture
+def early_hints_upstream() -> Iterator[str]:
+    """A 103 Early Hints before the answer: an interim response, not the answer."""
+    yield from raw_upstream(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(BODY)).encode()
+        + b"\r\n\r\n"
+        + BODY
+    )
+
+
+def test_an_interim_response_is_skipped(
+    early_hints_upstream: str, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    _, answer = ask(sidecar_factory, early_hints_upstream)
+    assert answer.status == 200
+    assert answer.json()["choices"][0]["message"]["content"] == "over the wire"
 
 
 def test_a_body_ended_by_the_close_is_read_whole(
