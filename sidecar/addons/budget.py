@@ -9,7 +9,6 @@ spend past a limit. A request with no budget makes no store call here.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -183,8 +182,9 @@ class BudgetAddon:
             ) from None
         flow.metadata.setdefault(HOLDS, {})[id(attempt)] = holds
         # the header as of now (a stream's headers leave before its settle); gauges at settle
-        left = min(h.scope.limit - h.spent for h in holds)
-        flow.metadata[REMAINING] = max(0, left) / NANO
+        flow.metadata[REMAINING] = (
+            min(Balance(h.spent).remaining(h.scope.limit) for h in holds) / NANO
+        )
 
     async def attempt_done(self, flow: Flow, attempt: Attempt) -> None:
         if attempt.candidate.price is None:
@@ -203,11 +203,8 @@ class BudgetAddon:
         record = RecordRef(record_id, flow.principal.customer, flow.started_wall)
         if carries_record(holds, record):
             note_charged(flow, cost, usage)  # before the await: a cancel must not re-add it
-        settling = self.store.settle(holds, charge, record)
         try:
-            # a store that settles in-process never suspends, so no cancel can cut it short;
-            # any other settle must finish even when the client goes away
-            settled = await (settling if self.store.inline else asyncio.shield(settling))
+            settled = await self.store.settle(holds, charge, record)  # survives a cancel
         except Exception:
             log.exception("settling the budget of request %s failed", flow.id)
             return

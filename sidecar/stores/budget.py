@@ -222,8 +222,6 @@ def carries_record(holds: Sequence[Hold], record: RecordRef) -> bool:
 class BudgetStore(Protocol):
     """Budget holds, spent per period, and usage records: one backend behind all of them."""
 
-    inline: bool  # True when no call ever suspends (the in-process store): nothing to shield
-
     async def reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
@@ -233,7 +231,8 @@ class BudgetStore(Protocol):
     async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
         """Release the holds, add `charge.cost` to each scope's spent and, when
         `carries_record`, to the usage record, atomically. A backend that can lose its
-        connection keeps the write and applies it later (the redis journal)."""
+        connection keeps the write and applies it later (the redis journal). The settle
+        completes even when the caller is cancelled (a client that went away)."""
         ...
 
     async def write_usage(self, finished: Sequence[Finished]) -> None:

@@ -28,8 +28,6 @@ SWEEP_SECONDS = 1.0  # how often expired holds are looked for
 
 
 class MemoryBudgetStore:
-    inline = True
-
     def __init__(
         self, max_records: int = MAX_RECORDS, clock: Callable[[], float] = time.monotonic
     ) -> None:

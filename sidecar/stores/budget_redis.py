@@ -69,8 +69,6 @@ def _scope_keys(scope: Scope, win: Window) -> list[str]:
 
 
 class RedisBudgetStore:
-    inline = False
-
     def __init__(
         self,
         url: str,
@@ -189,6 +187,10 @@ class RedisBudgetStore:
         return Entry("settle", keys, args, [(scope.name, win.id, charge.cost)])
 
     async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
+        # one round trip per scope, then maybe the journal: none may be cut short by a cancel
+        return await asyncio.shield(self._settle(holds, charge, record))
+
+    async def _settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
         settled = Settled()
         journal: list[Entry] = []
         for hold in holds:

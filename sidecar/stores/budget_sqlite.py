@@ -77,8 +77,6 @@ PRUNE_EVERY = 3600.0
 
 
 class SqliteBudgetStore(ThreadedSqlite):
-    inline = False
-
     def __init__(
         self,
         path: str,
@@ -174,6 +172,7 @@ class SqliteBudgetStore(ThreadedSqlite):
         return settled
 
     async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
+        # queued work runs even if this await is cancelled: the settle cannot be cut short
         result: Settled = await self._enqueue(self._settle, holds, charge, record)
         return result
 
