@@ -43,9 +43,15 @@ KEY_PREFIX = "ringside:{rl}:"
 
 # Time in microseconds since 2023-11-14 (a smaller number than since 1970 keeps sub-microsecond
 # precision in Lua's doubles). TATs are stored with %.17g, which round-trips a double exactly.
+# `tat_of(key)`: a cell's TAT, never earlier than now (a full cell has no key).
 _NOW = """
 local clock = redis.call('TIME')
 local now = (tonumber(clock[1]) - 1700000000) * 1000000 + tonumber(clock[2])
+local function tat_of(key)
+  local stored = tonumber(redis.call('GET', key))
+  if stored and stored > now then return stored end
+  return now
+end
 """
 
 _ACQUIRE = (
@@ -57,12 +63,7 @@ local olds, news = {}, {}
 local refused, worst = 0, 0
 for i = 1, n do
   local interval = tonumber(ARGV[2 * i])
-  local tat = now
-  local stored = redis.call('GET', KEYS[i])
-  if stored then
-    tat = tonumber(stored)
-    if tat < now then tat = now end
-  end
+  local tat = tat_of(KEYS[i])
   local new = tat + tonumber(ARGV[2 * i + 1]) * interval
   local over = new - now - period - math.min(interval / 2, 1000)
   if over > worst then refused, worst = i, over end
@@ -87,13 +88,7 @@ _ADJUST = (
     _NOW
     + """
 for i = 1, #KEYS do
-  local tat = now
-  local stored = redis.call('GET', KEYS[i])
-  if stored then
-    tat = tonumber(stored)
-    if tat < now then tat = now end
-  end
-  local new = tat + tonumber(ARGV[i])
+  local new = tat_of(KEYS[i]) + tonumber(ARGV[i])
   if new > now then
     local ttl = math.ceil((new - now) / 1000) + 1000
     redis.call('SET', KEYS[i], string.format('%.17g', new), 'PX', ttl)
