@@ -37,11 +37,18 @@ def _summary(settings: Settings) -> str:
     )
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
+def _loaded(path: str) -> Settings | None:
+    """The settings of `path`, or None once its problems are printed to stderr."""
     try:
-        settings = load_settings(args.file)
+        return load_settings(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _loaded(args.file)
+    if settings is None:
         return 1
     from sidecar.pipeline import load_addon
 
@@ -79,10 +86,8 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
     from sidecar.addons.tokens import ClientTokens, grant_from_request, token_answer
     from sidecar.errors import GatewayError
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    settings = _loaded(args.config)
+    if settings is None:
         return 2
     if settings.tokens.secret is None:
         print(
@@ -320,11 +325,10 @@ def cmd_usage_export(args: argparse.Namespace) -> int:
     """Write the usage records of the configured store to stdout, oldest first."""
     from sidecar.stores.budget import open_budget_store
 
-    try:
-        storage = load_settings(args.config).storage
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    settings = _loaded(args.config)
+    if settings is None:
         return 2
+    storage = settings.storage
     if storage.backend == "memory":
         print(
             "storage.backend is memory: usage records live only inside the running sidecar; "
