@@ -109,6 +109,31 @@ def test_scripted_traffic_shows_in_every_counter(
     assert value(after, "ringside_inflight_requests") == 0
 
 
+def test_histograms_put_each_observation_in_its_bucket(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.on_model("gpt-4o-mini", Reply(delay=0.3))
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="open-mode", max_retries=0)
+    before = samples(gateway)
+
+    client.chat.completions.create(model="fc:openai/gpt-4o-mini", messages=MESSAGES)
+    after = samples(gateway)
+
+    def delta(le: str) -> float:
+        name = "ringside_upstream_duration_seconds_bucket"
+        return value(after, name, provider="openai", le=le) - value(
+            before, name, provider="openai", le=le
+        )
+
+    assert [delta(le) for le in ("0.1", "0.25", "0.5", "1.0", "+Inf")] == [0, 0, 1, 1, 1]
+    spent = value(after, "ringside_upstream_duration_seconds_sum", provider="openai") - value(
+        before, "ringside_upstream_duration_seconds_sum", provider="openai"
+    )
+    assert 0.3 <= spent < 0.5
+    count = "ringside_upstream_duration_seconds_count"
+    assert value(after, count, provider="openai") - value(before, count, provider="openai") == 1
+
+
 def test_unknown_refs_and_customers_do_not_grow_labels(
     gateway: SidecarProcess, fake_openai: FakeOpenAI
 ) -> None:

@@ -61,7 +61,6 @@ class Tally:
         self._added: dict[Any, float] = {}  # counter or gauge child → amount to add
         self._latest: dict[Any, float] = {}  # gauge child → value to set
         self._buckets: dict[Any, list[float]] = {}  # histogram child → [per-bucket counts, sum]
-        self._bounds: dict[Any, tuple[float, ...]] = {}
 
     def inc(self, child: Any, amount: float = 1.0) -> None:
         added = self._added
@@ -71,15 +70,13 @@ class Tally:
         self._latest[child] = value
 
     def observe(self, child: Any, value: float) -> None:
+        bounds = child._upper_bounds  # prometheus-client's own, +Inf last
         pending = self._buckets.get(child)
         if pending is None:
             if len(self._buckets) >= MAX_PENDING:
                 self.flush()
-            bounds = self._bounds.get(child)
-            if bounds is None:
-                bounds = self._bounds[child] = tuple(child._upper_bounds)
             pending = self._buckets[child] = [0.0] * (len(bounds) + 1)
-        pending[bisect_left(self._bounds[child], value)] += 1
+        pending[bisect_left(bounds, value)] += 1
         pending[-1] += value
 
     def flush(self) -> None:
@@ -91,8 +88,8 @@ class Tally:
         for child, value in latest.items():
             child.set(value)
         for child, pending in buckets.items():
-            # prometheus-client's own histogram fields (stable since 0.4): the bucket values
-            # and the sum, which observe() itself updates
+            # prometheus-client's own histogram fields (stable since 0.4; with _upper_bounds
+            # above): the bucket values and the sum, which observe() itself updates
             for index, count in enumerate(pending[:-1]):
                 if count:
                     child._buckets[index].inc(count)
