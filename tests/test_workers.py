@@ -79,16 +79,18 @@ async def test_workers_on_sqlite_share_one_rate_limit(
     ).start()
     body = {"model": "fc:openai/gpt-4o-mini", "messages": MESSAGES}
 
-    async def one() -> int:
+    async def one() -> tuple[int, str | None, str | None]:
         # a connection of its own each: SO_REUSEPORT spreads them over both workers
         async with aiohttp.ClientSession() as session:
             url = proc.base_url + "/chat/completions"
             async with session.post(url, json=body, headers={"FC-Customer": "acme"}) as answer:
-                return answer.status
+                payload = await answer.json()
+                code = payload["error"]["code"] if answer.status != 200 else None
+                return answer.status, code, answer.headers.get("X-Ringside-RateLimit-Scope")
 
     try:
-        statuses = await asyncio.gather(*(one() for _ in range(60)))
+        answers = await asyncio.gather(*(one() for _ in range(60)))
     finally:
         assert proc.stop() == 0
-    assert statuses.count(200) == 10  # per-worker limits would admit about 20
-    assert statuses.count(429) == 50
+    assert answers.count((200, None, None)) == 10  # per-worker limits would admit about 20
+    assert answers.count((429, "rate_limited", "customer")) == 50
