@@ -1,7 +1,8 @@
-"""All network I/O to providers: one pooled session, per-provider timeouts, SSE reading.
+"""All network I/O to providers: per-provider timeouts, SSE reading, transport errors.
 
-`HttpProvider` pairs a pure adapter with the shared `aiohttp.ClientSession`; every transport
-failure leaves here as an `UpstreamError` with its Outcome already decided.
+`HttpProvider` pairs a pure adapter with the process's two pooled clients: the lean HTTP/1.1
+client of `sidecar/http1.py` for answers read whole, the shared `aiohttp.ClientSession` for
+streams. Every transport failure leaves here as an `UpstreamError` with its Outcome decided.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sidecar.settings.model import ProviderSettings, Timeouts
 
 
 def new_session() -> aiohttp.ClientSession:
-    """The process's one client session: keep-alive pool shared by every provider."""
+    """The process's streaming client: one keep-alive pool shared by every provider."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
     return aiohttp.ClientSession(
         connector=connector,

@@ -126,11 +126,15 @@ def test_instruction_follows_the_callers_own_system_message(
 # -- parsing, validation and re-prompts ------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "sent", [PARIS, f"```json\n{PARIS}\n```"], ids=["bare", "fenced-returned-bare"]
+)
 def test_valid_first_answer_needs_no_reprompt(
-    gateway: SidecarProcess, fake_openai: FakeOpenAI
+    gateway: SidecarProcess, fake_openai: FakeOpenAI, sent: str
 ) -> None:
-    fake_openai.script(Reply(content=PARIS))
+    fake_openai.script(Reply(content=sent))
     answer = post_chat(gateway, ask())
+    assert answer.status == 200
     assert answer.headers["X-Ringside-Schema-Reprompts"] == "0"
     assert content_of(answer) == PARIS
     assert len(fake_openai.received) == 1
@@ -171,16 +175,6 @@ def test_wrong_shape_reprompt_lists_json_pointers_and_messages(
     assert "- (root): 'country' is a required property" in correction
     assert "- /city: 75 is not of type 'string'" in correction
     assert fake_openai.received[1].body["messages"][-2]["content"] == '{"city": 75}'
-
-
-def test_fenced_json_is_accepted_and_returned_bare(
-    gateway: SidecarProcess, fake_openai: FakeOpenAI
-) -> None:
-    fake_openai.script(Reply(content=f"```json\n{PARIS}\n```"))
-    answer = post_chat(gateway, ask())
-    assert answer.headers["X-Ringside-Schema-Reprompts"] == "0"
-    assert content_of(answer) == PARIS
-    assert len(fake_openai.received) == 1
 
 
 def test_right_on_the_third_try_sums_the_usage_of_every_call(
