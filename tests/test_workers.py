@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import aiohttp
@@ -14,7 +15,8 @@ import openai
 
 from tests.conftest import PROVIDER_KEY, openai_config
 from tests.procs import SidecarProcess, wait_until
-from tests.upstreams.openai_fake import FakeOpenAI
+from tests.support import post_chat
+from tests.upstreams.openai_fake import FakeOpenAI, Reply
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -94,3 +96,34 @@ async def test_workers_on_sqlite_share_one_rate_limit(
         assert proc.stop() == 0
     assert answers.count((200, None, None)) == 10  # per-worker limits would admit about 20
     assert answers.count((429, "rate_limited", "customer")) == 50
+
+
+def test_workers_on_sqlite_settle_token_estimates_in_the_shared_file(
+    fake_openai: FakeOpenAI, tmp_path: Any
+) -> None:
+    """Each request is admitted on its estimate (~920 tokens of a 1000 tpm) and settled to
+    what it used; the next may land on the other worker, which must see the settled cell."""
+    config = openai_config(
+        fake_openai.url,
+        storage={"backend": "sqlite", "sqlite_path": str(tmp_path / "r.db")},
+        customers={"acme": {"rate_limit": {"tpm": 1000}}},
+    )
+    proc = SidecarProcess(
+        config, {"TEST_OPENAI_KEY": PROVIDER_KEY}, str(tmp_path), extra_args=["--workers", "2"]
+    ).start()
+    body = {"model": "fc:openai/gpt-4o-mini", "messages": MESSAGES, "max_tokens": 900}
+
+    def call() -> tuple[int, str | None]:
+        answer = post_chat(proc, body, {"FC-Customer": "acme"})
+        return answer.status, answer.error["code"] if answer.status != 200 else None
+
+    try:
+        for _ in range(4):  # only possible because each is settled to its small real usage
+            assert call() == (200, None)
+            time.sleep(0.2)  # the settle is written after the answer
+        fake_openai.script(Reply(prompt_tokens=20, completion_tokens=900))
+        assert call() == (200, None)  # really used 920
+        time.sleep(0.2)
+        assert call() == (429, "rate_limited")
+    finally:
+        assert proc.stop() == 0

@@ -29,6 +29,10 @@ CREATE TABLE IF NOT EXISTS ratelimit_cell (key TEXT PRIMARY KEY, tat REAL NOT NU
 WITHOUT ROWID;
 """
 WARN_EVERY_SECONDS = 30.0
+_SET_TAT = (
+    "INSERT INTO ratelimit_cell (key, tat) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET tat = excluded.tat"
+)
 
 
 class SqliteLimiter(ThreadedSqlite):
@@ -48,8 +52,7 @@ class SqliteLimiter(ThreadedSqlite):
         verdict = decide(cells, tats, now)
         if verdict.admitted:
             db.executemany(
-                "INSERT INTO ratelimit_cell (key, tat) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET tat = excluded.tat",
+                _SET_TAT,
                 [
                     (cell.key, now + backlog)
                     for cell, backlog in zip(cells, verdict.backlogs, strict=True)
@@ -66,11 +69,7 @@ class SqliteLimiter(ThreadedSqlite):
             row = db.execute("SELECT tat FROM ratelimit_cell WHERE key = ?", (key,)).fetchone()
             new = max(row[0] if row else now, now) + seconds
             if new > now:
-                db.execute(
-                    "INSERT INTO ratelimit_cell (key, tat) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET tat = excluded.tat",
-                    (key, new),
-                )
+                db.execute(_SET_TAT, (key, new))
             else:
                 db.execute("DELETE FROM ratelimit_cell WHERE key = ?", (key,))
 
