@@ -20,7 +20,6 @@ from sidecar.settings.model import HostPort, Listen
 from sidecar.settings.watch import watch_file
 from sidecar.stores import open_store
 from sidecar.stores.budget import open_budget_store
-from sidecar.upstream import new_session
 
 log = logging.getLogger("ringside")
 
@@ -75,22 +74,15 @@ def with_listen(settings: Settings, api: HostPort | None, admin: HostPort | None
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    session = new_session()
     metrics = Metrics()
-    try:
-        store = await open_store(state.initial_settings.storage)
-    except BaseException:
-        await session.close()
-        raise
+    store = await open_store(state.initial_settings.storage)
     try:
         budgets = await open_budget_store(state.initial_settings.storage)
     except BaseException:
-        await session.close()
         await store.close()
         raise
     usage = UsageWriter(budgets)
     services = Services(
-        session=session,
         metrics=metrics,
         circuits=CircuitBreakers(metrics),
         store=store,
@@ -101,7 +93,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         runtime = Runtime(state.initial_settings, services)
     except BaseException:
-        await session.close()
         await store.close()
         await budgets.close()
         await services.limiter.close()
@@ -125,7 +116,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await usage.close()  # the queued usage records, before the store closes
         await budgets.close()
         await services.limiter.close()
-        await session.close()
         services.http1.close()
         await store.close()
 

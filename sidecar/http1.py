@@ -1,16 +1,18 @@
-"""A lean keep-alive HTTP/1.1 client for the non-streamed upstream calls.
+"""A lean keep-alive HTTP/1.1 client for every upstream call, whole or streamed.
 
 aiohttp's ClientSession costs about 0.2 ms of CPU per request here (request and response
 objects, tracing hooks, cookie jar, timers), measured at more than half of a bare
-aiohttp forwarder's whole cost. A non-streamed provider call needs much less: write one
-request, read one response. This module does only that: a pool of connections per origin,
-the request written in one piece, the response parsed by httptools (llhttp, the parser of
-Node.js and uvicorn: status line, headers, chunked and content-length bodies), bodies
-capped at MAX_BODY_BYTES. Streams keep using aiohttp.
+aiohttp forwarder's whole cost. A provider call needs much less: write one request, read one
+response. This module does only that: a pool of connections per origin, the request written
+in one piece, the response parsed by httptools (llhttp, the parser of Node.js and uvicorn:
+status line, headers, chunked and content-length bodies). `request` returns the whole body
+(capped at MAX_BODY_BYTES); `stream` returns at the response head and hands the body over as
+it arrives (a BodyReader), pausing the socket while the reader is behind.
 
 Timeouts follow the provider's: `connect` for the TCP (and TLS) handshake, `read` from the
-request written to the response complete, `total` over everything. A connection is reused
-only after a complete response that allows keep-alive; one the server closed while idle is
+request written to the response complete (streamed: to the head, then between two pieces of
+the body), `total` over everything, a stream's body included. A connection is reused only
+after a complete response that allows keep-alive; one the server closed while idle is
 dropped when the close arrives, and one idle for KEEPALIVE_SECONDS is closed. A failed request
 is never sent again here. Upstream URLs come from the config only.
 """
@@ -18,11 +20,14 @@ is never sent again here. Upstream URLs come from the config only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 import zlib
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -31,6 +36,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_IDLE_PER_ORIGIN = 256
 KEEPALIVE_SECONDS = 15.0  # an idle connection older than this is closed, not reused (as aiohttp)
+PAUSE_AT_BYTES = 256 * 1024  # a stream's unread body above this pauses the socket
+RESUME_AT_BYTES = 64 * 1024
 
 
 class UpstreamProtocolError(ConnectionError):
@@ -73,14 +80,176 @@ class Response:
     body: bytes
 
 
+class BodyReader:
+    """A streamed response's body: `async for piece in reader` yields the bytes that arrived
+    since the last piece (decoded when the server compressed anyway), then ends with the body.
+    A wait longer than `read`, or past the `total` deadline, raises TimeoutError."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+        self._pieces: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._ended = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[bool] | None = None
+        self._read = 60.0
+        self._deadline: float | None = None
+        self._inflate: zlib._Decompress | None = None
+
+    def configure(self, read: float, deadline: float | None, encoding: str) -> None:
+        self._read, self._deadline = read, deadline
+        if encoding in ("gzip", "deflate"):
+            self._inflate = zlib.decompressobj(
+                16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+            )
+        elif encoding not in ("identity", ""):
+            raise UpstreamProtocolError(f"unsupported Content-Encoding {encoding!r}")
+
+    @property
+    def ended(self) -> bool:
+        """Whether the whole body has arrived (not necessarily been read)."""
+        return self._ended
+
+    # -- fed by the connection
+    def feed(self, data: bytes) -> None:
+        self._pieces.append(data)
+        self._buffered += len(data)
+        if not self._paused and self._buffered > PAUSE_AT_BYTES:
+            self._paused = True
+            self._connection.pause_reading()
+        self._wake()
+
+    def end(self) -> None:
+        self._ended = True
+        self._wake()
+
+    def fail(self, exc: Exception) -> None:
+        if not self._ended and self._error is None:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)  # False: woken, not timed out
+
+    # -- read by the caller
+    def __aiter__(self) -> BodyReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        pieces = self._pieces
+        while not pieces:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                raise StopAsyncIteration
+            await self._wait()
+        piece = pieces.popleft() if len(pieces) == 1 else _drain(pieces)
+        self._buffered -= len(piece)
+        if self._paused and self._buffered < RESUME_AT_BYTES:
+            self._paused = False
+            self._connection.resume_reading()
+        if self._inflate is not None:
+            piece = self._decompress(piece)
+        return piece
+
+    async def _wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        seconds = self._read
+        if self._deadline is not None:
+            seconds = min(seconds, self._deadline - loop.time())
+            if seconds <= 0:
+                raise TimeoutError("the upstream stream ran past its total timeout")
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(seconds, _expire, waiter)
+        try:
+            if await waiter:
+                raise TimeoutError(f"no stream data within {seconds:g} s")
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _decompress(self, piece: bytes) -> bytes:
+        assert self._inflate is not None
+        try:
+            return self._inflate.decompress(piece)
+        except zlib.error as exc:
+            raise UpstreamProtocolError(f"undecodable stream body: {exc}") from None
+
+    async def discard(self, seconds: float) -> None:
+        """Read and drop what is left of the body, for at most `seconds`."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        self._read = min(self._read, seconds)
+        self._deadline = deadline if self._deadline is None else min(self._deadline, deadline)
+        with contextlib.suppress(TimeoutError, OSError):
+            async for _ in self:
+                pass
+
+    async def read(self, limit: int = MAX_BODY_BYTES) -> bytes:
+        """The rest of the body, whole (an error answer): at most `limit` bytes are kept."""
+        parts: list[bytes] = []
+        size = 0
+        async for piece in self:
+            if size < limit:
+                parts.append(piece[: limit - size])
+            size += len(piece)
+        return b"".join(parts)
+
+
+def _drain(pieces: deque[bytes]) -> bytes:
+    joined = b"".join(pieces)
+    pieces.clear()
+    return joined
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(True)  # True: timed out
+
+
+class Streamed:
+    """A streamed response, returned at its head. `close()` once done with it: the connection
+    goes back to the pool when the body ended and the server keeps it alive, else is dropped
+    (which, mid-stream, is how an upstream generation is cancelled)."""
+
+    __slots__ = ("_client", "_connection", "_origin", "body", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        headers: CIMultiDictProxy[str],
+        connection: _Connection,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = BodyReader(connection)
+        self._connection = connection
+        self._client: Http1Client | None = None
+        self._origin: Origin | None = None
+
+    def close(self) -> None:
+        client, origin = self._client, self._origin
+        self._client = None
+        if client is not None and origin is not None and self.body.ended:
+            client.put_back(origin, self._connection)
+        else:
+            self._connection._abort()
+
+
 class _Connection(asyncio.Protocol):
-    """One TCP connection, one request at a time; httptools calls back as bytes arrive."""
+    """One TCP connection, one request at a time; httptools calls back as bytes arrive. The
+    waiter is answered with the whole Response, or, for a streamed request, with a Streamed
+    at the head whose BodyReader then takes the body."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
-        self._waiter: asyncio.Future[Response] | None = None
+        self._waiter: asyncio.Future[Any] | None = None
+        self._streaming = False
+        self._reader: BodyReader | None = None
         self._headers: CIMultiDict[str] = CIMultiDict()
         self._body: list[bytes] = []
         self._size = 0
@@ -104,7 +273,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._waiter is None or self._waiter.done():
+        if self._waiter is None or self._done:
             return
         if self._headers_done and not {"Content-Length", "Transfer-Encoding"} & set(self._headers):
             self.on_message_complete()  # a body delimited by the close (HTTP/1.0 style) ends here
@@ -117,8 +286,16 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        status = self._parser.get_status_code()
+        if self._streaming and not 100 <= status < 200:
+            streamed = Streamed(status, CIMultiDictProxy(self._headers), self)
+            self._reader = streamed.body
+            self._resolve(streamed)
 
     def on_body(self, body: bytes) -> None:
+        if self._reader is not None:
+            self._reader.feed(body)
+            return
         self._size += len(body)
         if self._size > MAX_BODY_BYTES:
             self._fail(UpstreamProtocolError(f"response body over {MAX_BODY_BYTES} bytes"))
@@ -127,24 +304,21 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if 100 <= self._parser.get_status_code() < 200:  # 100 Continue, 103 Early Hints: not
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # 100 Continue, 103 Early Hints: not
             self._headers = CIMultiDict()  # the answer; the final response follows
             self._body, self._size, self._headers_done = [], 0, False
             return
         self._done = True
         self._keep_alive = self._parser.should_keep_alive()  # only valid inside the callback
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(
-                Response(
-                    self._parser.get_status_code(),
-                    CIMultiDictProxy(self._headers),
-                    b"".join(self._body),
-                )
-            )
+        if self._reader is not None:
+            self._reader.end()
+        else:
+            body = b"".join(self._body)
+            self._resolve(Response(status, CIMultiDictProxy(self._headers), body))
 
     # -- use
-    def send(self, head: bytes, body: bytes, read: float) -> asyncio.Future[Response]:
+    def send(self, head: bytes, body: bytes, read: float, streaming: bool) -> asyncio.Future[Any]:
         """Write the request; the future fails with TimeoutError `read` seconds on (one timer
         handle: cheaper than an asyncio.timeout block per request)."""
         assert self.transport is not None
@@ -152,13 +326,15 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter = loop.create_future()
         timer = loop.call_later(read, self._fail, TimeoutError(f"no response within {read} s"))
         waiter.add_done_callback(lambda _: timer.cancel())
+        self._streaming = streaming
+        self._reader = None
         self._headers = CIMultiDict()
         self._body = []
         self._size = 0
         self._done = False
         self._headers_done = False
         self.transport.write(head + body)
-        return self._waiter
+        return waiter
 
     def reusable(self) -> bool:
         """After a complete response: whether the connection may carry another request."""
@@ -166,10 +342,26 @@ class _Connection(asyncio.Protocol):
 
     def release(self) -> None:
         self._waiter = None
+        self._reader = None
         self._parser = httptools.HttpResponseParser(self)
 
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _resolve(self, result: Response | Streamed) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+
     def _fail(self, exc: Exception) -> None:
-        if self._waiter is not None and not self._waiter.done():
+        if self._reader is not None:
+            self._reader.fail(exc)
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
 
     def _abort(self) -> None:
@@ -183,7 +375,8 @@ def _why(exc: Exception | None) -> str:
 
 
 class Http1Client:
-    """Pooled connections per origin. `request` returns the whole response."""
+    """Pooled connections per origin: `request` returns the whole response, `stream` its head
+    with a reader of the body."""
 
     def __init__(self) -> None:
         self._idle: dict[Origin, list[tuple[_Connection, float]]] = {}  # and when it went idle
@@ -232,32 +425,74 @@ class Http1Client:
         total: float | None = None,
         method: str = "POST",
     ) -> Response:
+        """Send a request and read its whole response."""
         head = self._head(method, target, headers, len(body))
         if total is None:
-            connection, response = await self._exchange(target, head, body, connect, read)
+            connection, response = await self._exchange(target, head, body, connect, read, False)
         else:
             async with asyncio.timeout(total):
-                connection, response = await self._exchange(target, head, body, connect, read)
+                connection, response = await self._exchange(
+                    target, head, body, connect, read, False
+                )
         response.body = _decoded(response)
-        if connection.reusable():
-            connection.release()
-            idle = self._idle.setdefault(target.origin, [])
-            if len(idle) < MAX_IDLE_PER_ORIGIN:
-                idle.append((connection, time.monotonic()))
-                return response
-        connection._abort()
+        self.put_back(target.origin, connection)
         return response
 
+    async def stream(
+        self,
+        target: Target,
+        headers: Mapping[str, str],
+        body: bytes,
+        connect: float,
+        read: float,
+        total: float | None = None,
+        method: str = "POST",
+    ) -> Streamed:
+        """Send a request and return at the response head; the body follows in
+        `Streamed.body`. The caller must `close()` the Streamed."""
+        head = self._head(method, target, headers, len(body))
+        loop = asyncio.get_running_loop()
+        deadline = None if total is None else loop.time() + total
+        if total is None:
+            connection, streamed = await self._exchange(target, head, body, connect, read, True)
+        else:
+            async with asyncio.timeout(total):
+                connection, streamed = await self._exchange(target, head, body, connect, read, True)
+        streamed._client, streamed._origin = self, target.origin
+        try:
+            encoding = streamed.headers.get("Content-Encoding", "identity").lower()
+            streamed.body.configure(read, deadline, encoding)
+        except UpstreamProtocolError:
+            connection._abort()
+            raise
+        return streamed
+
+    def put_back(self, origin: Origin, connection: _Connection) -> None:
+        """Pool a connection after a complete response, or drop it."""
+        if connection.reusable():
+            connection.release()
+            idle = self._idle.setdefault(origin, [])
+            if len(idle) < MAX_IDLE_PER_ORIGIN:
+                idle.append((connection, time.monotonic()))
+                return
+        connection._abort()
+
     async def _exchange(
-        self, target: Target, head: bytes, body: bytes, connect: float, read: float
-    ) -> tuple[_Connection, Response]:
+        self,
+        target: Target,
+        head: bytes,
+        body: bytes,
+        connect: float,
+        read: float,
+        streaming: bool,
+    ) -> tuple[_Connection, Any]:
         """One request on an idle connection or a new one. A failure is not retried here (a
         POST the upstream may have run): the provider's retries and the cascade decide."""
         connection = self._take(target.origin)
         if connection is None:
             connection = await self._connect(target.origin, connect)
         try:
-            return connection, await connection.send(head, body, read)
+            return connection, await connection.send(head, body, read, streaming)
         except BaseException:
             connection._abort()
             raise

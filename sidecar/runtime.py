@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import aiohttp
 import orjson
 
 from sidecar.addons.accesslog import AccessLog
@@ -40,7 +39,6 @@ log = logging.getLogger("ringside")
 class Services:
     """Long-lived objects that outlive config reloads."""
 
-    session: aiohttp.ClientSession
     metrics: Metrics
     circuits: CircuitBreakers
     store: Store  # storage: opened at start, closed at shutdown; a change needs a restart
@@ -48,7 +46,7 @@ class Services:
     usage: UsageWriter  # writes usage records off the request path
     schemas: SchemaCache = field(default_factory=SchemaCache)  # compiled response_formats
     limiter: RateLimiter = field(default_factory=MemoryLimiter)  # GCRA state, kept on reload
-    http1: Http1Client = field(default_factory=Http1Client)  # non-streamed upstream calls
+    http1: Http1Client = field(default_factory=Http1Client)  # every upstream call
 
 
 class Runtime:
@@ -57,7 +55,7 @@ class Runtime:
         self.services = services
         self.router = Router(settings)
         self.providers: dict[str, ProviderClient] = {
-            name: build_client(provider, services.session, services.http1)
+            name: build_client(provider, services.http1)
             for name, provider in settings.providers.items()
         }
         self.auth = Auth(settings)

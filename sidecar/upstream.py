@@ -1,20 +1,18 @@
 """All network I/O to providers: per-provider timeouts, SSE reading, transport errors.
 
-`HttpProvider` pairs a pure adapter with the process's two pooled clients: the lean HTTP/1.1
-client of `sidecar/http1.py` for answers read whole, the shared `aiohttp.ClientSession` for
-streams. Every transport failure leaves here as an `UpstreamError` with its Outcome decided.
+`HttpProvider` pairs a pure adapter with the process's pooled HTTP/1.1 client
+(`sidecar/http1.py`), for answers read whole and for streams. Every transport failure leaves
+here as an `UpstreamError` with its Outcome decided.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import aiohttp
+from collections.abc import AsyncIterable, AsyncIterator
 
 from sidecar import sse
 from sidecar.errors import Outcome, UpstreamError
-from sidecar.http1 import Http1Client
+from sidecar.http1 import Http1Client, Streamed
 from sidecar.providers.base import (
     Adapter,
     ChunkStream,
@@ -23,24 +21,7 @@ from sidecar.providers.base import (
     UpstreamCall,
     Usage,
 )
-from sidecar.settings.model import ProviderSettings, Timeouts
-
-
-def new_session() -> aiohttp.ClientSession:
-    """The process's streaming client: one keep-alive pool shared by every provider."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
-    return aiohttp.ClientSession(
-        connector=connector,
-        skip_auto_headers=("User-Agent",),
-        auto_decompress=True,
-        trust_env=False,
-    )
-
-
-def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(
-        total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
-    )
+from sidecar.settings.model import ProviderSettings
 
 
 def transport_error(exc: BaseException) -> UpstreamError:
@@ -53,14 +34,15 @@ def transport_error(exc: BaseException) -> UpstreamError:
 
 
 MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
+END_WAIT_SECONDS = 1.0  # after the last event, for the rest of the body (see aclose)
 
 
-async def sse_lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The lines of an upstream SSE body. aiohttp's own line iteration gives up on a line over
-    its read buffer (512 KiB), but one chunk that large is legitimate (a long tool-call argument,
-    a whole answer in one event); only a line over MAX_SSE_LINE_BYTES is a broken upstream."""
+async def sse_lines(pieces: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """The lines of an upstream SSE body, from the pieces it arrives in. One line can be large
+    (a long tool-call argument, a whole answer in one event); only a line over
+    MAX_SSE_LINE_BYTES is a broken upstream."""
     pending = bytearray()
-    async for data in content.iter_any():
+    async for data in pieces:
         scan_from = len(pending)
         pending += data
         start = 0
@@ -87,16 +69,13 @@ class HttpProvider:
         self,
         settings: ProviderSettings,
         adapter: Adapter,
-        session: aiohttp.ClientSession,
         http1: Http1Client,
     ) -> None:
         self.settings = settings
         self.adapter = adapter
-        self.session = session  # streams
-        self.http1 = http1  # everything else
+        self.http1 = http1
         self.native_json_schema = adapter.native_json_schema
         self.json_mode = adapter.json_mode
-        self.timeout = client_timeout(settings.timeout)
 
     async def complete(self, call: UpstreamCall) -> Completion:
         request = self.adapter.build_request(call)
@@ -121,23 +100,26 @@ class HttpProvider:
     async def open_stream(self, call: UpstreamCall) -> ChunkStream:
         """Open the stream; an upstream failure before the first byte raises here."""
         request = self.adapter.build_request(call)
+        timeouts = self.settings.timeout
         try:
-            response = await self.session.request(
+            response = await self.http1.stream(
+                self.http1.target(request.url),
+                request.headers,
+                request.body,
+                timeouts.connect,
+                timeouts.read,
+                timeouts.total,
                 request.method,
-                request.url,
-                data=request.body,
-                headers=request.headers,
-                timeout=self.timeout,
             )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise transport_error(exc) from None
         if not 200 <= response.status < 300:
             try:
-                body = await response.read()
-            except (TimeoutError, aiohttp.ClientError, OSError):
+                body = await response.body.read()
+            except (TimeoutError, OSError):
                 body = b""
             finally:
-                response.release()
+                response.close()
             raise self.adapter.classify_error(response.status, body, response.headers)
         return HttpChunkStream(response, self.adapter.stream_decoder(call))
 
@@ -145,12 +127,10 @@ class HttpProvider:
 class HttpChunkStream:
     """Iterates an upstream SSE response as lists of OpenAI chunk bytes."""
 
-    def __init__(self, response: aiohttp.ClientResponse, decoder: StreamDecoder) -> None:
+    def __init__(self, response: Streamed, decoder: StreamDecoder) -> None:
         self.response = response
         self.decoder = decoder
-        self._events: AsyncIterator[tuple[str | None, bytes]] = sse.decode(
-            sse_lines(response.content)
-        )
+        self._events: AsyncIterator[tuple[str | None, bytes]] = sse.decode(sse_lines(response.body))
 
     @property
     def usage(self) -> Usage | None:
@@ -173,7 +153,7 @@ class HttpChunkStream:
                         Outcome.UNAVAILABLE, "upstream closed the stream early", reason="bad_body"
                     ) from None
                 break
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            except (TimeoutError, OSError) as exc:
                 raise transport_error(exc) from None
             chunks = self.decoder.feed(event, data)
             if chunks:
@@ -181,8 +161,23 @@ class HttpChunkStream:
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
-        """Drop the connection: an unfinished upstream generation is cancelled with it."""
-        if self.decoder.finished:
-            self.response.release()
+        """Give the connection back, or drop it: an unfinished upstream generation is
+        cancelled with it. After the last event the body's end (the chunked terminator) may
+        still be on its way: a task off the request path waits a moment for it, to keep the
+        connection (the request's own task may be cancelled any time from here on)."""
+        if self.decoder.finished and not self.response.body.ended:
+            task = asyncio.get_running_loop().create_task(_close_after_end(self.response))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
         else:
             self.response.close()
+
+
+_closing: set[asyncio.Task[None]] = set()  # tasks of _close_after_end, held until done
+
+
+async def _close_after_end(response: Streamed) -> None:
+    try:
+        await response.body.discard(END_WAIT_SECONDS)
+    finally:
+        response.close()

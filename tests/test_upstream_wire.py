@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import http.client
 import json
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,7 +21,7 @@ from aiohttp import web
 
 from tests.conftest import openai_config
 from tests.procs import SidecarProcess
-from tests.support import HELLO, post_chat
+from tests.support import CHAT, HELLO, post_chat, sse_events
 from tests.upstreams.server import ThreadedServer
 
 MINI = "fc:openai/gpt-4o-mini"
@@ -231,3 +234,175 @@ def test_https_upstream_with_an_untrusted_certificate_is_refused(
     _, answer = ask(sidecar_factory, tls_upstream)  # the self-signed CA is not trusted
     assert answer.status == 503
     assert answer.error["code"] == "upstream_unavailable"
+
+
+# -- streamed answers: the same client, the body handed over as it arrives
+
+
+def sse_body(pieces: list[str]) -> bytes:
+    """An OpenAI stream of `pieces` of content, then usage and [DONE]."""
+    base = {"id": "chatcmpl-wire", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": "gpt-4o-mini"}  # fmt: skip
+    events = [
+        {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+        for piece in pieces
+    ]
+    events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    events.append({**base, "choices": [], "usage": COMPLETION["usage"]})
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + (
+        b"data: [DONE]\n\n"
+    )
+
+
+STREAM_PIECES = [f"w{i} " for i in range(30)]
+SSE = sse_body(STREAM_PIECES)
+
+
+def stream_handler(
+    body: bytes,
+    piece_bytes: int,
+    pause: float = 0.0,
+    gzipped: bool = False,
+    pause_before_end: float = 0.0,
+) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        headers = {"Content-Type": "text/event-stream"}
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        response = web.StreamResponse(headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for at in range(0, len(body), piece_bytes):
+            await response.write(body[at : at + piece_bytes])
+            if pause:
+                await asyncio.sleep(pause)
+        await asyncio.sleep(pause_before_end)
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+def streamed_content(answer: Any) -> str:
+    assert answer.status == 200, answer.body
+    events = sse_events(answer.body)
+    assert events[-1] == "[DONE]", events[-3:]
+    return "".join(
+        choice["delta"].get("content") or ""
+        for event in events[:-1]
+        for choice in json.loads(event)["choices"]
+    )
+
+
+def stream_request() -> dict[str, Any]:
+    return {"model": MINI, "messages": HELLO, "stream": True}
+
+
+@pytest.mark.parametrize("piece_bytes", [7, 4096])
+def test_a_stream_cut_anywhere_arrives_whole(
+    piece_bytes: int, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    """Pieces of 7 bytes split lines, events and UTF-8 nowhere near their ends."""
+    for url in serve(stream_handler(SSE, piece_bytes, pause=0.001 if piece_bytes == 7 else 0)):
+        proc = sidecar_factory(openai_config(url))
+        assert streamed_content(post_chat(proc, stream_request())) == "".join(STREAM_PIECES)
+
+
+def test_a_gzip_stream_sent_anyway_is_decoded(
+    sidecar_factory: Callable[..., SidecarProcess],
+) -> None:
+    packed = gzip.compress(SSE)
+    for url in serve(stream_handler(packed, 50, gzipped=True)):
+        proc = sidecar_factory(openai_config(url))
+        assert streamed_content(post_chat(proc, stream_request())) == "".join(STREAM_PIECES)
+
+
+def test_sequential_streams_reuse_one_connection(
+    sidecar_factory: Callable[..., SidecarProcess],
+) -> None:
+    """Also when the body's end (the chunked terminator) comes a moment after [DONE]."""
+    connections: set[int] = set()
+    send = stream_handler(SSE, 4096, pause_before_end=0.05)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        connections.add(id(request.transport))
+        if not (await request.json()).get("stream"):
+            return web.Response(body=BODY, content_type="application/json")
+        return await send(request)  # type: ignore[no-any-return]
+
+    for url in serve(handler):
+        proc = sidecar_factory(openai_config(url))
+        for _ in range(4):
+            assert streamed_content(post_chat(proc, stream_request())) == "".join(STREAM_PIECES)
+            time.sleep(0.2)  # the client has [DONE] before the upstream's terminator arrives
+        assert post_chat(proc, {"model": MINI, "messages": HELLO}).status == 200
+    assert len(connections) == 1
+
+
+def timed_out_stream(sidecar_factory: Callable[..., SidecarProcess], timeout: dict[str, float],
+                     handler: Callable[[web.Request], Any]) -> tuple[list[str], float]:  # fmt: skip
+    for url in serve(handler):
+        config = openai_config(url)
+        config["providers"]["openai"]["timeout"] = timeout
+        proc = sidecar_factory(config)
+        started = time.monotonic()
+        answer = post_chat(proc, stream_request())
+        took = time.monotonic() - started
+    assert answer.status == 200
+    return sse_events(answer.body), took
+
+
+def test_a_stream_that_stalls_past_the_read_timeout_ends_with_an_error_event(
+    sidecar_factory: Callable[..., SidecarProcess],
+) -> None:
+    half = SSE.index(b"\n\n", len(SSE) // 2) + 2
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(SSE[:half])
+        await asyncio.sleep(3)
+        return response
+
+    events, took = timed_out_stream(sidecar_factory, {"connect": 1, "read": 0.4}, stalls)
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "upstream_unavailable"
+    assert "timed out" in error["message"]
+    assert "[DONE]" not in events
+    assert took < 2.5
+
+
+def test_a_stream_past_its_total_timeout_ends_with_an_error_event(
+    sidecar_factory: Callable[..., SidecarProcess],
+) -> None:
+    """Each piece comes well within `read`; `total` still bounds the whole stream."""
+    handler = stream_handler(SSE, len(SSE) // 30, pause=0.1)  # ~3 s in all
+    events, took = timed_out_stream(sidecar_factory, {"connect": 1, "read": 1, "total": 0.8},
+                                    handler)  # fmt: skip
+    assert json.loads(events[-1])["error"]["code"] == "upstream_unavailable"
+    assert any('"content"' in event for event in events[:-1])  # it was cut mid-way
+    assert took < 2.0
+
+
+def test_a_slow_reader_gets_every_byte_of_a_large_fast_stream(
+    sidecar_factory: Callable[..., SidecarProcess],
+) -> None:
+    """The upstream writes ~3 MB at once; the client reads slowly, so the sidecar's reader
+    falls behind and pauses the upstream socket, then resumes it: nothing is lost."""
+    pieces = [f"{i:05d}" + "x" * 2000 for i in range(1500)]
+    body = sse_body(pieces)
+    for url in serve(stream_handler(body, 64 * 1024)):
+        proc = sidecar_factory(openai_config(url))
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
+        conn.request("POST", CHAT, body=json.dumps(stream_request()),
+                     headers={"Content-Type": "application/json"})  # fmt: skip
+        response = conn.getresponse()
+        received = bytearray()
+        while chunk := response.read(32 * 1024):
+            received += chunk
+            time.sleep(0.002)
+        conn.close()
+        answer = SimpleNamespace(status=response.status, body=bytes(received))
+        assert streamed_content(answer) == "".join(pieces)
