@@ -2,31 +2,89 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
-
 DONE = b"data: [DONE]\n\n"
+MAX_EVENT_BYTES = 16 * 1024 * 1024  # one event can be large (a long tool-call argument)
+
+Event = tuple[str | None, bytes]  # (event name, data)
 
 
 def encode(data: bytes) -> bytes:
+    if b"\n" in data:  # data passed through from a multi-line event: one data line per line
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\ndata: ")
     return b"data: " + data + b"\n\n"
 
 
-async def decode(lines: AsyncIterable[bytes]) -> AsyncIterator[tuple[str | None, bytes]]:
-    """Yield `(event, data)` per event; comments and ids are dropped, multi-line data joined."""
-    event: str | None = None
-    data: list[bytes] = []
-    async for raw in lines:
-        line = raw.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield event, b"\n".join(data)
-            event, data = None, []
-            continue
-        if line.startswith(b"data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(b" ") else value)
-        elif line.startswith(b"event:"):
-            event = line[6:].strip().decode("utf-8", "replace")
-        # ":" comments, id:, retry: carry nothing we forward
-    if data:
-        yield event, b"\n".join(data)
+class EventTooLong(ValueError):
+    """An SSE event (or line) over MAX_EVENT_BYTES: a broken upstream, not a big answer."""
+
+
+class EventParser:
+    """Incremental SSE decoding: `feed` the body's pieces as they arrive, get back the events
+    they complete. Comments, ids and retry fields carry nothing we forward and are dropped;
+    multi-line data is joined with newlines. Synchronous, so one piece holding many events
+    is decoded in one go."""
+
+    __slots__ = ("_data", "_event", "_tail", "_tail_bytes")
+
+    def __init__(self) -> None:
+        self._tail: list[bytes] = []  # a line not ended yet, in the pieces it came in
+        self._tail_bytes = 0
+        self._event: str | None = None
+        self._data: list[bytes] = []
+
+    def feed(self, piece: bytes) -> list[Event]:
+        if self._tail:
+            piece = b"".join(self._tail) + piece
+            self._tail.clear()
+            self._tail_bytes = 0
+        if b"\r" in piece or self._data or self._event is not None:
+            if b"\n" not in piece:
+                self._keep(piece)
+                return []
+            lines = piece.split(b"\n")
+            self._keep(lines.pop())
+            return self._lines(lines)
+        # the common shape, "data: {...}\n\n" per event: split on the blank lines; a block
+        # not yet ended by one waits, whole, for the next piece
+        blocks = piece.split(b"\n\n")
+        self._keep(blocks.pop())
+        events: list[Event] = []
+        for block in blocks:
+            if block.startswith(b"data: ") and b"\n" not in block:
+                events.append((None, block[6:]))
+            elif block:
+                events += self._lines([*block.split(b"\n"), b""])
+        return events
+
+    def end(self) -> list[Event]:
+        """The events left when the body ends: a last line or event without its ending."""
+        lines = [*b"".join(self._tail).split(b"\n"), b""]
+        self._tail.clear()
+        self._tail_bytes = 0
+        return self._lines(lines)
+
+    def _keep(self, partial: bytes) -> None:
+        if partial:
+            self._tail.append(partial)
+            self._tail_bytes += len(partial)
+            if self._tail_bytes > MAX_EVENT_BYTES:
+                raise EventTooLong(f"upstream sent a stream event over {MAX_EVENT_BYTES} bytes")
+
+    def _lines(self, lines: list[bytes]) -> list[Event]:
+        events: list[Event] = []
+        event, data = self._event, self._data
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if data:
+                    events.append((event, data[0] if len(data) == 1 else b"\n".join(data)))
+                    data = []
+                event = None
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(b" ") else value)
+            elif line.startswith(b"event:"):
+                event = line[6:].strip().decode("utf-8", "replace")
+        self._event, self._data = event, data
+        return events

@@ -8,7 +8,7 @@ here as an `UpstreamError` with its Outcome decided.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
+from collections import deque
 
 from sidecar import sse
 from sidecar.errors import Outcome, UpstreamError
@@ -33,33 +33,7 @@ def transport_error(exc: BaseException) -> UpstreamError:
     )
 
 
-MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
 END_WAIT_SECONDS = 1.0  # after the last event, for the rest of the body (see aclose)
-
-
-async def sse_lines(pieces: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """The lines of an upstream SSE body, from the pieces it arrives in. One line can be large
-    (a long tool-call argument, a whole answer in one event); only a line over
-    MAX_SSE_LINE_BYTES is a broken upstream."""
-    pending = bytearray()
-    async for data in pieces:
-        scan_from = len(pending)
-        pending += data
-        start = 0
-        end = pending.find(b"\n", scan_from)
-        while end >= 0:
-            yield bytes(pending[start : end + 1])
-            start = end + 1
-            end = pending.find(b"\n", start)
-        del pending[:start]
-        if len(pending) > MAX_SSE_LINE_BYTES:
-            raise UpstreamError(
-                Outcome.UNAVAILABLE,
-                f"upstream sent a stream line over {MAX_SSE_LINE_BYTES} bytes",
-                reason="bad_body",
-            )
-    if pending:
-        yield bytes(pending)
 
 
 class HttpProvider:
@@ -125,12 +99,20 @@ class HttpProvider:
 
 
 class HttpChunkStream:
-    """Iterates an upstream SSE response as lists of OpenAI chunk bytes."""
+    """Iterates an upstream SSE response as lists of OpenAI chunk bytes.
+
+    The first list goes out as soon as one event yields chunks (time to first token); after
+    that each list holds every chunk of the events that have arrived, so a burst of events
+    costs one write to the client, not one per event. An error event after some chunks is
+    raised on the call after the one that returns them."""
 
     def __init__(self, response: Streamed, decoder: StreamDecoder) -> None:
         self.response = response
         self.decoder = decoder
-        self._events: AsyncIterator[tuple[str | None, bytes]] = sse.decode(sse_lines(response.body))
+        self._parser = sse.EventParser()
+        self._events: deque[sse.Event] = deque()
+        self._first = True
+        self._failure: UpstreamError | None = None
 
     @property
     def usage(self) -> Usage | None:
@@ -144,21 +126,47 @@ class HttpChunkStream:
         return self
 
     async def __anext__(self) -> list[bytes]:
-        while not self.decoder.finished:
-            try:
-                event, data = await self._events.__anext__()
-            except StopAsyncIteration:
+        if self._failure is not None:
+            raise self._failure
+        decoder, events = self.decoder, self._events
+        out: list[bytes] = []
+        while True:
+            while events and not decoder.finished:
+                event, data = events.popleft()
+                try:
+                    chunks = decoder.feed(event, data)
+                except UpstreamError as error:
+                    if not out:
+                        raise
+                    self._failure = error  # after the chunks before it are out
+                    return out
+                if chunks:
+                    out += chunks
+                    if self._first:
+                        self._first = False
+                        return out
+            if out:
+                return out
+            if decoder.finished:
+                raise StopAsyncIteration
+            await self._read_events()
+
+    async def _read_events(self) -> None:
+        try:
+            piece = await self.response.body.__anext__()
+            self._events.extend(self._parser.feed(piece))
+        except StopAsyncIteration:
+            self._events.extend(self._parser.end())
+            if not self._events:
                 if self.decoder.usage is None and not self.decoder.content:
                     raise UpstreamError(
                         Outcome.UNAVAILABLE, "upstream closed the stream early", reason="bad_body"
                     ) from None
-                break
-            except (TimeoutError, OSError) as exc:
-                raise transport_error(exc) from None
-            chunks = self.decoder.feed(event, data)
-            if chunks:
-                return chunks
-        raise StopAsyncIteration
+                raise
+        except sse.EventTooLong as exc:
+            raise UpstreamError(Outcome.UNAVAILABLE, str(exc), reason="bad_body") from None
+        except (TimeoutError, OSError) as exc:
+            raise transport_error(exc) from None
 
     async def aclose(self) -> None:
         """Give the connection back, or drop it: an unfinished upstream generation is

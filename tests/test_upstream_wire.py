@@ -309,6 +309,36 @@ def test_a_stream_cut_anywhere_arrives_whole(
         assert streamed_content(post_chat(proc, stream_request())) == "".join(STREAM_PIECES)
 
 
+def reshaped(body: bytes, shape: str) -> bytes:
+    """The same events in other shapes the SSE format allows."""
+    events = [e for e in body.split(b"\n\n") if e]
+    if shape == "crlf":
+        return b"".join(e + b"\r\n\r\n" for e in events)
+    if shape == "comments":
+        return b": keep-alive\n\nretry: 1000\n" + b"".join(
+            b"id: " + str(i).encode() + b"\n" + e + b"\n\n" for i, e in enumerate(events)
+        )
+    if shape == "split-data":  # the JSON over two data lines (cut after a comma), joined by "\n"
+        return b"".join(
+            e[: e.index(b", ") + 1] + b"\ndata:" + e[e.index(b", ") + 1 :] + b"\n\n"
+            if e != b"data: [DONE]" else e + b"\n\n"
+            for e in events
+        )  # fmt: skip
+    if shape == "no-final-blank-line":
+        return body.removesuffix(b"\n\n")
+    raise ValueError(shape)
+
+
+@pytest.mark.parametrize("shape", ["crlf", "comments", "split-data", "no-final-blank-line"])
+@pytest.mark.parametrize("piece_bytes", [7, 4096])
+def test_every_sse_shape_arrives_whole(
+    shape: str, piece_bytes: int, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    for url in serve(stream_handler(reshaped(SSE, shape), piece_bytes)):
+        proc = sidecar_factory(openai_config(url))
+        assert streamed_content(post_chat(proc, stream_request())) == "".join(STREAM_PIECES)
+
+
 def test_a_gzip_stream_sent_anyway_is_decoded(
     sidecar_factory: Callable[..., SidecarProcess],
 ) -> None:

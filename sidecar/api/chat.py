@@ -166,11 +166,22 @@ async def _process(flow: Flow, request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _send(flow: Flow, response: web.StreamResponse, data: bytes) -> None:
-    """Write a piece of a stream, and hand it to the addon that asked for a copy."""
+class SSEResponse(web.StreamResponse):
+    """A stream whose head leaves with its first piece, in one write: aiohttp's own
+    web.Response buffers its head this way; a StreamResponse sends it alone by default."""
+
+    _send_headers_immediately = False
+
+
+async def _send(flow: Flow, response: web.StreamResponse, data: bytes, last: bool = False) -> None:
+    """Write a piece of a stream (the `last` one with the body's end, in one write), and hand
+    it to the addon that asked for a copy."""
     if flow.capture is not None:
         flow.capture.append(data)
-    await response.write(data)
+    if last:
+        await response.write_eof(data)
+    else:
+        await response.write(data)
 
 
 async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
@@ -194,7 +205,7 @@ async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
         raise
     flow.first_token_at = time.perf_counter()
     flow.model_used = attempt.candidate.ref
-    response = web.StreamResponse(headers={**SSE_HEADERS, **ringside_headers(flow)})
+    response = SSEResponse(headers={**SSE_HEADERS, **ringside_headers(flow)})
     failure: UpstreamError | None = None
     tool_calls = watch and mentions_tool_calls(first)
     try:
@@ -210,7 +221,7 @@ async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
             failure = error
             attempt.error = error
             envelope = GatewayError(503, "upstream_unavailable", error.message).envelope()
-            await _send(flow, response, sse.encode(orjson.dumps(envelope)))
+            await _send(flow, response, sse.encode(orjson.dumps(envelope)), last=True)
         rejected = None
         if failure is None and flow.schema_plan is not None:
             rejected = streamed_failure(
@@ -218,10 +229,9 @@ async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
             )
         if rejected is not None:
             flow.error, flow.status = rejected, rejected.status
-            await _send(flow, response, sse.encode(rejected.body()))
+            await _send(flow, response, sse.encode(rejected.body()), last=True)
         elif failure is None:
-            await _send(flow, response, sse.DONE)
-        await response.write_eof()
+            await _send(flow, response, sse.DONE, last=True)
     except ConnectionResetError:
         flow.status = 499  # the client went away mid-stream: nothing more to send
     except asyncio.CancelledError:
@@ -255,11 +265,11 @@ async def _stream_buffered(flow: Flow, request: web.Request) -> web.StreamRespon
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     chunks = completion_chunks(completion, include_usage)
     flow.first_token_at = time.perf_counter()
-    response = web.StreamResponse(headers={**SSE_HEADERS, **ringside_headers(flow)})
+    response = SSEResponse(headers={**SSE_HEADERS, **ringside_headers(flow)})
     try:
         await response.prepare(request)
-        await _send(flow, response, b"".join(sse.encode(chunk) for chunk in chunks) + sse.DONE)
-        await response.write_eof()
+        body = b"".join(sse.encode(chunk) for chunk in chunks) + sse.DONE
+        await _send(flow, response, body, last=True)
     except ConnectionResetError:
         flow.status = 499
     await flow.runtime.pipeline.run("response", flow)
