@@ -46,6 +46,8 @@ BODY = json.dumps(
         "max_tokens": 64,
     }
 )
+STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True})
+STREAM_CONCURRENCY = 16  # streamed wrk runs: 20-chunk SSE answers, at one concurrency
 HEADERS = {"Authorization": f"Bearer {KEY}", "FC-Customer": "acme"}  # the sidecar's, and direct's
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -124,6 +126,7 @@ class Target:
     rss_idle: float | None = None
     runs: dict[int, list[dict[str, float]]] = field(default_factory=dict)
     ttfb_ms: list[float] = field(default_factory=list)
+    stream_runs: list[dict[str, float]] = field(default_factory=list)
     rss_load: float = 0.0
     headers: dict[str, str] = field(default_factory=lambda: dict(HEADERS))
 
@@ -142,10 +145,10 @@ end
 """
 
 
-def wrk_script(headers: dict[str, str], path: Path) -> Path:
+def wrk_script(headers: dict[str, str], path: Path, body: str = BODY) -> Path:
     """One Lua script per target: the body is the same, the headers are the target's own."""
     lines = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
-    path.write_text(WRK_SCRIPT % (BODY, lines))
+    path.write_text(WRK_SCRIPT % (body, lines))
     return path
 
 
@@ -278,12 +281,22 @@ def summarize(targets: list[Target], concurrencies: list[int]) -> dict[str, Any]
             base99 = median([run["p99_ms"] for run in direct.runs[c]])
             entry[f"c{c}"]["added_p50_ms"] = entry[f"c{c}"]["p50_ms"] - base
             entry[f"c{c}"]["added_p99_ms"] = entry[f"c{c}"]["p99_ms"] - base99
+        if target.stream_runs:
+            entry["stream"] = {
+                key: median([run[key] for run in target.stream_runs])
+                for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "errors")
+            }
         out[target.name] = entry
     floor_cpu = out["floor"][f"c{concurrencies[-1]}"]["cpu_us_per_req"]
     for target in targets:
         if target.pid and target.name != "floor":
             cpu = out[target.name][f"c{concurrencies[-1]}"]["cpu_us_per_req"]
             out[target.name]["cpu_vs_floor"] = cpu / floor_cpu if floor_cpu else None
+            if "stream" in out[target.name] and "stream" in out["floor"]:
+                out[target.name]["stream"]["cpu_vs_floor"] = ratio(
+                    out[target.name]["stream"]["cpu_us_per_req"],
+                    out["floor"]["stream"]["cpu_us_per_req"],
+                )
     del floor
     add_vs_sidecar(out, concurrencies)
     return out
@@ -327,9 +340,8 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], concurrencies: list[
         + " with key auth, a budgeted and rate-limited customer, metrics and usage records.",
         "",
         "| path | rps c=1 | rps c=16 | rps c=64 | p50 / p99 c=1 (ms) | added p50 / p99 c=1 (ms) "
-        f"| CPU µs/req c={top} | CPU vs floor | stream TTFB added (ms) | RSS idle / load (MiB) "
-        "| startup (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| CPU µs/req c={top} | CPU vs floor | RSS idle / load (MiB) | startup (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
         c1 = entry.get("c1")  # absent when --concurrency leaves out 1
@@ -342,14 +354,41 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], concurrencies: list[
             else f"{c1['added_p50_ms']:.3f} / {c1['added_p99_ms']:.3f}",
             "—" if name == "direct" else f"{entry[f'c{top}']['cpu_us_per_req']:.0f}",
             f"{entry['cpu_vs_floor']:.2f}×" if entry.get("cpu_vs_floor") else "—",
-            "—" if name == "direct" else f"{entry['stream_ttfb_added_ms']:.3f}",
             "—"
             if name == "direct"
             else f"{entry['rss_idle_mib']:.0f} / {entry['rss_load_mib']:.0f}",
             "—" if entry["startup_s"] is None else f"{entry['startup_s']:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + peer_lines(results, meta, top)) + "\n"
+    return "\n".join(lines + stream_lines(results) + peer_lines(results, meta, top)) + "\n"
+
+
+def stream_lines(results: dict[str, Any]) -> list[str]:
+    """The streamed answers (20 chunks each) under load: a table of their own."""
+    if not any("stream" in entry for entry in results.values()):
+        return []
+    lines = [
+        "",
+        f"Streamed answers (20 content chunks + usage + [DONE]), wrk at c={STREAM_CONCURRENCY}:",
+        "",
+        "| path | streams/s | p50 / p99 (ms) | CPU µs/stream | CPU vs floor "
+        "| TTFB added, c=1 (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in results.items():
+        stream = entry.get("stream")
+        if stream is None:
+            continue
+        cells = [
+            name,
+            f"{stream['rps']:.0f}",
+            f"{stream['p50_ms']:.3f} / {stream['p99_ms']:.3f}",
+            "—" if name == "direct" else f"{stream['cpu_us_per_req']:.0f}",
+            times(stream.get("cpu_vs_floor")),
+            "—" if name == "direct" else f"{entry['stream_ttfb_added_ms']:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def times(value: float | None) -> str:
@@ -519,6 +558,10 @@ def main() -> int:
             target.name: wrk_script(target.headers, workdir / f"post-{index}.lua")
             for index, target in enumerate(targets)
         }
+        stream_scripts = {
+            target.name: wrk_script(target.headers, workdir / f"stream-{index}.lua", STREAM_BODY)
+            for index, target in enumerate(targets)
+        }
         for target in targets:  # warm up connection pools and caches
             run_wrk(target, scripts[target.name], 4, 1)
         for round_index in range(args.rounds):
@@ -530,6 +573,15 @@ def main() -> int:
                           f"{result['rps']:8.0f} rps  p50 {result['p50_ms']:.3f} ms  "
                           f"p99 {result['p99_ms']:.3f} ms  cpu {result['cpu_us_per_req']:.0f} µs"
                           f"  errors {result['errors']:.0f}", flush=True)  # fmt: skip
+            for target in targets:
+                result = run_wrk(
+                    target, stream_scripts[target.name], STREAM_CONCURRENCY, args.seconds
+                )
+                target.stream_runs.append(result)
+                print(f"round {round_index + 1} stream {target.name:<18} "
+                      f"{result['rps']:8.0f} streams/s  p50 {result['p50_ms']:.3f} ms  "
+                      f"cpu {result['cpu_us_per_req']:.0f} µs  errors {result['errors']:.0f}",
+                      flush=True)  # fmt: skip
             for target in targets:
                 samples = measure_ttfb(target.url, args.ttfb_samples, target.headers)
                 target.ttfb_ms.extend(asyncio.run(samples))
