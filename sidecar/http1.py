@@ -117,7 +117,7 @@ class BodyReader:
         self._buffered += len(data)
         if not self._paused and self._buffered > PAUSE_AT_BYTES:
             self._paused = True
-            self._connection.pause_reading()
+            self._connection.pause_reading(self)
         self._wake()
 
     def end(self) -> None:
@@ -150,7 +150,7 @@ class BodyReader:
         self._buffered -= len(piece)
         if self._paused and self._buffered < RESUME_AT_BYTES:
             self._paused = False
-            self._connection.resume_reading()
+            self._connection.resume_reading(self)
         if self._inflate is not None:
             piece = self._decompress(piece)
         return piece
@@ -225,17 +225,20 @@ class Streamed:
         self.status = status
         self.headers = headers
         self.body = BodyReader(connection)
-        self._connection = connection
+        self._connection: _Connection | None = connection
         self._client: Http1Client | None = None
         self._origin: Origin | None = None
 
     def close(self) -> None:
-        client, origin = self._client, self._origin
-        self._client = None
+        """Once; a second call does nothing (the connection may already carry another request)."""
+        connection, client, origin = self._connection, self._client, self._origin
+        if connection is None:
+            return
+        self._connection = None
         if client is not None and origin is not None and self.body.ended:
-            client.put_back(origin, self._connection)
+            client.put_back(origin, connection)
         else:
-            self._connection._abort()
+            connection._abort()
 
 
 class _Connection(asyncio.Protocol):
@@ -250,6 +253,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[Any] | None = None
         self._streaming = False
         self._reader: BodyReader | None = None
+        self._paused = False  # reading paused for the reader
         self._headers: CIMultiDict[str] = CIMultiDict()
         self._body: list[bytes] = []
         self._size = 0
@@ -344,13 +348,21 @@ class _Connection(asyncio.Protocol):
         self._waiter = None
         self._reader = None
         self._parser = httptools.HttpResponseParser(self)
+        if self._paused:  # a stream's reader fell behind just as its body ended
+            self._paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
 
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+    def pause_reading(self, reader: BodyReader) -> None:
+        if reader is self._reader and not self._paused and not self.closed:
+            self._paused = True
+            assert self.transport is not None
             self.transport.pause_reading()
 
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+    def resume_reading(self, reader: BodyReader) -> None:
+        if reader is self._reader and self._paused and not self.closed:
+            self._paused = False
+            assert self.transport is not None
             self.transport.resume_reading()
 
     def _resolve(self, result: Response | Streamed) -> None:

@@ -420,7 +420,8 @@ def test_a_slow_reader_gets_every_byte_of_a_large_fast_stream(
     sidecar_factory: Callable[..., SidecarProcess],
 ) -> None:
     """The upstream writes ~3 MB at once; the client reads slowly, so the sidecar's reader
-    falls behind and pauses the upstream socket, then resumes it: nothing is lost."""
+    falls behind and pauses the upstream socket, then resumes it: nothing is lost, and the
+    connection serves the next request."""
     pieces = [f"{i:05d}" + "x" * 2000 for i in range(1500)]
     body = sse_body(pieces)
     for url in serve(stream_handler(body, 64 * 1024)):
@@ -436,3 +437,6 @@ def test_a_slow_reader_gets_every_byte_of_a_large_fast_stream(
         conn.close()
         answer = SimpleNamespace(status=response.status, body=bytes(received))
         assert streamed_content(answer) == "".join(pieces)
+        time.sleep(0.2)
+        # the connection went back to the pool reading again, whatever state the stream left it in
+        assert streamed_content(post_chat(proc, stream_request())) == "".join(pieces)
