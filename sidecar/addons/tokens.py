@@ -22,8 +22,6 @@ from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import urlsplit
 
-import jwt
-
 from sidecar.errors import GatewayError, invalid_request
 from sidecar.settings.model import KeySettings, TokenSettings
 
@@ -222,6 +220,9 @@ class ClientTokens:
 
     def __init__(self, settings: TokenSettings) -> None:
         assert settings.secret is not None, "client tokens need a secret"
+        import jwt  # only a config with client tokens needs PyJWT (≈2 ms of startup)
+
+        self._jwt = jwt
         self._secret = settings.secret
         self.default_ttl = settings.default_ttl
         self.max_ttl = settings.max_ttl
@@ -252,7 +253,7 @@ class ClientTokens:
             payload["origin"] = claims.origin
         if claims.client_ip is not None:
             payload["client_ip"] = claims.client_ip
-        return jwt.encode(payload, self._secret, algorithm=ALGORITHM), claims
+        return self._jwt.encode(payload, self._secret, algorithm=ALGORITHM), claims
 
     def verify(self, token: str, now: float) -> TokenClaims:
         """The claims of a genuine, unexpired token; TokenError says what is wrong otherwise."""
@@ -271,6 +272,7 @@ class ClientTokens:
         return claims
 
     def _decode(self, token: str) -> TokenClaims:
+        jwt = self._jwt
         try:
             payload = jwt.decode(
                 token,

@@ -6,8 +6,6 @@ imported only when chosen, so `redis` is needed only by a redis-backed sidecar.
 
 from __future__ import annotations
 
-import sqlite3
-
 from sidecar.settings import ConfigError
 from sidecar.settings.model import Storage
 from sidecar.stores.base import Claim, ClaimState, IdempotencyStore, Store, StoreUnavailable
@@ -29,6 +27,8 @@ async def open_store(storage: Storage) -> Store:
 
         return MemoryStore()
     if storage.backend == "sqlite":
+        import sqlite3
+
         from sidecar.stores.sqlite import SqliteStore
 
         try:
