@@ -229,16 +229,33 @@ class Streamed:
         self._client: Http1Client | None = None
         self._origin: Origin | None = None
 
-    def close(self) -> None:
-        """Once; a second call does nothing (the connection may already carry another request)."""
-        connection, client, origin = self._connection, self._client, self._origin
-        if connection is None:
+    def close(self, linger: float = 0.0) -> None:
+        """Once; a later call does nothing (the connection may already carry another request).
+        With `linger`, the caller has all it needs but the body's end (a chunked terminator)
+        may still be on its way: a task off the caller's path waits up to `linger` seconds
+        for it, to keep the connection (the caller's own task may be cancelled any time)."""
+        if self._connection is None:
             return
+        if linger > 0 and not self.body.ended:
+            task = asyncio.get_running_loop().create_task(self._close_after_end(linger))
+            _lingering.add(task)
+            task.add_done_callback(_lingering.discard)
+            return
+        connection, client, origin = self._connection, self._client, self._origin
         self._connection = None
         if client is not None and origin is not None and self.body.ended:
             client.put_back(origin, connection)
         else:
             connection._abort()
+
+    async def _close_after_end(self, seconds: float) -> None:
+        try:
+            await self.body.discard(seconds)
+        finally:
+            self.close()
+
+
+_lingering: set[asyncio.Task[None]] = set()  # Streamed._close_after_end tasks, held until done
 
 
 class _Connection(asyncio.Protocol):
@@ -438,14 +455,9 @@ class Http1Client:
         method: str = "POST",
     ) -> Response:
         """Send a request and read its whole response."""
-        head = self._head(method, target, headers, len(body))
-        if total is None:
-            connection, response = await self._exchange(target, head, body, connect, read, False)
-        else:
-            async with asyncio.timeout(total):
-                connection, response = await self._exchange(
-                    target, head, body, connect, read, False
-                )
+        connection, response = await self._send(
+            method, target, headers, body, connect, read, total, False
+        )
         response.body = _decoded(response)
         self.put_back(target.origin, connection)
         return response
@@ -462,14 +474,10 @@ class Http1Client:
     ) -> Streamed:
         """Send a request and return at the response head; the body follows in
         `Streamed.body`. The caller must `close()` the Streamed."""
-        head = self._head(method, target, headers, len(body))
-        loop = asyncio.get_running_loop()
-        deadline = None if total is None else loop.time() + total
-        if total is None:
-            connection, streamed = await self._exchange(target, head, body, connect, read, True)
-        else:
-            async with asyncio.timeout(total):
-                connection, streamed = await self._exchange(target, head, body, connect, read, True)
+        deadline = None if total is None else asyncio.get_running_loop().time() + total
+        connection, streamed = await self._send(
+            method, target, headers, body, connect, read, total, True
+        )
         streamed._client, streamed._origin = self, target.origin
         try:
             encoding = streamed.headers.get("Content-Encoding", "identity").lower()
@@ -478,6 +486,24 @@ class Http1Client:
             connection._abort()
             raise
         return streamed
+
+    async def _send(
+        self,
+        method: str,
+        target: Target,
+        headers: Mapping[str, str],
+        body: bytes,
+        connect: float,
+        read: float,
+        total: float | None,
+        streaming: bool,
+    ) -> tuple[_Connection, Any]:
+        """The exchange up to the whole response (or a stream's head), within `total`."""
+        head = self._head(method, target, headers, len(body))
+        if total is None:
+            return await self._exchange(target, head, body, connect, read, streaming)
+        async with asyncio.timeout(total):
+            return await self._exchange(target, head, body, connect, read, streaming)
 
     def put_back(self, origin: Origin, connection: _Connection) -> None:
         """Pool a connection after a complete response, or drop it."""

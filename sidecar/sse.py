@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 DONE = b"data: [DONE]\n\n"
-MAX_EVENT_BYTES = 16 * 1024 * 1024  # one event can be large (a long tool-call argument)
+MAX_LINE_BYTES = 16 * 1024 * 1024  # one event can be large (a long tool-call argument)
 
 Event = tuple[str | None, bytes]  # (event name, data)
 
@@ -14,8 +14,8 @@ def encode(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-class EventTooLong(ValueError):
-    """An SSE event (or line) over MAX_EVENT_BYTES: a broken upstream, not a big answer."""
+class LineTooLong(ValueError):
+    """An SSE line over MAX_LINE_BYTES: a broken upstream, not a big answer."""
 
 
 class EventParser:
@@ -33,32 +33,20 @@ class EventParser:
         self._data: list[bytes] = []
 
     def feed(self, piece: bytes) -> list[Event]:
+        if b"\n" not in piece:
+            self._keep(piece)
+            return []
         if self._tail:
             piece = b"".join(self._tail) + piece
             self._tail.clear()
             self._tail_bytes = 0
-        if b"\r" in piece or self._data or self._event is not None:
-            if b"\n" not in piece:
-                self._keep(piece)
-                return []
-            lines = piece.split(b"\n")
-            self._keep(lines.pop())
-            return self._lines(lines)
-        # the common shape, "data: {...}\n\n" per event: split on the blank lines; a block
-        # not yet ended by one waits, whole, for the next piece
-        blocks = piece.split(b"\n\n")
-        self._keep(blocks.pop())
-        events: list[Event] = []
-        for block in blocks:
-            if block.startswith(b"data: ") and b"\n" not in block:
-                events.append((None, block[6:]))
-            elif block:
-                events += self._lines([*block.split(b"\n"), b""])
-        return events
+        lines = piece.split(b"\n")
+        self._keep(lines.pop())
+        return self._lines(lines)
 
     def end(self) -> list[Event]:
         """The events left when the body ends: a last line or event without its ending."""
-        lines = [*b"".join(self._tail).split(b"\n"), b""]
+        lines = [b"".join(self._tail), b""]
         self._tail.clear()
         self._tail_bytes = 0
         return self._lines(lines)
@@ -67,8 +55,8 @@ class EventParser:
         if partial:
             self._tail.append(partial)
             self._tail_bytes += len(partial)
-            if self._tail_bytes > MAX_EVENT_BYTES:
-                raise EventTooLong(f"upstream sent a stream event over {MAX_EVENT_BYTES} bytes")
+            if self._tail_bytes > MAX_LINE_BYTES:
+                raise LineTooLong(f"upstream sent a stream line over {MAX_LINE_BYTES} bytes")
 
     def _lines(self, lines: list[bytes]) -> list[Event]:
         events: list[Event] = []

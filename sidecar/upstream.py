@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from sidecar import sse
 from sidecar.errors import Outcome, UpstreamError
@@ -33,6 +35,7 @@ def transport_error(exc: BaseException) -> UpstreamError:
     )
 
 
+R = TypeVar("R")
 END_WAIT_SECONDS = 1.0  # after the last event, for the rest of the body (see aclose)
 
 
@@ -52,20 +55,7 @@ class HttpProvider:
         self.json_mode = adapter.json_mode
 
     async def complete(self, call: UpstreamCall) -> Completion:
-        request = self.adapter.build_request(call)
-        timeouts = self.settings.timeout
-        try:
-            response = await self.http1.request(
-                self.http1.target(request.url),
-                request.headers,
-                request.body,
-                timeouts.connect,
-                timeouts.read,
-                timeouts.total,
-                request.method,
-            )
-        except (TimeoutError, OSError) as exc:
-            raise transport_error(exc) from None
+        response = await self._send(self.http1.request, call)
         body, status, headers = response.body, response.status, response.headers
         if not 200 <= status < 300:
             raise self.adapter.classify_error(status, body, headers)
@@ -73,20 +63,7 @@ class HttpProvider:
 
     async def open_stream(self, call: UpstreamCall) -> ChunkStream:
         """Open the stream; an upstream failure before the first byte raises here."""
-        request = self.adapter.build_request(call)
-        timeouts = self.settings.timeout
-        try:
-            response = await self.http1.stream(
-                self.http1.target(request.url),
-                request.headers,
-                request.body,
-                timeouts.connect,
-                timeouts.read,
-                timeouts.total,
-                request.method,
-            )
-        except (TimeoutError, OSError) as exc:
-            raise transport_error(exc) from None
+        response = await self._send(self.http1.stream, call)
         if not 200 <= response.status < 300:
             try:
                 body = await response.body.read()
@@ -96,6 +73,24 @@ class HttpProvider:
                 response.close()
             raise self.adapter.classify_error(response.status, body, response.headers)
         return HttpChunkStream(response, self.adapter.stream_decoder(call))
+
+    async def _send(self, send: Callable[..., Awaitable[R]], call: UpstreamCall) -> R:
+        """The adapter's request through `send` (whole or streamed), with this provider's
+        timeouts; a transport failure leaves as an UpstreamError."""
+        request = self.adapter.build_request(call)
+        timeouts = self.settings.timeout
+        try:
+            return await send(
+                self.http1.target(request.url),
+                request.headers,
+                request.body,
+                timeouts.connect,
+                timeouts.read,
+                timeouts.total,
+                request.method,
+            )
+        except (TimeoutError, OSError) as exc:
+            raise transport_error(exc) from None
 
 
 class HttpChunkStream:
@@ -163,29 +158,12 @@ class HttpChunkStream:
                         Outcome.UNAVAILABLE, "upstream closed the stream early", reason="bad_body"
                     ) from None
                 raise
-        except sse.EventTooLong as exc:
+        except sse.LineTooLong as exc:
             raise UpstreamError(Outcome.UNAVAILABLE, str(exc), reason="bad_body") from None
         except (TimeoutError, OSError) as exc:
             raise transport_error(exc) from None
 
     async def aclose(self) -> None:
         """Give the connection back, or drop it: an unfinished upstream generation is
-        cancelled with it. After the last event the body's end (the chunked terminator) may
-        still be on its way: a task off the request path waits a moment for it, to keep the
-        connection (the request's own task may be cancelled any time from here on)."""
-        if self.decoder.finished and not self.response.body.ended:
-            task = asyncio.get_running_loop().create_task(_close_after_end(self.response))
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
-        else:
-            self.response.close()
-
-
-_closing: set[asyncio.Task[None]] = set()  # tasks of _close_after_end, held until done
-
-
-async def _close_after_end(response: Streamed) -> None:
-    try:
-        await response.body.discard(END_WAIT_SECONDS)
-    finally:
-        response.close()
+        cancelled with it. After the last event the body's end may still be on its way."""
+        self.response.close(END_WAIT_SECONDS if self.decoder.finished else 0.0)
