@@ -68,17 +68,24 @@ def test_workers_refuse_the_per_process_memory_store(tmp_path: Any) -> None:
     assert "storage.backend" in result.stderr and "sqlite or redis" in result.stderr
 
 
-async def test_workers_on_sqlite_share_one_rate_limit(
-    fake_openai: FakeOpenAI, tmp_path: Any
-) -> None:
+def sqlite_workers(
+    fake_openai: FakeOpenAI, tmp_path: Any, rate_limit: dict[str, int]
+) -> SidecarProcess:
+    """Two workers on one sqlite file, customer `acme` under `rate_limit`."""
     config = openai_config(
         fake_openai.url,
         storage={"backend": "sqlite", "sqlite_path": str(tmp_path / "r.db")},
-        customers={"acme": {"rate_limit": {"rpm": 10}}},
+        customers={"acme": {"rate_limit": rate_limit}},
     )
-    proc = SidecarProcess(
+    return SidecarProcess(
         config, {"TEST_OPENAI_KEY": PROVIDER_KEY}, str(tmp_path), extra_args=["--workers", "2"]
     ).start()
+
+
+async def test_workers_on_sqlite_share_one_rate_limit(
+    fake_openai: FakeOpenAI, tmp_path: Any
+) -> None:
+    proc = sqlite_workers(fake_openai, tmp_path, {"rpm": 10})
     body = {"model": "fc:openai/gpt-4o-mini", "messages": MESSAGES}
 
     async def one() -> tuple[int, str | None, str | None]:
@@ -103,14 +110,7 @@ def test_workers_on_sqlite_settle_token_estimates_in_the_shared_file(
 ) -> None:
     """Each request is admitted on its estimate (~920 tokens of a 1000 tpm) and settled to
     what it used; the next may land on the other worker, which must see the settled cell."""
-    config = openai_config(
-        fake_openai.url,
-        storage={"backend": "sqlite", "sqlite_path": str(tmp_path / "r.db")},
-        customers={"acme": {"rate_limit": {"tpm": 1000}}},
-    )
-    proc = SidecarProcess(
-        config, {"TEST_OPENAI_KEY": PROVIDER_KEY}, str(tmp_path), extra_args=["--workers", "2"]
-    ).start()
+    proc = sqlite_workers(fake_openai, tmp_path, {"tpm": 1000})
     body = {"model": "fc:openai/gpt-4o-mini", "messages": MESSAGES, "max_tokens": 900}
 
     def call() -> tuple[int, str | None]:
