@@ -77,6 +77,11 @@ def exhausted(
     return GatewayError(503, "upstream_unavailable", f"{lead}: " + "; ".join(parts))
 
 
+def interrupted() -> UpstreamError:
+    """The error of an attempt cut short on our side (a cancel: the client went away)."""
+    return UpstreamError(Outcome.UNAVAILABLE, "the call was cancelled", reason="cancelled")
+
+
 class Cascade:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -138,13 +143,7 @@ class Cascade:
                 self.build_call(flow, candidate, body)
             )
         except BaseException as exc:
-            attempt.error = (
-                exc
-                if isinstance(exc, UpstreamError)
-                else UpstreamError(
-                    Outcome.UNAVAILABLE, "the call was cancelled", reason="cancelled"
-                )
-            )
+            attempt.error = exc if isinstance(exc, UpstreamError) else interrupted()
             self._settle(flow, attempt, None)
             await self.pipeline.run("attempt_done", flow, attempt)
             raise
@@ -230,6 +229,9 @@ class Cascade:
                     tries += 1
                     await asyncio.sleep(delay)
                     continue
+                except BaseException:  # the client went away before the stream's head came
+                    await self.fail_stream(flow, attempt, None, interrupted())
+                    raise
                 return attempt, stream
         raise exhausted(failures, flow.route.skipped_open)
 

@@ -10,11 +10,12 @@ replay it (the redis journal) applies it at most once.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import datetime as dt
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -225,7 +226,9 @@ class BudgetStore(Protocol):
     async def reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
-        """Hold `amount` in every scope, or in none: raises BudgetExceeded / StoreUnavailable."""
+        """Hold `amount` in every scope, or in none: raises BudgetExceeded / StoreUnavailable.
+        A caller cancelled while the reserve is under way (a client that went away) leaves
+        nothing held: what the reserve takes is released once it completes."""
         ...
 
     async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
@@ -248,6 +251,34 @@ class BudgetStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+_releasing: set[asyncio.Task[None]] = set()  # releases of abandoned reserves, until done
+
+
+async def reserve_or_release(
+    reserving: asyncio.Future[list[Hold]],
+    release: Callable[[list[Hold]], Awaitable[None]],
+) -> list[Hold]:
+    """Await a reserve that is already queued or sent. A cancel does not stop it (the store
+    applies it all the same), so a cancelled caller must not drop its holds: they would stay
+    held until their TTL, counted against the budget for minutes. On a cancel the holds are
+    released as soon as the reserve completes."""
+    try:
+        return await asyncio.shield(reserving)
+    except asyncio.CancelledError:
+        reserving.add_done_callback(lambda done: _release_abandoned(done, release))
+        raise
+
+
+def _release_abandoned(
+    reserving: asyncio.Future[list[Hold]], release: Callable[[list[Hold]], Awaitable[None]]
+) -> None:
+    if reserving.cancelled() or reserving.exception() is not None:
+        return  # nothing was held (refused, or the store failed)
+    task = asyncio.ensure_future(release(reserving.result()))
+    _releasing.add(task)
+    task.add_done_callback(_releasing.discard)
 
 
 async def open_budget_store(storage: Storage, serve: bool = True) -> BudgetStore:

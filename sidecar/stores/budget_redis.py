@@ -41,6 +41,7 @@ from sidecar.stores.budget import (
     UsageRecord,
     Window,
     carries_record,
+    reserve_or_release,
 )
 from sidecar.stores.budget_journal import Entry, Journal
 from sidecar.stores.budget_lua import FINISH, INDEX, RELEASE, RESERVE, SETTLE
@@ -121,6 +122,13 @@ class RedisBudgetStore:
     async def reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
+        # a task: the round trips of a cancelled caller go on, and what they hold is released
+        reserving = asyncio.ensure_future(self._reserve(scopes, amount, ttl))
+        return await reserve_or_release(reserving, self._release)
+
+    async def _reserve(
+        self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
+    ) -> list[Hold]:
         hold_id = new_id()
         taken: list[Hold] = []
         try:
@@ -146,6 +154,9 @@ class RedisBudgetStore:
 
     async def _release(self, holds: Sequence[Hold]) -> None:
         for hold in holds:
+            if hold.local:  # taken while redis was down (fail_open)
+                self._local_holds.get(hold.scope.name, {}).pop(hold.id, None)
+                continue
             with contextlib.suppress(StoreUnavailable):  # it expires on its own
                 await self._call("release", _scope_keys(hold.scope, hold.window), [hold.id])
 

@@ -10,6 +10,7 @@ survives the process dying (not a power cut between checkpoints).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from sidecar.stores.budget import (
     UsageRecord,
     Window,
     carries_record,
+    reserve_or_release,
 )
 from sidecar.stores.sqlite_thread import ThreadedSqlite
 
@@ -137,8 +139,18 @@ class SqliteBudgetStore(ThreadedSqlite):
     async def reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
-        result: list[Hold] = await self._enqueue(self._reserve, scopes, amount, ttl)
-        return result
+        reserving = self._enqueue(self._reserve, scopes, amount, ttl)
+        return await reserve_or_release(reserving, self._release)
+
+    def _release_holds(self, db: sqlite3.Connection, holds: Sequence[Hold]) -> None:
+        for hold in holds:
+            db.execute(
+                "DELETE FROM budget_hold WHERE scope = ? AND id = ?", (hold.scope.name, hold.id)
+            )
+
+    async def _release(self, holds: Sequence[Hold]) -> None:
+        with contextlib.suppress(StoreUnavailable):  # then it expires on its own
+            await self._enqueue(self._release_holds, holds)
 
     def _settle(
         self, db: sqlite3.Connection, holds: Sequence[Hold], charge: Charge, record: RecordRef
