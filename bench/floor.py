@@ -23,10 +23,13 @@ async def forward(request: web.Request) -> web.StreamResponse:
     ) as upstream:
         if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
+            try:
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+            except ConnectionResetError:  # the client left mid-stream (wrk at the end of a run)
+                pass
             return response
         return web.Response(
             body=await upstream.read(), status=upstream.status, content_type="application/json"

@@ -26,13 +26,15 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bench import peers
+from bench import cores, peers
 
 BENCH = Path(__file__).resolve().parent
 KEY = "rk_bench_secret_key"
@@ -47,8 +49,13 @@ BODY = json.dumps(
     }
 )
 STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True})
+TTFB_WARMUP = 5  # streamed requests per target before TTFB samples are kept
 STREAM_CONCURRENCY = 16  # streamed wrk runs: 20-chunk SSE answers, at one concurrency
-HEADERS = {"Authorization": f"Bearer {KEY}", "FC-Customer": "acme"}  # the sidecar's, and direct's
+SCALING_CONCURRENCY = 64  # the --workers scaling run
+STARTUP_SAMPLES = 5  # starts of the floor and of each sidecar; the median is reported
+CUSTOMER = "acme"
+ADMIN_TOKEN = "bench-admin-token"
+HEADERS = {"Authorization": f"Bearer {KEY}", "FC-Customer": CUSTOMER}  # the sidecar's, and direct's
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -126,9 +133,15 @@ class Target:
     rss_idle: float | None = None
     runs: dict[int, list[dict[str, float]]] = field(default_factory=dict)
     ttfb_ms: list[float] = field(default_factory=list)
+    ttfb_direct_ms: list[float] = field(default_factory=list)  # direct, paired with ttfb_ms
     stream_runs: list[dict[str, float]] = field(default_factory=list)
     rss_load: float = 0.0
     headers: dict[str, str] = field(default_factory=lambda: dict(HEADERS))
+    admin_url: str | None = None  # the sidecar's admin listener, for the ledger check
+    restart: Callable[[], tuple[subprocess.Popen[bytes], float]] | None = None  # another copy
+    startups: list[float] = field(default_factory=list)  # startup samples after the first
+    answered: int = 0  # requests the clients saw answered 2xx (warm-ups included)
+    cut: int = 0  # requests possibly served but not seen: in flight when a wrk run ended
 
 
 WRK_SCRIPT = """
@@ -175,6 +188,8 @@ def run_wrk(target: Target, script: Path, connections: int, seconds: float) -> d
     if line is None:
         raise RuntimeError(f"wrk against {target.name} failed:\n{out.stdout}\n{out.stderr}")
     result = json.loads(line)
+    target.answered += result["requests"] - result["non2xx"]
+    target.cut += connections + result["errors"]
     cpu = (cpu_seconds(target.pid) - before) if target.pid else 0.0
     requests = max(1, result["requests"])
     return {
@@ -186,26 +201,84 @@ def run_wrk(target: Target, script: Path, connections: int, seconds: float) -> d
     }
 
 
-async def measure_ttfb(url: str, count: int, headers: dict[str, str]) -> list[float]:
+async def measure_ttfb(targets: list[Target], count: int) -> None:
+    """Time to the first body byte of a streamed answer, one request at a time, each proxy
+    paired with direct: `count` times a request straight to the upstream, then one through
+    the proxy. The added TTFB is the proxy's median over the median of its own direct
+    samples, taken under the same machine state a moment apart (a proxy timed in a block of
+    its own, minutes from direct, or right after a heavyweight peer has run, measures the
+    machine as much as itself). The first few pairs warm connections and are dropped."""
     import aiohttp
 
     body = json.loads(BODY)
     body["stream"] = True
-    samples = []
+    direct, proxies = targets[0], targets[1:]
+
+    async def sample(session: aiohttp.ClientSession, target: Target) -> float | None:
+        started = time.perf_counter()
+        async with session.post(target.url, json=body, headers=target.headers) as reply:
+            await reply.content.readany()
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            await reply.read()
+        target.answered += reply.status == 200
+        return elapsed_ms if reply.status == 200 else None
+
     async with aiohttp.ClientSession() as session:
-        for _ in range(count):
-            started = time.perf_counter()
-            async with session.post(url, json=body, headers=headers) as response:
-                await response.content.readany()
-                samples.append((time.perf_counter() - started) * 1000)
-                await response.read()
-    return samples
+        for target in proxies:
+            for index in range(count + TTFB_WARMUP):
+                base, through = await sample(session, direct), await sample(session, target)
+                if index >= TTFB_WARMUP and base is not None and through is not None:
+                    target.ttfb_direct_ms.append(base)
+                    target.ttfb_ms.append(through)
+                    direct.ttfb_ms.append(base)
 
 
-def sidecar_config(upstream_port: int, store: str, workdir: Path, redis_url: str) -> Path:
+def ledger(target: Target, store: str) -> dict[str, Any]:
+    """After the load: does the store's books balance? Read the bench customer's usage from
+    the admin API once nothing is held any more (requests cut off at the end of a wrk run
+    settle a moment later): every request the clients saw answered has its usage record, the
+    budget's spent total is the sum of the records' costs, and no reservation is left held.
+    The memory store keeps only its latest records, so only the last check applies to it."""
+    assert target.admin_url is not None
+    request = urllib.request.Request(
+        f"{target.admin_url}/v1/customers/{CUSTOMER}/usage",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            usage = json.loads(reply.read())
+        if usage["reserved_usd"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    entry: dict[str, Any] = {
+        "answered": target.answered,
+        "cut": target.cut,
+        "records": usage["requests"],
+        "spent_usd": usage["spent_usd"],
+        "records_cost_usd": usage["cost_usd"],
+        "held_usd": usage["reserved_usd"],
+    }
+    held_none = usage["reserved_usd"] == 0
+    if store == "memory":
+        entry["exact"] = held_none
+        entry["note"] = "memory store: only its latest usage records are kept"
+        return entry
+    records_match = target.answered <= usage["requests"] <= target.answered + target.cut
+    spend_matches = abs(usage["spent_usd"] - usage["cost_usd"]) < 1e-9
+    entry["exact"] = held_none and records_match and spend_matches
+    return entry
+
+
+def sidecar_config(
+    upstream_port: int, store: str, workdir: Path, redis_url: str, name: str = ""
+) -> Path:
+    """The sidecar's config; `name` (default: the store) names its files, so that several
+    sidecars on one store kind keep separate books."""
+    name = name or store
     storage: dict[str, Any] = {"backend": store}
     if store == "sqlite":
-        storage["sqlite_path"] = str(workdir / "bench.db")
+        storage["sqlite_path"] = str(workdir / f"{name}.db")
     if store == "redis":
         storage["redis_url"] = redis_url
     config = {
@@ -229,14 +302,14 @@ def sidecar_config(upstream_port: int, store: str, workdir: Path, redis_url: str
             {"id": "bench", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "developer": "b"}
         ],
         "customers": {
-            "acme": {
+            CUSTOMER: {
                 "budget": {"usd": 1_000_000, "period": "month"},
                 "rate_limit": {"rpm": 100_000_000, "tpm": 2_000_000_000},
             }
         },
         "access_log": {"enabled": False},
     }
-    path = workdir / f"sidecar-{store}.yaml"
+    path = workdir / f"sidecar-{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -245,14 +318,55 @@ def start_sidecar(
     config: Path, port: int, admin_port: int, workers: int, log: Path
 ) -> tuple[subprocess.Popen[bytes], float]:
     started = time.perf_counter()
+    env = {**os.environ, "RINGSIDE_ADMIN_TOKEN": ADMIN_TOKEN}
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "serve", "--config", str(config),
          "--port", str(port), "--admin-host", "127.0.0.1", "--admin-port", str(admin_port),
          "--workers", str(workers)],
-        stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env,
     )  # fmt: skip
     wait_ready(f"http://127.0.0.1:{admin_port}/readyz")
     return proc, time.perf_counter() - started
+
+
+def start_floor(port: int, upstream_url: str) -> tuple[subprocess.Popen[bytes], float]:
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", upstream_url],
+        cwd=BENCH.parent,
+    )
+    wait_port(port)
+    return proc, time.perf_counter() - started
+
+
+def stop_proxies(targets: list[Target]) -> None:
+    """The load is over: stop every proxy (the upstream and redis stay) and wait for them."""
+    for target in targets:
+        if target.proc is not None:
+            target.proc.terminate()
+    for target in targets:
+        if target.proc is not None:
+            try:
+                target.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                target.proc.kill()
+
+
+def measure_startups(targets: list[Target]) -> None:
+    """More startup samples, interleaved, on an idle machine: one start is at the mercy of
+    whatever else the machine does in that quarter second. The median of all is reported."""
+    for _ in range(STARTUP_SAMPLES - 1):
+        for target in targets:
+            if target.restart is None:
+                continue
+            proc, seconds = target.restart()
+            target.startups.append(seconds)
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def compile_sources() -> None:
@@ -276,11 +390,15 @@ def summarize(targets: list[Target], concurrencies: list[int]) -> dict[str, Any]
     out: dict[str, Any] = {}
     for target in targets:
         entry: dict[str, Any] = {
-            "startup_s": target.startup_s,
+            "startup_s": None
+            if target.startup_s is None
+            else median([target.startup_s, *target.startups]),
             "rss_idle_mib": target.rss_idle,
             "rss_load_mib": target.rss_load or None,
             "stream_ttfb_ms_p50": median(target.ttfb_ms),
-            "stream_ttfb_added_ms": median(target.ttfb_ms) - median(direct.ttfb_ms),
+            "stream_ttfb_added_ms": None
+            if target is direct
+            else median(target.ttfb_ms) - median(target.ttfb_direct_ms),
         }
         for c in concurrencies:
             runs = target.runs[c]
@@ -371,7 +489,8 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], concurrencies: list[
             "—" if entry["startup_s"] is None else f"{entry['startup_s']:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + stream_lines(results) + peer_lines(results, meta, top)) + "\n"
+    tables = stream_lines(results) + ledger_lines(results) + peer_lines(results, meta, top)
+    return "\n".join(lines + tables) + "\n"
 
 
 def stream_lines(results: dict[str, Any]) -> list[str]:
@@ -400,6 +519,61 @@ def stream_lines(results: dict[str, Any]) -> list[str]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def ledger_lines(results: dict[str, Any]) -> list[str]:
+    """The books after the load, per store (see ledger())."""
+    rows = {name: entry["ledger"] for name, entry in results.items() if "ledger" in entry}
+    if not rows:
+        return []
+    lines = [
+        "",
+        'The books after the run (customer usage from the admin API; "cut": requests in '
+        "flight when a wrk run ended, served or not):",
+        "",
+        "| path | answered 2xx (+ cut) | usage records | spent (USD) | Σ record cost (USD) "
+        "| held (USD) | exact? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        cells = [
+            name,
+            f"{row['answered']} (+ ≤ {row['cut']})",
+            f"{row['records']}" + (" (latest only)" if "note" in row else ""),
+            f"{row['spent_usd']:.9f}",
+            "—" if "note" in row else f"{row['records_cost_usd']:.9f}",
+            f"{row['held_usd']:.9f}",
+            ("yes" if row["exact"] else "**no**") + (" (held only)" if "note" in row else ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def scaling_lines(scaling: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The --workers scaling run, a table of its own."""
+    if not scaling:
+        return ""
+    share = meta["scaling"]["core_share"]
+    lines = [
+        "",
+        f"`--workers N`, each worker confined to {share:g} of a core (bench/cores.py), wrk at "
+        f"c={meta['scaling']['concurrency']}, {meta['rounds']} interleaved rounds:",
+        "",
+        "| store | workers | rps | vs fewest workers | CPU µs/req | books exact? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for store, rows in scaling.items():
+        for count, row in rows.items():
+            cells = [
+                store,
+                count,
+                f"{row['rps']:.0f}",
+                times(row["vs_first"]),
+                f"{row['cpu_us_per_req']:.0f}",
+                "yes" if row["ledger"]["exact"] else "**no**",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def times(value: float | None) -> str:
@@ -446,6 +620,89 @@ def write_readme(table: str) -> None:
     readme.write_text(text)
 
 
+def measure_scaling(
+    stores: list[str],
+    counts: list[int],
+    share: float,
+    upstream_port: int,
+    workdir: Path,
+    redis_base: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """`--workers N` on the shared stores, each worker confined to `share` of a core (see
+    bench/cores.py): requests/s at c=64 for each N, interleaved rounds, and the books after."""
+    try:
+        quota = cores.CoreQuota(share)
+    except cores.QuotaUnavailable as exc:
+        print(f"skipping the --workers scaling run: {exc}", file=sys.stderr)
+        return {}
+    procs: list[subprocess.Popen[bytes]] = []
+    out: dict[str, Any] = {}
+    try:
+        targets: list[tuple[str, int, Target]] = []
+        for store in stores:
+            for count in counts:
+                name = f"{store}-w{count}"
+                redis_url = f"{redis_base}/{len(targets) + 1}"  # a database of its own
+                config = sidecar_config(upstream_port, store, workdir, redis_url, name)
+                port, admin = free_port(), free_port()
+                proc, startup = start_sidecar(
+                    config, port, admin, count, workdir / f"sidecar-{name}.log"
+                )
+                procs.append(proc)
+                wait_workers(proc.pid, count)
+                for pid in process_tree(proc.pid)[1 if count > 1 else 0 :]:
+                    quota.confine(pid)
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                target = Target(
+                    name, url, proc.pid, proc, startup, admin_url=f"http://127.0.0.1:{admin}"
+                )
+                targets.append((store, count, target))
+        script = wrk_script(HEADERS, workdir / "scaling.lua")
+        for _store, _count, target in targets:
+            run_wrk(target, script, 4, 1)
+        for round_index in range(args.rounds):
+            for _store, _count, target in targets:
+                result = run_wrk(target, script, SCALING_CONCURRENCY, args.seconds)
+                target.runs.setdefault(SCALING_CONCURRENCY, []).append(result)
+                print(f"round {round_index + 1} scaling {target.name:<12} "
+                      f"{result['rps']:8.0f} rps  cpu {result['cpu_us_per_req']:.0f} µs  "
+                      f"errors {result['errors']:.0f}", flush=True)  # fmt: skip
+        for store, count, target in targets:
+            runs = target.runs[SCALING_CONCURRENCY]
+            out.setdefault(store, {})[str(count)] = {
+                "rps": median([run["rps"] for run in runs]),
+                "cpu_us_per_req": median([run["cpu_us_per_req"] for run in runs]),
+                "errors": median([run["errors"] for run in runs]),
+                "ledger": ledger(target, store),
+            }
+        for rows in out.values():
+            one = rows.get(str(counts[0]))
+            for row in rows.values():
+                row["vs_first"] = ratio(row["rps"], one["rps"] if one else None)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        quota.close()
+    return out
+
+
+def wait_workers(pid: int, count: int, timeout: float = 20.0) -> None:
+    """With --workers N > 1 the supervisor forks N workers; wait until all N are there."""
+    if count == 1:
+        return
+    deadline = time.monotonic() + timeout
+    while len(process_tree(pid)) < count + 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} workers of {pid}")
+        time.sleep(0.05)
+
+
 def start_peer(name: str, upstream_port: int, workdir: Path) -> peers.Peer | None:
     """Install (once) and start a peer; one that cannot be had here is left out, not fatal."""
     model = json.loads(BODY)["model"]
@@ -473,6 +730,18 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="sidecar --workers")
     parser.add_argument("--ttfb-samples", type=int, default=200)
     parser.add_argument(
+        "--scaling",
+        default="1,2",
+        help="worker counts for the --workers scaling run on the sqlite and redis stores "
+        "('' to skip)",
+    )
+    parser.add_argument(
+        "--core-share",
+        type=float,
+        default=0.4,
+        help="the share of a core each worker of the scaling run is confined to",
+    )
+    parser.add_argument(
         "--peer",
         action="append",
         default=[],
@@ -490,7 +759,8 @@ def main() -> int:
     described: dict[str, str] = {}
     workdir = Path(tempfile.mkdtemp(prefix="ringside-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
-    redis_url = ""
+    redis_url = redis_base = ""
+    scaling: dict[str, Any] = {}
     try:
         if "redis" in stores:
             if shutil.which("redis-server") is None:
@@ -504,7 +774,8 @@ def main() -> int:
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 ))  # fmt: skip
                 wait_port(redis_port)
-                redis_url = f"redis://127.0.0.1:{redis_port}/0"
+                redis_base = f"redis://127.0.0.1:{redis_port}"
+                redis_url = f"{redis_base}/0"
         up_port = free_port()
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "bench.upstream", "--port", str(up_port)], cwd=BENCH.parent
@@ -514,14 +785,8 @@ def main() -> int:
         targets = [Target("direct", upstream_url, None)]
 
         floor_port = free_port()
-        started = time.perf_counter()
-        floor = subprocess.Popen(
-            [sys.executable, "-m", "bench.floor", "--port", str(floor_port),
-             "--upstream", upstream_url], cwd=BENCH.parent,
-        )  # fmt: skip
+        floor, startup = start_floor(floor_port, upstream_url)
         procs.append(floor)
-        startup = wait_port(floor_port)
-        del started
         targets.append(
             Target(
                 "floor",
@@ -529,15 +794,16 @@ def main() -> int:
                 floor.pid,
                 floor,
                 startup,
+                restart=partial(start_floor, free_port(), upstream_url),
             )
         )
         for store in stores:
             config = sidecar_config(up_port, store, workdir, redis_url)
             port, admin = free_port(), free_port()
-            proc, startup = start_sidecar(
-                config, port, admin, args.workers, workdir / f"sidecar-{store}.log"
-            )
+            log = workdir / f"sidecar-{store}.log"
+            proc, startup = start_sidecar(config, port, admin, args.workers, log)
             procs.append(proc)
+            restart_log = workdir / f"sidecar-{store}-restart.log"
             targets.append(
                 Target(
                     f"sidecar ({store})",
@@ -545,6 +811,10 @@ def main() -> int:
                     proc.pid,
                     proc,
                     startup,
+                    admin_url=f"http://127.0.0.1:{admin}",
+                    restart=partial(
+                        start_sidecar, config, free_port(), free_port(), args.workers, restart_log
+                    ),
                 )
             )
         for name in wanted_peers:
@@ -594,10 +864,23 @@ def main() -> int:
                       f"{result['rps']:8.0f} streams/s  p50 {result['p50_ms']:.3f} ms  "
                       f"cpu {result['cpu_us_per_req']:.0f} µs  errors {result['errors']:.0f}",
                       flush=True)  # fmt: skip
-            for target in targets:
-                samples = measure_ttfb(target.url, args.ttfb_samples, target.headers)
-                target.ttfb_ms.extend(asyncio.run(samples))
+            asyncio.run(measure_ttfb(targets, args.ttfb_samples))
+        ledgers = {
+            target.name: ledger(target, target.name.removeprefix("sidecar (").rstrip(")"))
+            for target in targets
+            if target.admin_url is not None
+        }
+        stop_proxies(targets)
+        measure_startups(targets)
         results = summarize(targets, concurrencies)
+        for name, books in ledgers.items():
+            results[name]["ledger"] = books
+        counts = [int(n) for n in args.scaling.split(",") if n]
+        shared = [store for store in stores if store != "memory"]
+        if counts and shared:
+            scaling = measure_scaling(
+                shared, counts, args.core_share, up_port, workdir, redis_base, args
+            )
     finally:
         for proc in procs:
             proc.terminate()
@@ -618,10 +901,12 @@ def main() -> int:
     }
     if described:
         meta["peers"] = described
-    out = {"meta": meta, "results": results}
+    if scaling:
+        meta["scaling"] = {"core_share": args.core_share, "concurrency": SCALING_CONCURRENCY}
+    out = {"meta": meta, "results": results, "scaling": scaling}
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / "latest.json").write_text(json.dumps(out, indent=2))
-    table = markdown(results, meta, concurrencies)
+    table = markdown(results, meta, concurrencies) + scaling_lines(scaling, meta)
     print(table)
     if not args.no_readme:
         write_readme(table)
