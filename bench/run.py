@@ -137,6 +137,7 @@ class Target:
     stream_runs: list[dict[str, float]] = field(default_factory=list)
     rss_load: float = 0.0
     headers: dict[str, str] = field(default_factory=lambda: dict(HEADERS))
+    store: str | None = None  # a sidecar's store backend
     admin_url: str | None = None  # the sidecar's admin listener, for the ledger check
     restart: Callable[[], tuple[subprocess.Popen[bytes], float]] | None = None  # another copy
     startups: list[float] = field(default_factory=list)  # startup samples after the first
@@ -233,13 +234,13 @@ async def measure_ttfb(targets: list[Target], count: int) -> None:
                     direct.ttfb_ms.append(base)
 
 
-def ledger(target: Target, store: str) -> dict[str, Any]:
+def ledger(target: Target) -> dict[str, Any]:
     """After the load: does the store's books balance? Read the bench customer's usage from
     the admin API once nothing is held any more (requests cut off at the end of a wrk run
     settle a moment later): every request the clients saw answered has its usage record, the
     budget's spent total is the sum of the records' costs, and no reservation is left held.
     The memory store keeps only its latest records, so only the last check applies to it."""
-    assert target.admin_url is not None
+    assert target.admin_url is not None and target.store is not None
     request = urllib.request.Request(
         f"{target.admin_url}/v1/customers/{CUSTOMER}/usage",
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
@@ -260,7 +261,7 @@ def ledger(target: Target, store: str) -> dict[str, Any]:
         "held_usd": usage["reserved_usd"],
     }
     held_none = usage["reserved_usd"] == 0
-    if store == "memory":
+    if target.store == "memory":
         entry["exact"] = held_none
         entry["note"] = "memory store: only its latest usage records are kept"
         return entry
@@ -339,17 +340,21 @@ def start_floor(port: int, upstream_url: str) -> tuple[subprocess.Popen[bytes], 
     return proc, time.perf_counter() - started
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to all at once (each drains), then wait for each; kill what outlives 10 s."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def stop_proxies(targets: list[Target]) -> None:
     """The load is over: stop every proxy (the upstream and redis stay) and wait for them."""
-    for target in targets:
-        if target.proc is not None:
-            target.proc.terminate()
-    for target in targets:
-        if target.proc is not None:
-            try:
-                target.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                target.proc.kill()
+    stop_all([target.proc for target in targets if target.proc is not None])
 
 
 def measure_startups(targets: list[Target]) -> None:
@@ -361,12 +366,7 @@ def measure_startups(targets: list[Target]) -> None:
                 continue
             proc, seconds = target.restart()
             target.startups.append(seconds)
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_all([proc])
 
 
 def compile_sources() -> None:
@@ -654,8 +654,9 @@ def measure_scaling(
                 for pid in process_tree(proc.pid)[1 if count > 1 else 0 :]:
                     quota.confine(pid)
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                admin_url = f"http://127.0.0.1:{admin}"
                 target = Target(
-                    name, url, proc.pid, proc, startup, admin_url=f"http://127.0.0.1:{admin}"
+                    name, url, proc.pid, proc, startup, store=store, admin_url=admin_url
                 )
                 targets.append((store, count, target))
         script = wrk_script(HEADERS, workdir / "scaling.lua")
@@ -674,20 +675,14 @@ def measure_scaling(
                 "rps": median([run["rps"] for run in runs]),
                 "cpu_us_per_req": median([run["cpu_us_per_req"] for run in runs]),
                 "errors": median([run["errors"] for run in runs]),
-                "ledger": ledger(target, store),
+                "ledger": ledger(target),
             }
         for rows in out.values():
             one = rows.get(str(counts[0]))
             for row in rows.values():
                 row["vs_first"] = ratio(row["rps"], one["rps"] if one else None)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
         quota.close()
     return out
 
@@ -811,6 +806,7 @@ def main() -> int:
                     proc.pid,
                     proc,
                     startup,
+                    store=store,
                     admin_url=f"http://127.0.0.1:{admin}",
                     restart=partial(
                         start_sidecar, config, free_port(), free_port(), args.workers, restart_log
@@ -865,11 +861,7 @@ def main() -> int:
                       f"cpu {result['cpu_us_per_req']:.0f} µs  errors {result['errors']:.0f}",
                       flush=True)  # fmt: skip
             asyncio.run(measure_ttfb(targets, args.ttfb_samples))
-        ledgers = {
-            target.name: ledger(target, target.name.removeprefix("sidecar (").rstrip(")"))
-            for target in targets
-            if target.admin_url is not None
-        }
+        ledgers = {target.name: ledger(target) for target in targets if target.store}
         stop_proxies(targets)
         measure_startups(targets)
         results = summarize(targets, concurrencies)
@@ -882,13 +874,7 @@ def main() -> int:
                 shared, counts, args.core_share, up_port, workdir, redis_base, args
             )
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
         shutil.rmtree(workdir, ignore_errors=True)
     meta = {
         "date": time.strftime("%Y-%m-%d"),

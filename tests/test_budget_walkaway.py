@@ -32,12 +32,29 @@ __all__ = ["redis_or_none"]  # a fixture, used by name
 HOUR = 3600  # reservation TTL: a hold still there after seconds was not released
 
 
+def budgeted_sidecar(
+    backend: str,
+    fake_openai: FakeOpenAI,
+    factory: Callable[..., SidecarProcess],
+    redis: RedisProcess | None,
+    tmp_path: Any,
+) -> tuple[SidecarProcess, str, dict[str, Any]]:
+    """A sidecar on `backend` with a $1 customer (returned with the storage section) whose
+    holds would outlive the test unless released."""
+    customer = unique("left")
+    storage = {**storage_for(backend, tmp_path, redis), "reservation_ttl": HOUR}
+    proc = factory(budget_config(fake_openai.url, storage, **{customer: 1.0}), ADMIN_ENV)
+    return proc, customer, storage
+
+
 def walk_away(proc: SidecarProcess, body: dict[str, Any], customer: str, after: float) -> None:
-    """Send a whole chat request, then close the connection `after` seconds later, unanswered."""
+    """Send a whole chat request (X-Request-Id: the customer), then close the connection
+    `after` seconds later, unanswered."""
     payload = json.dumps(body).encode()
     head = (
         f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"FC-Customer: {customer}\r\nContent-Length: {len(payload)}\r\n\r\n"
+        f"FC-Customer: {customer}\r\nX-Request-Id: {customer}\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
     ).encode()
     with socket.create_connection(("127.0.0.1", proc.port), timeout=5) as conn:
         conn.sendall(head + payload)
@@ -48,7 +65,8 @@ def walk_away(proc: SidecarProcess, body: dict[str, Any], customer: str, after: 
 
 
 def books_balance(proc: SidecarProcess, customer: str) -> dict[str, Any]:
-    """The customer's report once its one record is written and nothing is held."""
+    """The customer's report once its one record is written and nothing is held; the request
+    is logged as closed by the client, charged nothing (no token was produced)."""
     try:
         report: dict[str, Any] = wait_until(
             lambda: (
@@ -58,8 +76,10 @@ def books_balance(proc: SidecarProcess, customer: str) -> dict[str, Any]:
         )
     except TimeoutError:
         raise AssertionError(f"still held, or no record: {usage_of(proc, customer)}") from None
-    assert nano(report["spent_usd"]) == nano(report["cost_usd"])
-    assert report["errors"] == 1  # logged as the client closing the request (499)
+    assert nano(report["spent_usd"]) == nano(report["cost_usd"]) == 0
+    assert report["errors"] == 1
+    line = wait_until(lambda: [r for r in proc.access_log() if r["request_id"] == customer])[0]
+    assert (line["status"], line["customer"], line["cost_usd"]) == (499, customer, 0)
     return report
 
 
@@ -74,9 +94,9 @@ def test_a_stream_left_before_the_upstream_answers_releases_its_hold(
     tmp_path: Any,
 ) -> None:
     fake_openai.on_model("priced", Reply(delay=1.5))  # the head comes late
-    customer = unique("left_stream")
-    storage = {**storage_for(backend, tmp_path, redis_or_none), "reservation_ttl": HOUR}
-    proc = sidecar_factory(budget_config(fake_openai.url, storage, **{customer: 1.0}), ADMIN_ENV)
+    proc, customer, _ = budgeted_sidecar(
+        backend, fake_openai, sidecar_factory, redis_or_none, tmp_path
+    )
 
     walk_away(proc, {**BODY, "stream": True}, customer, after=0.4)
 
@@ -119,14 +139,13 @@ def test_a_request_left_while_its_reserve_waits_on_the_store_releases_its_hold(
     tmp_path: Any,
 ) -> None:
     fake_openai.on_model("priced", Reply())
-    customer = unique("left_reserve")
-    storage = {**storage_for(backend, tmp_path, redis_or_none), "reservation_ttl": HOUR}
-    proc = sidecar_factory(budget_config(fake_openai.url, storage, **{customer: 1.0}), ADMIN_ENV)
+    proc, customer, storage = budgeted_sidecar(
+        backend, fake_openai, sidecar_factory, redis_or_none, tmp_path
+    )
     assert usage_of(proc, customer)["reserved_usd"] == 0  # the store is open and answering
 
     with stalled_store(backend, storage, redis_or_none):
         walk_away(proc, BODY, customer, after=0.5)  # the reserve is queued or on the wire
 
-    report = books_balance(proc, customer)
-    assert report["spent_usd"] == 0
+    books_balance(proc, customer)
     assert fake_openai.received == []  # it never reached the upstream

@@ -59,6 +59,7 @@ _COLUMNS = (
     "id, time, request_id, key_id, developer, customer, refs_tried, ref_used, status, "
     "prompt_tokens, completion_tokens, cost, latency_ms, fallback, reprompts"
 )
+_DROP_HOLD = "DELETE FROM budget_hold WHERE scope = ? AND id = ?"
 _ADD_CHARGE = (
     "INSERT INTO usage_record (id, time, customer, cost, prompt_tokens, completion_tokens) "
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET cost = cost + excluded.cost, "
@@ -144,9 +145,7 @@ class SqliteBudgetStore(ThreadedSqlite):
 
     def _release_holds(self, db: sqlite3.Connection, holds: Sequence[Hold]) -> None:
         for hold in holds:
-            db.execute(
-                "DELETE FROM budget_hold WHERE scope = ? AND id = ?", (hold.scope.name, hold.id)
-            )
+            db.execute(_DROP_HOLD, (hold.scope.name, hold.id))
 
     async def _release(self, holds: Sequence[Hold]) -> None:
         with contextlib.suppress(StoreUnavailable):  # then it expires on its own
@@ -158,9 +157,7 @@ class SqliteBudgetStore(ThreadedSqlite):
         now = self.clock()
         settled = Settled()
         for hold in holds:
-            db.execute(
-                "DELETE FROM budget_hold WHERE scope = ? AND id = ?", (hold.scope.name, hold.id)
-            )
+            db.execute(_DROP_HOLD, (hold.scope.name, hold.id))
             db.execute(
                 "INSERT INTO budget_spent (scope, period, spent) VALUES (?, ?, ?) "
                 "ON CONFLICT (scope, period) DO UPDATE SET spent = spent + excluded.spent",
