@@ -119,37 +119,36 @@ class Cascade:
         return None
 
     async def call(self, flow: Flow, candidate: Candidate, body: dict[str, Any]) -> Completion:
-        """Call a candidate, retrying it as its provider's `retries` allow (each try an Attempt)."""
+        """Call a candidate, retrying it as its provider's `retries` allow. Each try is an
+        Attempt: hooks around it, usage and cost recorded (one coroutine for all of it: this
+        is the hot path)."""
+        provider = self.providers[candidate.provider.name]
+        pipeline = self.pipeline
         tries = 0
         while True:
+            attempt = Attempt(candidate)
+            flow.attempts.append(attempt)
+            await pipeline.run("attempt", flow, attempt)
             try:
-                return await self._call_once(flow, candidate, body)
+                completion = await provider.complete(self.build_call(flow, candidate, body))
             except UpstreamError as error:
+                attempt.error = error
+                self._settle(flow, attempt, None)
+                await pipeline.run("attempt_done", flow, attempt)
                 delay = retry_delay(candidate.provider, tries, error)
                 if delay is None:
                     raise
+            except BaseException:
+                attempt.error = interrupted()
+                self._settle(flow, attempt, None)
+                await pipeline.run("attempt_done", flow, attempt)
+                raise
+            else:
+                self._settle(flow, attempt, completion.usage)
+                await pipeline.run("attempt_done", flow, attempt)
+                return completion
             tries += 1
             await asyncio.sleep(delay)
-
-    async def _call_once(
-        self, flow: Flow, candidate: Candidate, body: dict[str, Any]
-    ) -> Completion:
-        """One upstream call as an Attempt: hooks around it, usage and cost recorded."""
-        attempt = Attempt(candidate)
-        flow.attempts.append(attempt)
-        await self.pipeline.run("attempt", flow, attempt)
-        try:
-            completion = await self.providers[candidate.provider.name].complete(
-                self.build_call(flow, candidate, body)
-            )
-        except BaseException as exc:
-            attempt.error = exc if isinstance(exc, UpstreamError) else interrupted()
-            self._settle(flow, attempt, None)
-            await self.pipeline.run("attempt_done", flow, attempt)
-            raise
-        self._settle(flow, attempt, completion.usage)
-        await self.pipeline.run("attempt_done", flow, attempt)
-        return completion
 
     @staticmethod
     def _settle(flow: Flow, attempt: Attempt, usage: Usage | None) -> None:
@@ -190,7 +189,10 @@ class Cascade:
                 )
             flow.models_tried.append(candidate.ref)
             try:
-                completion = await self.answer(flow, candidate)
+                if flow.schema_plan is None:  # one coroutine less than through answer()
+                    completion = await self.call(flow, candidate, flow.body)
+                else:
+                    completion = await self.answer(flow, candidate)
             except UpstreamError as error:
                 if not error.outcome.escalates:
                     assert error.client_error is not None

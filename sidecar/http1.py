@@ -44,8 +44,10 @@ class UpstreamProtocolError(ConnectionError):
     """The upstream broke HTTP/1.1 or closed the connection before the response ended."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Origin:
+    """Equal by identity, so cheap as a dict key: Http1Client.target makes one per origin."""
+
     scheme: str
     host: str
     port: int
@@ -56,9 +58,10 @@ class Origin:
         return self.host if self.port == default else f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Target:
-    """A URL split once (at config load), with the request head that never changes."""
+    """A URL split once (at config load), with the request head that never changes. Equal
+    by identity: Http1Client.target makes one per URL."""
 
     origin: Origin
     path: bytes
@@ -411,12 +414,16 @@ class Http1Client:
         self._idle: dict[Origin, list[tuple[_Connection, float]]] = {}  # and when it went idle
         self._tls: ssl.SSLContext | None = None
         self._targets: dict[str, Target] = {}  # URLs come from the config: a bounded set
+        self._origins: dict[tuple[str, str, int], Origin] = {}
         self._heads: dict[tuple[str, Target], tuple[Mapping[str, str], bytes]] = {}
 
     def target(self, url: str) -> Target:
         found = self._targets.get(url)
         if found is None:
-            found = self._targets[url] = Target.parse(url)
+            parsed = Target.parse(url)
+            origin = parsed.origin
+            key = (origin.scheme, origin.host, origin.port)  # one Origin (one pool) per origin
+            found = self._targets[url] = Target(self._origins.setdefault(key, origin), parsed.path)
         return found
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -455,9 +462,21 @@ class Http1Client:
         method: str = "POST",
     ) -> Response:
         """Send a request and read its whole response."""
-        connection, response = await self._send(
-            method, target, headers, body, connect, read, total, False
-        )
+        head = self._head(method, target, headers, len(body))
+        if total is None:  # _send and _exchange inline: two coroutines less on the hot path
+            connection = self._take(target.origin)
+            if connection is None:
+                connection = await self._connect(target.origin, connect)
+            try:
+                response = await connection.send(head, body, read, False)
+            except BaseException:
+                connection._abort()
+                raise
+        else:
+            async with asyncio.timeout(total):
+                connection, response = await self._exchange(
+                    target, head, body, connect, read, False
+                )
         response.body = _decoded(response)
         self.put_back(target.origin, connection)
         return response

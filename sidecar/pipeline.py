@@ -11,12 +11,17 @@ Hooks, each taking the Flow (and `attempt` hooks the Attempt too):
   error(flow)                   the request ends in a GatewayError
   done(flow)                    always last, exactly once per request (usage, metrics, logs)
 Dispatch lists are computed once per Pipeline, so a hook nobody implements costs nothing.
+
+A hook is `async def`, or a plain `def` that returns None when it is done and an awaitable when
+it has I/O to wait for (the idempotency addon without its header, the budget addon on the
+in-process store): the chain runs synchronously until a hook hands back an awaitable, so a
+request whose hooks have nothing to wait for creates no coroutine and takes no trip through
+the event loop.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any
 
@@ -45,40 +50,46 @@ DONE = _Done()
 class Pipeline:
     def __init__(self, addons: Sequence[object]) -> None:
         self.addons = tuple(addons)
-        self._handlers: dict[str, tuple[tuple[Handler, bool], ...]] = {}
-        self._all_sync: dict[str, bool] = {}
+        # hook → (its handlers in order, whether flow.response set by one ends the chain)
+        self._chains: dict[str, tuple[tuple[Handler, ...], bool]] = {}
         for hook in HOOKS:
             found = []
             for addon in self.addons:
                 method = getattr(addon, hook, None)
                 if callable(method):
-                    found.append((method, inspect.iscoroutinefunction(method)))
-            self._handlers[hook] = tuple(found)
-            self._all_sync[hook] = not any(is_async for _, is_async in found)
+                    found.append(method)
+            self._chains[hook] = (tuple(found), hook in SHORT_CIRCUIT)
 
-    def run(self, hook: str, *args: Any) -> Awaitable[None]:
-        """Call `hook` on every addon in order; stops early once `flow.response` is set.
+    def run(self, hook: str, flow: Any, *args: Any) -> Awaitable[None]:
+        """Call `hook` on every addon in order; stops early once `flow.response` is set
+        (after the `headers` and `request` hooks).
 
-        A hook with only synchronous handlers runs right here, and what is returned is
-        already done: awaiting it costs no coroutine and no trip through the event loop."""
-        if self._all_sync[hook]:
-            flow = args[0]
-            stops = hook in SHORT_CIRCUIT
-            for method, _ in self._handlers[hook]:
-                method(*args)
-                if stops and flow.response is not None:
-                    break
-            return DONE
-        return self._run_async(hook, args)
+        What is returned is already done, and awaiting it costs nothing, unless a hook
+        handed back an awaitable: then the rest of the chain runs after it, in a coroutine."""
+        handlers, stops = self._chains[hook]
+        for index, method in enumerate(handlers, 1):
+            pending = method(flow, *args)
+            if pending is not None:
+                return self._resume(pending, handlers[index:], flow, args, stops)
+            if stops and flow.response is not None:
+                break
+        return DONE
 
-    async def _run_async(self, hook: str, args: tuple[Any, ...]) -> None:
-        flow = args[0]
-        stops = hook in SHORT_CIRCUIT
-        for method, is_async in self._handlers[hook]:
-            if is_async:
-                await method(*args)
-            else:
-                method(*args)
+    @staticmethod
+    async def _resume(
+        pending: Awaitable[None],
+        rest: tuple[Handler, ...],
+        flow: Any,
+        args: tuple[Any, ...],
+        stops: bool,
+    ) -> None:
+        await pending
+        if stops and flow.response is not None:
+            return
+        for method in rest:
+            pending = method(flow, *args)
+            if pending is not None:
+                await pending
             if stops and flow.response is not None:
                 return
 

@@ -41,7 +41,7 @@ class Candidate:
         return cap or DEFAULT_OUTPUT_CAP
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: a frozen init costs a call per field
 class Estimate:
     """What routing needs to know of the request: its size and output cap."""
 

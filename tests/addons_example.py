@@ -11,12 +11,39 @@ it with the repository root (or wherever the module lives) on PYTHONPATH.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
 
 from sidecar.errors import GatewayError
 from sidecar.flow import Flow
+
+
+class Lookup:
+    """A plain hook with I/O only sometimes: it returns an awaitable then, None otherwise (see
+    sidecar/pipeline.py). `X-Lookup: <name>` adds `metadata.lookup`; `X-Lookup: deny` answers
+    403 itself after the wait."""
+
+    def request(self, flow: Flow) -> Awaitable[None] | None:
+        wanted = flow.headers.get("X-Lookup")
+        if wanted is None:
+            return None
+        return self._lookup(flow, wanted)
+
+    async def _lookup(self, flow: Flow, wanted: str) -> None:
+        await asyncio.sleep(0.01)  # a directory service, say
+        if wanted == "deny":
+            flow.response = web.json_response(
+                {"error": {"message": "denied by the directory", "type": "policy_error",
+                           "param": None, "code": "denied"}},
+                status=403,
+            )  # fmt: skip
+            return
+        metadata = flow.body.get("metadata")
+        flow.body["metadata"] = {**(metadata if isinstance(metadata, dict) else {}),
+                                 "lookup": wanted}  # fmt: skip
 
 
 class TagMetadata:

@@ -23,6 +23,7 @@ def gateway(
     config = openai_config(
         _openai_server.url,
         addons=[
+            "tests.addons_example:Lookup",
             "tests.addons_example:Blocklist",
             {"path": "tests.addons_example:TagMetadata", "options": {"team": "search"}},
             {"path": "tests.addons_example:CustomerRequired", "options": {"refs": [BIG]}},
@@ -37,6 +38,25 @@ def test_addon_changes_what_the_upstream_receives(
     answer = post_chat(gateway, {"model": MINI, "messages": HELLO, "metadata": {"a": "1"}})
     assert answer.status == 200
     assert fake_openai.received[0].body["metadata"] == {"a": "1", "team": "search"}
+
+
+def test_plain_hook_that_returns_an_awaitable_is_waited_for_and_the_chain_goes_on(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    answer = post_chat(gateway, {"model": MINI, "messages": HELLO}, {"X-Lookup": "found"})
+    assert answer.status == 200
+    # Lookup's wait ended before the upstream call, and TagMetadata (after it) still ran
+    assert fake_openai.received[0].body["metadata"] == {"lookup": "found", "team": "search"}
+
+
+def test_answer_set_after_an_awaited_hook_ends_the_chain(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    body = {"model": MINI, "messages": [{"role": "user", "content": "forbidden"}]}
+    answer = post_chat(gateway, body, {"X-Lookup": "deny"})
+    assert answer.status == 403  # Lookup's answer, not Blocklist's 451: Blocklist never ran
+    assert answer.error["code"] == "denied"
+    assert fake_openai.received == []
 
 
 def test_addon_short_circuits_without_calling_the_upstream(

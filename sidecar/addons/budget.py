@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 from sidecar.addons.metrics import Metrics, customer_label
 from sidecar.addons.usage import note_charged, usage_id
@@ -39,6 +39,7 @@ from sidecar.stores.budget import (
     usd_text,
     window,
 )
+from sidecar.stores.budget_memory import MemoryBudgetStore
 
 log = logging.getLogger("ringside")
 
@@ -118,6 +119,7 @@ class BudgetAddon:
             for cid in self.customers
         }
         self._windows: dict[str, Window] = {}
+        self._in_process = store if isinstance(store, MemoryBudgetStore) else None
 
     def window(self, period: str, now: float) -> Window:
         """The current period, computed once per period rather than per request."""
@@ -155,22 +157,29 @@ class BudgetAddon:
                 param="model",
             )
 
-    async def attempt(self, flow: Flow, attempt: Attempt) -> None:
+    def attempt(self, flow: Flow, attempt: Attempt) -> Awaitable[None] | None:
         scopes: list[Scope] | None = flow.metadata.get(SCOPES)
         if not scopes:
-            return
+            return None
         amount = ceil_nano(worst_case(flow, attempt))
         now = time.time()
-        try:
-            holds = await self.store.reserve(
-                [(scope, self.window(scope.period, now)) for scope in scopes], amount, self.ttl
-            )
+        windows = [(scope, self.window(scope.period, now)) for scope in scopes]
+        if self._in_process is None:
+            return self._reserve(flow, attempt, windows, amount)
+        try:  # in this process: nothing to wait for (see sidecar/pipeline.py)
+            holds = self._in_process.reserve_now(windows, amount, self.ttl)
         except BudgetExceeded as exc:
-            self.metrics.budget_exceeded.labels(
-                customer_label(self.settings, flow.principal.customer)
-            ).inc()
-            self._show(flow, {exc.scope.name: exc.balance}, scopes)
-            raise refusal(exc) from None
+            raise self._refused(flow, exc, scopes) from None
+        self._held(flow, attempt, holds)
+        return None
+
+    async def _reserve(
+        self, flow: Flow, attempt: Attempt, windows: list[tuple[Scope, Window]], amount: int
+    ) -> None:
+        try:
+            holds = await self.store.reserve(windows, amount, self.ttl)
+        except BudgetExceeded as exc:
+            raise self._refused(flow, exc, flow.metadata[SCOPES]) from None
         except StoreUnavailable as exc:
             log.warning("budget store unavailable: %s", exc)
             raise GatewayError(
@@ -180,19 +189,28 @@ class BudgetAddon:
                 "retry shortly (storage.fail_open: true admits budgeted requests during a "
                 "store outage)",
             ) from None
+        self._held(flow, attempt, holds)
+
+    def _refused(self, flow: Flow, exc: BudgetExceeded, scopes: list[Scope]) -> GatewayError:
+        self.metrics.budget_exceeded.labels(
+            customer_label(self.settings, flow.principal.customer)
+        ).inc()
+        self._show(flow, {exc.scope.name: exc.balance}, scopes)
+        return refusal(exc)
+
+    @staticmethod
+    def _held(flow: Flow, attempt: Attempt, holds: list[Hold]) -> None:
         flow.metadata.setdefault(HOLDS, {})[id(attempt)] = holds
         # the header as of now (a stream's headers leave before its settle); gauges at settle
-        flow.metadata[REMAINING] = (
-            min(Balance(h.spent).remaining(h.scope.limit) for h in holds) / NANO
-        )
+        flow.metadata[REMAINING] = max(0, min(h.scope.limit - h.spent for h in holds)) / NANO
 
-    async def attempt_done(self, flow: Flow, attempt: Attempt) -> None:
+    def attempt_done(self, flow: Flow, attempt: Attempt) -> Awaitable[None] | None:
         if attempt.candidate.price is None:
             flow.priced = False
         held: dict[int, list[Hold]] | None = flow.metadata.get(HOLDS)
         holds = held.pop(id(attempt), None) if held else None
         if holds is None:
-            return
+            return None
         usage = attempt.usage or Usage()
         settles = flow.metadata["budget_settles"] = flow.metadata.get("budget_settles", 0) + 1
         record_id = usage_id(flow)
@@ -203,6 +221,15 @@ class BudgetAddon:
         record = RecordRef(record_id, flow.principal.customer, flow.started_wall)
         if carries_record(holds, record):
             note_charged(flow, cost, usage)  # before the await: a cancel must not re-add it
+        if self._in_process is None:
+            return self._settle(flow, holds, charge, record)
+        settled = self._in_process.settle_now(holds, charge, record)
+        self._show(flow, settled.balances, flow.metadata[SCOPES])
+        return None
+
+    async def _settle(
+        self, flow: Flow, holds: list[Hold], charge: Charge, record: RecordRef
+    ) -> None:
         try:
             settled = await self.store.settle(holds, charge, record)  # survives a cancel
         except Exception:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import orjson
@@ -154,10 +155,13 @@ class Idempotency:
         self.lease = lease
         self.wait = wait
 
-    async def request(self, flow: Flow) -> None:
+    def request(self, flow: Flow) -> Awaitable[None] | None:
         key = flow.headers.get(HEADER)
         if key is None or not well_formed(key):
-            return
+            return None  # most requests: nothing to wait for (see sidecar/pipeline.py)
+        return self._claim(flow, key)
+
+    async def _claim(self, flow: Flow, key: str) -> None:
         scope = flow.principal.key_id or ANONYMOUS
         request_fingerprint = fingerprint(flow)
         loop = asyncio.get_running_loop()
@@ -206,10 +210,13 @@ class Idempotency:
             except StoreUnavailable as exc:
                 log.warning("idempotency lease renewal failed: %s", exc)
 
-    async def done(self, flow: Flow) -> None:
+    def done(self, flow: Flow) -> Awaitable[None] | None:
         held: _Held | None = flow.metadata.pop(_HELD, None)
         if held is None:
-            return
+            return None
+        return self._finish(flow, held)
+
+    async def _finish(self, flow: Flow, held: _Held) -> None:
         held.renewal.cancel()
         record = stored_answer(flow)
         try:

@@ -254,6 +254,9 @@ class MetricsAddon:
             stream: metrics.request_duration.labels("true" if stream else "false")
             for stream in (True, False)
         }
+        self._by_status: dict[int, Any] = {}  # HTTP status → its ringside_requests_total child
+        # (provider, model label, outcome, customer label) → the children an attempt updates
+        self._attempt_series: dict[tuple[str, str, str, str], list[Any]] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         key = (metric, labels)
@@ -268,25 +271,47 @@ class MetricsAddon:
 
     def attempt_done(self, flow: Flow, attempt: Attempt) -> None:
         candidate = attempt.candidate
+        outcome = "success" if attempt.error is None else attempt.error.outcome.value
+        customer = flow.principal.customer
+        if customer is None or customer not in self.settings.customers:
+            customer = OTHER
         provider, label = candidate.provider.name, candidate.label
-        m, tally = self.metrics, self.tally
-        tally.inc(self.child(m.upstream_requests, provider, label, attempt.outcome))
-        tally.observe(self.child(m.upstream_duration, provider), attempt.seconds)
+        key = (provider, label, outcome, customer)
+        series = self._attempt_series.get(key)
+        if series is None:  # bounded: candidates × outcomes × configured customers
+            series = self._attempt_series[key] = [
+                self.child(self.metrics.upstream_requests, provider, label, outcome),
+                self.child(self.metrics.upstream_duration, provider),
+                None,  # the tokens and cost children: made on first use, so that a series
+                None,  # appears in /metrics only once it has counted something
+                None,
+            ]  # fmt: skip
+        tally = self.tally
+        tally.inc(series[0])
+        tally.observe(series[1], attempt.seconds)
         usage = attempt.usage
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
-            tally.inc(self.child(m.tokens, provider, label, "prompt"), usage.prompt_tokens)
-            tally.inc(self.child(m.tokens, provider, label, "completion"), usage.completion_tokens)
+            if series[2] is None:
+                series[2] = self.child(self.metrics.tokens, provider, label, "prompt")
+                series[3] = self.child(self.metrics.tokens, provider, label, "completion")
+            tally.inc(series[2], usage.prompt_tokens)
+            tally.inc(series[3], usage.completion_tokens)
         if attempt.cost_usd:
-            customer = customer_label(self.settings, flow.principal.customer)
-            tally.inc(self.child(m.cost, customer, label), attempt.cost_usd)
+            if series[4] is None:
+                series[4] = self.child(self.metrics.cost, customer, label)
+            tally.inc(series[4], attempt.cost_usd)
 
     def done(self, flow: Flow) -> None:
         m, tally = self.metrics, self.tally
         if flow.metadata.pop("metrics_inflight", False):
             tally.inc(m.inflight, -1.0)
-        tally.inc(self.child(m.requests, str(flow.status)))
-        tally.observe(self._duration[flow.stream], flow.seconds)
-        tally.observe(m.overhead, flow.overhead_seconds)
+        requests = self._by_status.get(flow.status)
+        if requests is None:
+            requests = self._by_status[flow.status] = m.requests.labels(str(flow.status))
+        tally.inc(requests)
+        seconds = flow.seconds
+        tally.observe(self._duration[flow.stream], seconds)
+        tally.observe(m.overhead, max(0.0, seconds - flow.upstream_seconds))
         if flow.models_tried:
             tally.observe(m.cascade_depth, len(flow.models_tried))
         for from_model, to_model, reason in flow.fallbacks:

@@ -25,7 +25,7 @@ the tightest limit of each kind.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from sidecar.addons.metrics import Metrics
 from sidecar.errors import GatewayError
@@ -143,6 +143,7 @@ class RateLimits:
             )
         )
         self.refused = {scope: metrics.rate_limited.labels(scope) for scope in SCOPES}
+        self._in_process = limiter if isinstance(limiter, MemoryLimiter) else None
         self._plans: dict[tuple[str | None, ...], tuple[Cell | tuple[str, str, int], ...]] = {}
 
     def cells(self, flow: Flow) -> list[Cell]:
@@ -190,13 +191,21 @@ class RateLimits:
                 plan.append((f"{scope}:t:{who}", scope, limit.tpm))
         return tuple(plan)
 
-    async def request(self, flow: Flow) -> None:
+    def request(self, flow: Flow) -> Awaitable[None] | None:
         if not self.active:
-            return
+            return None
         cells = self.cells(flow)
         if not cells:
-            return
-        verdict = await self.limiter.acquire(cells)
+            return None
+        if self._in_process is not None:  # a dict lookup: nothing to wait for
+            self._admit(flow, cells, self._in_process.check(cells))
+            return None
+        return self._acquire(flow, cells)
+
+    async def _acquire(self, flow: Flow, cells: list[Cell]) -> None:
+        self._admit(flow, cells, await self.limiter.acquire(cells))
+
+    def _admit(self, flow: Flow, cells: list[Cell], verdict: Verdict) -> None:
         headers = state_headers(cells, verdict)
         if not verdict.admitted:
             raise self.refusal(cells[verdict.refused], verdict.wait, headers)

@@ -82,7 +82,7 @@ class Completion:
         return reason if isinstance(reason, str) else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: a frozen init costs a call per field
 class HttpRequest:
     url: str
     headers: Mapping[str, str]

@@ -104,7 +104,7 @@ class Scope:
         return ("customer " if self.kind == "cust" else "API key ") + repr(self.ident)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: a frozen init costs a call per field
 class Hold:
     """A granted reservation of one scope; `local` when taken while the shared store was down."""
 
@@ -116,7 +116,7 @@ class Hold:
     local: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: a frozen init costs a call per field
 class Balance:
     spent: int
     held: int = 0
@@ -125,7 +125,7 @@ class Balance:
         return max(0, limit - self.spent)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: a frozen init costs a call per field
 class Charge:
     """Money and tokens added to a request's usage record (and, in a settle, to spent)."""
 
@@ -135,7 +135,7 @@ class Charge:
     completion_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: a frozen init costs a call per field
 class RecordRef:
     """Where a settle adds its charge: the request's usage record (created if absent)."""
 
@@ -215,9 +215,12 @@ def carries_record(holds: Sequence[Hold], record: RecordRef) -> bool:
     record's own customer budget does, in the same atomic write as that customer's spent (a key
     budget lives elsewhere, e.g. in another redis slot); other charges reach the record when
     the request finishes."""
-    return record.customer is not None and any(
-        h.scope.kind == "cust" and h.scope.ident == record.customer for h in holds
-    )
+    customer = record.customer
+    if customer is not None:
+        for hold in holds:
+            if hold.scope.ident == customer and hold.scope.kind == "cust":
+                return True
+    return False
 
 
 class BudgetStore(Protocol):

@@ -53,14 +53,20 @@ class MemoryBudgetStore:
     async def reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
+        return self.reserve_now(scopes, amount, ttl)
+
+    def reserve_now(
+        self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
+    ) -> list[Hold]:
+        """`reserve` without the coroutine: the budget addon calls this one directly."""
         now = self.clock()
         if now >= self._next_sweep:
             self._sweep(now)
         spent, held = self._spent, self._held
         for scope, win in scopes:
-            balance = Balance(spent.get((scope.name, win.id), 0), held.get(scope.name, 0))
-            if balance.spent + balance.held + amount > scope.limit:
-                raise BudgetExceeded(scope, win, balance, amount)
+            scope_spent, scope_held = spent.get((scope.name, win.id), 0), held.get(scope.name, 0)
+            if scope_spent + scope_held + amount > scope.limit:
+                raise BudgetExceeded(scope, win, Balance(scope_spent, scope_held), amount)
         hold_id = new_id()
         holds = []
         for scope, win in scopes:
@@ -70,6 +76,10 @@ class MemoryBudgetStore:
         return holds
 
     async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
+        return self.settle_now(holds, charge, record)
+
+    def settle_now(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
+        """`settle` without the coroutine."""
         settled = Settled()
         spent, held = self._spent, self._held
         for hold in holds:
