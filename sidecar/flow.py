@@ -18,9 +18,10 @@ if TYPE_CHECKING:
     from sidecar.structured import SchemaPlan
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Principal:
-    """Who is calling: the key (or anonymous in open mode), its developer, the customer."""
+    """Who is calling: the key (or anonymous in open mode), its developer, the customer. Never
+    changed once made (auth makes a new one), so one NOBODY serves every Flow before auth."""
 
     key_id: str | None = None
     developer: str | None = None
@@ -28,6 +29,9 @@ class Principal:
     allowed: tuple[str, ...] = ()
     token_allowed: tuple[str, ...] = ()  # a client token's own allowed refs, on top of the key's
     origin: str | None = None  # the Origin a client token is bound to (CORS answers name it)
+
+
+NOBODY = Principal()
 
 
 @dataclass(slots=True)
@@ -58,7 +62,7 @@ class Flow:
     started_wall: float = field(default_factory=time.time)
     stream: bool = False
     include_usage: bool = False
-    principal: Principal = field(default_factory=Principal)
+    principal: Principal = NOBODY
     route: Route | None = None
     models_tried: list[str] = field(default_factory=list)
     model_used: str | None = None

@@ -271,6 +271,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the read timeout of the request
         self._streaming = False
         self._reader: BodyReader | None = None
         self._paused = False  # reading paused for the reader
@@ -348,8 +349,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(read, self._fail, TimeoutError(f"no response within {read} s"))
-        waiter.add_done_callback(lambda _: timer.cancel())
+        self._timer = loop.call_later(read, self._time_out, read)  # cancelled once answered
         self._streaming = streaming
         self._reader = None
         self._headers = CIMultiDict()
@@ -366,8 +366,7 @@ class _Connection(asyncio.Protocol):
 
     def release(self) -> None:
         self._waiter = None
-        self._reader = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._reader = None  # the parser goes on with the next response (llhttp keeps alive)
         if self._paused:  # a stream's reader fell behind just as its body ended
             self._paused = False
             if self.transport is not None:
@@ -386,18 +385,31 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _resolve(self, result: Response | Streamed) -> None:
+        self._cancel_timer()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(result)
 
     def _fail(self, exc: Exception) -> None:
+        self._cancel_timer()
         if self._reader is not None:
             self._reader.fail(exc)
         elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
 
+    def _time_out(self, read: float) -> None:
+        self._timer = None
+        self._fail(TimeoutError(f"no response within {read} s"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _abort(self) -> None:
+        """Drop the connection (its waiter's timer too: a cancelled caller leaves it armed)."""
         self.closed = True
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.abort()
 
