@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from bench import cores, peers
+from bench import cores, instructions, peers
 
 BENCH = Path(__file__).resolve().parent
 KEY = "rk_bench_secret_key"
@@ -687,6 +687,56 @@ def measure_scaling(
     return out
 
 
+def measure_instructions(
+    up_port: int, upstream_url: str, workdir: Path, seconds: float
+) -> dict[str, Any]:
+    """Instructions per request of the floor and of the memory-store sidecar, under callgrind
+    (bench/instructions.py): the machine-independent form of "CPU vs floor"."""
+    script = wrk_script(HEADERS, workdir / "instructions.lua")
+    floor_port = free_port()
+    floor = instructions.count(
+        [sys.executable, "-m", "bench.floor", "--port", str(floor_port),
+         "--upstream", upstream_url],
+        partial(wait_port, floor_port, 180.0),
+        f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+        script, seconds, workdir, "floor",
+    )  # fmt: skip
+    print(f"instructions floor            {floor['instructions_per_req']:9.0f} per request "
+          f"({floor['requests']:.0f} requests)", flush=True)  # fmt: skip
+    config = sidecar_config(up_port, "memory", workdir, "", name="instructions")
+    port, admin = free_port(), free_port()
+    sidecar = instructions.count(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(config),
+         "--port", str(port), "--admin-host", "127.0.0.1", "--admin-port", str(admin)],
+        partial(wait_ready, f"http://127.0.0.1:{admin}/readyz", 180.0),
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        script, seconds, workdir, "sidecar",
+        env={**os.environ, "RINGSIDE_ADMIN_TOKEN": ADMIN_TOKEN},
+    )  # fmt: skip
+    print(f"instructions sidecar (memory) {sidecar['instructions_per_req']:9.0f} per request "
+          f"({sidecar['requests']:.0f} requests)", flush=True)  # fmt: skip
+    return {
+        "floor": floor,
+        "sidecar (memory)": sidecar,
+        "ratio": sidecar["instructions_per_req"] / floor["instructions_per_req"],
+        "concurrency": instructions.CONCURRENCY,
+        "seconds": seconds,
+    }
+
+
+def instruction_lines(counted: dict[str, Any]) -> str:
+    if not counted:
+        return ""
+    floor = counted["floor"]["instructions_per_req"]
+    sidecar = counted["sidecar (memory)"]["instructions_per_req"]
+    return (
+        "\nInstructions per non-stream request (callgrind, user space, wrk at "
+        f"c={counted['concurrency']} for {counted['seconds']:g} s; the same for the same code "
+        f"on any machine): floor {floor / 1000:.0f}k, sidecar (memory) {sidecar / 1000:.0f}k: "
+        f"**{counted['ratio']:.2f}×** the floor.\n"
+    )
+
+
 def wait_workers(pid: int, count: int, timeout: float = 20.0) -> None:
     """With --workers N > 1 the supervisor forks N workers; wait until all N are there."""
     if count == 1:
@@ -742,6 +792,12 @@ def main() -> int:
         default=[],
         help="also measure litellm and/or portkey (repeatable or comma-separated)",
     )
+    parser.add_argument(
+        "--instructions-seconds",
+        type=float,
+        default=20.0,
+        help="length of the callgrind run of the floor and the memory sidecar (0 to skip)",
+    )
     parser.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -756,6 +812,7 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     redis_url = redis_base = ""
     scaling: dict[str, Any] = {}
+    counted: dict[str, Any] = {}
     try:
         if "redis" in stores:
             if shutil.which("redis-server") is None:
@@ -873,6 +930,13 @@ def main() -> int:
             scaling = measure_scaling(
                 shared, counts, args.core_share, up_port, workdir, redis_base, args
             )
+        if args.instructions_seconds > 0 and "memory" in stores:
+            if instructions.available():
+                counted = measure_instructions(
+                    up_port, upstream_url, workdir, args.instructions_seconds
+                )
+            else:
+                print("valgrind not found: no instruction counts (apt-get install valgrind)")
     finally:
         stop_all(procs)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -889,10 +953,14 @@ def main() -> int:
         meta["peers"] = described
     if scaling:
         meta["scaling"] = {"core_share": args.core_share, "concurrency": SCALING_CONCURRENCY}
-    out = {"meta": meta, "results": results, "scaling": scaling}
+    out = {"meta": meta, "results": results, "scaling": scaling, "instructions": counted}
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / "latest.json").write_text(json.dumps(out, indent=2))
-    table = markdown(results, meta, concurrencies) + scaling_lines(scaling, meta)
+    table = (
+        markdown(results, meta, concurrencies)
+        + instruction_lines(counted)
+        + scaling_lines(scaling, meta)
+    )
     print(table)
     if not args.no_readme:
         write_readme(table)

@@ -1,0 +1,90 @@
+"""CPU work per request as a count of machine instructions, under valgrind's callgrind.
+
+CPU seconds from /proc move with the machine: the same code measured 1.15–1.65× the floor on
+2-core machines of one kind, run to run and machine to machine, because cache sizes, noisy
+neighbours and the cost of a syscall differ. An instruction count does not: callgrind counts
+what the process executes in user space, the same for the same code and inputs whatever else
+the machine is doing (kernel time is not in it). Each proxy runs under callgrind with its
+counting off through startup and a warm-up; it is switched on (`callgrind_control -i on`)
+for a wrk run at fixed concurrency, then off, and the count is divided by the requests wrk
+saw answered. The requests in flight at the two switches make the figure uncertain by about
+concurrency / requests (±1–2 % here). Valgrind runs the proxy about 50× slower, so this is
+no measure of speed, only of work.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+CONCURRENCY = 16
+WARMUP_SECONDS = 3
+
+
+def available() -> bool:
+    return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
+
+
+def _total(dump_prefix: Path) -> int:
+    """The instruction total of callgrind's dumps (`summary:` / `totals:` lines)."""
+    total = 0
+    for dump in dump_prefix.parent.glob(dump_prefix.name + "*"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total = max(total, int(line.split()[1]))
+    return total
+
+
+def _wrk(url: str, script: Path, seconds: float) -> int:
+    out = subprocess.run(
+        ["wrk", "-t", "1", "-c", str(CONCURRENCY), "-d", f"{max(1, round(seconds))}s",
+         "--timeout", "30s", "-s", str(script), url],
+        capture_output=True, text=True, timeout=seconds + 120,
+    )  # fmt: skip
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("{")), None)
+    if line is None:
+        raise RuntimeError(f"wrk against {url} failed:\n{out.stdout}\n{out.stderr}")
+    result = json.loads(line)
+    return int(result["requests"] - result["non2xx"])
+
+
+def count(
+    command: list[str],
+    wait_ready: Callable[[], object],
+    url: str,
+    script: Path,
+    seconds: float,
+    workdir: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """Instructions per answered request of the process `command` starts."""
+    dump = workdir / f"callgrind-{name}.out"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}",
+         *command],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    try:
+        wait_ready()
+        _wrk(url, script, WARMUP_SECONDS)
+        control = ["callgrind_control", "-i"]
+        subprocess.run([*control, "on", str(proc.pid)], capture_output=True, check=True)
+        answered = _wrk(url, script, seconds)
+        subprocess.run([*control, "off", str(proc.pid)], capture_output=True, check=True)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True)
+        time.sleep(1.0)  # the dump is written by the process itself
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    total = _total(dump)
+    return {"instructions_per_req": total / max(1, answered), "requests": answered}
