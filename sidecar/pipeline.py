@@ -13,15 +13,16 @@ Hooks, each taking the Flow (and `attempt` hooks the Attempt too):
 Dispatch lists are computed once per Pipeline, so a hook nobody implements costs nothing.
 
 A hook is `async def`, or a plain `def` that returns None when it is done and an awaitable when
-it has I/O to wait for (the idempotency addon without its header, the budget addon on the
-in-process store): the chain runs synchronously until a hook hands back an awaitable, so a
-request whose hooks have nothing to wait for creates no coroutine and takes no trip through
-the event loop.
+it has I/O to wait for (the idempotency addon for a request with an Idempotency-Key, the
+budget addon on a shared store; any other return value is ignored): the chain runs
+synchronously until a hook hands back an awaitable, so a request whose hooks have nothing to
+wait for creates no coroutine and takes no trip through the event loop.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any
 
@@ -69,7 +70,7 @@ class Pipeline:
         handlers, stops = self._chains[hook]
         for index, method in enumerate(handlers, 1):
             pending = method(flow, *args)
-            if pending is not None:
+            if pending is not None and inspect.isawaitable(pending):  # other values: ignored
                 return self._resume(pending, handlers[index:], flow, args, stops)
             if stops and flow.response is not None:
                 break
@@ -88,7 +89,7 @@ class Pipeline:
             return
         for method in rest:
             pending = method(flow, *args)
-            if pending is not None:
+            if pending is not None and inspect.isawaitable(pending):
                 await pending
             if stops and flow.response is not None:
                 return

@@ -26,10 +26,12 @@ class Lookup:
     sidecar/pipeline.py). `X-Lookup: <name>` adds `metadata.lookup`; `X-Lookup: deny` answers
     403 itself after the wait."""
 
-    def request(self, flow: Flow) -> Awaitable[None] | None:
+    def request(self, flow: Flow) -> Awaitable[None] | bool | None:
         wanted = flow.headers.get("X-Lookup")
         if wanted is None:
             return None
+        if wanted == "cached":
+            return True  # not an awaitable: ignored, as a hook's return value always was
         return self._lookup(flow, wanted)
 
     async def _lookup(self, flow: Flow, wanted: str) -> None:

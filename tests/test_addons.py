@@ -49,6 +49,14 @@ def test_plain_hook_that_returns_an_awaitable_is_waited_for_and_the_chain_goes_o
     assert fake_openai.received[0].body["metadata"] == {"lookup": "found", "team": "search"}
 
 
+def test_plain_hook_returning_something_else_than_an_awaitable_is_not_awaited(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    answer = post_chat(gateway, {"model": MINI, "messages": HELLO}, {"X-Lookup": "cached"})
+    assert answer.status == 200
+    assert fake_openai.received[0].body["metadata"] == {"team": "search"}
+
+
 def test_answer_set_after_an_awaited_hook_ends_the_chain(
     gateway: SidecarProcess, fake_openai: FakeOpenAI
 ) -> None:
