@@ -15,7 +15,6 @@ from sidecar import sse
 from sidecar.addons.idempotency import well_formed
 from sidecar.api.common import (
     JSON_CONTENT_TYPE,
-    buffered_body,
     error_response,
     parse_json_object,
     read_body,
@@ -26,6 +25,7 @@ from sidecar.app import STATE
 from sidecar.errors import GatewayError, UpstreamError, internal_error
 from sidecar.flow import Flow
 from sidecar.routing import Estimate
+from sidecar.runtime import Runtime
 from sidecar.structured import completion_chunks, mentions_tool_calls, streamed_failure
 
 log = logging.getLogger("ringside")
@@ -63,45 +63,46 @@ def ringside_headers(flow: Flow) -> dict[str, str]:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """The whole request in one coroutine (the hot path): the Flow through the pipeline, every
-    GatewayError as the OpenAI envelope, `done` exactly once."""
     state = request.app[STATE]
     state.enter()
     try:
-        runtime = state.runtime
-        flow = Flow(
-            id=request_id(request),
-            runtime=runtime,
-            headers=request.headers,
-            client_ip=request.remote or "",
-            body={},
-            body_bytes=0,
-        )
-        pipeline = runtime.pipeline
-        try:
-            response = await _process(flow, request)
-            flow.answer = response
-            if flow.stream:
-                return response
-        except GatewayError as error:
-            flow.error, flow.status = error, error.status
-            await pipeline.run("error", flow)
-            response = error_response(error, ringside_headers(flow))
-            flow.answer = response
-        except asyncio.CancelledError:
-            flow.status = 499  # client closed the connection
-            raise
-        except Exception:
-            log.exception("internal error in request %s", flow.id)
-            internal = internal_error(flow.id)
-            flow.error, flow.status = internal, 500
-            response = error_response(internal, ringside_headers(flow))
-        finally:
-            flow.finished = time.perf_counter()
-            await pipeline.run("done", flow)
-        return response
+        return await _handle(request, state.runtime)
     finally:
         state.leave()
+
+
+async def _handle(request: web.Request, runtime: Runtime) -> web.StreamResponse:
+    flow = Flow(
+        id=request_id(request),
+        runtime=runtime,
+        headers=request.headers,
+        client_ip=request.remote or "",
+        body={},
+        body_bytes=0,
+    )
+    pipeline = runtime.pipeline
+    try:
+        response = await _process(flow, request)
+        flow.answer = response
+        if flow.stream:
+            return response
+    except GatewayError as error:
+        flow.error, flow.status = error, error.status
+        await pipeline.run("error", flow)
+        response = error_response(error, ringside_headers(flow))
+        flow.answer = response
+    except asyncio.CancelledError:
+        flow.status = 499  # client closed the connection
+        raise
+    except Exception:
+        log.exception("internal error in request %s", flow.id)
+        internal = internal_error(flow.id)
+        flow.error, flow.status = internal, 500
+        response = error_response(internal, ringside_headers(flow))
+    finally:
+        flow.finished = time.perf_counter()
+        await pipeline.run("done", flow)
+    return response
 
 
 def _addon_answer(flow: Flow) -> web.StreamResponse:
@@ -119,9 +120,7 @@ async def _process(flow: Flow, request: web.Request) -> web.StreamResponse:
     await runtime.pipeline.run("headers", flow)
     if flow.response is not None:
         return _addon_answer(flow)
-    raw = buffered_body(request, settings.limits.max_body_bytes)
-    if raw is None:
-        raw = await read_body(request, settings.limits.max_body_bytes)
+    raw = await read_body(request, settings.limits.max_body_bytes)
     flow.body_bytes = len(raw)
     body: dict[str, Any] = parse_json_object(raw)
     flow.body = body

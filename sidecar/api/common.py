@@ -21,25 +21,16 @@ def request_id(request: web.Request) -> str:
     return "req_" + new_id()
 
 
-def buffered_body(request: web.Request, limit: int) -> bytes | None:
-    """The whole body when it has all arrived with the headers (a small one does), without a
-    coroutine; None when it has yet to arrive (then `await read_body`); 413 when over `limit`."""
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it is known to be over `limit` bytes."""
     length = request.content_length
     if length is not None and length > limit:
         raise too_large(limit)
     content = request.content
-    if not content.is_eof():
-        return None
-    whole = content.read_nowait()
-    if len(whole) > limit:
-        raise too_large(limit)
-    return whole
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, or 413 as soon as it is known to be over `limit` bytes."""
-    whole = buffered_body(request, limit)
-    if whole is not None:
+    if content.is_eof():  # a small body arrives with the headers: it is all buffered already
+        whole = content.read_nowait()
+        if len(whole) > limit:
+            raise too_large(limit)
         return whole
     chunks: list[bytes] = []
     size = 0
