@@ -189,10 +189,7 @@ class Cascade:
                 )
             flow.models_tried.append(candidate.ref)
             try:
-                if flow.schema_plan is None:  # one coroutine less than through answer()
-                    completion = await self.call(flow, candidate, flow.body)
-                else:
-                    completion = await self.answer(flow, candidate)
+                completion = await self.answer(flow, candidate)
             except UpstreamError as error:
                 if not error.outcome.escalates:
                     assert error.client_error is not None

@@ -474,21 +474,9 @@ class Http1Client:
         method: str = "POST",
     ) -> Response:
         """Send a request and read its whole response."""
-        head = self._head(method, target, headers, len(body))
-        if total is None:  # _send and _exchange inline: two coroutines less on the hot path
-            connection = self._take(target.origin)
-            if connection is None:
-                connection = await self._connect(target.origin, connect)
-            try:
-                response = await connection.send(head, body, read, False)
-            except BaseException:
-                connection._abort()
-                raise
-        else:
-            async with asyncio.timeout(total):
-                connection, response = await self._exchange(
-                    target, head, body, connect, read, False
-                )
+        connection, response = await self._send(
+            method, target, headers, body, connect, read, total, False
+        )
         response.body = _decoded(response)
         self.put_back(target.origin, connection)
         return response

@@ -55,20 +55,7 @@ class HttpProvider:
         self.json_mode = adapter.json_mode
 
     async def complete(self, call: UpstreamCall) -> Completion:
-        request = self.adapter.build_request(call)
-        timeouts = self.settings.timeout
-        try:  # _send's work inline: one coroutine less on the hot path
-            response = await self.http1.request(
-                self.http1.target(request.url),
-                request.headers,
-                request.body,
-                timeouts.connect,
-                timeouts.read,
-                timeouts.total,
-                request.method,
-            )
-        except (TimeoutError, OSError) as exc:
-            raise transport_error(exc) from None
+        response = await self._send(self.http1.request, call)
         body, status, headers = response.body, response.status, response.headers
         if not 200 <= status < 300:
             raise self.adapter.classify_error(status, body, headers)
