@@ -8,11 +8,14 @@ re-prompts and streams included.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from typing import TYPE_CHECKING, Any
 
-from sidecar.errors import GatewayError, Outcome, UpstreamError
+import orjson
+
+from sidecar.errors import CandidateRefused, GatewayError, Outcome, UpstreamError
 from sidecar.flow import Attempt, Flow
 from sidecar.pricing import usage_cost
 from sidecar.providers.base import ChunkStream, Completion, UpstreamCall, Usage
@@ -41,6 +44,25 @@ def _apply_rewrites(
     return body, headers
 
 
+OUTPUT_CAP_PARAMS = ("max_completion_tokens", "max_tokens")
+
+
+def with_output_cap(body: dict[str, Any], cap: int) -> dict[str, Any]:
+    """`body` asking for at most `cap` output tokens per choice: the client's own parameter
+    lowered to the cap when over it, else `max_completion_tokens` added (OpenAI's name; each
+    adapter sends it in its provider's own parameter)."""
+    capped, asked_for = body, False
+    for name in OUTPUT_CAP_PARAMS:
+        asked = body.get(name)
+        if isinstance(asked, int) and not isinstance(asked, bool):
+            asked_for = True
+            if asked > cap:
+                if capped is body:
+                    capped = dict(body)
+                capped[name] = cap
+    return capped if asked_for else {**body, "max_completion_tokens": cap}
+
+
 def retry_delay(provider: ProviderSettings, tries: int, error: UpstreamError) -> float | None:
     """Seconds to wait before trying the same candidate again, or None to move on.
 
@@ -61,8 +83,11 @@ def retry_delay(provider: ProviderSettings, tries: int, error: UpstreamError) ->
 def exhausted(
     failures: list[tuple[Candidate, UpstreamError]], skipped_open: list[str]
 ) -> GatewayError:
-    """The error when no candidate answered: 422 if every failure was the schema's, else 503."""
-    if failures and all(e.outcome is Outcome.SCHEMA_FAILURE for _, e in failures):
+    """The error when no candidate answered (SPEC 2.2): 422 if every failure was the schema's,
+    400 context_length_exceeded if every candidate was too small for the prompt, 402 if none
+    that could hold the prompt fits the budget, else 503 with the retry hint for SDKs."""
+    outcomes = {e.outcome for _, e in failures}
+    if outcomes == {Outcome.SCHEMA_FAILURE}:
         detail = "; ".join(f"{c.ref}: {e.message}" for c, e in failures)
         return GatewayError(
             422,
@@ -70,11 +95,57 @@ def exhausted(
             f"no model produced output matching response_format: {detail}",
             param="response_format",
         )
+    if outcomes and not skipped_open and outcomes <= {Outcome.CONTEXT_LENGTH, Outcome.BUDGET}:
+        return _no_fit(failures, Outcome.BUDGET in outcomes)
     parts = [f"{c.ref}: {e.message}" for c, e in failures]
     parts.extend(f"{ref}: skipped, provider circuit open" for ref in skipped_open)
     count = len(failures) + len(skipped_open)
     lead = "the upstream provider failed" if count == 1 else f"all {count} candidate models failed"
-    return GatewayError(503, "upstream_unavailable", f"{lead}: " + "; ".join(parts))
+    return GatewayError(
+        503,
+        "upstream_unavailable",
+        f"{lead}: " + "; ".join(parts),
+        headers=retry_hint(failures),
+    )
+
+
+def _no_fit(failures: list[tuple[Candidate, UpstreamError]], budget: bool) -> GatewayError:
+    """Every candidate skipped or refused: for the budget (402) or for the prompt's size."""
+    if budget:
+        refusals = [e.client_error for _, e in failures if e.outcome is Outcome.BUDGET]
+        if len(failures) == 1 and refusals[0] is not None:
+            return refusals[0]  # one candidate: its refusal as it is
+        detail = "; ".join(f"{c.ref}: {e.message}" for c, e in failures)
+        return GatewayError(402, "budget_exceeded", f"no candidate model fits the budget: {detail}")
+    detail = "; ".join(f"{c.ref}: {e.message}" for c, e in failures)
+    return GatewayError(
+        400,
+        "context_length_exceeded",
+        f"the prompt is longer than the context window of every candidate model: {detail}. "
+        "Shorten the messages or use a model with a larger context window",
+        param="messages",
+    )
+
+
+def retry_hint(failures: list[tuple[Candidate, UpstreamError]]) -> dict[str, str]:
+    """SDKs retry a 503 on their own. The sidecar has retried and escalated already, so it says
+    not to (`x-should-retry: false`), unless an upstream asked for a pause: then the longest
+    pause asked for, capped per provider by `retry_after_cap` (`Retry-After`)."""
+    pauses = [
+        min(e.retry_after, c.provider.retry_after_cap)
+        for c, e in failures
+        if e.retry_after is not None
+    ]
+    if pauses:
+        return {"Retry-After": str(math.ceil(max(pauses)))}
+    return {"x-should-retry": "false"}
+
+
+def unreported_usage(flow: Flow, completion: Completion) -> Usage:
+    """Usage of an answer whose upstream reported none (or nonsense): estimated on the high
+    side, never free — the prompt estimate, and a token per 4 bytes of the whole answer."""
+    size = len(completion.raw) if completion.raw is not None else len(orjson.dumps(completion.body))
+    return Usage(flow.metadata.get("prompt_tokens_estimate", 0), max(1, size // 4))
 
 
 def interrupted() -> UpstreamError:
@@ -89,9 +160,11 @@ class Cascade:
         self.providers = runtime.providers
         self.rewrites = runtime.settings.rewrite
 
-    def build_call(self, flow: Flow, candidate: Candidate, body: dict[str, Any]) -> UpstreamCall:
+    def build_call(self, flow: Flow, attempt: Attempt, body: dict[str, Any]) -> UpstreamCall:
         """The call for `body`; it streams only when the body asks to (a buffered schema
-        re-prompt loop sends the body of a streamed request without `stream`)."""
+        re-prompt loop sends the body of a streamed request without `stream`). The attempt's
+        output cap, when an addon set one, is sent whatever the client or a rewrite asked for."""
+        candidate = attempt.candidate
         stream = flow.stream and body.get("stream") is True
         rules = []
         provider_rule = self.rewrites.get("provider:" + candidate.provider.name)
@@ -104,6 +177,8 @@ class Cascade:
         headers: dict[str, str] = {}
         if rules:
             body, headers = _apply_rewrites(body, rules)
+        if attempt.output_cap is not None:
+            body = with_output_cap(body, attempt.output_cap)
         return UpstreamCall(candidate.provider, candidate.model_id, body, stream, headers, flow.id)
 
     def _too_small(self, flow: Flow, candidate: Candidate) -> UpstreamError | None:
@@ -126,11 +201,9 @@ class Cascade:
         pipeline = self.pipeline
         tries = 0
         while True:
-            attempt = Attempt(candidate)
-            flow.attempts.append(attempt)
-            await pipeline.run("attempt", flow, attempt)
+            attempt = await self.begin(flow, candidate)
             try:
-                completion = await provider.complete(self.build_call(flow, candidate, body))
+                completion = await provider.complete(self.build_call(flow, attempt, body))
             except UpstreamError as error:
                 attempt.error = error
                 self._settle(flow, attempt, None)
@@ -144,11 +217,24 @@ class Cascade:
                 await pipeline.run("attempt_done", flow, attempt)
                 raise
             else:
-                self._settle(flow, attempt, completion.usage)
+                self._settle(flow, attempt, completion.usage or unreported_usage(flow, completion))
                 await pipeline.run("attempt_done", flow, attempt)
                 return completion
             tries += 1
             await asyncio.sleep(delay)
+
+    async def begin(self, flow: Flow, candidate: Candidate) -> Attempt:
+        """A new Attempt, after the `attempt` hooks; a hook that refuses the candidate (the
+        budget cannot cover it) makes it an UpstreamError that the cascade escalates from,
+        and the attempt, never made, is not kept."""
+        attempt = Attempt(candidate)
+        flow.attempts.append(attempt)
+        try:
+            await self.pipeline.run("attempt", flow, attempt)
+        except CandidateRefused as refused:
+            flow.attempts.remove(attempt)
+            raise refused.as_failure() from None
+        return attempt
 
     @staticmethod
     def _settle(flow: Flow, attempt: Attempt, usage: Usage | None) -> None:
@@ -213,12 +299,13 @@ class Cascade:
             flow.models_tried.append(candidate.ref)
             tries = 0
             while True:
-                attempt = Attempt(candidate)
-                flow.attempts.append(attempt)
-                await self.pipeline.run("attempt", flow, attempt)
+                try:
+                    attempt = await self.begin(flow, candidate)
+                except UpstreamError as refused:
+                    raise self.as_gateway_error(candidate, refused, flow) from None
                 try:
                     stream = await self.providers[candidate.provider.name].open_stream(
-                        self.build_call(flow, candidate, flow.body)
+                        self.build_call(flow, attempt, flow.body)
                     )
                 except UpstreamError as error:
                     await self.fail_stream(flow, attempt, None, error)

@@ -80,6 +80,7 @@ class Outcome(enum.Enum):
     UNAVAILABLE = "upstream_unavailable"  # 5xx, 408, 429, 401/403, timeouts, resets, bad bodies
     CONTEXT_LENGTH = "context_length"  # the prompt does not fit this model: try a bigger one
     SCHEMA_FAILURE = "response_schema_validation_failed"  # content never matched the schema
+    BUDGET = "budget"  # the caller's budget cannot cover this candidate: try a cheaper one
 
     @property
     def escalates(self) -> bool:
@@ -98,14 +99,33 @@ class UpstreamError(Exception):
         reason: str = "error",
         client_error: GatewayError | None = None,
         retry_after: float | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.outcome = outcome
-        self.message = message
+        self.message = message  # what the client may be told
         self.status = status
         self.reason = reason  # short metric label: http_503, timeout, connect, bad_body, schema …
         self.client_error = client_error
         self.retry_after = retry_after
+        self.detail = detail  # the upstream's own words where the client must not see them: logs
+
+
+class CandidateRefused(GatewayError):
+    """Raised by an `attempt` hook to refuse one cascade candidate, not the whole request: the
+    cascade moves on to the next candidate, and answers this error when none is left."""
+
+    def __init__(self, error: GatewayError, outcome: Outcome) -> None:
+        super().__init__(
+            error.status, error.code, error.message, param=error.param,
+            error_type=error.error_type, headers=error.headers,
+        )  # fmt: skip
+        self.outcome = outcome
+
+    def as_failure(self) -> UpstreamError:
+        return UpstreamError(
+            self.outcome, self.message, reason=self.outcome.value, client_error=self
+        )
 
 
 _CONTEXT_MARKERS = (
@@ -140,7 +160,17 @@ def classify_http_failure(
     is handed back to the client with the upstream's own status and message.
     """
     reason = f"http_{status}"
-    if status >= 500 or status in (408, 429, 401, 403):
+    if status in (401, 403):  # the upstream's text may quote our key: for the log only
+        return UpstreamError(
+            Outcome.UNAVAILABLE,
+            f"the provider rejected the gateway's credentials (HTTP {status}); the sidecar's "
+            "log has the provider's answer",
+            status=status,
+            reason=reason,
+            retry_after=retry_after,
+            detail=message,
+        )
+    if status >= 500 or status in (408, 429):
         return UpstreamError(
             Outcome.UNAVAILABLE,
             f"upstream answered {status}: {message}",

@@ -44,6 +44,7 @@ class Attempt:
     usage: Usage | None = None
     error: UpstreamError | None = None
     cost_usd: float = 0.0
+    output_cap: int | None = None  # tokens an `attempt` hook lets it produce (the budget's cap)
 
     @property
     def outcome(self) -> str:

@@ -16,6 +16,7 @@ from sidecar.settings.loader import split_fc_ref
 from sidecar.settings.model import ModelEntry, Price, ProviderSettings, Settings
 
 DEFAULT_OUTPUT_CAP = 4096  # tokens assumed for a model whose max_output the catalog omits
+MAX_REF_LENGTH = 256  # a ref is echoed in X-Ringside-Model-Used / -Models-Tried: bounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,19 @@ def expected_cost(candidate: Candidate, estimate: Estimate) -> float:
     )
 
 
+def unwritable_ref(ref: str) -> GatewayError:
+    """A ref the response headers could not carry (they name the refs tried): refused before
+    any call, so no money moves for an answer that could not be written."""
+    shown = ref[:64] + ("…" if len(ref) > 64 else "")
+    return GatewayError(
+        400,
+        "invalid_model_ref",
+        f"model ref {shown!r} is not 1-{MAX_REF_LENGTH} printable ASCII characters "
+        "(no control characters such as CR or LF)",
+        param="model",
+    )
+
+
 def model_not_found(message: str) -> GatewayError:
     return GatewayError(404, "model_not_found", message, param="model")
 
@@ -237,6 +251,8 @@ class Router:
                     "every model in the array must be a string",
                     param="model",
                 )
+            if len(ref) > MAX_REF_LENGTH or not (ref.isascii() and ref.isprintable()):
+                raise unwritable_ref(ref)
             self._expand(ref, estimate, circuit_open, route, seen, None)
         if not route.candidates and route.skipped_open:
             raise GatewayError(
@@ -244,6 +260,7 @@ class Router:
                 "upstream_unavailable",
                 "every candidate's provider circuit is open (recent upstream failures): "
                 + ", ".join(route.skipped_open),
+                headers={"x-should-retry": "false"},  # the breaker decides when to try again
             )
         return route
 

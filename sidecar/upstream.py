@@ -8,8 +8,11 @@ here as an `UpstreamError` with its Outcome decided.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from sidecar import sse
@@ -37,6 +40,18 @@ def transport_error(exc: BaseException) -> UpstreamError:
 
 R = TypeVar("R")
 END_WAIT_SECONDS = 1.0  # after the last event, for the rest of the body (see aclose)
+DETAIL_LOG_SECONDS = 60.0  # one log line per provider per minute for its rejections of our key
+_KEY_LIKE = re.compile(r"(?:sk|pk|rk)-[\w\-*.\u2026]{4,}|AIza[\w\-]{10,}")
+
+log = logging.getLogger("ringside")
+
+
+def redact(text: str, secret: str | None) -> str:
+    """`text` without the provider key, nor anything shaped like an API key (providers quote
+    a masked key in their 401s; a log is no place for even part of one)."""
+    if secret:
+        text = text.replace(secret, "[REDACTED]")
+    return _KEY_LIKE.sub("[REDACTED]", text)
 
 
 class HttpProvider:
@@ -53,13 +68,34 @@ class HttpProvider:
         self.http1 = http1
         self.native_json_schema = adapter.native_json_schema
         self.json_mode = adapter.json_mode
+        self._detail_logged_at = -DETAIL_LOG_SECONDS
+        self._details_unlogged = 0
 
     async def complete(self, call: UpstreamCall) -> Completion:
         response = await self._send(self.http1.request, call)
         body, status, headers = response.body, response.status, response.headers
         if not 200 <= status < 300:
-            raise self.adapter.classify_error(status, body, headers)
+            raise self._failure(status, body, headers)
         return self.adapter.parse_response(body, call)
+
+    def _failure(self, status: int, body: bytes, headers: Mapping[str, str]) -> Exception:
+        """The adapter's classification; what the client may not see goes to the log, at
+        most once a minute per provider (a wrong key fails every request)."""
+        error = self.adapter.classify_error(status, body, headers)
+        detail = getattr(error, "detail", None)
+        if detail:
+            now = time.monotonic()
+            if now - self._detail_logged_at < DETAIL_LOG_SECONDS:
+                self._details_unlogged += 1
+            else:
+                more = self._details_unlogged
+                self._detail_logged_at, self._details_unlogged = now, 0
+                log.warning(
+                    "provider %s rejected the gateway's credentials (HTTP %d): %s%s",
+                    self.settings.name, status, redact(detail, self.settings.api_key),
+                    f" ({more} more since the last such line)" if more else "",
+                )  # fmt: skip
+        return error
 
     async def open_stream(self, call: UpstreamCall) -> ChunkStream:
         """Open the stream; an upstream failure before the first byte raises here."""
@@ -71,7 +107,7 @@ class HttpProvider:
                 body = b""
             finally:
                 response.close()
-            raise self.adapter.classify_error(response.status, body, response.headers)
+            raise self._failure(response.status, body, response.headers)
         return HttpChunkStream(response, self.adapter.stream_decoder(call))
 
     async def _send(self, send: Callable[..., Awaitable[R]], call: UpstreamCall) -> R:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
@@ -278,3 +278,75 @@ def test_fallback_metrics_name_the_pair_and_reason(
     fake_openai.on_model("big", Reply(status=502))
     create_raw(client, ["fc:openai/big", "fc:openai/mid"])
     assert fallbacks() == before + 1
+
+
+def test_every_candidate_too_small_for_the_prompt_is_400_context_length_exceeded(
+    client: openai.OpenAI, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.on_model(
+        "cheap",
+        Reply(status=400, error_code="context_length_exceeded",
+              error_message="This model's maximum context length is 8192 tokens."),
+    )  # fmt: skip
+    long_prompt = [{"role": "user", "content": "word " * 400}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=["fc:openai/tiny-window", "fc:openai/cheap"], messages=long_prompt
+        )
+    error = caught.value
+    assert (error.code, error.param) == ("context_length_exceeded", "messages")
+    assert isinstance(error.body, dict) and error.body["type"] == "invalid_request_error"
+    assert "fc:openai/tiny-window: skipped" in error.body["message"]
+    assert "maximum context length is 8192" in error.body["message"]
+    assert fake_openai.models_called() == ["cheap"]  # the small window was never called
+
+
+def test_a_503_says_not_to_retry_and_the_sdk_obeys(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.on_model("cheap", Reply(status=500))
+    patient = openai.OpenAI(base_url=gateway.base_url, api_key="open-mode", max_retries=3)
+    with pytest.raises(openai.InternalServerError) as caught:
+        patient.chat.completions.create(model="fc:openai/cheap", messages=MESSAGES)
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert "Retry-After" not in caught.value.response.headers
+    assert fake_openai.models_called() == ["cheap"]  # one run, not four
+
+
+@pytest.mark.parametrize(("asked", "hinted"), [("3", "3"), ("2.2", "3"), ("600", "10")])
+def test_a_503_carries_the_largest_retry_after_an_upstream_asked_for_capped(
+    client: openai.OpenAI, fake_openai: FakeOpenAI, asked: str, hinted: str
+) -> None:
+    fake_openai.on_model("cheap", Reply(status=429, headers={"Retry-After": "1"}))
+    fake_openai.on_model("mid", Reply(status=503, headers={"Retry-After": asked}))
+    with pytest.raises(openai.InternalServerError) as caught:
+        create_raw(client, ["fc:openai/cheap", "fc:openai/mid"])
+    headers = caught.value.response.headers
+    assert headers["Retry-After"] == hinted  # retry_after_cap: 10 s by default
+    assert "x-should-retry" not in headers
+
+
+def test_a_provider_rejecting_the_gateways_key_is_not_quoted_to_the_client(
+    sidecar_factory: Callable[..., SidecarProcess], fake_openai: FakeOpenAI
+) -> None:
+    gateway = sidecar_factory(cascade_config(fake_openai.url))
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="open-mode", max_retries=0)
+    rejection = Reply(
+        status=401, error_type="invalid_request_error", error_code="invalid_api_key",
+        error_message=f"Incorrect API key provided: {PROVIDER_KEY}. You can find your API key "
+        "at https://platform.openai.com/account/api-keys.",
+    )  # fmt: skip
+    fake_openai.on_model("big", rejection)
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model="fc:openai/big", messages=MESSAGES, stream=stream)
+        raw = caught.value.response.text
+        assert caught.value.status_code == 503
+        assert PROVIDER_KEY not in raw and "Incorrect API key" not in raw
+        assert "the provider rejected the gateway's credentials (HTTP 401)" in raw
+    log = gateway.stderr()
+    assert PROVIDER_KEY not in log
+    lines = [line for line in log.splitlines() if "rejected the gateway's credentials" in line]
+    assert len(lines) == 1  # once a minute per provider, whatever the number of requests
+    assert "provider openai" in lines[0] and "Incorrect API key provided: [REDACTED]" in lines[0]

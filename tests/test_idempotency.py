@@ -153,16 +153,20 @@ def test_a_different_body_is_409_idempotency_key_reused(
 def test_the_sdk_sees_a_reused_key_as_a_conflict(
     gateway: SidecarProcess, fake_openai: FakeOpenAI
 ) -> None:
-    client = sdk(gateway, ALICE)
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=ALICE, max_retries=3, timeout=15)
     key = new_key()
     client.chat.completions.create(
         model=MINI, messages=HELLO, extra_headers={"Idempotency-Key": key}
     )
+    conflicts_before = sum(r["status"] == 409 for r in gateway.access_log())
     with pytest.raises(openai.ConflictError) as caught:
         client.chat.completions.create(
             model=MINI, messages=HELLO, temperature=0, extra_headers={"Idempotency-Key": key}
         )
     assert caught.value.code == "idempotency_key_reused"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    conflicts = sum(r["status"] == 409 for r in gateway.access_log())
+    assert conflicts == conflicts_before + 1  # the SDK (max_retries=3) did not send it again
 
 
 def test_the_same_key_of_two_api_keys_does_not_collide(
@@ -234,6 +238,7 @@ async def test_a_duplicate_still_waiting_after_the_bound_is_409_with_retry_after
         await addon.request(flow)
     assert (caught.value.status, caught.value.code) == (409, "idempotency_key_reused")
     assert caught.value.headers["Retry-After"] == "1"
+    assert caught.value.headers["x-should-retry"] == "false"  # waiting is the caller's call
     assert flow.response is None
 
 

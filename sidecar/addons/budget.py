@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Mapping
 from sidecar.addons.metrics import Metrics, customer_label
 from sidecar.addons.usage import note_charged, usage_id
 from sidecar.api.validation import requested_max_output
-from sidecar.errors import GatewayError
+from sidecar.errors import CandidateRefused, GatewayError, Outcome
 from sidecar.flow import Attempt, Flow
 from sidecar.pricing import worst_case_cost
 from sidecar.providers.base import Usage
@@ -48,6 +48,7 @@ HOLDS = "budget_holds"  # flow.metadata: id(attempt) → its Holds
 REMAINING = "budget_remaining_usd"  # flow.metadata: for X-Ringside-Budget-Remaining-USD
 
 
+OVERRUN_LOG_SECONDS = 60.0
 REPROMPT_SLACK = 8192  # bytes of validation errors a schema re-prompt may add
 
 
@@ -62,13 +63,13 @@ def prompt_bound(flow: Flow) -> int:
     return bound
 
 
-def worst_case(flow: Flow, attempt: Attempt) -> float:
-    """USD an attempt can cost at most: the prompt bound, and the output cap once per choice."""
-    requested = requested_max_output(flow.body)
-    cost = worst_case_cost(attempt.candidate, prompt_bound(flow), requested)
+def worst_case(flow: Flow, attempt: Attempt, cap: int) -> float:
+    """USD an attempt can cost at most: the prompt bound, and `cap` output tokens per choice
+    (the cap the attempt is sent with)."""
+    cost = worst_case_cost(attempt.candidate, prompt_bound(flow), cap)
     choices = flow.body.get("n")
     if isinstance(choices, int) and choices > 1:
-        cost += (choices - 1) * worst_case_cost(attempt.candidate, 0, requested)
+        cost += (choices - 1) * worst_case_cost(attempt.candidate, 0, cap)
     return cost
 
 
@@ -119,6 +120,7 @@ class BudgetAddon:
             for cid in self.customers
         }
         self._windows: dict[str, Window] = {}
+        self._overrun_logged: dict[str, float] = {}  # provider → when its overrun was logged
         self._in_process = store if isinstance(store, MemoryBudgetStore) else None
 
     def window(self, period: str, now: float) -> Window:
@@ -161,7 +163,9 @@ class BudgetAddon:
         scopes: list[Scope] | None = flow.metadata.get(SCOPES)
         if not scopes:
             return None
-        amount = ceil_nano(worst_case(flow, attempt))
+        # the upstream is sent the cap the hold covers, even when the client asked for none
+        cap = attempt.output_cap = attempt.candidate.output_cap(requested_max_output(flow.body))
+        amount = ceil_nano(worst_case(flow, attempt, cap))
         now = time.time()
         windows = [(scope, self.window(scope.period, now)) for scope in scopes]
         if self._in_process is None:
@@ -192,11 +196,15 @@ class BudgetAddon:
         self._held(flow, attempt, holds)
 
     def _refused(self, flow: Flow, exc: BudgetExceeded, scopes: list[Scope]) -> GatewayError:
-        self.metrics.budget_exceeded.labels(
-            customer_label(self.settings, flow.principal.customer)
-        ).inc()
+        """The refusal of this candidate: a cascade goes on to the next one (402 when none is
+        left; counted in `error`, once per request)."""
         self._show(flow, {exc.scope.name: exc.balance}, scopes)
-        return refusal(exc)
+        return CandidateRefused(refusal(exc), Outcome.BUDGET)
+
+    def error(self, flow: Flow) -> None:
+        if flow.error is not None and flow.error.code == "budget_exceeded":
+            customer = customer_label(self.settings, flow.principal.customer)
+            self.metrics.tally.inc(self.metrics.budget_exceeded.labels(customer))
 
     @staticmethod
     def _held(flow: Flow, attempt: Attempt, holds: list[Hold]) -> None:
@@ -219,6 +227,8 @@ class BudgetAddon:
             f"{record_id}:{settles}", cost, usage.prompt_tokens, usage.completion_tokens
         )
         record = RecordRef(record_id, flow.principal.customer, flow.started_wall)
+        if cost > holds[0].amount:
+            self._overrun(flow, attempt, cost - holds[0].amount)
         if carries_record(holds, record):
             note_charged(flow, cost, usage)  # before the await: a cancel must not re-add it
         if self._in_process is None:
@@ -226,6 +236,22 @@ class BudgetAddon:
         settled = self._in_process.settle_now(holds, charge, record)
         self._show(flow, settled.balances, flow.metadata[SCOPES])
         return None
+
+    def _overrun(self, flow: Flow, attempt: Attempt, beyond: int) -> None:
+        """An upstream produced more than the cap it was sent: the whole cost is charged (the
+        next reservation sees the real spend), and what went past the hold is counted."""
+        customer = customer_label(self.settings, flow.principal.customer)
+        self.metrics.tally.inc(self.metrics.budget_overrun.labels(customer), beyond / NANO)
+        provider = attempt.candidate.provider.name
+        now = time.monotonic()
+        if now - self._overrun_logged.get(provider, -OVERRUN_LOG_SECONDS) >= OVERRUN_LOG_SECONDS:
+            self._overrun_logged[provider] = now
+            log.warning(
+                "provider %s answered request %s beyond the %s-token cap it was sent: $%s "
+                "charged past the budget hold (ringside_budget_overrun_usd_total; one line per "
+                "provider per minute)",
+                provider, flow.id, attempt.output_cap, usd_text(beyond),
+            )  # fmt: skip
 
     async def _settle(
         self, flow: Flow, holds: list[Hold], charge: Charge, record: RecordRef

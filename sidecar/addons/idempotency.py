@@ -110,6 +110,11 @@ def stored_answer(flow: Flow) -> bytes | None:
     return encode_record(answer.status, headers, body)
 
 
+# SDKs retry a 409 on their own: a reused key fails the same way again, and a request still
+# running is the caller's to wait for (SPEC 2.2)
+NO_SDK_RETRY = {"x-should-retry": "false"}
+
+
 def reused(key: str) -> GatewayError:
     return GatewayError(
         409,
@@ -117,6 +122,7 @@ def reused(key: str) -> GatewayError:
         f"Idempotency-Key {key!r} was already used with a different request body: "
         "send a new key for a new request",
         param=HEADER,
+        headers=NO_SDK_RETRY,
     )
 
 
@@ -127,7 +133,7 @@ def still_running(key: str, waited: float) -> GatewayError:
         f"the first request with Idempotency-Key {key!r} is still running after {waited:.0f}s "
         "of waiting: retry later with the same key to get its answer",
         param=HEADER,
-        headers={"Retry-After": "1"},
+        headers={"Retry-After": "1", **NO_SDK_RETRY},
     )
 
 

@@ -35,7 +35,9 @@ OVERHEAD_BUCKETS = (
 OTHER = "_other"
 FLUSH_SECONDS = 1.0  # how far behind /metrics may be for a worker that did not serve the scrape
 MAX_PENDING = 4096  # distinct pending series before a flush is forced
-EXHAUSTED_CODES = frozenset({"upstream_unavailable", "response_schema_validation_failed"})
+EXHAUSTED_CODES = frozenset(
+    {"upstream_unavailable", "response_schema_validation_failed", "context_length_exceeded"}
+)
 
 
 def exposition(metrics: Metrics) -> bytes:
@@ -212,6 +214,12 @@ class Metrics:
         )
         self.budget_exceeded = Counter(
             "ringside_budget_exceeded_total", "Requests refused with 402", ["customer"], registry=r
+        )
+        self.budget_overrun = Counter(
+            "ringside_budget_overrun_usd_total",
+            "USD settled beyond the hold: an upstream produced more than the cap it was sent",
+            ["customer"],
+            registry=r,
         )
         self.rate_limited = Counter(
             "ringside_rate_limited_total", "Requests refused with 429", ["scope"], registry=r

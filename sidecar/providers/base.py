@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 from sidecar.settings.model import ProviderSettings
 
+MAX_TOKENS = 10**9  # per call and kind: more is taken as this (keeps money exact in every store)
+
 
 @dataclass(slots=True)
 class Usage:
@@ -41,7 +43,9 @@ class Usage:
         prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
         if not isinstance(prompt, int) or not isinstance(completion, int):
             return None
-        return cls(prompt, completion)
+        if prompt < 0 or completion < 0:  # would refund the customer: not a usage
+            return None
+        return cls(min(prompt, MAX_TOKENS), min(completion, MAX_TOKENS))
 
 
 @dataclass(slots=True)
