@@ -48,6 +48,12 @@ class GatewayState:
         return self.holder.current
 
     @property
+    def settings(self) -> Settings:
+        """The Settings in force: the running Runtime's (they change on reload), or before
+        start the ones the gateway was created with."""
+        return self.initial_settings if self.holder is None else self.holder.current.settings
+
+    @property
     def ready(self) -> bool:
         return self.holder is not None and not self.draining
 

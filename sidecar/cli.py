@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from sidecar.settings import ConfigError, Settings, load_settings
-from sidecar.settings.loader import is_loopback
+from sidecar.settings.loader import is_loopback, metrics_exposure_warning
 from sidecar.settings.model import HostPort
 
 if TYPE_CHECKING:
@@ -35,6 +35,13 @@ def _summary(settings: Settings) -> str:
         f"ok: {settings.source}: {len(settings.providers)} providers, {len(settings.models)} "
         f"models, {len(settings.slots)} slots, {auth}, {settings.storage.backend} storage"
     )
+
+
+def _warnings(settings: Settings) -> list[str]:
+    """What the operator should hear about once: the load's warnings and an open /metrics
+    (judged on the listeners in force, after `serve --admin-host` overrides)."""
+    exposure = metrics_exposure_warning(settings)
+    return [*settings.warnings, *([exposure] if exposure else [])]
 
 
 def _loaded(path: str) -> Settings | None:
@@ -62,7 +69,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             failed = True
     if failed:
         return 1
-    for warning in settings.warnings:
+    for warning in _warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
     print(_summary(settings))
     return 0
@@ -300,7 +307,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    for warning in settings.warnings:
+    for warning in _warnings(settings):  # once, by the supervisor: not per worker or request
         log.warning("%s", warning)
     if args.workers > 1:
         try:

@@ -56,6 +56,60 @@ def test_check_config_warns_about_an_unset_provider_key_but_passes(tmp_path: Pat
     assert "warning:" in result.stderr and "TEST_OPENAI_KEY is not set" in result.stderr
 
 
+EXPOSED = "admin.metrics_token: not set, and the admin listener"
+
+
+def check_admin_exposure(tmp_path: Path, listen_admin: str, **admin: str) -> str:
+    """check-config's stderr for the fake-upstream config with this admin listener/section."""
+    config = openai_config("http://127.0.0.1:9/v1", listen={"admin": listen_admin})
+    if admin:
+        config["admin"] = admin
+    path = tmp_path / "ringside.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = ringside("check-config", str(path), env={"TEST_OPENAI_KEY": "sk-unused"})
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+def test_check_config_warns_when_metrics_are_open_off_loopback(tmp_path: Path) -> None:
+    stderr = check_admin_exposure(tmp_path, "0.0.0.0:8788")
+    [line] = [line for line in stderr.splitlines() if EXPOSED in line]
+    assert line.startswith("warning: ") and "0.0.0.0:8788" in line
+    assert "customer ids" in line and "k8s/monitoring/networkpolicy.yaml" in line
+
+
+def test_check_config_is_quiet_with_a_metrics_token_or_a_loopback_admin(tmp_path: Path) -> None:
+    assert EXPOSED not in check_admin_exposure(tmp_path, "0.0.0.0:8788", metrics_token="m" * 32)
+    assert EXPOSED not in check_admin_exposure(tmp_path, "127.0.0.1:8788")
+
+
+def test_serve_warns_once_at_startup_when_metrics_are_open_off_loopback(
+    fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    proc = SidecarProcess(
+        openai_config(fake_openai.url),
+        {"TEST_OPENAI_KEY": "sk-unused"},
+        str(tmp_path),
+        extra_args=["--admin-host", "0.0.0.0"],  # the last --admin-host wins
+    ).start()
+    try:
+        for _ in range(3):
+            assert request(proc.admin_url, "GET", "/metrics").status == 200
+        post_chat(proc, {"model": "fc:openai/gpt-4o-mini", "messages": HELLO})
+        warnings = [line for line in proc.stderr().splitlines() if EXPOSED in line]
+        assert len(warnings) == 1 and "WARNING" in warnings[0], proc.stderr()
+    finally:
+        proc.stop()
+
+
+def test_serve_on_a_loopback_admin_listener_does_not_warn(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    proc = sidecar_factory(openai_config(fake_openai.url))  # --admin-host 127.0.0.1
+    assert request(proc.admin_url, "GET", "/metrics").status == 200
+    assert EXPOSED not in proc.stderr()
+
+
 def test_installed_ringside_script_is_the_same_program() -> None:
     script = Path(sys.executable).parent / "ringside"
     if not script.exists():

@@ -201,3 +201,64 @@ def test_env_expansion_that_is_not_a_number_is_still_a_clear_error() -> None:
     assert "env.yaml:2: providers.openai.retries: 'many' is not of type 'integer'" in str(
         caught.value
     )
+
+
+# -- admin: the admin listener's tokens ------------------------------------------------------
+
+
+def test_admin_tokens_are_read_stripped_and_empty_means_unset() -> None:
+    from sidecar.settings import parse_settings
+
+    text = BASE + "admin: {token: '  ${ADMIN_FROM_ENV}', metrics_token: '${UNSET_METRICS:-}'}\n"
+    env = {"ADMIN_FROM_ENV": "from-env-0123456789abcdef\n"}  # a Secret written with `echo`
+    settings = parse_settings(text, "admin.yaml", env)
+    assert settings.admin.token == b"from-env-0123456789abcdef"
+    assert settings.admin.token_source == "admin.token"
+    assert settings.admin.metrics_token is None
+
+
+def test_admin_token_falls_back_to_the_environment_variable() -> None:
+    from sidecar.settings import parse_settings
+
+    env = {"RINGSIDE_ADMIN_TOKEN": "env-token-0123456789abcdef\n"}
+    settings = parse_settings(BASE, "admin.yaml", env)
+    assert settings.admin.token == b"env-token-0123456789abcdef"
+    assert settings.admin.token_source == "RINGSIDE_ADMIN_TOKEN"
+    assert parse_settings(BASE, "admin.yaml", {}).admin.token is None
+
+
+def test_admin_tokens_are_not_in_the_settings_repr() -> None:
+    from sidecar.settings import parse_settings
+
+    text = BASE + "admin: {token: secret-admin-0123456789, metrics_token: secret-scrape-0123456}\n"
+    shown = repr(parse_settings(text, "admin.yaml", {}))
+    assert "secret-admin" not in shown and "secret-scrape" not in shown
+
+
+def test_a_metrics_token_with_a_space_is_refused_without_showing_it(tmp_path: Path) -> None:
+    text = BASE + "admin:\n  metrics_token: 'two words-0123456789'\n"
+    assert_refused(tmp_path, text, "metrics_token", "admin.metrics_token", "printable ASCII")
+    assert "two words" not in check(tmp_path, text)[1]
+
+
+def test_an_admin_token_of_the_wrong_type_is_refused_without_showing_it(tmp_path: Path) -> None:
+    text = BASE + "admin:\n  token: 918273645546372819\n"
+    assert_refused(tmp_path, text, "token:", "admin.token", "the value is not of type 'string'")
+    assert "918273645546372819" not in check(tmp_path, text)[1]
+
+
+def test_an_unset_variable_in_an_admin_token_is_named(tmp_path: Path) -> None:
+    text = BASE + "admin:\n  metrics_token: ${RINGSIDE_METRICS_TOKEN}\n"
+    assert_refused(
+        tmp_path, text, "metrics_token", "admin.metrics_token", "${RINGSIDE_METRICS_TOKEN}"
+    )
+
+
+def test_a_short_or_shared_admin_token_is_a_warning(tmp_path: Path) -> None:
+    text = BASE + "admin: {token: same-token-0123456789, metrics_token: same-token-0123456789}\n"
+    code, stderr, _ = check(tmp_path, text)
+    assert code == 0, stderr
+    assert "admin.metrics_token: is the same as the admin token (admin.token)" in stderr
+    code, stderr, _ = check(tmp_path, BASE + "admin: {metrics_token: qz7k}\n")
+    assert code == 0 and "admin.metrics_token: 4 characters are easy to guess" in stderr
+    assert "qz7k" not in stderr

@@ -270,3 +270,103 @@ def test_refusals_and_schema_failures_show_in_their_counters(
     assert value(found, "ringside_cascade_exhausted_total",
                  reason="response_schema_validation_failed") == 1  # fmt: skip
     assert value(found, "ringside_budget_limit_usd", customer="tight") == pytest.approx(1e-7)
+
+
+# -- who can read /metrics: networkpolicy.yaml, the PodMonitor's bearer token -----------------
+
+KUBECTL = shutil.which("kubectl")
+MONITORING_NS = {"kubernetes.io/metadata.name": "monitoring"}
+APP_NS = {"kubernetes.io/metadata.name": "shop"}
+
+
+def manifest(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((MONITORING / name).read_text())
+    return loaded
+
+
+def _port_matches(entry: dict[str, Any], port: int, protocol: str) -> bool:
+    if entry.get("protocol", "TCP") != protocol:
+        return False
+    if "port" not in entry:
+        return True
+    first = entry["port"]
+    assert isinstance(first, int), "numbered ports only: the ranges must leave exactly 8788 out"
+    return first <= port <= entry.get("endPort", first)
+
+
+def _peer_matches(peer: dict[str, Any], namespace: dict[str, str]) -> bool:
+    assert set(peer) == {"namespaceSelector"}, peer  # no ipBlock, no podSelector here
+    selector = peer["namespaceSelector"]
+    assert set(selector) == {"matchLabels"}, selector
+    return set(selector["matchLabels"].items()) <= set(namespace.items())
+
+
+def admits(policy: dict[str, Any], port: int, namespace: dict[str, str], protocol: str) -> bool:
+    """NetworkPolicy ingress semantics: some rule whose ports and peers both match (an absent
+    list matches everything). The pod is isolated, so nothing else gets in."""
+    for rule in policy["spec"]["ingress"]:
+        ports = rule.get("ports")
+        peers = rule.get("from")
+        if (ports is None or any(_port_matches(p, port, protocol) for p in ports)) and (
+            peers is None or any(_peer_matches(p, namespace) for p in peers)
+        ):
+            return True
+    return False
+
+
+def test_networkpolicy_selects_the_pods_the_podmonitor_scrapes() -> None:
+    policy = manifest("networkpolicy.yaml")
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    selector = manifest("podmonitor.yaml")["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == selector
+    assert selector == {"ringside.fightclub.pro/injected": "true"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress untouched
+    assert "egress" not in policy["spec"]
+
+
+def test_networkpolicy_admits_the_admin_port_only_from_the_monitoring_namespace() -> None:
+    policy = manifest("networkpolicy.yaml")
+    assert admits(policy, 8788, MONITORING_NS, "TCP")
+    assert not admits(policy, 8788, APP_NS, "TCP")
+    assert not admits(policy, 8788, {}, "TCP")  # outside any namespace (another cluster's IP)
+
+
+@pytest.mark.parametrize("port", [1, 80, 443, 8080, 8787, 8789, 9090, 65535])
+def test_networkpolicy_leaves_every_other_port_open_to_everyone(port: int) -> None:
+    policy = manifest("networkpolicy.yaml")
+    for namespace in (APP_NS, MONITORING_NS, {}):
+        assert admits(policy, port, namespace, "TCP")
+    assert admits(policy, port, APP_NS, "UDP")
+
+
+def test_networkpolicy_ranges_are_valid_for_the_api_server() -> None:
+    for rule in manifest("networkpolicy.yaml")["spec"]["ingress"]:
+        for entry in rule["ports"]:
+            assert 1 <= entry["port"] <= entry.get("endPort", entry["port"]) <= 65535, entry
+            assert entry["protocol"] in ("TCP", "UDP")
+
+
+def test_networkpolicy_is_in_the_kustomization_and_says_what_to_adjust() -> None:
+    assert "networkpolicy.yaml" in manifest("kustomization.yaml")["resources"]
+    text = (MONITORING / "networkpolicy.yaml").read_text()
+    assert "ADJUST" in text.split("apiVersion:")[0]  # explained before the manifest starts
+
+
+def test_podmonitor_sends_the_metrics_token_from_its_secret() -> None:
+    [endpoint] = manifest("podmonitor.yaml")["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "ringside-admin" and endpoint["path"] == "/metrics"
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "ringside-metrics-token", "key": "token"},
+    }
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not found: the kustomize build is skipped")
+def test_kustomize_builds_the_monitoring_bundle() -> None:
+    assert KUBECTL is not None
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout)}
+    assert {"PodMonitor", "PrometheusRule", "ConfigMap", "NetworkPolicy"} <= kinds

@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import openai_config
 from tests.procs import SidecarProcess, wait_until
-from tests.support import HELLO, metric, metric_samples, post_chat, start_sidecar
+from tests.support import HELLO, metric, metric_samples, post_chat, request, start_sidecar
 from tests.upstreams.openai_fake import FakeOpenAI, Reply
 
 MINI = "fc:openai/gpt-4o-mini"
@@ -166,3 +166,40 @@ def test_request_in_flight_finishes_with_the_config_it_started_with(
     assert [r.headers["X-Config-Version"] for r in fake_openai.received] == ["1", "1"]
     post_chat(proc, {"model": "fc:openai/gpt-4o", "messages": HELLO})
     assert fake_openai.received[-1].headers["X-Config-Version"] == "2"
+
+
+def scrape_status(proc: SidecarProcess, token: str | None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return request(proc.admin_url, "GET", "/metrics", headers=headers).status
+
+
+def test_reload_changes_the_metrics_token(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    old, new = "metrics-token-before-reload", "metrics-token-after-reload"
+    proc = sidecar_factory(openai_config(fake_openai.url, admin={"metrics_token": old}))
+    assert (scrape_status(proc, old), scrape_status(proc, new)) == (200, 401)
+
+    proc.write_config(openai_config(fake_openai.url, admin={"metrics_token": new}))
+    wait_until(lambda: scrape_status(proc, new) == 200, timeout=3, interval=0.1)
+    assert scrape_status(proc, old) == 401
+
+    proc.write_config(openai_config(fake_openai.url))  # unset again: open, as without one
+    wait_until(lambda: scrape_status(proc, None) == 200, timeout=3, interval=0.1)
+    assert proc.proc is not None and proc.proc.poll() is None
+
+
+def test_reload_changes_the_admin_token(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    old, new = "admin-token-before-reload", "admin-token-after-reload"
+
+    def usage_status(token: str) -> int:
+        headers = {"Authorization": f"Bearer {token}"}
+        return request(proc.admin_url, "GET", "/v1/customers/c1/usage", headers=headers).status
+
+    proc = sidecar_factory(openai_config(fake_openai.url, admin={"token": old}))
+    assert (usage_status(old), usage_status(new)) == (200, 401)
+    proc.write_config(openai_config(fake_openai.url, admin={"token": new}))
+    wait_until(lambda: usage_status(new) == 200, timeout=3, interval=0.1)
+    assert usage_status(old) == 401

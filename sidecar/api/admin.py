@@ -1,4 +1,8 @@
-"""The admin listener: health, readiness, Prometheus metrics."""
+"""The admin listener: health, readiness, Prometheus metrics, customer usage.
+
+/healthz and /readyz are always open (the kubelet probes them). /metrics names customers and
+their spend: with `admin.metrics_token` set it answers only a request that carries that token
+as `Authorization: Bearer <token>` (what Prometheus' `authorization` scrape setting sends)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar.addons.metrics import exposition
+from sidecar.api.common import bearer_matches
 from sidecar.api.usage import customer_usage
 from sidecar.app import STATE
 
@@ -23,8 +28,21 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+METRICS_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ringside-metrics"'}
+
+
 async def metrics(request: web.Request) -> web.Response:
-    holder = request.app[STATE].holder
+    state = request.app[STATE]
+    token = state.settings.admin.metrics_token
+    if token is not None and not bearer_matches(request, token):
+        problem = "wrong token" if "Authorization" in request.headers else "no token"
+        return web.Response(
+            status=401,
+            text=f"{problem}: /metrics needs admin.metrics_token, sent as 'Authorization: Bearer "
+            "<token>' (Prometheus: the authorization section of the scrape config)\n",
+            headers=METRICS_CHALLENGE,
+        )
+    holder = state.holder
     if holder is None:
         return web.Response(status=503, text="starting\n")
     if not holder.current.settings.metrics_enabled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import re
 
 import orjson
@@ -60,6 +61,17 @@ def parse_json_object(raw: bytes) -> dict[str, object]:
     if not isinstance(body, dict):
         raise invalid_request("the request body must be a JSON object")
     return body
+
+
+def bearer_matches(request: web.Request, expected: bytes) -> bool:
+    """Whether `Authorization: Bearer <token>` carries `expected`, compared in constant time.
+
+    Any other header (absent, another scheme, huge, not ASCII) is False, never an exception."""
+    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    # surrogatepass: a header's undecodable bytes arrive as surrogates; any str encodes
+    return hmac.compare_digest(given.strip().encode("utf-8", "surrogatepass"), expected)
 
 
 def error_response(error: GatewayError, headers: dict[str, str]) -> web.Response:

@@ -1,7 +1,8 @@
 """GET /v1/customers/{id}/usage on the admin listener: a customer's budget and usage.
 
-Guarded by the admin token from the environment (`RINGSIDE_ADMIN_TOKEN`, sent as
-`Authorization: Bearer <token>`). Without the variable the endpoint is disabled: 403.
+Guarded by the admin token (`admin.token` in the config, else the `RINGSIDE_ADMIN_TOKEN`
+environment variable, read at load), sent as `Authorization: Bearer <token>`. Without either
+the endpoint is disabled: 403.
 The window is the customer's current budget period (or `?period=day|month|total`, default
 month, for a customer without a budget); `?since=` / `?until=` (ISO 8601 or Unix seconds)
 narrow the usage part, never the budget figures.
@@ -10,17 +11,16 @@ narrow the usage part, never the budget figures.
 from __future__ import annotations
 
 import datetime as dt
-import hmac
-import os
 from typing import Any
 
 from aiohttp import web
 
 from sidecar.addons.auth import CUSTOMER_PATTERN
 from sidecar.addons.budget import scope_of
-from sidecar.api.common import error_response
+from sidecar.api.common import bearer_matches, error_response
 from sidecar.app import STATE
 from sidecar.errors import GatewayError, invalid_request
+from sidecar.settings.loader import ADMIN_TOKEN_ENV
 from sidecar.stores.budget import (
     PERIODS,
     StoreUnavailable,
@@ -29,8 +29,6 @@ from sidecar.stores.budget import (
     nano_to_usd,
     window,
 )
-
-ADMIN_TOKEN_ENV = "RINGSIDE_ADMIN_TOKEN"
 
 
 def parse_time(text: str, param: str) -> float:
@@ -53,22 +51,20 @@ def parse_time(text: str, param: str) -> float:
 
 
 def check_admin(request: web.Request) -> None:
-    expected = os.environ.get(ADMIN_TOKEN_ENV)
-    if not expected:
+    """Raises 403 while no admin token is configured, 401 unless the request carries it."""
+    admin = request.app[STATE].settings.admin
+    if admin.token is None:
         raise GatewayError(
             403,
             "admin_disabled",
-            f"the usage endpoint is disabled: set {ADMIN_TOKEN_ENV} in the sidecar's "
-            "environment and send it as 'Authorization: Bearer <token>'",
+            f"the usage endpoint is disabled: set admin.token in the config (or {ADMIN_TOKEN_ENV} "
+            "in the sidecar's environment) and send it as 'Authorization: Bearer <token>'",
         )
-    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), expected.encode()
-    ):
+    if not bearer_matches(request, admin.token):
         raise GatewayError(
             401,
             "invalid_api_key",
-            f"send the admin token ({ADMIN_TOKEN_ENV}) as 'Authorization: Bearer <token>'",
+            f"send the admin token ({admin.token_source}) as 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": 'Bearer realm="ringside-admin"'},
         )
 

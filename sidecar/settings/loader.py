@@ -16,6 +16,7 @@ import yaml
 from sidecar.schema_compiler import Predicate, compile_predicate, trusted_matcher
 from sidecar.settings.model import (
     AddonSpec,
+    AdminSettings,
     Budget,
     Circuit,
     CustomerSettings,
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
     import jsonschema
 
 KeyPath = tuple[str | int, ...]
+ADMIN_TOKEN_ENV = "RINGSIDE_ADMIN_TOKEN"  # admin.token when the config does not set one
+SECRET_PATHS = frozenset({("admin", "token"), ("admin", "metrics_token")})  # never echoed
+MIN_ADMIN_TOKEN_CHARS = 16
+_BEARER_TOKEN = re.compile(r"[\x21-\x7e]+")  # what an Authorization header carries as is
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -246,6 +251,8 @@ def _coerce_expanded(data: Any, errors: list[jsonschema.ValidationError], raw: A
 def _schema_problems(error: jsonschema.ValidationError) -> list[tuple[KeyPath, str]]:
     """A schema error as (key path, message); an unknown key is named, at its own line."""
     path: KeyPath = tuple(error.absolute_path)
+    if path in SECRET_PATHS:  # jsonschema's message quotes the value: a token, here
+        return [(path, error.message.replace(repr(error.instance), "the value"))]
     if (
         error.validator == "additionalProperties"
         and error.validator_value is False
@@ -441,6 +448,7 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
             problems.append(where.problem(("trusted_proxies", index), f"{cidr!r} is not a CIDR"))
 
     tokens = _tokens(data.get("tokens"), where, env, problems, warnings)
+    admin = _admin(data.get("admin", {}), where, env, problems, warnings)
 
     if not keys and not is_loopback(listen.api.host):
         problems.append(
@@ -483,6 +491,7 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
         addons=tuple(addons),
         warnings=tuple(warnings),
         tokens=tokens,
+        admin=admin,
     )
 
 
@@ -523,6 +532,68 @@ def _tokens(
         secret=secret.encode() if secret is not None else None,
         default_ttl=default_ttl,
         max_ttl=max_ttl,
+    )
+
+
+def _admin(
+    data: Mapping[str, Any],
+    where: _Located,
+    env: Mapping[str, str],
+    problems: list[str],
+    warnings: list[str],
+) -> AdminSettings:
+    """The admin tokens. Surrounding whitespace is dropped (a Secret written with `echo` ends in
+    a newline) and an empty value means not set; `admin.token` falls back to the environment
+    variable RINGSIDE_ADMIN_TOKEN. No message quotes a token."""
+    tokens: dict[str, bytes | None] = {}
+    for name in ("token", "metrics_token"):
+        text = str(data.get(name, "")).strip()
+        if text and not _BEARER_TOKEN.fullmatch(text):
+            problems.append(
+                where.problem(
+                    ("admin", name),
+                    "must be printable ASCII without spaces, as a bearer token is sent "
+                    "(e.g. `openssl rand -hex 32`); the value is not shown",
+                )
+            )
+        elif text and len(text) < MIN_ADMIN_TOKEN_CHARS:
+            warnings.append(
+                where.problem(
+                    ("admin", name),
+                    f"{len(text)} characters are easy to guess: use at least "
+                    f"{MIN_ADMIN_TOKEN_CHARS} random ones (e.g. `openssl rand -hex 32`)",
+                )
+            )
+        tokens[name] = text.encode() if text else None
+    token, source = tokens["token"], "admin.token"
+    if token is None:
+        token, source = (env.get(ADMIN_TOKEN_ENV) or "").strip().encode() or None, ADMIN_TOKEN_ENV
+    if token is not None and token == tokens["metrics_token"]:
+        warnings.append(
+            where.problem(
+                ("admin", "metrics_token"),
+                f"is the same as the admin token ({source}): whoever scrapes /metrics can also "
+                "read every customer's usage; give Prometheus a token of its own",
+            )
+        )
+    return AdminSettings(token=token, token_source=source, metrics_token=tokens["metrics_token"])
+
+
+def metrics_exposure_warning(settings: Settings) -> str | None:
+    """One line for the operator when /metrics (customer ids, limits and spend) is open to
+    whoever reaches a non-loopback admin listener; None when it is not."""
+    admin = settings.listen.admin
+    if (
+        settings.admin.metrics_token is not None
+        or not settings.metrics_enabled
+        or is_loopback(admin.host)
+    ):
+        return None
+    return (
+        f"{settings.source}: admin.metrics_token: not set, and the admin listener {admin} is not "
+        "loopback: /metrics shows customer ids, budgets and spend to anyone on the pod network; "
+        "set admin.metrics_token (Prometheus sends it as a bearer token) or restrict the admin "
+        "port with k8s/monitoring/networkpolicy.yaml"
     )
 
 

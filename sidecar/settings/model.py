@@ -142,6 +142,19 @@ class TokenSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """Bearer tokens of the admin listener (SPEC 5 `admin`); None = not set. Never logged.
+
+    `token` guards `GET /v1/customers/{id}/usage`; `metrics_token`, when set, guards
+    `GET /metrics`. `token_source` names where `token` came from (`admin.token`, or the
+    environment variable it falls back to), so that a refusal can say what to send."""
+
+    token: bytes | None = field(default=None, repr=False)
+    token_source: str = "admin.token"
+    metrics_token: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = 20 * 1024 * 1024
     drain_seconds: float = 20.0
@@ -174,6 +187,7 @@ class Settings:
     addons: tuple[AddonSpec, ...]
     warnings: tuple[str, ...] = ()
     tokens: TokenSettings = TokenSettings()
+    admin: AdminSettings = AdminSettings()
 
     @property
     def open_mode(self) -> bool:
