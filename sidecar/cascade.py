@@ -159,6 +159,7 @@ class Cascade:
         self.pipeline = runtime.pipeline
         self.providers = runtime.providers
         self.rewrites = runtime.settings.rewrite
+        self.circuit_open = runtime.services.circuits.is_open
 
     def build_call(self, flow: Flow, attempt: Attempt, body: dict[str, Any]) -> UpstreamCall:
         """The call for `body`; it streams only when the body asks to (a buffered schema
@@ -268,6 +269,11 @@ class Cascade:
             skipped = self._too_small(flow, candidate)
             if skipped is not None:
                 failures.append((candidate, skipped))
+                continue
+            if previous is not None and self.circuit_open(candidate.provider.name):
+                # opened by the failures of this very cascade: one request must not go on
+                # calling a provider that its own earlier candidates just took down
+                flow.route.skipped_open.append(candidate.ref)
                 continue
             if previous is not None:
                 flow.fallbacks.append(

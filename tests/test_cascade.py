@@ -350,3 +350,23 @@ def test_a_provider_rejecting_the_gateways_key_is_not_quoted_to_the_client(
     lines = [line for line in log.splitlines() if "rejected the gateway's credentials" in line]
     assert len(lines) == 1  # once a minute per provider, whatever the number of requests
     assert "provider openai" in lines[0] and "Incorrect API key provided: [REDACTED]" in lines[0]
+
+
+def test_a_circuit_opened_by_a_cascades_own_failures_skips_the_rest_of_it(
+    sidecar_factory: Callable[..., SidecarProcess], fake_openai: FakeOpenAI
+) -> None:
+    config = cascade_config(fake_openai.url)
+    config["providers"]["openai"]["circuit"] = {"failures": 2, "cooldown": 60}
+    gateway = sidecar_factory(config)
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="open-mode", max_retries=0)
+    refs = [f"fc:openai/failing-{i}" for i in range(6)]
+    for ref in refs:
+        fake_openai.on_model(ref.removeprefix("fc:openai/"), Reply(status=500))
+
+    with pytest.raises(openai.InternalServerError) as caught:
+        create_raw(client, refs)
+
+    assert fake_openai.models_called() == ["failing-0", "failing-1"]  # not six calls
+    message = caught.value.response.json()["error"]["message"]
+    assert message.count("skipped, provider circuit open") == 4
+    assert caught.value.response.headers["X-Ringside-Models-Tried"] == ",".join(refs[:2])
