@@ -21,6 +21,7 @@ from sidecar.addons.ratelimit import RateLimits
 from sidecar.addons.usage import UsageAddon, UsageWriter
 from sidecar.cascade import Cascade
 from sidecar.http1 import Http1Client
+from sidecar.outage import Outage
 from sidecar.pipeline import Pipeline, load_addon
 from sidecar.providers import build_client
 from sidecar.providers.base import ProviderClient
@@ -47,6 +48,15 @@ class Services:
     schemas: SchemaCache = field(default_factory=SchemaCache)  # compiled response_formats
     limiter: RateLimiter = field(default_factory=MemoryLimiter)  # GCRA state, kept on reload
     http1: Http1Client = field(default_factory=Http1Client)  # every upstream call
+    outages: dict[str, Outage] = field(default_factory=dict)  # by store: see `outage`
+
+    def outage(self, store: str) -> Outage:
+        """The outage state of `store` (budget, idempotency), kept across reloads: a reload
+        during an outage neither logs it again nor loses the end of it."""
+        found = self.outages.get(store)
+        if found is None:
+            found = self.outages[store] = Outage(store, self.metrics)
+        return found
 
 
 class Runtime:
@@ -59,7 +69,9 @@ class Runtime:
             for name, provider in settings.providers.items()
         }
         self.auth = Auth(settings)
-        self.budget = BudgetAddon(settings, services.budgets, services.metrics)
+        self.budget = BudgetAddon(
+            settings, services.budgets, services.metrics, services.outage("budget")
+        )
         for name, provider in settings.providers.items():
             services.circuits.configure(name, provider.circuit)
         addons: list[object] = [
@@ -70,7 +82,11 @@ class Runtime:
             self.budget,  # its attempt hook runs before the circuits' probe is taken
             CircuitAddon(services.circuits),
             # request hooks: auth, then rate limits, then idempotency (a replay is no new call)
-            Idempotency(services.store.idempotency, fail_open=settings.storage.fail_open),
+            Idempotency(
+                services.store.idempotency,
+                fail_open=settings.storage.fail_open,
+                outage=services.outage("idempotency"),
+            ),
         ]
         if settings.access_log:
             addons.append(AccessLog())

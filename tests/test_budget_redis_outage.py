@@ -3,6 +3,7 @@ a local journal that is replayed when redis returns, nothing lost and nothing co
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.procs import RedisProcess, SidecarProcess, free_port, wait_until
-from tests.support import post_chat
+from tests.support import metric, metric_samples, post_chat
 from tests.test_budget import ADMIN_ENV, ANSWER, BODY, COST, budget_config, nano, usage_of
 from tests.upstreams.openai_fake import FakeOpenAI
 
@@ -56,11 +57,13 @@ def durable_redis() -> Iterator[DurableRedis]:
     shutil.rmtree(server.dir, ignore_errors=True)
 
 
-def journal_entries(path: Path) -> int:
+def journal_entries(path: Path, *scripts: str) -> int:
+    """Entries waiting in the journal (only those of `scripts`, when given)."""
     if not path.exists():
         return 0
     with sqlite3.connect(path) as db:
-        return int(db.execute("SELECT COUNT(*) FROM journal").fetchone()[0])
+        rows = db.execute("SELECT entry FROM journal").fetchall()
+    return sum(1 for (entry,) in rows if not scripts or json.loads(entry)["script"] in scripts)
 
 
 def fail_open_config(upstream: str, redis: RedisProcess, journal: Path) -> dict[str, Any]:
@@ -111,7 +114,8 @@ def test_a_journal_replayed_twice_is_counted_once(
     durable_redis.stop()
     for _ in range(3):
         assert post_chat(proc, BODY, {"FC-Customer": "acme"}).status == 200
-    wait_until(lambda: journal_entries(journal) == 9, 5)  # 3 x (settle, record, index)
+    # 3 x (settle, record, index); and a release per reserve that met the outage
+    wait_until(lambda: journal_entries(journal, "settle", "finish", "index") == 9, 5)
     proc.stop(signal.SIGKILL)
     backup = tmp_path / "backup"
     backup.mkdir()
@@ -129,7 +133,7 @@ def test_a_journal_replayed_twice_is_counted_once(
         path.unlink()
     for path in backup.iterdir():
         shutil.copy(path, tmp_path / path.name)
-    assert journal_entries(journal) == 9
+    assert journal_entries(journal, "settle", "finish", "index") == 9
     proc.start()
     wait_until(lambda: journal_entries(journal) == 0, 10)
 
@@ -156,3 +160,80 @@ def test_without_fail_open_budgeted_requests_get_503_and_unbudgeted_still_flow(
     assert "fail_open" in budgeted.error["message"]
     assert fake_openai.models_called() == ["priced", "priced"]  # only the unbudgeted two
     assert unbudgeted.status == anonymous.status == 200
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisProcess]:
+    """A redis-server of this test alone: it is stopped with SIGSTOP, which no other may see."""
+    if RedisProcess.binary() is None:
+        pytest.skip("redis-server not found")
+    server = RedisProcess().start()
+    yield server
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGCONT)
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+def test_a_reserve_whose_answer_was_lost_is_released_once_redis_answers(
+    fake_openai: FakeOpenAI,
+    sidecar_factory: Callable[..., SidecarProcess],
+    private_redis: RedisProcess,
+    tmp_path: Path,
+) -> None:
+    """Redis frozen (SIGSTOP) longer than the store's 2 s socket timeout: the reserve waits in
+    the socket buffers, the client gets 503, and redis runs the reserve once it wakes up. The
+    hold must not stay until its TTL (an hour here)."""
+    fake_openai.on_model("priced", ANSWER)
+    storage = {"backend": "redis", "redis_url": private_redis.url, "reservation_ttl": 3600,
+               "journal_path": str(tmp_path / "journal.db")}  # fmt: skip
+    proc = sidecar_factory(budget_config(fake_openai.url, storage, acme=1.0), ADMIN_ENV)
+    assert post_chat(proc, BODY, {"FC-Customer": "acme"}).status == 200
+    assert usage_of(proc, "acme")["reserved_usd"] == 0
+    assert private_redis.proc is not None
+
+    private_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        refused = post_chat(proc, BODY, {"FC-Customer": "acme"})
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
+
+    assert refused.status == 503
+    assert refused.error["code"] == "store_unavailable"
+    try:
+        report = wait_until(lambda: (u := usage_of(proc, "acme"))["reserved_usd"] == 0 and u, 8)
+    except TimeoutError:
+        raise AssertionError(f"still held: {usage_of(proc, 'acme')}") from None
+    assert nano(report["spent_usd"]) == COST  # the first request's, nothing more
+    assert fake_openai.models_called() == ["priced"]
+
+
+def test_an_outage_is_logged_once_and_each_refusal_counted(
+    fake_openai: FakeOpenAI,
+    sidecar_factory: Callable[..., SidecarProcess],
+    private_redis: RedisProcess,
+    tmp_path: Path,
+) -> None:
+    fake_openai.on_model("priced", ANSWER)
+    storage = {"backend": "redis", "redis_url": private_redis.url,
+               "journal_path": str(tmp_path / "journal.db")}  # fmt: skip
+    proc = sidecar_factory(budget_config(fake_openai.url, storage, acme=1.0), ADMIN_ENV)
+    assert post_chat(proc, BODY, {"FC-Customer": "acme"}).status == 200
+
+    private_redis.stop()
+    refused = [post_chat(proc, BODY, {"FC-Customer": "acme"}).status for _ in range(25)]
+    private_redis.start()
+    for _ in range(1000):  # until the store tries redis again (a fraction of a second)
+        if (status := post_chat(proc, BODY, {"FC-Customer": "acme"}).status) != 503:
+            break
+        refused.append(status)
+    assert status == 200
+
+    assert len(refused) >= 25 and set(refused) == {503}
+    log = proc.stderr()
+    assert log.count("budget store unavailable") == 1, log
+    (recovered,) = [line for line in log.splitlines() if "budget store answers again" in line]
+    assert f"meanwhile {len(refused)} budgeted requests refused with 503" in recovered
+    samples = metric_samples(proc)
+    labels = {"store": "budget", "operation": "reserve"}
+    assert metric(samples, "ringside_store_unavailable_total", **labels) == len(refused)

@@ -24,6 +24,8 @@ from tests.support import (
     HELLO,
     Answer,
     async_sdk,
+    metric,
+    metric_samples,
     module_sidecar,
     post_chat,
     sdk,
@@ -425,7 +427,11 @@ def test_a_store_outage_runs_the_request_when_fail_open(
 ) -> None:
     storage = {"backend": "redis", "redis_url": dead_redis_url, "fail_open": True}
     proc = sidecar_factory(config(fake_openai.url, storage))
-    answer = post(proc, chat(), new_key())
-    assert answer.status == 200
-    assert REPLAYED not in answer.headers
-    assert len(fake_openai.received) == 1
+    answers = [post(proc, chat(), new_key()) for _ in range(3)]
+    assert [a.status for a in answers] == [200] * 3
+    assert all(REPLAYED not in a.headers for a in answers)
+    assert len(fake_openai.received) == 3
+    # one line for the outage, not one per request; each skip counted
+    assert proc.stderr().count("idempotency store unavailable") == 1
+    labels = {"store": "idempotency", "operation": "begin"}
+    assert metric(metric_samples(proc), "ringside_store_unavailable_total", **labels) == 3

@@ -331,7 +331,7 @@ def test_with_redis_down_limits_hold_per_process_and_requests_are_served(
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     proc = sidecar_factory(redis_config(fake_openai, dead, rpm=2))
     assert [call(proc).status for _ in range(3)] == [200, 200, 429]
-    assert "redis unreachable" in proc.stderr()
+    assert proc.stderr().count("redis unreachable") == 1  # once per outage, not per request
 
 
 # -- client tokens ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from sidecar.addons.usage import note_charged, usage_id
 from sidecar.api.validation import requested_max_output
 from sidecar.errors import CandidateRefused, GatewayError, Outcome
 from sidecar.flow import Attempt, Flow
+from sidecar.outage import Outage
 from sidecar.pricing import worst_case_cost
 from sidecar.providers.base import Usage
 from sidecar.settings.model import Budget, Settings
@@ -97,8 +98,15 @@ def refusal(exc: BudgetExceeded) -> GatewayError:
 
 
 class BudgetAddon:
-    def __init__(self, settings: Settings, store: BudgetStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: BudgetStore,
+        metrics: Metrics,
+        outage: Outage | None = None,  # kept across reloads (runtime.Services)
+    ) -> None:
         self.settings = settings
+        self.outage = outage or Outage("budget", metrics)
         self.store = store
         self.metrics = metrics
         self.ttl = settings.storage.reservation_ttl
@@ -182,10 +190,12 @@ class BudgetAddon:
     ) -> None:
         try:
             holds = await self.store.reserve(windows, amount, self.ttl)
+            if self.outage.down:
+                self.outage.answered()
         except BudgetExceeded as exc:
             raise self._refused(flow, exc, flow.metadata[SCOPES]) from None
         except StoreUnavailable as exc:
-            log.warning("budget store unavailable: %s", exc)
+            self.outage.failed("reserve", "budgeted requests refused with 503", exc)
             raise GatewayError(
                 503,
                 "store_unavailable",

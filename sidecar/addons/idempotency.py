@@ -27,8 +27,8 @@ a retry runs afresh: 5xx (upstream_unavailable, internal errors), a stream cut s
 upstream failure, a client that disconnected (499), and the 4xx that a later retry may pass:
 402 budget_exceeded, 408, 409, 429.
 
-When the store is down: with `storage.fail_open` the request runs without idempotency (and a
-warning is logged); without it, `503 store_unavailable`.
+When the store is down: with `storage.fail_open` the request runs without idempotency; without
+it, `503 store_unavailable`. Either way one warning per outage, not per request (outage.py).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from multidict import CIMultiDict
 
 from sidecar.errors import GatewayError
 from sidecar.flow import Flow
+from sidecar.outage import Outage
 from sidecar.stores import ClaimState, IdempotencyStore, StoreUnavailable
 
 log = logging.getLogger("ringside")
@@ -58,6 +59,9 @@ WAIT_SECONDS = 300.0
 FIRST_POLL_SECONDS = 0.02
 MAX_POLL_SECONDS = 0.25
 NOT_STORED_4XX = frozenset({402, 408, 409, 429})
+SKIPPED = "requests run without idempotency (fail_open)"  # while the store is down
+REFUSED = "requests with an Idempotency-Key refused with 503"
+NOT_SAVED = "answers not stored (their keys are free again after the lease)"
 # set per response by the HTTP server, never part of a stored answer
 _TRANSPORT_HEADERS = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
@@ -154,8 +158,10 @@ class Idempotency:
         ttl: float = RECORD_TTL_SECONDS,
         lease: float = LEASE_SECONDS,
         wait: float = WAIT_SECONDS,
+        outage: Outage | None = None,  # kept across reloads (runtime.Services)
     ) -> None:
         self.store = store
+        self.outage = outage or Outage("idempotency")
         self.fail_open = fail_open
         self.ttl = ttl
         self.lease = lease
@@ -176,10 +182,13 @@ class Idempotency:
         while True:
             try:
                 claim = await self.store.begin(scope, key, request_fingerprint, self.lease)
+                if self.outage.down:
+                    self.outage.answered()
             except StoreUnavailable as exc:
                 if self.fail_open:
-                    log.warning("idempotency skipped, store unavailable (fail_open): %s", exc)
+                    self.outage.failed("begin", SKIPPED, exc)
                     return
+                self.outage.failed("begin", REFUSED, exc)
                 raise GatewayError(
                     503,
                     "store_unavailable",
@@ -214,7 +223,10 @@ class Idempotency:
                     log.warning("idempotency lease of key %r was lost while running", key)
                     return
             except StoreUnavailable as exc:
-                log.warning("idempotency lease renewal failed: %s", exc)
+                self.outage.failed("renew", "lease renewals failed", exc)
+                continue
+            if self.outage.down:
+                self.outage.answered()
 
     def done(self, flow: Flow) -> Awaitable[None] | None:
         held: _Held | None = flow.metadata.pop(_HELD, None)
@@ -231,4 +243,7 @@ class Idempotency:
             elif not await self.store.complete(held.scope, held.key, held.token, record, self.ttl):
                 log.warning("idempotency key %r expired before its answer was stored", held.key)
         except StoreUnavailable as exc:
-            log.warning("idempotency record of key %r not saved: %s", held.key, exc)
+            self.outage.failed("finish", NOT_SAVED, exc)
+            return
+        if self.outage.down:
+            self.outage.answered()

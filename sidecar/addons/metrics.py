@@ -224,6 +224,12 @@ class Metrics:
         self.rate_limited = Counter(
             "ringside_rate_limited_total", "Requests refused with 429", ["scope"], registry=r
         )
+        self.store_unavailable = Counter(
+            "ringside_store_unavailable_total",
+            "Store calls that failed because the store was unavailable (sidecar/outage.py)",
+            ["store", "operation"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "ringside_inflight_requests",
             "Chat requests in progress",

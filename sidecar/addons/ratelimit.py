@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Sequence
 from sidecar.addons.metrics import Metrics
 from sidecar.errors import GatewayError
 from sidecar.flow import Flow
+from sidecar.outage import Outage
 from sidecar.settings.model import RateLimit, Settings, Storage
 from sidecar.stores.ratelimit_base import REQUESTS, TOKENS, Cell, RateLimiter, Verdict
 from sidecar.stores.ratelimit_memory import MemoryLimiter
@@ -143,6 +144,9 @@ class RateLimits:
             )
         )
         self.refused = {scope: metrics.rate_limited.labels(scope) for scope in SCOPES}
+        outage: Outage | None = getattr(limiter, "outage", None)  # a shared limiter's
+        if outage is not None:
+            outage.metrics = metrics
         self._in_process = limiter if isinstance(limiter, MemoryLimiter) else None
         self._plans: dict[tuple[str | None, ...], tuple[Cell | tuple[str, str, int], ...]] = {}
 

@@ -4,11 +4,13 @@ Each entry is one guarded Lua call (script name, keys, args) plus the money it m
 a replay re-issues exactly the write that failed. The scripts apply an op id at most once, so
 an entry replayed twice (redis applied it, then the sidecar died before deleting it here) is
 not counted twice. A sqlite file, `synchronous=FULL`: an appended entry survives `kill -9`.
+Appends made at the same time (every request that met the outage) share one transaction.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,19 +61,13 @@ class Journal(ThreadedSqlite):
         self.pending = len(entries)
         return entries
 
-    def _append(self, entries: Sequence[Entry]) -> None:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for entry in entries:
-                db.execute("INSERT INTO journal (entry) VALUES (?)", (entry.dump(),))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    @staticmethod
+    def _append(db: sqlite3.Connection, entries: Sequence[Entry]) -> None:
+        db.executemany("INSERT INTO journal (entry) VALUES (?)", [(e.dump(),) for e in entries])
 
     async def append(self, entries: Sequence[Entry]) -> None:
-        await self._run(self._append, entries)
+        """Durable once this returns; raises StoreUnavailable when the file cannot take them."""
+        await self._enqueue(self._append, entries)
         self.pending += len(entries)
 
     def _read(self, limit: int) -> list[Entry]:

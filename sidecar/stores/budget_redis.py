@@ -11,6 +11,12 @@ is applied at most once. When redis is unreachable a settle or a usage write is 
 budget_journal) and replayed when redis answers again; a reserve fails with StoreUnavailable,
 unless `fail_open`, in which case the sidecar admits against its last known spent plus what it
 journaled since (a best effort: other sidecars' spend during the outage is not seen).
+
+A reserve that fails may still have run, or may run later (a reply lost to a timeout, a server
+frozen with the call in its socket buffers): its release is journaled too, and leaves a
+tombstone that a late copy of the reserve finds (budget_lua), so the hold never waits for its
+TTL. While redis fails, one reserve per PROBE_SECONDS tries it and the others fail at once:
+an outage costs neither every request a timeout nor every request a journaled release.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, 
 CUSTOMERS = "rs:usage:customers"  # every record tag that has records (for exports)
 SPENT_GRACE = 7 * 86400  # a period's spent counter outlives the period by this much
 OP_GUARD_TTL = 3 * 86400
+PROBE_SECONDS = 0.25
 
 
 def record_tag(customer: str | None) -> str:
@@ -69,6 +76,10 @@ def _scope_keys(scope: Scope, win: Window) -> list[str]:
     return [base + "spent:" + win.id, base + "held", base + "holds", base + "hold_amount"]
 
 
+def _release_entry(hold: Hold) -> Entry:
+    return Entry("release", _scope_keys(hold.scope, hold.window), [hold.id])
+
+
 class RedisBudgetStore:
     def __init__(
         self,
@@ -77,6 +88,7 @@ class RedisBudgetStore:
         fail_open: bool = False,
         retention_days: float = 90.0,
         replay_interval: float = 0.5,
+        probe_interval: float = PROBE_SECONDS,
     ) -> None:
         self.client = Redis.from_url(
             url,
@@ -97,9 +109,12 @@ class RedisBudgetStore:
         self.fail_open = fail_open
         self.retention = int(retention_days * 86400)
         self.replay_interval = replay_interval
+        self.probe_interval = probe_interval  # while redis fails: one reserve tries it per this
         self._known: dict[tuple[str, str], int] = {}  # spent as redis last reported it
         self._journaled: dict[tuple[str, str], int] = {}  # spent waiting in the journal
         self._local_holds: dict[str, dict[str, int]] = {}  # fail-open holds: scope → id → nano
+        self._down_until = 0.0  # after a failed call: reserves fail at once until then
+        self._down_error = ""
         self._replayer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -114,9 +129,22 @@ class RedisBudgetStore:
 
     async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
-            return await self.batcher.call(name, keys, args)
+            result = await self.batcher.call(name, keys, args)
         except UNREACHABLE as exc:
-            raise StoreUnavailable(f"redis is unreachable: {exc}") from exc
+            self._down_until = time.monotonic() + self.probe_interval
+            self._down_error = f"redis is unreachable: {exc}"
+            raise StoreUnavailable(self._down_error) from exc
+        if self._down_until:
+            self._down_until = 0.0
+        return result
+
+    def _may_try(self) -> bool:
+        """Whether a reserve may call redis now that a call failed: one per probe_interval."""
+        now = time.monotonic()
+        if now < self._down_until:
+            return False
+        self._down_until = now + self.probe_interval
+        return True
 
     # -- budgets ---------------------------------------------------------------------------
     async def reserve(
@@ -130,13 +158,22 @@ class RedisBudgetStore:
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
         hold_id = new_id()
+        if self._down_until and not self._may_try():
+            return self._without_redis(scopes, amount, hold_id, self._down_error)
+        ttl_ms = int(ttl * 1000)
         taken: list[Hold] = []
+        failed: tuple[list[str], StoreUnavailable] | None = None
         try:
             for scope, win in scopes:
                 # spend still waiting in the journal counts as spent
                 waiting = self._journaled.get((scope.name, win.id), 0)
-                args = [scope.limit - waiting, amount, hold_id, int(ttl * 1000)]
-                ok, spent, held = await self._call("reserve", _scope_keys(scope, win), args)
+                args = [scope.limit - waiting, amount, hold_id, ttl_ms]
+                keys = _scope_keys(scope, win)
+                try:
+                    ok, spent, held = await self._call("reserve", keys, args)
+                except StoreUnavailable as exc:
+                    failed = keys, exc
+                    break
                 self._known[(scope.name, win.id)] = int(spent)
                 if not ok:
                     balance = Balance(int(spent) + waiting, int(held))
@@ -145,20 +182,43 @@ class RedisBudgetStore:
         except BudgetExceeded:
             await self._release(taken)
             raise
-        except StoreUnavailable:
-            await self._release(taken)
-            if not self.fail_open:
-                raise
-            return self._reserve_locally(scopes, amount, hold_id)
-        return taken
+        if failed is None:
+            return taken
+        # the failed reserve may have run, or may yet run: released once redis answers, with
+        # what was taken (not tried now: redis just failed)
+        keys, error = failed
+        unsent = [_release_entry(hold) for hold in taken]
+        unsent.append(Entry("release", keys, [hold_id, ttl_ms]))  # + a tombstone
+        await self._journal_releases(unsent)
+        return self._without_redis(scopes, amount, hold_id, str(error))
+
+    def _without_redis(
+        self, scopes: Sequence[tuple[Scope, Window]], amount: int, hold_id: str, error: str
+    ) -> list[Hold]:
+        if not self.fail_open:
+            raise StoreUnavailable(error)
+        return self._reserve_locally(scopes, amount, hold_id)
 
     async def _release(self, holds: Sequence[Hold]) -> None:
+        unsent: list[Entry] = []
         for hold in holds:
             if hold.local:  # taken while redis was down (fail_open)
                 self._local_holds.get(hold.scope.name, {}).pop(hold.id, None)
                 continue
-            with contextlib.suppress(StoreUnavailable):  # it expires on its own
-                await self._call("release", _scope_keys(hold.scope, hold.window), [hold.id])
+            entry = _release_entry(hold)
+            try:
+                await self._call("release", entry.keys, entry.args)
+            except StoreUnavailable:
+                unsent.append(entry)
+        if unsent:
+            await self._journal_releases(unsent)
+
+    async def _journal_releases(self, entries: Sequence[Entry]) -> None:
+        """Release holds once redis answers again (they move no money: `_journaled` stays)."""
+        try:
+            await self._journal(entries)
+        except Exception:  # the local disk fails too: the holds expire after their TTL
+            log.exception("journaling the release of %d budget holds failed", len(entries))
 
     def _local_balance(self, scope: Scope, win: Window) -> Balance:
         key = (scope.name, win.id)

@@ -11,10 +11,11 @@ Redis Cluster slot, which a multi-key script needs (a request checks cells of se
 at once); the price is that the limiter's load is on one shard.
 
 With Redis unreachable the limiter fails open as far as the shared state goes: it limits in
-this process alone (the in-process limiter, same rules) and logs a warning, so each replica
-still holds a caller to the configured limits while the replicas together may admit up to
-`replicas ×` them. After a failure Redis is retried once per OUTAGE_RETRY_SECONDS, so an
-outage never costs every request a timeout. Requests are never refused because Redis is down.
+this process alone (the in-process limiter, same rules) and logs a warning (once per outage,
+sidecar/outage.py), so each replica still holds a caller to the configured limits while the
+replicas together may admit up to `replicas ×` them. After a failure Redis is retried once
+per OUTAGE_RETRY_SECONDS, so an outage never costs every request a timeout. Requests are never
+refused because Redis is down.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from sidecar.outage import Outage
 from sidecar.stores.ratelimit_base import PERIOD, Cell, Verdict
 from sidecar.stores.ratelimit_memory import MemoryLimiter
 from sidecar.stores.redis_batch import ScriptBatcher
@@ -38,7 +40,8 @@ log = logging.getLogger("ringside")
 
 TIMEOUT_SECONDS = 0.5  # connect and command: a limiter that waits longer is worse than none
 OUTAGE_RETRY_SECONDS = 1.0
-WARN_EVERY_SECONDS = 30.0
+ACQUIRED_LOCALLY = "requests limited in this process alone"
+ADJUSTED_LOCALLY = "token adjustments made in this process alone"
 KEY_PREFIX = "ringside:{rl}:"
 
 # Time in microseconds since 2023-11-14 (a smaller number than since 1970 keeps sub-microsecond
@@ -119,10 +122,11 @@ class RedisLimiter:
         )
         self.fallback = fallback or MemoryLimiter()
         self._down_until = 0.0
-        self._warned_at = -WARN_EVERY_SECONDS
+        self.outage = Outage("ratelimit")  # its metrics: set by the RateLimits addon
 
     async def acquire(self, cells: Sequence[Cell]) -> Verdict:
         if time.monotonic() < self._down_until:
+            self.outage.failed("acquire", ACQUIRED_LOCALLY, "redis unreachable")
             return self.fallback.check(cells)
         args: list[float] = [PERIOD * 1e6]
         for cell in cells:
@@ -133,14 +137,18 @@ class RedisLimiter:
                 "acquire", [KEY_PREFIX + cell.key for cell in cells], args
             )
         except (RedisError, OSError) as exc:
-            self._outage(exc)
+            self._outage("acquire", ACQUIRED_LOCALLY, exc)
             return self.fallback.check(cells)
+        if self.outage.down:
+            self._down_until = 0.0
+            self.outage.answered()
         admitted, refused, wait_us = reply[0], reply[1], reply[2]
         backlogs = [max(0, ahead) / 1e6 for ahead in reply[3:]]
         return Verdict(bool(admitted), backlogs, int(refused) - 1, int(wait_us) / 1e6)
 
     def adjust(self, shifts: Sequence[tuple[str, float]]) -> None:
         if time.monotonic() < self._down_until:
+            self.outage.failed("adjust", ADJUSTED_LOCALLY, "redis unreachable")
             self.fallback.adjust(shifts)
             return
         sent = self.batcher.call(
@@ -151,21 +159,14 @@ class RedisLimiter:
     def _adjusted(self, sent: asyncio.Future[object], shifts: Sequence[tuple[str, float]]) -> None:
         exc = sent.exception()
         if isinstance(exc, (RedisError, OSError)):
-            self._outage(exc)
+            self._outage("adjust", ADJUSTED_LOCALLY, exc)
             self.fallback.adjust(shifts)
         elif exc is not None:
             log.error("rate limits: adjusting %d cells failed: %s", len(shifts), exc)
 
-    def _outage(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        self._down_until = now + OUTAGE_RETRY_SECONDS
-        if now - self._warned_at >= WARN_EVERY_SECONDS:
-            self._warned_at = now
-            log.warning(
-                "rate limits: redis unreachable (%s); limiting in this process alone until "
-                "it answers again",
-                exc,
-            )
+    def _outage(self, operation: str, effect: str, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + OUTAGE_RETRY_SECONDS
+        self.outage.failed(operation, effect, f"redis unreachable ({exc})")
 
     async def close(self) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

@@ -7,28 +7,28 @@ the monotonic clock would not). A cell's row is deleted once the cell is full ag
 
 A single process keeps its cells in memory instead (MemoryLimiter): exact, and no thread hop.
 With the file unusable (locked past the timeout, disk full) the limiter falls back to limiting
-in this process alone and logs a warning; requests are never refused because of the store.
+in this process alone and logs a warning (once per outage, sidecar/outage.py); requests are
+never refused because of the store.
 """
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 
+from sidecar.outage import Outage
 from sidecar.stores.base import StoreUnavailable
 from sidecar.stores.ratelimit_base import PERIOD, Cell, Verdict, decide
 from sidecar.stores.ratelimit_memory import MemoryLimiter
 from sidecar.stores.sqlite_thread import ThreadedSqlite
 
-log = logging.getLogger("ringside")
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ratelimit_cell (key TEXT PRIMARY KEY, tat REAL NOT NULL)
 WITHOUT ROWID;
 """
-WARN_EVERY_SECONDS = 30.0
+ACQUIRED_LOCALLY = "requests limited in this process alone"
+ADJUSTED_LOCALLY = "token adjustments made in this process alone"
 _SET_TAT = (
     "INSERT INTO ratelimit_cell (key, tat) VALUES (?, ?) "
     "ON CONFLICT (key) DO UPDATE SET tat = excluded.tat"
@@ -41,7 +41,7 @@ class SqliteLimiter(ThreadedSqlite):
         self.clock = clock
         self.fallback = MemoryLimiter()
         self._next_sweep = 0.0
-        self._warned_at = -WARN_EVERY_SECONDS
+        self.outage = Outage("ratelimit")  # its metrics: set by the RateLimits addon
 
     def _acquire(self, db: sqlite3.Connection, cells: Sequence[Cell]) -> Verdict:
         now = self.clock()
@@ -77,8 +77,10 @@ class SqliteLimiter(ThreadedSqlite):
         try:
             verdict: Verdict = await self._enqueue(self._acquire, cells)
         except StoreUnavailable as exc:
-            self._outage(exc)
+            self.outage.failed("acquire", ACQUIRED_LOCALLY, exc)
             return self.fallback.check(cells)
+        if self.outage.down:
+            self.outage.answered()
         return verdict
 
     def adjust(self, shifts: Sequence[tuple[str, float]]) -> None:
@@ -87,13 +89,7 @@ class SqliteLimiter(ThreadedSqlite):
         def adjusted(_: object) -> None:
             exc = None if sent.cancelled() else sent.exception()
             if exc is not None:
-                self._outage(exc)
+                self.outage.failed("adjust", ADJUSTED_LOCALLY, exc)
                 self.fallback.adjust(shifts)
 
         sent.add_done_callback(adjusted)
-
-    def _outage(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        if now - self._warned_at >= WARN_EVERY_SECONDS:
-            self._warned_at = now
-            log.warning("rate limits: %s; limiting in this process alone meanwhile", exc)
