@@ -70,14 +70,17 @@ def books_balance(proc: SidecarProcess, customer: str) -> dict[str, Any]:
     try:
         report: dict[str, Any] = wait_until(
             lambda: (
-                (u := usage_of(proc, customer))["requests"] == 1 and not u["reserved_usd"] and u
+                # the record's status arrives after the settle that created it (redis): wait
+                (u := usage_of(proc, customer))["requests"] == 1
+                and u["errors"] == 1
+                and not u["reserved_usd"]
+                and u
             ),
             timeout=5,
         )
     except TimeoutError:
         raise AssertionError(f"still held, or no record: {usage_of(proc, customer)}") from None
     assert nano(report["spent_usd"]) == nano(report["cost_usd"]) == 0
-    assert report["errors"] == 1
     line = wait_until(lambda: [r for r in proc.access_log() if r["request_id"] == customer])[0]
     assert (line["status"], line["customer"], line["cost_usd"]) == (499, customer, 0)
     return report
