@@ -6,6 +6,7 @@ sharing one Redis."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -368,3 +369,34 @@ def test_a_client_token_counts_against_its_own_customer(
     assert call(proc, key=minted, customer="cust_other").status == 200  # counted as cust_t
     assert_rate_limited(call(proc, key="k_bob", customer="cust_t"), "customer")
     assert call(proc, key="k_bob", customer="cust_other").status == 200
+
+
+# -- upstream calls, not requests, are what a limit bounds --------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def test_every_upstream_call_of_a_cascade_counts_as_a_request(
+    backend: str,
+    request: pytest.FixtureRequest,
+    fake_openai: FakeOpenAI,
+    sidecar_factory: Callable[..., SidecarProcess],
+) -> None:
+    storage: dict[str, Any] = {"backend": "memory"}
+    if backend == "redis":
+        server: RedisProcess = request.getfixturevalue("redis_server")
+        storage = {"backend": "redis", "redis_url": server.url}
+    customer = f"amp_{os.urandom(4).hex()}"
+    config = keyed_config(fake_openai.url, storage=storage, rate_limits={"customer": {"rpm": 4}})
+    proc = sidecar_factory(config)
+    fake_openai.on_model("down-1", Reply(status=500))
+    fake_openai.on_model("down-2", Reply(status=500))
+    cascade = ["fc:openai/down-1", "fc:openai/down-2", MINI]
+
+    first = call(proc, customer=customer, model=cascade)  # three upstream calls
+    fourth = call(proc, customer=customer)
+    fifth = call(proc, customer=customer)
+
+    assert first.status == 200 and first.headers["X-Ringside-Model-Used"] == MINI
+    assert fourth.status == 200
+    assert_rate_limited(fifth, "customer")  # 3 + 1 calls of 4 per minute: no fifth
+    assert len(fake_openai.received) == 4

@@ -242,13 +242,22 @@ class RateLimits:
         )
 
     def done(self, flow: Flow) -> None:
-        """Settle the token estimate to the tokens really used (0 when nothing was called)."""
+        """Settle the token estimate to the tokens really used (0 when nothing was called),
+        and count every upstream call past the first (a cascade's next candidate, a retry, a
+        schema re-prompt) as one more request: one request must not buy many calls."""
         charged = flow.metadata.pop(_CHARGED, None)
-        if charged is None:
-            return
-        used = flow.usage.prompt_tokens + flow.usage.completion_tokens
-        shifts = [
-            (key, (used - cost) * interval) for key, cost, interval in charged if used != cost
-        ]
+        shifts: list[tuple[str, float]] = []
+        if charged is not None:
+            used = flow.usage.prompt_tokens + flow.usage.completion_tokens
+            shifts = [
+                (key, (used - cost) * interval) for key, cost, interval in charged if used != cost
+            ]
+        extra_calls = len(flow.attempts) - 1
+        if extra_calls > 0 and self.active:
+            shifts += [
+                (cell.key, extra_calls * cell.interval)
+                for cell in self.cells(flow)
+                if cell.kind == REQUESTS
+            ]
         if shifts:
             self.limiter.adjust(shifts)
