@@ -453,3 +453,19 @@ def test_secret_env_names_the_variable(
     assert mint(proc, ttl_seconds=600).status == 200
     assert mint(proc, ttl_seconds=601).error["param"] == "ttl_seconds"
     assert mint(proc).json()["expires_in"] == 600  # default_ttl 900 is capped by max_ttl
+
+
+def test_token_not_valid_yet_is_401_saying_so(gateway: SidecarProcess) -> None:
+    now = int(time.time())
+    claims = {"iss": "ringside", "sub": "app", "customer": "c", "iat": now, "exp": now + 600,
+              "nbf": now + 300}  # fmt: skip
+    assert_401(chat(gateway, jwt.encode(claims, SECRET, "HS256")), "not valid yet", "nbf")
+
+
+def test_token_issued_in_the_future_is_401_not_a_year_long_pass(gateway: SidecarProcess) -> None:
+    later = int(time.time()) + 365 * 86400
+    claims = {"iss": "ringside", "sub": "app", "customer": "c", "iat": later, "exp": later + 600}
+    assert_401(chat(gateway, jwt.encode(claims, SECRET, "HS256")), "issued in the future")
+    soon = int(time.time()) + 5  # within the clock skew allowed between replicas
+    claims = {"iss": "ringside", "sub": "app", "customer": "c", "iat": soon, "exp": soon + 600}
+    assert chat(gateway, jwt.encode(claims, SECRET, "HS256")).status == 200

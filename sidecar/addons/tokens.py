@@ -31,6 +31,7 @@ CACHE_SIZE = 10_000  # verified tokens kept per gateway config; cleared whole wh
 MAX_ALLOWED_MODELS = 64
 GRANT_FIELDS = frozenset({"customer", "allowed_models", "origin", "client_ip", "ttl_seconds"})
 _REQUIRED_CLAIMS = ["iss", "sub", "customer", "iat", "exp"]
+CLOCK_SKEW = 30  # seconds a minting replica's clock may be ahead of the verifying one
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # what a browser script may read of an answer (CORS): the gateway's own headers
@@ -263,6 +264,13 @@ class ClientTokens:
             if len(self._verified) >= CACHE_SIZE:
                 self._verified.clear()
             self._verified[token] = claims
+        if claims.issued_at > now + CLOCK_SKEW:  # would outlive max_ttl by the skew
+            self._verified.pop(token, None)
+            raise TokenError(
+                "the client token was issued in the future (its iat is ahead of this gateway's "
+                "clock): check the minting gateway's clock",
+                origin=claims.origin,
+            )
         if claims.expires_at <= now:
             self._verified.pop(token, None)
             expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims.expires_at))
@@ -282,9 +290,15 @@ class ClientTokens:
                 options={
                     "require": _REQUIRED_CLAIMS,
                     "verify_exp": False,  # checked by `verify` on every use, cached or not
-                    "verify_iat": False,  # replicas' clocks may differ by a little
+                    "verify_iat": False,  # checked by `verify`, with CLOCK_SKEW
                 },
+                leeway=CLOCK_SKEW,  # replicas' clocks may differ by a little
             )
+        except jwt.ImmatureSignatureError:
+            raise TokenError(
+                "the client token is not valid yet (its nbf is in the future): check the "
+                "minting gateway's clock"
+            ) from None
         except jwt.InvalidSignatureError:
             raise TokenError(
                 "the client token's signature does not verify (altered, or signed with "
