@@ -170,6 +170,14 @@ def classify_http_failure(
             retry_after=retry_after,
             detail=message,
         )
+    if status < 400:  # no redirect is followed: the URL comes from the config, never a reply
+        return UpstreamError(
+            Outcome.UNAVAILABLE,
+            f"upstream answered HTTP {status} instead of an answer (a redirect is not "
+            "followed): check the provider's base_url",
+            status=status,
+            reason=reason,
+        )
     if status >= 500 or status in (408, 429):
         return UpstreamError(
             Outcome.UNAVAILABLE,

@@ -370,3 +370,20 @@ def test_a_circuit_opened_by_a_cascades_own_failures_skips_the_rest_of_it(
     message = caught.value.response.json()["error"]["message"]
     assert message.count("skipped, provider circuit open") == 4
     assert caught.value.response.headers["X-Ringside-Models-Tried"] == ",".join(refs[:2])
+
+
+@pytest.mark.parametrize("status", [301, 307, 308])
+def test_an_upstream_redirect_is_not_followed_and_escalates(
+    client: openai.OpenAI, fake_openai: FakeOpenAI, status: int
+) -> None:
+    moved = Reply(status=status, raw_body=b"", headers={"Location": "http://127.0.0.1:9/v1"})
+    fake_openai.on_model("cheap", moved)
+    raw = create_raw(client, ["fc:openai/cheap", "fc:openai/mid"])
+    assert raw.headers["X-Ringside-Model-Used"] == "fc:openai/mid"
+    with pytest.raises(openai.InternalServerError) as caught:
+        create_raw(client, "fc:openai/cheap")
+    assert caught.value.status_code == 503
+    assert f"upstream answered HTTP {status}" in caught.value.message
+    assert "base_url" in caught.value.message
+    assert "Location" not in caught.value.response.headers
+    assert fake_openai.models_called() == ["cheap", "mid", "cheap"]
