@@ -180,7 +180,10 @@ class Cascade:
             body, headers = _apply_rewrites(body, rules)
         if attempt.output_cap is not None:
             body = with_output_cap(body, attempt.output_cap)
-        return UpstreamCall(candidate.provider, candidate.model_id, body, stream, headers, flow.id)
+        return UpstreamCall(
+            candidate.provider, candidate.model_id, body, stream, headers, flow.id,
+            keep_content=stream and flow.schema_plan is not None,  # validated at the end
+        )  # fmt: skip
 
     def _too_small(self, flow: Flow, candidate: Candidate) -> UpstreamError | None:
         context = candidate.context
@@ -346,9 +349,9 @@ class Cascade:
         if stream is not None:
             await stream.aclose()
         usage = stream.usage if stream is not None else None
-        if usage is None and stream is not None and stream.content:
+        if usage is None and stream is not None and stream.produced:
             usage = Usage(
-                flow.metadata.get("prompt_tokens_estimate", 0), max(1, len(stream.content) // 4)
+                flow.metadata.get("prompt_tokens_estimate", 0), max(1, stream.produced // 4)
             )
         self._settle(flow, attempt, usage)
         if attempt.error is None:

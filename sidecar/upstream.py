@@ -153,6 +153,10 @@ class HttpChunkStream:
     def content(self) -> str:
         return self.decoder.content
 
+    @property
+    def produced(self) -> int:
+        return self.decoder.produced
+
     def __aiter__(self) -> HttpChunkStream:
         return self
 
@@ -189,7 +193,7 @@ class HttpChunkStream:
         except StopAsyncIteration:
             self._events.extend(self._parser.end())
             if not self._events:
-                if self.decoder.usage is None and not self.decoder.content:
+                if self.decoder.usage is None and not self.decoder.produced:
                     raise UpstreamError(
                         Outcome.UNAVAILABLE, "upstream closed the stream early", reason="bad_body"
                     ) from None

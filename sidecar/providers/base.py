@@ -58,6 +58,7 @@ class UpstreamCall:
     stream: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)  # added by rewrite rules
     request_id: str = ""
+    keep_content: bool = False  # a stream keeps its content only for validation at its end
 
 
 @dataclass(slots=True)
@@ -102,7 +103,13 @@ class ChunkStream(Protocol):
 
     @property
     def content(self) -> str:
-        """Concatenated content of choice 0 so far."""
+        """Concatenated content of choice 0 so far, when the call asked to keep it (else "":
+        a long stream must not cost its whole length in memory)."""
+        ...
+
+    @property
+    def produced(self) -> int:
+        """Characters of content produced so far, kept or not (to estimate missing usage)."""
         ...
 
     def __aiter__(self) -> ChunkStream: ...
@@ -132,6 +139,9 @@ class StreamDecoder(Protocol):
 
     @property
     def content(self) -> str: ...
+
+    @property
+    def produced(self) -> int: ...
 
     @property
     def finished(self) -> bool: ...

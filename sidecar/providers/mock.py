@@ -202,6 +202,10 @@ class MockChunkStream:
             return out
         raise StopAsyncIteration
 
+    @property
+    def produced(self) -> int:
+        return len(self.content)  # the configured reply: bounded, kept whole
+
     async def aclose(self) -> None:
         if self.usage is None:  # cut short: charge what was produced
             prompt = self._final_usage.prompt_tokens

@@ -136,18 +136,20 @@ class OpenAICompatAdapter:
     def stream_decoder(self, call: UpstreamCall) -> StreamDecoder:
         options = call.body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return OpenAIStreamDecoder(wants_usage)
+        return OpenAIStreamDecoder(wants_usage, call.keep_content)
 
 
 class OpenAIStreamDecoder:
     """Passes OpenAI chunks through byte for byte; reads usage and content on the way."""
 
-    __slots__ = ("_content", "finished", "usage", "wants_usage")
+    __slots__ = ("_content", "finished", "keep_content", "produced", "usage", "wants_usage")
 
-    def __init__(self, wants_usage: bool) -> None:
+    def __init__(self, wants_usage: bool, keep_content: bool = False) -> None:
         self.wants_usage = wants_usage
+        self.keep_content = keep_content
         self.usage: Usage | None = None
         self._content: list[str] = []
+        self.produced = 0
         self.finished = False
 
     @property
@@ -175,7 +177,9 @@ class OpenAIStreamDecoder:
             if isinstance(delta, dict):
                 piece = delta.get("content")
                 if isinstance(piece, str):
-                    self._content.append(piece)
+                    self.produced += len(piece)
+                    if self.keep_content:
+                        self._content.append(piece)
         usage = chunk.get("usage")
         if usage:
             self.usage = Usage.from_openai(usage)
