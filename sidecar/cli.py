@@ -172,14 +172,22 @@ async def _serve(settings: Settings, config_path: str, started: float, workers: 
     from aiohttp import web
 
     from sidecar.app import GatewayState, create_apps
+    from sidecar.server_limits import GuardedRunner, ListenerGuard, api_connection_ceiling
 
     state = GatewayState(config_path, settings, workers=workers)
     reuse_port = workers > 1
     api_app, admin_app = create_apps(state)
-    api_runner = web.AppRunner(api_app, handler_cancellation=True, access_log=None)
-    admin_runner = web.AppRunner(admin_app, access_log=None)
+    # each listener's deadlines and connection cap (limits.*, read again at each connection)
+    api_guard = ListenerGuard(
+        "api", lambda: state.settings.limits, api_connection_ceiling(settings.limits)
+    )
+    admin_guard = ListenerGuard("admin", lambda: state.settings.limits)
+    api_runner = GuardedRunner(api_app, api_guard, handler_cancellation=True, access_log=None)
+    admin_runner = GuardedRunner(admin_app, admin_guard, access_log=None)
     await api_runner.setup()
     await admin_runner.setup()
+    api_guard.attach(state.runtime.services.metrics)
+    admin_guard.attach(state.runtime.services.metrics)
     listen = settings.listen
     await web.TCPSite(
         api_runner, listen.api.host, listen.api.port, backlog=1024, reuse_port=reuse_port
@@ -307,8 +315,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    for warning in _warnings(settings):  # once, by the supervisor: not per worker or request
-        log.warning("%s", warning)
+    from sidecar.server_limits import fd_limit_warning, raise_fd_limit
+
+    fd_warning = fd_limit_warning(settings.limits, raise_fd_limit())  # workers inherit it
+    for warning in [*_warnings(settings), *([fd_warning] if fd_warning else [])]:
+        log.warning("%s", warning)  # once, by the supervisor: not per worker or request
     if args.workers > 1:
         try:
             return _supervise(settings, args.config, started, args.workers)

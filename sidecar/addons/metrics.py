@@ -246,6 +246,27 @@ class Metrics:
         self.config_reloads = Counter(
             "ringside_config_reloads_total", "Configuration reloads", ["result"], registry=r
         )
+        # connections of the two listeners (sidecar/server_limits.py); listener: api | admin
+        self.open_connections = Gauge(
+            "ringside_open_connections",
+            "Client connections open, by listener",
+            ["listener"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.connections_refused = Counter(
+            "ringside_connections_refused_total",
+            "Connections answered 503 and closed at accept: the listener was at its cap",
+            ["listener"],
+            registry=r,
+        )
+        self.connection_timeouts = Counter(
+            "ringside_connection_timeouts_total",
+            "Connections closed because headers (phase=header) or a body (phase=body) "
+            "did not arrive in time",
+            ["listener", "phase"],
+            registry=r,
+        )
 
 
 def customer_label(settings: Settings, customer: str | None) -> str:

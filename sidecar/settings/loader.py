@@ -485,6 +485,13 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
         limits=Limits(
             max_body_bytes=limits_data.get("max_body_bytes", default_limits.max_body_bytes),
             drain_seconds=float(limits_data.get("drain_seconds", default_limits.drain_seconds)),
+            header_timeout=float(limits_data.get("header_timeout", default_limits.header_timeout)),
+            body_timeout=float(limits_data.get("body_timeout", default_limits.body_timeout)),
+            idle_timeout=float(limits_data.get("idle_timeout", default_limits.idle_timeout)),
+            max_connections=limits_data.get("max_connections", default_limits.max_connections),
+            admin_max_connections=limits_data.get(
+                "admin_max_connections", default_limits.admin_max_connections
+            ),
         ),
         metrics_enabled=data.get("metrics", {}).get("enabled", True),
         access_log=data.get("access_log", {}).get("enabled", True),

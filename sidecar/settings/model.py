@@ -158,6 +158,12 @@ class AdminSettings:
 class Limits:
     max_body_bytes: int = 20 * 1024 * 1024
     drain_seconds: float = 20.0
+    # connections (sidecar/server_limits.py): deadlines in seconds, caps per listener
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    idle_timeout: float = 75.0
+    max_connections: int = 4096
+    admin_max_connections: int = 256
 
 
 @dataclass(frozen=True, slots=True)
