@@ -160,6 +160,17 @@ def unwritable_ref(ref: str) -> GatewayError:
     )
 
 
+def too_many(count: int, limit: int) -> GatewayError:
+    """A request may not buy more upstream calls than `limits.max_cascade` candidates."""
+    return GatewayError(
+        400,
+        "invalid_request",
+        f"model expands to {count} candidate models; at most {limit} may be tried per request "
+        "(limits.max_cascade)",
+        param="model",
+    )
+
+
 def model_not_found(message: str) -> GatewayError:
     return GatewayError(404, "model_not_found", message, param="model")
 
@@ -176,6 +187,7 @@ class Router:
             self._fc_cache[ref] = self._build_fc(ref)
         self._catalog = [self._fc_cache[ref] for ref in settings.models]
         self.parse_match = lru_cache(maxsize=256)(parse_match)
+        self.max_cascade = settings.limits.max_cascade
 
     def _build_fc(self, ref: str, slot: str | None = None) -> Candidate:
         parts = split_fc_ref(ref)
@@ -234,6 +246,8 @@ class Router:
                     400, "invalid_request", "model must not be an empty array", param="model"
                 )
             refs = model
+            if len(model) > self.max_cascade:
+                raise too_many(len(model), self.max_cascade)
         else:
             raise GatewayError(
                 400,
@@ -254,6 +268,9 @@ class Router:
             if len(ref) > MAX_REF_LENGTH or not (ref.isascii() and ref.isprintable()):
                 raise unwritable_ref(ref)
             self._expand(ref, estimate, circuit_open, route, seen, None)
+        expanded = len(route.candidates) + len(route.skipped_open)
+        if expanded > self.max_cascade:
+            raise too_many(expanded, self.max_cascade)
         if not route.candidates and route.skipped_open:
             raise GatewayError(
                 503,

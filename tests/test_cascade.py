@@ -7,9 +7,11 @@ from typing import Any
 
 import openai
 import pytest
+import yaml
 
 from tests.conftest import PROVIDER_KEY
 from tests.procs import SidecarProcess, free_port
+from tests.support import post_chat, ringside
 from tests.upstreams.openai_fake import FakeOpenAI, Reply
 
 
@@ -387,3 +389,43 @@ def test_an_upstream_redirect_is_not_followed_and_escalates(
     assert "base_url" in caught.value.message
     assert "Location" not in caught.value.response.headers
     assert fake_openai.models_called() == ["cheap", "mid", "cheap"]
+
+
+@pytest.mark.parametrize("count", [9, 10_000])
+def test_a_model_array_longer_than_max_cascade_is_400_before_any_call(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI, count: int
+) -> None:
+    refs = [f"fc:openai/m{i}" for i in range(count)]
+    answer = post_chat(gateway, {"model": refs, "messages": MESSAGES})
+    assert answer.status == 400
+    assert (answer.error["code"], answer.error["param"]) == ("invalid_request", "model")
+    assert f"expands to {count} candidate models; at most 8" in answer.error["message"]
+    assert "limits.max_cascade" in answer.error["message"]
+    assert "X-Ringside-Models-Tried" not in answer.headers
+    assert fake_openai.received == []
+
+
+def test_max_cascade_bounds_expansions_and_slots_at_load(
+    sidecar_factory: Callable[..., SidecarProcess], fake_openai: FakeOpenAI, tmp_path: Any
+) -> None:
+    config = cascade_config(fake_openai.url)
+    config["limits"] = {"max_cascade": 2}
+    config["slots"] = {"pair": ["fc:openai/cheap", "fc:openai/mid"]}
+    gateway = sidecar_factory(config)
+
+    within = post_chat(gateway, {"model": "slot:pair", "messages": MESSAGES})
+    expanded = post_chat(gateway, {"model": "match:provider=openai,n=3", "messages": MESSAGES})
+    mixed = post_chat(gateway, {"model": ["slot:pair", "fc:openai/big"], "messages": MESSAGES})
+
+    assert within.status == 200
+    for answer in (expanded, mixed):
+        assert (
+            answer.status == 400
+            and "expands to 3 candidate models; at most 2" in (answer.error["message"])
+        )
+    config["slots"]["trio"] = ["fc:openai/cheap", "fc:openai/mid", "fc:openai/big"]
+    path = tmp_path / "trio.yaml"
+    path.write_text(yaml.safe_dump(config))
+    checked = ringside("check-config", str(path), env={"TEST_OPENAI_KEY": "k"})
+    assert checked.returncode != 0
+    assert "slots.trio: lists 3 refs, more than limits.max_cascade (2)" in checked.stderr

@@ -398,6 +398,16 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
     for name, refs in data.get("slots", {}).items():
         slots[name] = (refs,) if isinstance(refs, str) else tuple(refs)
     problems.extend(_check_slots(slots, providers, models, where))
+    max_cascade = data.get("limits", {}).get("max_cascade", Limits().max_cascade)
+    for name, refs in slots.items():
+        if len(refs) > max_cascade:
+            problems.append(
+                where.problem(
+                    ("slots", name),
+                    f"lists {len(refs)} refs, more than limits.max_cascade ({max_cascade}) "
+                    "that one request may try",
+                )
+            )
 
     rewrite: dict[str, Rewrite] = {}
     for target, rdata in data.get("rewrite", {}).items():
@@ -484,6 +494,7 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
         trusted_proxies=trusted,
         limits=Limits(
             max_body_bytes=limits_data.get("max_body_bytes", default_limits.max_body_bytes),
+            max_cascade=limits_data.get("max_cascade", default_limits.max_cascade),
             drain_seconds=float(limits_data.get("drain_seconds", default_limits.drain_seconds)),
             header_timeout=float(limits_data.get("header_timeout", default_limits.header_timeout)),
             body_timeout=float(limits_data.get("body_timeout", default_limits.body_timeout)),

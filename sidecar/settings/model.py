@@ -157,6 +157,7 @@ class AdminSettings:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = 20 * 1024 * 1024
+    max_cascade: int = 8  # candidates one request may expand to (each may cost a call)
     drain_seconds: float = 20.0
     # connections (sidecar/server_limits.py): deadlines in seconds, caps per listener
     header_timeout: float = 10.0
