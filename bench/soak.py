@@ -1,0 +1,223 @@
+"""Soak: normal traffic's latency alone, then while hostile clients run against the same sidecar.
+
+A benchmark, not a test: it measures and prints, it does not pass or fail. Everything runs on
+127.0.0.1. The sidecar runs the bench's realistic config (API key, budgeted and rate-limited
+customer, memory store). Normal traffic is wrk at `--concurrency` on the bench's chat request;
+the hostile mix, all at once during the second run:
+  - silent connections and slowloris headers (a byte a second) — `--idle-connections` of each;
+  - streams whose client never reads — `--unread-streams`;
+  - a fresh 15,000-property `response_format` schema per request (a compile every time);
+  - cascades of `limits.max_cascade` refs to a provider that refuses connections;
+  - bodies nested 200 deep, CR/LF model refs, malformed HTTP (bare LF, NUL in a header);
+each request kind paced at `--hostile-rate` per second, so that what is measured is whether the
+hostile requests stall the others, not the CPU share of their volume.
+Reported: normal traffic's requests/s, p50 and p99 alone and under the mix, their ratio, the
+hostile requests answered, and the sidecar's RSS.
+
+    .venv/bin/python -m bench.soak --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import run
+
+HI = [{"role": "user", "content": "hi"}]
+BAD_REF = json.dumps({"model": "fc:bench/x\r\nX-Evil: 1", "messages": HI})
+DEEP = json.dumps({"model": "fc:bench/bench-model", "messages": HI, "x": []}).replace(
+    "[]", "[" * 200 + "]" * 200
+)
+
+
+def hostile_config(path: Path) -> None:
+    """The bench config plus a provider nobody listens on (for failing cascades)."""
+    config = yaml.safe_load(path.read_text())
+    config["providers"]["dead"] = {
+        "kind": "openai", "base_url": f"http://127.0.0.1:{run.free_port()}/v1",
+        "timeout": {"connect": 1, "read": 5}, "circuit": {"failures": 1_000_000, "cooldown": 1},
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def schema_body(serial: int) -> str:
+    properties = {f"p{serial}_{i}": {"type": "string"} for i in range(15_000)}
+    schema = {"type": "object", "properties": properties}
+    response_format = {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}}
+    return json.dumps(
+        {"model": "fc:bench/bench-model", "messages": HI, "response_format": response_format}
+    )
+
+
+def cascade_body() -> str:
+    refs = [f"fc:dead/m{i}" for i in range(8)]
+    return json.dumps({"model": refs, "messages": [{"role": "user", "content": "hi"}]})
+
+
+class Hostile:
+    """The hostile clients, on their own event loop in a thread, until `stop`."""
+
+    def __init__(self, port: int, args: argparse.Namespace) -> None:
+        self.port, self.args = port, args
+        self.pause = 1.0 / args.hostile_rate  # between one kind's requests: stalls, not volume
+        self.answered: dict[str, int] = {}
+        self.stopping = threading.Event()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._event_loop is not None and self._stopped is not None:
+            self._event_loop.call_soon_threadsafe(self._stopped.set)
+
+    async def _held(self) -> None:
+        """Until `stop`: a connection kept open and silent."""
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    def _count(self, kind: str) -> None:
+        self.answered[kind] = self.answered.get(kind, 0) + 1
+
+    async def _post(self, body: str, kind: str, read: bool = True) -> None:
+        payload = body.encode()
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in run.HEADERS.items())
+            + f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(head + payload)
+            if not read:  # a stream nobody reads: hold the connection open
+                await self._held()
+                return
+            if await reader.read(64):
+                self._count(kind)
+        finally:
+            writer.close()
+
+    async def _loop(self, body: Any, kind: str) -> None:
+        serial = 0
+        while not self.stopping.is_set():
+            serial += 1
+            try:
+                await self._post(body(serial) if callable(body) else body, kind)
+            except OSError:
+                pass
+            await asyncio.sleep(self.pause)
+
+    async def _idle(self, slow: bool) -> None:
+        try:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return
+        try:
+            for byte in b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" if slow else b"":
+                if self.stopping.is_set():
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.sleep(1.0)
+            await self._held()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _raw(self, data: bytes, kind: str) -> None:
+        while not self.stopping.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.write(data)
+                if await reader.read(64):
+                    self._count(kind)
+                writer.close()
+            except OSError:
+                pass
+            await asyncio.sleep(self.pause)
+
+    async def _main(self) -> None:
+        self._event_loop, self._stopped = asyncio.get_running_loop(), asyncio.Event()
+        stream = json.dumps({**json.loads(run.BODY), "stream": True})
+        tasks = [
+            *(self._idle(slow=False) for _ in range(self.args.idle_connections)),
+            *(self._idle(slow=True) for _ in range(self.args.idle_connections)),
+            *(self._post(stream, "unread", read=False) for _ in range(self.args.unread_streams)),
+            self._loop(schema_body, "schema"),
+            self._loop(cascade_body(), "cascade"),
+            self._loop(DEEP, "deep"),
+            self._loop(BAD_REF, "bad_ref"),
+            self._raw(b"GET / HTTP/1.1\nHost: x\n\n", "bare_lf"),
+            self._raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", "nul"),
+        ]
+        await asyncio.gather(*(asyncio.ensure_future(t) for t in tasks), return_exceptions=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--idle-connections", type=int, default=200)
+    parser.add_argument("--unread-streams", type=int, default=50)
+    parser.add_argument("--hostile-rate", type=float, default=20.0, help="requests/s per kind")
+    parser.add_argument("--out", default=str(run.BENCH / "results" / "soak.json"))
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="ringside-soak-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        up_port = run.free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "bench.upstream", "--port", str(up_port)], cwd=run.BENCH.parent
+        ))  # fmt: skip
+        run.wait_port(up_port)
+        config = run.sidecar_config(up_port, "memory", workdir, "", name="soak")
+        hostile_config(config)
+        port, admin = run.free_port(), run.free_port()
+        proc, _ = run.start_sidecar(config, port, admin, 1, workdir / "sidecar.log")
+        procs.append(proc)
+        target = run.Target("sidecar", f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid)
+        script = run.wrk_script(run.HEADERS, workdir / "post.lua")
+        run.run_wrk(target, script, args.concurrency, 2)  # warm-up
+        rss_idle = run.rss_mib(proc.pid)
+        alone = run.run_wrk(target, script, args.concurrency, args.seconds)
+        hostile = Hostile(port, args)
+        hostile.thread.start()
+        time.sleep(2)  # the hostile mix in full swing
+        target.rss_load = 0.0
+        mixed = run.run_wrk(target, script, args.concurrency, args.seconds)
+        hostile.stop()
+        hostile.thread.join(30)
+        time.sleep(2)
+        result = {
+            "alone": alone,
+            "under_hostile_mix": mixed,
+            "p99_ratio": mixed["p99_ms"] / alone["p99_ms"],
+            "rps_ratio": mixed["rps"] / alone["rps"],
+            "hostile_answered": hostile.answered,
+            "rss_mib": {
+                "idle": rss_idle,
+                "peak_under_mix": target.rss_load,
+                "after": run.rss_mib(proc.pid),
+            },
+            "args": vars(args),
+        }
+        print(json.dumps(result, indent=2))
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        run.stop_all(procs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
