@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -112,10 +113,8 @@ class Hostile:
         serial = 0
         while not self.stopping.is_set():
             serial += 1
-            try:
+            with contextlib.suppress(OSError):
                 await self._post(body(serial) if callable(body) else body, kind)
-            except OSError:
-                pass
             await asyncio.sleep(self.pause)
 
     async def _idle(self, slow: bool) -> None:
