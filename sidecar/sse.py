@@ -18,21 +18,39 @@ class LineTooLong(ValueError):
     """An SSE line over MAX_LINE_BYTES: a broken upstream, not a big answer."""
 
 
+BOM = b"\xef\xbb\xbf"
+
+
 class EventParser:
     """Incremental SSE decoding: `feed` the body's pieces as they arrive, get back the events
-    they complete. Comments, ids and retry fields carry nothing we forward and are dropped;
+    they complete. As the WHATWG event-stream format says: a line ends with CRLF, LF or a lone
+    CR (a CRLF cut between two pieces is one line end), and one UTF-8 BOM at the start of the
+    stream is ignored. Comments, ids and retry fields carry nothing we forward and are dropped;
     multi-line data is joined with newlines. Synchronous, so one piece holding many events
     is decoded in one go."""
 
-    __slots__ = ("_data", "_event", "_tail", "_tail_bytes")
+    __slots__ = ("_after_cr", "_data", "_event", "_started", "_tail", "_tail_bytes")
 
     def __init__(self) -> None:
         self._tail: list[bytes] = []  # a line not ended yet, in the pieces it came in
         self._tail_bytes = 0
         self._event: str | None = None
         self._data: list[bytes] = []
+        self._started = False  # past the place where a BOM may stand
+        self._after_cr = False  # the last piece ended with CR: a LF starting the next is its pair
 
     def feed(self, piece: bytes) -> list[Event]:
+        if not self._started:
+            piece = self._skip_bom(piece)
+        if self._after_cr:
+            if not piece:
+                return []
+            self._after_cr = False
+            if piece[0] == 0x0A:  # b"\n"
+                piece = piece[1:]
+        if b"\r" in piece:  # CRLF or lone CR line ends: made LF, the one the split below knows
+            self._after_cr = piece[-1] == 0x0D
+            piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if b"\n" not in piece:
             self._keep(piece)
             return []
@@ -51,6 +69,19 @@ class EventParser:
         self._tail_bytes = 0
         return self._lines(lines)
 
+    def _skip_bom(self, piece: bytes) -> bytes:
+        """`piece` without the stream's leading BOM; a start that may still become one waits."""
+        start = b"".join(self._tail) + piece if self._tail else piece
+        if len(start) < len(BOM) and BOM.startswith(start):
+            if piece:
+                self._tail.append(piece)
+                self._tail_bytes += len(piece)
+            return b""
+        self._started = True
+        self._tail.clear()
+        self._tail_bytes = 0
+        return start.removeprefix(BOM)
+
     def _keep(self, partial: bytes) -> None:
         if partial:
             self._tail.append(partial)
@@ -62,8 +93,6 @@ class EventParser:
         events: list[Event] = []
         event, data = self._event, self._data
         for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
             if not line:
                 if data:
                     events.append((event, data[0] if len(data) == 1 else b"\n".join(data)))
@@ -74,5 +103,7 @@ class EventParser:
                 data.append(value[1:] if value.startswith(b" ") else value)
             elif line.startswith(b"event:"):
                 event = line[6:].strip().decode("utf-8", "replace")
+            elif line == b"data":  # a field without a colon has the empty value
+                data.append(b"")
         self._event, self._data = event, data
         return events

@@ -23,7 +23,9 @@ def request_id(request: web.Request) -> str:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, or 413 as soon as it is known to be over `limit` bytes."""
+    """The request body, or 413 as soon as it is known to be over `limit` bytes
+    (415 when it is declared as something else than JSON: see `require_json`)."""
+    require_json(request)
     length = request.content_length
     if length is not None and length > limit:
         raise too_large(limit)
@@ -51,6 +53,57 @@ def too_large(limit: int) -> GatewayError:
     )
 
 
+def require_json(request: web.Request) -> None:
+    """415 unless the body is declared as JSON (`application/json`, any `…/…+json`) or not
+    declared at all (curl without -H; OpenAI's SDKs always declare it).
+
+    Refused: the types a browser may send cross-site without asking first (text/plain, forms),
+    and an undeclared body from a browser (it sends `Origin`): so that no web page can make a
+    visitor's browser call a sidecar on their machine (open mode on loopback)."""
+    declared = request.headers.get("Content-Type")
+    if declared is None:
+        if "Origin" not in request.headers:
+            return
+    else:
+        media_type = declared.partition(";")[0].strip().lower()
+        if media_type == JSON_CONTENT_TYPE or (
+            media_type.endswith("+json") and media_type.count("/") == 1
+        ):
+            return
+    raise GatewayError(
+        415,
+        "unsupported_media_type",
+        f"the request body must be JSON, sent with Content-Type: {JSON_CONTENT_TYPE} "
+        f"(got {declared or 'none, from a browser'})",
+        error_type="invalid_request_error",
+    )
+
+
+# How deeply JSON in a request may nest: far deeper than any real request (a tool's JSON Schema
+# ten objects deep is about 25 levels), and far from where the rest of the sidecar breaks:
+# orjson re-encodes at most 254 levels for the upstream, and checking a response_format schema
+# (jsonschema, recursive Python) runs out of stack past about 120.
+MAX_JSON_DEPTH = 64
+_ORJSON_MAX_DEPTH = 254  # orjson.dumps: "Recursion limit reached" past this (a test pins it)
+_COUNT_BELOW_BYTES = 2048  # up to here counting brackets costs less than the probe (~5 us)
+
+
+class _Hole:
+    """Where the body goes in `_DEPTH_PROBE`: orjson asks `default` what to write for it."""
+
+
+def _nested(levels: int) -> object:
+    inner: object = _Hole()
+    for _ in range(levels):
+        inner = [inner]  # lists: orjson writes them faster than tuples; never changed
+    return inner
+
+
+# The body, written inside this many arrays, fits orjson's depth only if it nests at most
+# MAX_JSON_DEPTH levels: the check is one orjson.dumps, in C, never a walk in Python.
+_DEPTH_PROBE = _nested(_ORJSON_MAX_DEPTH - MAX_JSON_DEPTH)
+
+
 def parse_json_object(raw: bytes) -> dict[str, object]:
     if not raw:
         raise invalid_request("the request body is empty: send a JSON object")
@@ -60,6 +113,14 @@ def parse_json_object(raw: bytes) -> dict[str, object]:
         raise invalid_request(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise invalid_request("the request body must be a JSON object")
+    if len(raw) > _COUNT_BELOW_BYTES or raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        try:
+            orjson.dumps(_DEPTH_PROBE, default=lambda _hole: body)
+        except orjson.JSONEncodeError:  # what orjson parsed it can write, but for the depth
+            raise invalid_request(
+                f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels "
+                f"deep: at most {MAX_JSON_DEPTH} are accepted"
+            ) from None
     return body
 
 

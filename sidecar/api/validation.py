@@ -49,7 +49,7 @@ def _messages(messages: Any) -> None:
             where = f"messages[{index}]"
             raise invalid_request(f"{where} must be an object with role and content", where)
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             where = f"messages[{index}]"
             raise invalid_request(
                 f"{where}.role must be one of system, developer, user, assistant, tool; "
@@ -75,21 +75,43 @@ def _messages(messages: Any) -> None:
                 f"{where}.content",
             )
         for part_index, part in enumerate(content):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise invalid_request(
-                    f"{where}.content[{part_index}] must be an object with a type",
-                    f"{where}.content[{part_index}]",
-                )
+            _content_part(part, f"{where}.content[{part_index}]")
+
+
+# What each content part type of the OpenAI API carries: (field, its type, how to say it).
+# Part types not listed here pass through untouched, as unknown parameters do.
+_PART_FIELDS: dict[str, tuple[str, type, str]] = {
+    "text": ("text", str, "a string"),
+    "refusal": ("refusal", str, "a string"),
+    "image_url": ("image_url", dict, "an object with a url"),
+    "input_audio": ("input_audio", dict, "an object with data and format"),
+    "file": ("file", dict, "an object"),
+}
+
+
+def _content_part(part: Any, where: str) -> None:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if not isinstance(kind, str):
+        raise invalid_request(f"{where} must be an object with a type", where)
+    expected = _PART_FIELDS.get(kind)
+    if expected is None:
+        return
+    field, of_type, rule = expected
+    if not isinstance(part.get(field), of_type) or (
+        kind == "image_url" and not isinstance(part[field].get("url"), str)
+    ):
+        raise invalid_request(f"{where}.{field} must be {rule} (a {kind} part)", f"{where}.{field}")
 
 
 def _response_format(value: Any) -> None:
     if value is None:
         return
-    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMAT_TYPES:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(kind, str) or kind not in RESPONSE_FORMAT_TYPES:
         raise invalid_request(
             "response_format must be {type: text | json_object | json_schema}", "response_format"
         )
-    if value["type"] == "json_schema":
+    if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise invalid_request(

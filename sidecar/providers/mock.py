@@ -73,7 +73,8 @@ def _prompt_text(messages: Any) -> str:
         if isinstance(content, str):
             parts.append(content)
         elif isinstance(content, list):
-            parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+            texts = (part.get("text") for part in content if isinstance(part, dict))
+            parts.extend(text for text in texts if isinstance(text, str))
     return " ".join(parts)
 
 
