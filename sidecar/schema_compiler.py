@@ -1,11 +1,14 @@
-"""A JSON Schema compiled to a plain predicate: the fast path of structured-output validation.
+"""A JSON Schema of our own compiled to a plain predicate: the config file's fast check.
 
-`jsonschema` walks a schema generically on every call (a new validator object per keyword
-descent), which costs far more than parsing the answer. The schemas LLM clients send (OpenAI
-strict mode, pydantic models) use a small set of keywords, so `compile_predicate` turns such a
-schema into nested closures once, at cache time. The predicate only ever says "valid" when
-Draft 2020-12 would: a schema using any keyword outside the subset gets no predicate (None),
-and callers ask `jsonschema` for the error list whenever the predicate says "invalid".
+`jsonschema` takes ≈0.1 s to import and walks a schema generically on every call. The config
+schema (sidecar/settings/schema.json) uses a small set of keywords, so `compile_predicate` turns
+it into nested closures once and a valid config (the usual case) is accepted without importing
+`jsonschema`, which then only explains an invalid one. The predicate only ever says "valid"
+when Draft 2020-12 would: a schema using any keyword outside the subset gets no predicate (None).
+
+Only for trusted schemas: patterns are matched with `re`, without a bound on time. Client
+schemas (`response_format`) go through jsonschema-rs, within the bounds of
+`sidecar.schema_cost`.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
-
-from sidecar import safe_regex
 
 Predicate = Callable[[Any], bool]
 
@@ -52,6 +53,10 @@ class FormatChecker(Protocol):
 
 class Unsupported(Exception):
     """The schema uses something the fast path does not reproduce exactly."""
+
+
+class BadPattern(Exception):
+    """A pattern does not compile."""
 
 
 def _is_number(value: Any) -> bool:
@@ -104,22 +109,22 @@ def trusted_matcher(pattern: str) -> Callable[[str], bool]:
     try:
         compiled = re.compile(pattern)
     except re.error as exc:
-        raise safe_regex.BadPattern(f"{pattern!r}: {exc}") from None
+        raise BadPattern(f"{pattern!r}: {exc}") from None
     return lambda text: compiled.search(text) is not None
 
 
 def compile_predicate(
     schema: Any,
     format_checker: FormatChecker | None,
-    matcher: Callable[[str], Callable[[str], bool]] = safe_regex.matcher,
+    matcher: Callable[[str], Callable[[str], bool]] = trusted_matcher,
 ) -> Predicate | None:
     """A predicate equal to Draft 2020-12 validity for `schema` (already checked), or None.
-    `pattern`s match through `matcher`: by default bounded in time (see safe_regex)."""
+    `pattern`s match through `matcher` (by default `re`, unbounded: trusted schemas only)."""
     if _has_scoped_keyword(schema, is_root=True):
         return None
     try:
         return _Compiler(schema, format_checker, matcher).compile(schema)
-    except (Unsupported, safe_regex.BadPattern, RecursionError):
+    except (Unsupported, BadPattern, RecursionError):
         return None
 
 

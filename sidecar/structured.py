@@ -1,298 +1,51 @@
-"""Structured output (SPEC 2.3): `response_format` compiled once, answers parsed and validated.
+"""Structured output (SPEC 2.3): the re-prompt loop, and answers validated as they stream.
 
-A `SchemaPlan` is what one distinct `response_format` compiles to: the Draft 2020-12 validator
-(with format checking), and the system instruction for providers without native JSON-schema
-support. Plans live in a bounded `SchemaCache` keyed by a canonical hash, shared across config
-reloads, so a hot schema is never compiled twice. `enforce` is the re-prompt loop the cascade
-runs around each candidate's call; a candidate that never satisfies the schema fails with
-`Outcome.SCHEMA_FAILURE`, which the cascade escalates from.
+What a `response_format` compiles to, and how an answer is checked within its request's budget,
+is `sidecar.schema_check`. `enforce` is the re-prompt loop the cascade runs around each
+candidate's call: an answer that fails is sent back with its errors, at most MAX_REPROMPTS
+times; a candidate that never satisfies the schema, or whose answers cost the request its
+schema budget, fails with `Outcome.SCHEMA_FAILURE`, which the cascade escalates from.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from functools import cache
-from itertools import islice
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from sidecar.errors import GatewayError, Outcome, UpstreamError, invalid_request
+from sidecar.errors import GatewayError, Outcome, UpstreamError
 from sidecar.providers.base import Completion
-from sidecar.safe_regex import SAFE_KEYWORDS, unbounded_keyword
-from sidecar.schema_compiler import Predicate, compile_predicate
+from sidecar.schema_check import (
+    CompiledSchema,
+    Problem,
+    SchemaCache,
+    SchemaPlan,
+    Verdict,
+    warm_up,
+)
+from sidecar.schema_cost import BUDGET_NS
 
 if TYPE_CHECKING:
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import ValidationError
-
     from sidecar.flow import Flow
     from sidecar.routing import Candidate
 
-# jsonschema (≈0.1 s to import) is imported on the first response_format, not at startup;
-# the server warms it up in a background thread once it is ready (see warm_up).
+__all__ = [
+    "CompiledSchema",
+    "Problem",
+    "SchemaCache",
+    "SchemaPlan",
+    "Verdict",
+    "completion_chunks",
+    "enforce",
+    "mentions_tool_calls",
+    "streamed_failure",
+    "warm_up",
+]
 
 MAX_REPROMPTS = 2
-MAX_LISTED_ERRORS = 5
-MAX_MESSAGE_CHARS = 200
-DEFAULT_CACHE_SIZE = 512
-
-_FENCE = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\r?\n?(.*?)\r?\n?[ \t]*```", re.S)
-_NOT_SCHEMA_KEYS = frozenset({"const", "enum", "default", "examples"})
-_JSON_OBJECT = {"type": "json_object"}
-_OBJECT_INSTRUCTION = (
-    "Answer with a single JSON object and nothing else: no prose before or after it, "
-    "no Markdown code fences."
-)
 
 Call = Callable[["Flow", "Candidate", dict[str, Any]], Awaitable[Completion]]
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One reason an answer failed: where (a JSON pointer, "" for the whole value) and why."""
-
-    pointer: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.pointer or '(root)'}: {self.message}"
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The check of one answer: `problems` empty when it passed; `text` is the bare JSON."""
-
-    text: str | None
-    problems: tuple[Problem, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-@dataclass(frozen=True, slots=True)
-class SchemaPlan:
-    """One compiled `response_format`: how to ask a provider for it, and how to check answers."""
-
-    kind: str  # "json_schema" | "json_object"
-    validator: Draft202012Validator | None  # None for json_object: any JSON object passes
-    instruction: str  # the system message for providers without native support
-    fast: Predicate | None = None  # True only for valid values; None: always ask `validator`
-
-    def request_body(self, body: dict[str, Any], native: bool, json_mode: bool) -> dict[str, Any]:
-        """The body to send a provider: untouched for native support, else with the instruction
-        as a system message and the provider's JSON mode (json_object) where it has one."""
-        if native or (self.kind == "json_object" and json_mode):
-            return body
-        prepared = dict(body)
-        messages = list(body["messages"])
-        at = 0
-        while at < len(messages) and messages[at].get("role") in ("system", "developer"):
-            at += 1
-        messages.insert(at, {"role": "system", "content": self.instruction})
-        prepared["messages"] = messages
-        if json_mode:
-            prepared["response_format"] = dict(_JSON_OBJECT)
-        else:
-            prepared.pop("response_format", None)
-        return prepared
-
-    def check(self, content: str | None) -> Verdict:
-        """Parse `content` (code fences stripped) and validate it."""
-        if content is None:
-            return Verdict(None, (Problem("", "the answer has no content"),))
-        text = content
-        try:
-            value = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            fenced = _FENCE.search(content)
-            if fenced is None:
-                return Verdict(None, (Problem("", f"the answer is not valid JSON: {exc}"),))
-            text = fenced.group(1).strip()
-            try:
-                value = orjson.loads(text)
-            except orjson.JSONDecodeError as inner:
-                problem = Problem("", f"the fenced block is not valid JSON: {inner}")
-                return Verdict(None, (problem,))
-        if self.validator is None:
-            if not isinstance(value, dict):
-                kind = type(value).__name__
-                return Verdict(text, (Problem("", f"expected a JSON object, got a {kind}"),))
-            return Verdict(text, ())
-        try:
-            if self.fast is not None and self.fast(value):
-                return Verdict(text, ())
-            errors = self.validator.iter_errors(value)
-            first = next(errors, None)
-            if first is None:
-                return Verdict(text, ())
-            found = sorted([first, *islice(errors, 50)], key=_error_order)
-        except RecursionError:
-            return Verdict(text, (Problem("", "the answer is nested too deeply to validate"),))
-        return Verdict(text, tuple(_problem(e) for e in found[:MAX_LISTED_ERRORS]))
-
-
-def _error_order(error: ValidationError) -> tuple[int, list[str]]:
-    return len(error.absolute_path), [str(p) for p in error.absolute_path]
-
-
-def _problem(error: ValidationError) -> Problem:
-    message = error.message
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
-    return Problem(pointer(error.absolute_path), message)
-
-
-def pointer(path: Any) -> str:
-    """A JSON pointer (RFC 6901) for a path of keys and indexes."""
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
-
-
-class SchemaCache:
-    """Compiled plans (and refusals of bad schemas) by canonical hash; least recently used out.
-
-    Long-lived: one per gateway process, shared by every Runtime across config reloads.
-    """
-
-    def __init__(self, size: int = DEFAULT_CACHE_SIZE) -> None:
-        self.size = size
-        self._plans: OrderedDict[bytes, SchemaPlan | GatewayError] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._plans)
-
-    def plan(self, response_format: Any) -> SchemaPlan | None:
-        """The plan for a request's `response_format` (already shape-checked), None for text.
-
-        Raises 400 `invalid_request` (param `response_format`) when the schema is not itself
-        valid JSON Schema.
-        """
-        if not isinstance(response_format, dict):
-            return None
-        kind = response_format.get("type")
-        if kind not in ("json_schema", "json_object"):
-            return None
-        key = hashlib.blake2b(
-            orjson.dumps(response_format, option=orjson.OPT_SORT_KEYS), digest_size=16
-        ).digest()
-        found = self._plans.get(key)
-        if found is None:
-            found = _compile(response_format)
-            self._plans[key] = found
-            if len(self._plans) > self.size:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
-        if isinstance(found, GatewayError):
-            raise found
-        return found
-
-
-def warm_up() -> None:
-    """Import what compiling a schema needs (run off the event loop, after startup)."""
-    import jsonschema  # noqa: F401
-    import jsonschema_specifications  # noqa: F401
-    import regex  # noqa: F401
-
-    _validator_class()
-
-
-def _compile(response_format: dict[str, Any]) -> SchemaPlan | GatewayError:
-    if response_format["type"] == "json_object":
-        return SchemaPlan("json_object", None, _OBJECT_INSTRUCTION)
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-
-    # the metaschemas only: a $ref is never fetched over the network
-    from jsonschema_specifications import REGISTRY as no_remote_refs
-
-    spec = response_format["json_schema"]
-    schema = spec.get("schema", {})
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as exc:
-        where = pointer(exc.path)
-        return invalid_request(
-            "response_format.json_schema.schema is not a valid JSON Schema (Draft 2020-12): "
-            f"{exc.message}" + (f" (at {where})" if where else ""),
-            "response_format",
-        )
-    unresolved = _unresolvable_ref(schema, no_remote_refs)
-    if unresolved is not None:
-        return invalid_request(
-            f"response_format.json_schema.schema has a $ref that cannot be resolved: "
-            f"{unresolved!r} (only references inside the schema are followed)",
-            "response_format",
-        )
-    unbounded = unbounded_keyword(schema)
-    if unbounded is not None:
-        return invalid_request(
-            f"response_format.json_schema.schema uses {unbounded}, which the gateway does not "
-            "support (it cannot bound the time that matching takes)",
-            "response_format",
-        )
-    formats = Draft202012Validator.FORMAT_CHECKER
-    validator = _validator_class()(schema, registry=no_remote_refs, format_checker=formats)
-    fast = compile_predicate(schema, formats)
-    return SchemaPlan("json_schema", validator, _instruction(spec, schema), fast)
-
-
-@cache
-def _validator_class() -> Any:
-    """Draft 2020-12 with the keywords that match client patterns bounded in time."""
-    from jsonschema import Draft202012Validator, validators
-
-    return validators.extend(Draft202012Validator, SAFE_KEYWORDS)
-
-
-def _unresolvable_ref(schema: Any, registry: Any) -> str | None:
-    """The first `$ref` that does not point inside the schema itself, if any."""
-    from referencing.exceptions import Unresolvable
-    from referencing.jsonschema import DRAFT202012
-
-    if not isinstance(schema, dict):
-        return None
-    root = registry.resolver_with_root(DRAFT202012.create_resource(schema))
-    for resolver, ref in _refs(schema, root, is_root=True):
-        try:
-            resolver.lookup(ref)
-        except Unresolvable:
-            return ref
-    return None
-
-
-def _refs(node: Any, resolver: Any, is_root: bool = False) -> Iterator[tuple[Any, str]]:
-    if isinstance(node, list):
-        for item in node:
-            yield from _refs(item, resolver)
-        return
-    if not isinstance(node, dict):
-        return
-    if not is_root and isinstance(node.get("$id"), str):
-        from referencing.jsonschema import DRAFT202012
-
-        resolver = resolver.in_subresource(DRAFT202012.create_resource(node))
-    for key, value in node.items():
-        if key in ("$ref", "$dynamicRef") and isinstance(value, str):
-            yield resolver, value
-        elif key not in _NOT_SCHEMA_KEYS:
-            yield from _refs(value, resolver)
-
-
-def _instruction(spec: dict[str, Any], schema: Any) -> str:
-    name = spec.get("name", "response")
-    description = spec.get("description")
-    about = f" ({description})" if isinstance(description, str) and description else ""
-    return (
-        f'Answer with a single JSON value named "{name}"{about} that conforms to the JSON '
-        "Schema below. Output only the JSON: no prose before or after it, no Markdown code "
-        "fences.\nJSON Schema:\n" + orjson.dumps(schema).decode()
-    )
 
 
 def reprompt_message(problems: tuple[Problem, ...]) -> str:
@@ -340,6 +93,14 @@ async def enforce(
     label = candidate.label
     problems: tuple[Problem, ...] = ()
     for round_ in range(MAX_REPROMPTS + 1):
+        if plan.exhausted:
+            raise UpstreamError(
+                Outcome.SCHEMA_FAILURE,
+                "the schema is too costly: checking answers against it used the "
+                f"{BUDGET_NS / 1e6:.0f} ms this request may spend on its schema"
+                + (f"; the last answer: {_summary(problems)}" if problems else ""),
+                reason="schema",
+            )
         if round_:
             flow.reprompts += 1
             flow.schema_reprompts.append(label)
@@ -363,12 +124,16 @@ async def enforce(
                 {"role": "user", "content": reprompt_message(problems)},
             ],
         }
-    summary = "; ".join(str(p) for p in problems)
     raise UpstreamError(
         Outcome.SCHEMA_FAILURE,
-        f"the answer did not match response_format after {MAX_REPROMPTS} re-prompts: {summary}",
+        f"the answer did not match response_format after {MAX_REPROMPTS} re-prompts: "
+        + _summary(problems),
         reason="schema",
     )
+
+
+def _summary(problems: tuple[Problem, ...]) -> str:
+    return "; ".join(str(p) for p in problems)
 
 
 def _content(choice: dict[str, Any]) -> str | None:
@@ -404,8 +169,9 @@ def streamed_failure(
     flow.schema_checks.append((candidate.label, "valid" if verdict.ok else "invalid"))
     if verdict.ok:
         return None
-    summary = "; ".join(str(p) for p in verdict.problems)
-    return schema_failed(f"the streamed answer does not match response_format: {summary}")
+    return schema_failed(
+        f"the streamed answer does not match response_format: {_summary(verdict.problems)}"
+    )
 
 
 def mentions_tool_calls(chunks: list[bytes]) -> bool:
