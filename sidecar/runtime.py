@@ -1,7 +1,9 @@
 """Everything compiled from one Settings: router, provider clients, addon chain, cascade.
 
 A Runtime is immutable once built; a config reload builds a new one and swaps it under the
-app's key, so requests in flight finish with the Runtime they started with.
+app's key, so requests in flight finish with the Runtime they started with. Building one has
+no effect on the long-lived Services: what it changes there waits for `activate`, which runs
+only for a Runtime that is accepted.
 """
 
 from __future__ import annotations
@@ -72,8 +74,6 @@ class Runtime:
         self.budget = BudgetAddon(
             settings, services.budgets, services.metrics, services.outage("budget")
         )
-        for name, provider in settings.providers.items():
-            services.circuits.configure(name, provider.circuit)
         addons: list[object] = [
             MetricsAddon(services.metrics, settings),
             UsageAddon(services.usage),
@@ -97,9 +97,18 @@ class Runtime:
                 raise ConfigError(
                     [f"{settings.source}: addons: cannot load {spec.path}: {exc}"]
                 ) from None
-        self.pipeline = Pipeline(addons)
+        self.pipeline = Pipeline(addons, services.metrics)
         self.cascade = Cascade(self)
         self.models_body = orjson.dumps(_models_listing(settings))
+
+    def activate(self) -> None:
+        """Put this config in force on the long-lived Services (circuit breaker settings,
+        budget gauges). Building a Runtime changes nothing outside it, so a config refused
+        half-way (an addon that fails to load) leaves the running one whole: the holder calls
+        this once the Runtime is accepted, at start and after a successful reload."""
+        for name, provider in self.settings.providers.items():
+            self.services.circuits.configure(name, provider.circuit)
+        self.budget.activate()
 
 
 def _models_listing(settings: Settings) -> dict[str, object]:
@@ -136,6 +145,7 @@ class RuntimeHolder:
 
     def __init__(self, config_path: str, runtime: Runtime) -> None:
         self.config_path = config_path
+        runtime.activate()
         self.current = runtime
 
     def reload(self) -> bool:
@@ -148,6 +158,7 @@ class RuntimeHolder:
             metrics.config_reloads.labels("error").inc()
             log.error("config reload refused, keeping the running config:\n%s", exc)
             return False
+        runtime.activate()
         self.current = runtime
         metrics.config_reloads.labels("success").inc()
         log.info("config reloaded from %s", self.config_path)

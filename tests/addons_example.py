@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.errors import GatewayError
-from sidecar.flow import Flow
+from sidecar.flow import Attempt, Flow
 
 
 class Lookup:
@@ -92,3 +92,45 @@ class CustomerRequired:
                 f"{flow.body['model']} needs an FC-Customer header",
                 param="FC-Customer",
             )
+
+
+class Faulty:
+    """A buggy addon (SPEC 6.1): raises RuntimeError in each hook that the request's `X-Faulty`
+    header names (comma-separated, e.g. `X-Faulty: error,done`); does nothing otherwise."""
+
+    @staticmethod
+    def _maybe_fail(flow: Flow, hook: str) -> None:
+        wanted = flow.headers.get("X-Faulty")
+        if wanted is not None and hook in wanted.split(","):
+            raise RuntimeError(f"Faulty.{hook} is broken")
+
+    def headers(self, flow: Flow) -> None:
+        self._maybe_fail(flow, "headers")
+
+    def request(self, flow: Flow) -> None:
+        self._maybe_fail(flow, "request")
+
+    def routed(self, flow: Flow) -> None:
+        self._maybe_fail(flow, "routed")
+
+    def attempt(self, flow: Flow, attempt: Attempt) -> None:
+        self._maybe_fail(flow, "attempt")
+
+    def attempt_done(self, flow: Flow, attempt: Attempt) -> None:
+        self._maybe_fail(flow, "attempt_done")
+
+    async def response(self, flow: Flow) -> None:  # async: fails when awaited
+        self._maybe_fail(flow, "response")
+
+    def error(self, flow: Flow) -> None:
+        self._maybe_fail(flow, "error")
+
+    def done(self, flow: Flow) -> None:
+        self._maybe_fail(flow, "done")
+
+
+class Misspelt:
+    """`requests` is not a hook (`request` is): refused when the config is loaded."""
+
+    def requests(self, flow: Flow) -> None:
+        flow.metadata["seen"] = True

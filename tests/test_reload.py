@@ -14,6 +14,13 @@ from typing import Any
 
 import yaml
 
+from sidecar.addons.circuits import CircuitBreakers
+from sidecar.addons.metrics import Metrics
+from sidecar.addons.usage import UsageWriter
+from sidecar.runtime import Runtime, Services
+from sidecar.settings import load_settings
+from sidecar.stores.budget_memory import MemoryBudgetStore
+from sidecar.stores.memory import MemoryStore
 from tests.conftest import openai_config
 from tests.procs import SidecarProcess, wait_until
 from tests.support import HELLO, metric, metric_samples, post_chat, request, start_sidecar
@@ -203,3 +210,92 @@ def test_reload_changes_the_admin_token(
     proc.write_config(openai_config(fake_openai.url, admin={"token": new}))
     wait_until(lambda: usage_status(new) == 200, timeout=3, interval=0.1)
     assert usage_status(old) == 401
+
+
+# --- a refused reload changes nothing: building a Runtime has no side effects until accepted
+
+NOT_IMPORTABLE = "tests.no_such_module:Thing"  # an addon that fails to load: the config is refused
+
+
+def circuit_config(upstream_url: str, failures: int, **sections: Any) -> dict[str, Any]:
+    config = openai_config(upstream_url, **sections)
+    config["providers"]["openai"]["circuit"] = {"failures": failures, "cooldown": 60}
+    return config
+
+
+def circuit_open(proc: SidecarProcess) -> float:
+    return metric(metric_samples(proc), "ringside_provider_circuit_open", provider="openai")
+
+
+def budget_limit(proc: SidecarProcess, customer: str) -> float | None:
+    samples = metric_samples(proc)
+    return samples.get(("ringside_budget_limit_usd", frozenset({("customer", customer)})))
+
+
+def test_refused_reload_leaves_the_circuit_settings_in_force(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    proc = sidecar_factory(circuit_config(fake_openai.url, failures=3))
+    proc.write_config(circuit_config(fake_openai.url, failures=1, addons=[NOT_IMPORTABLE]))
+    wait_until(lambda: reloads(proc, "error") == 1, timeout=3, interval=0.1)
+    fake_openai.script(Reply(status=500))
+    assert post_chat(proc, {"model": MINI, "messages": HELLO}).status == 503
+    # one failure of three: the refused config's `failures: 1` is not in force
+    assert circuit_open(proc) == 0
+    assert post_chat(proc, {"model": MINI, "messages": HELLO}).status == 200
+
+
+def test_refused_reload_shows_no_budget_gauge_of_its_own(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    budgeted = {"cust_new": {"budget": {"usd": 5.0, "period": "month"}}}
+    proc = sidecar_factory(openai_config(fake_openai.url))
+    proc.write_config(openai_config(fake_openai.url, customers=budgeted, addons=[NOT_IMPORTABLE]))
+    wait_until(lambda: reloads(proc, "error") == 1, timeout=3, interval=0.1)
+    assert budget_limit(proc, "cust_new") is None
+
+
+def test_accepted_reload_puts_its_circuit_settings_and_budget_gauges_in_force(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    budgeted = {"cust_new": {"budget": {"usd": 5.0, "period": "month"}}}
+    proc = sidecar_factory(circuit_config(fake_openai.url, failures=3))
+    assert budget_limit(proc, "cust_new") is None
+    proc.write_config(circuit_config(fake_openai.url, failures=1, customers=budgeted))
+    wait_until(lambda: reloads(proc, "success") == 1, timeout=3, interval=0.1)
+    assert budget_limit(proc, "cust_new") == 5.0
+    fake_openai.script(Reply(status=500))
+    assert post_chat(proc, {"model": MINI, "messages": HELLO}).status == 503
+    assert circuit_open(proc) == 1  # the new `failures: 1`
+
+
+async def test_building_a_runtime_changes_no_live_state_until_it_is_activated(
+    tmp_path: Path,
+) -> None:
+    config = circuit_config(
+        "http://127.0.0.1:9",  # never called
+        failures=1,
+        customers={"cust_a": {"budget": {"usd": 2.0, "period": "day"}}},
+    )
+    path = tmp_path / "ringside.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = load_settings(str(path), env={"TEST_OPENAI_KEY": "k"})
+    metrics = Metrics()
+    budgets = MemoryBudgetStore()
+    services = Services(
+        metrics=metrics,
+        circuits=CircuitBreakers(metrics),
+        store=MemoryStore(),
+        budgets=budgets,
+        usage=UsageWriter(budgets),
+    )
+    runtime = Runtime(settings, services)
+    services.circuits.failed("openai")
+    assert not services.circuits.is_open("openai")  # the default five failures, still
+    limit = {"customer": "cust_a"}
+    assert metrics.registry.get_sample_value("ringside_budget_limit_usd", limit) is None
+
+    runtime.activate()
+    services.circuits.failed("openai")
+    assert services.circuits.is_open("openai")
+    assert metrics.registry.get_sample_value("ringside_budget_limit_usd", limit) == 2.0

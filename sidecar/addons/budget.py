@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Mapping
+from typing import Any
 
 from sidecar.addons.metrics import Metrics, customer_label
 from sidecar.addons.usage import note_charged, usage_id
@@ -121,15 +122,26 @@ class BudgetAddon:
             if key.budget is not None
         }
         self.active = bool(self.customers or self.keys)
-        for cid, scope in self.customers.items():
-            metrics.budget_limit.labels(cid).set(scope.limit / NANO)
-        self._gauges = {
-            cid: (metrics.budget_spent.labels(cid), metrics.budget_remaining.labels(cid))
-            for cid in self.customers
-        }
+        self._gauges: dict[str, tuple[Any, Any]] = {}  # customer → its spent, remaining gauges
         self._windows: dict[str, Window] = {}
         self._overrun_logged: dict[str, float] = {}  # provider → when its overrun was logged
         self._in_process = store if isinstance(store, MemoryBudgetStore) else None
+
+    def activate(self) -> None:
+        """Show this config's customer budgets in the gauges: run by runtime.Runtime.activate,
+        once the config is accepted (building the addon for a refused one changes nothing)."""
+        for cid, scope in self.customers.items():
+            self.metrics.budget_limit.labels(cid).set(scope.limit / NANO)
+            self._customer_gauges(cid)
+
+    def _customer_gauges(self, cid: str) -> tuple[Any, Any]:
+        found = self._gauges.get(cid)
+        if found is None:
+            found = self._gauges[cid] = (
+                self.metrics.budget_spent.labels(cid),
+                self.metrics.budget_remaining.labels(cid),
+            )
+        return found
 
     def window(self, period: str, now: float) -> Window:
         """The current period, computed once per period rather than per request."""
@@ -288,7 +300,7 @@ class BudgetAddon:
             left = balance.remaining(scope.limit)
             remaining.append(left)
             if scope.kind == "cust":
-                spent_gauge, remaining_gauge = self._gauges[scope.ident]
+                spent_gauge, remaining_gauge = self._customer_gauges(scope.ident)
                 self.metrics.tally.set(spent_gauge, balance.spent / NANO)
                 self.metrics.tally.set(remaining_gauge, left / NANO)
         if remaining:
@@ -303,6 +315,6 @@ class BudgetAddon:
             except StoreUnavailable:
                 return
             left = balance.remaining(scope.limit)
-            spent_gauge, remaining_gauge = self._gauges[scope.ident]
+            spent_gauge, remaining_gauge = self._customer_gauges(scope.ident)
             self.metrics.tally.set(spent_gauge, balance.spent / NANO)
             self.metrics.tally.set(remaining_gauge, left / NANO)

@@ -230,6 +230,12 @@ class Metrics:
             ["store", "operation"],
             registry=r,
         )
+        self.addon_errors = Counter(
+            "ringside_addon_errors_total",
+            "Exceptions raised by an addon's hook (sidecar/pipeline.py); addon: module:Class",
+            ["addon", "hook"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "ringside_inflight_requests",
             "Chat requests in progress",

@@ -98,6 +98,7 @@ async def _handle(request: web.Request, runtime: Runtime) -> web.StreamResponse:
         log.exception("internal error in request %s", flow.id)
         internal = internal_error(flow.id)
         flow.error, flow.status = internal, 500
+        await pipeline.run("error", flow)  # observing hooks: they never raise (pipeline.py)
         response = error_response(internal, ringside_headers(flow))
     finally:
         flow.finished = time.perf_counter()
