@@ -230,7 +230,8 @@ class Cascade:
     async def begin(self, flow: Flow, candidate: Candidate) -> Attempt:
         """A new Attempt, after the `attempt` hooks; a hook that refuses the candidate (the
         budget cannot cover it) makes it an UpstreamError that the cascade escalates from,
-        and the attempt, never made, is not kept."""
+        and the attempt, never made, is not kept; any other failure ends the attempt as
+        interrupted, its `attempt_done` hooks run."""
         attempt = Attempt(candidate)
         flow.attempts.append(attempt)
         try:
@@ -238,6 +239,11 @@ class Cascade:
         except CandidateRefused as refused:
             flow.attempts.remove(attempt)
             raise refused.as_failure() from None
+        except BaseException:  # a later hook failed, or the client left: release what earlier
+            attempt.error = interrupted()  # hooks took (a budget hold) through attempt_done
+            self._settle(flow, attempt, None)
+            await self.pipeline.run("attempt_done", flow, attempt)
+            raise
         return attempt
 
     @staticmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -390,3 +391,21 @@ def test_built_in_addons_have_no_misspelt_hooks() -> None:
 def test_load_addon_refuses_a_misspelt_hook_with_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"requests\(\).*did you mean request\(\)"):
         load_addon(AddonSpec("tests.addons_example:Misspelt"))
+
+
+def test_an_attempt_hook_that_raises_after_the_budget_reserved_leaves_nothing_held(
+    fake_openai: FakeOpenAI, sidecar_factory: Callable[..., SidecarProcess], tmp_path: Path
+) -> None:
+    from tests.test_budget import ADMIN_ENV, BODY, budget_config, usage_of
+
+    storage = {"backend": "sqlite", "sqlite_path": str(tmp_path / "books.db")}
+    config = budget_config(fake_openai.url, storage, acme=1.0)
+    config["addons"] = [FAULTY]  # after the built-in budget addon: it raises past the reserve
+    proc = sidecar_factory(config, {**ADMIN_ENV, **IMPORTABLE})
+
+    answer = post_chat(proc, BODY, {"FC-Customer": "acme", **failing("attempt", "req-held")})
+
+    assert answer.status == 500 and answer.error["code"] == "internal_error"
+    assert fake_openai.received == []
+    report = wait_until(lambda: (u := usage_of(proc, "acme"))["requests"] == 1 and u)
+    assert report["reserved_usd"] == 0 and report["spent_usd"] == 0
