@@ -7,20 +7,22 @@ response. This module does only that: a pool of connections per origin, the requ
 in one piece, the response parsed by httptools (llhttp, the parser of Node.js and uvicorn:
 status line, headers, chunked and content-length bodies). `request` returns the whole body
 (capped at MAX_BODY_BYTES); `stream` returns at the response head and hands the body over as
-it arrives (a BodyReader), pausing the socket while the reader is behind.
+it arrives (a BodyReader), pausing the socket while the reader is behind (and bounding the
+kernel's receive buffer from then on: what a stalled stream holds is small on both sides).
 
 Timeouts follow the provider's: `connect` for the TCP (and TLS) handshake, `read` from the
 request written to the response complete (streamed: to the head, then between two pieces of
 the body), `total` over everything, a stream's body included. A connection is reused only
-after a complete response that allows keep-alive; one the server closed while idle is
-dropped when the close arrives, and one idle for KEEPALIVE_SECONDS is closed. A failed request
-is never sent again here. Upstream URLs come from the config only.
+after a complete response that allows keep-alive (and never after a pause); one the server
+closed while idle is dropped when the close arrives, and one idle for KEEPALIVE_SECONDS is
+closed. A failed request is never sent again here. Upstream URLs come from the config only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 import zlib
@@ -38,6 +40,9 @@ MAX_IDLE_PER_ORIGIN = 256
 KEEPALIVE_SECONDS = 15.0  # an idle connection older than this is closed, not reused (as aiohttp)
 PAUSE_AT_BYTES = 256 * 1024  # a stream's unread body above this pauses the socket
 RESUME_AT_BYTES = 64 * 1024
+# the kernel receive buffer of a connection once paused (the kernel doubles it): autotuned, it
+# grows to megabytes while a fast stream is read, and would take that much more of the answer
+PAUSED_RCVBUF_BYTES = 64 * 1024
 
 
 class UpstreamProtocolError(ConnectionError):
@@ -181,6 +186,14 @@ class BodyReader:
         except zlib.error as exc:
             raise UpstreamProtocolError(f"undecodable stream body: {exc}") from None
 
+    def drop(self) -> None:
+        """Free what arrived and was not read, once the connection is dropped. Not left to
+        the connection's end: it is in a reference cycle with its parser (httptools calls
+        back into it), and a stream that stalled has lived into the collector's oldest
+        generation, collected rarely: until then its unread body would stay in memory."""
+        self._pieces.clear()
+        self._buffered = 0
+
     async def discard(self, seconds: float) -> None:
         """Read and drop what is left of the body, for at most `seconds`."""
         deadline = asyncio.get_running_loop().time() + seconds
@@ -250,6 +263,7 @@ class Streamed:
             client.put_back(origin, connection)
         else:
             connection._abort()
+            self.body.drop()
 
     async def _close_after_end(self, seconds: float) -> None:
         try:
@@ -275,6 +289,7 @@ class _Connection(asyncio.Protocol):
         self._streaming = False
         self._reader: BodyReader | None = None
         self._paused = False  # reading paused for the reader
+        self._rcvbuf_bounded = False  # once paused: no longer autotuned, so never pooled again
         self._headers: CIMultiDict[str] = CIMultiDict()
         self._body: list[bytes] = []
         self._size = 0
@@ -362,7 +377,7 @@ class _Connection(asyncio.Protocol):
 
     def reusable(self) -> bool:
         """After a complete response: whether the connection may carry another request."""
-        return self._done and not self.closed and self._keep_alive
+        return self._done and not self.closed and self._keep_alive and not self._rcvbuf_bounded
 
     def release(self) -> None:
         self._waiter = None
@@ -377,6 +392,12 @@ class _Connection(asyncio.Protocol):
             self._paused = True
             assert self.transport is not None
             self.transport.pause_reading()
+            if not self._rcvbuf_bounded:
+                self._rcvbuf_bounded = True
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PAUSED_RCVBUF_BYTES)
 
     def resume_reading(self, reader: BodyReader) -> None:
         if reader is self._reader and self._paused and not self.closed:

@@ -39,6 +39,7 @@ def transport_error(exc: BaseException) -> UpstreamError:
 
 
 R = TypeVar("R")
+BATCH_BYTES = 64 * 1024  # of events in one list of chunks: aiohttp's writer drains every 64 KiB
 END_WAIT_SECONDS = 1.0  # after the last event, for the rest of the body (see aclose)
 DETAIL_LOG_SECONDS = 60.0  # one log line per provider per minute for its rejections of our key
 _KEY_LIKE = re.compile(r"(?:sk|pk|rk)-[\w\-*.\u2026]{4,}|AIza[\w\-]{10,}")
@@ -133,9 +134,10 @@ class HttpChunkStream:
     """Iterates an upstream SSE response as lists of OpenAI chunk bytes.
 
     The first list goes out as soon as one event yields chunks (time to first token); after
-    that each list holds every chunk of the events that have arrived, so a burst of events
-    costs one write to the client, not one per event. An error event after some chunks is
-    raised on the call after the one that returns them."""
+    that each list holds every chunk of the events that have arrived (up to BATCH_BYTES of
+    them: the rest waits, as the events it came in), so a burst of events costs one write to
+    the client, not one per event. An error event after some chunks is raised on the call
+    after the one that returns them."""
 
     def __init__(self, response: Streamed, decoder: StreamDecoder) -> None:
         self.response = response
@@ -165,6 +167,7 @@ class HttpChunkStream:
             raise self._failure
         decoder, events = self.decoder, self._events
         out: list[bytes] = []
+        batched = 0
         while True:
             while events and not decoder.finished:
                 event, data = events.popleft()
@@ -177,7 +180,8 @@ class HttpChunkStream:
                     return out
                 if chunks:
                     out += chunks
-                    if self._first:
+                    batched += len(data)
+                    if self._first or batched >= BATCH_BYTES:
                         self._first = False
                         return out
             if out:

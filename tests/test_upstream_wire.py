@@ -421,7 +421,7 @@ def test_a_slow_reader_gets_every_byte_of_a_large_fast_stream(
 ) -> None:
     """The upstream writes ~3 MB at once; the client reads slowly, so the sidecar's reader
     falls behind and pauses the upstream socket, then resumes it: nothing is lost, and the
-    connection serves the next request."""
+    next request is served (on a new connection: one paused is not pooled again)."""
     pieces = [f"{i:05d}" + "x" * 2000 for i in range(1500)]
     body = sse_body(pieces)
     for url in serve(stream_handler(body, 64 * 1024)):
@@ -438,5 +438,4 @@ def test_a_slow_reader_gets_every_byte_of_a_large_fast_stream(
         answer = SimpleNamespace(status=response.status, body=bytes(received))
         assert streamed_content(answer) == "".join(pieces)
         time.sleep(0.2)
-        # the connection went back to the pool reading again, whatever state the stream left it in
         assert streamed_content(post_chat(proc, stream_request())) == "".join(pieces)

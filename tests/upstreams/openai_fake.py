@@ -14,6 +14,7 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,9 +192,12 @@ class FakeOpenAI:
             [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
         )
         size = max(1, -(-len(reply.content) // reply.chunks))
-        pieces = [reply.content[i : i + size] for i in range(0, len(reply.content), size)]
+        # cut as sent: a long answer held back by a slow reader costs no copy of its length
+        pieces: Iterable[str] = (
+            reply.content[i : i + size] for i in range(0, len(reply.content), size)
+        )
         if reply.tool_calls is not None:  # a tool-call ending streams the calls, no content
-            pieces = []
+            pieces = ()
             calls = [{"index": i, **call} for i, call in enumerate(reply.tool_calls)]
             await send([{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": None}])
         for index, piece in enumerate(pieces):
