@@ -81,7 +81,8 @@ def post(proc: SidecarProcess, body: dict[str, Any] | bytes, timeout: float = 20
 @pytest.mark.parametrize(
     ("name", "status", "says", "within"),
     [
-        ("unique-items-20k", 422, "the answer does not match the schema", 5.0),
+        # a slow machine may spend the budget on the first rounds: then the third is too costly
+        ("unique-items-20k", 422, "the answer does not match the schema|too costly", 5.0),
         ("redos-100-strings", 422, 'does not match "^(a|aa)+$"', 3.0),
         ("2000-patterns", 400, "has over 32 patterns; at most 32", 3.0),
         ("15k-properties", 400, "the gateway takes schemas of at most 128 KiB", 3.0),
@@ -100,7 +101,7 @@ def test_a_hostile_schema_is_answered_within_bounds(
     assert time.monotonic() - started < within
     assert answer.status == status
     assert answer.error["param"] == "response_format"
-    assert says in answer.error["message"]
+    assert any(said in answer.error["message"] for said in says.split("|")), answer.error
     if status == 400:
         assert fake_openai.received == []
 
