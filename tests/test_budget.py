@@ -110,13 +110,16 @@ def redis_or_none(request: pytest.FixtureRequest) -> RedisProcess | None:
     return server
 
 
+EVERY_STORE = pytest.mark.parametrize(
+    "backend", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+)  # with the redis_or_none fixture and storage_for(backend, ...)
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}_{os.urandom(4).hex()}"  # the session's redis-server is shared by tests
 
 
-@pytest.mark.parametrize(
-    "backend", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
-)
+@EVERY_STORE
 async def test_200_concurrent_requests_never_overspend_and_ledger_equals_spent(
     backend: str,
     fake_openai: FakeOpenAI,

@@ -16,6 +16,7 @@ from tests.support import metric, metric_samples, post_chat
 from tests.test_budget import (
     ADMIN_ENV,
     BODY,
+    EVERY_STORE,
     PRICED,
     budget_config,
     nano,
@@ -38,9 +39,7 @@ def hold_of(body: dict[str, Any], cap: int) -> int:
     return len(json.dumps(body).encode()) * 1000 + cap * 2000
 
 
-@pytest.mark.parametrize(
-    "backend", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
-)
+@EVERY_STORE
 def test_an_upstream_past_the_cap_is_charged_in_full_counted_as_overrun_and_refused_next(
     backend: str,
     fake_openai: FakeOpenAI,

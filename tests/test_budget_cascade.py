@@ -6,14 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from tests.procs import RedisProcess, SidecarProcess, wait_until
 from tests.support import metric, metric_samples, post_chat
 from tests.test_budget import (
     ADMIN_ENV,
     ANSWER,
     COST,
+    EVERY_STORE,
     PRICED,
     budget_config,
     nano,
@@ -40,9 +39,7 @@ def cascade_budget_config(upstream: str, storage: dict[str, Any], **customers: f
     return config
 
 
-@pytest.mark.parametrize(
-    "backend", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
-)
+@EVERY_STORE
 def test_a_candidate_the_budget_cannot_cover_is_skipped_for_the_next(
     backend: str,
     fake_openai: FakeOpenAI,

@@ -18,6 +18,7 @@ from tests.support import CHAT
 from tests.test_budget import (
     ADMIN_ENV,
     BODY,
+    EVERY_STORE,
     budget_config,
     nano,
     redis_or_none,
@@ -86,9 +87,7 @@ def books_balance(proc: SidecarProcess, customer: str) -> dict[str, Any]:
     return report
 
 
-@pytest.mark.parametrize(
-    "backend", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
-)
+@EVERY_STORE
 def test_a_stream_left_before_the_upstream_answers_releases_its_hold(
     backend: str,
     fake_openai: FakeOpenAI,
