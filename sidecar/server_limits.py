@@ -24,9 +24,11 @@ comparisons to aiohttp's own work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import resource
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -50,6 +52,11 @@ log = logging.getLogger("ringside")
 
 FD_RESERVE = 128  # descriptors kept for stores, logs, config reloads and the listening sockets
 RESUME_FRACTION = 0.9  # a saturated listener is "below its cap again" at this share of it
+# a connection's kernel send buffer (the kernel doubles it: 256 KiB). Left to autotuning it grows
+# to tcp_wmem's maximum (4 MiB), and a client that does not read its stream would park that much
+# of its answer in kernel memory, charged to the pod's cgroup, before the write side pauses and,
+# through it, the upstream read
+SEND_BUFFER_BYTES = 128 * 1024
 _SAFE_REASON = re.compile(r"[A-Za-z][A-Za-z0-9 ,.'()_-]{0,120}")
 
 
@@ -228,6 +235,10 @@ class GuardedHandler(RequestHandler):
             self._force_close = True  # aiohttp ignores whatever still arrives
             return
         self._admitted = True
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # once per connection, not per streamed answer (~10k instructions)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self._header_due = self._loop.time() + self._header_timeout
         self._arm(self._header_due)
         super().connection_made(transport)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 
 from sidecar import sse
 from sidecar.addons.idempotency import well_formed
@@ -37,7 +35,6 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-STREAM_SNDBUF_BYTES = 128 * 1024  # the kernel doubles it: 256 KiB of a stream in its buffer
 
 
 def format_usd(value: float) -> str:
@@ -173,21 +170,10 @@ async def _process(flow: Flow, request: web.Request) -> web.StreamResponse:
 class SSEResponse(web.StreamResponse):
     """A stream whose head leaves with its first piece, in one write: aiohttp's own
     web.Response buffers its head this way; a StreamResponse sends it alone by default.
-
-    Its connection's kernel send buffer is bounded (STREAM_SNDBUF_BYTES, for the rest of the
-    connection): left to autotuning it grows to tcp_wmem's maximum (4 MiB), and a client that
-    does not read would park that much of its answer in kernel memory, charged to the pod's
-    cgroup, before the write side pauses and, through it, the upstream read."""
+    (Its connection's kernel send buffer is bounded when the connection is accepted:
+    sidecar/server_limits.py, SEND_BUFFER_BYTES.)"""
 
     _send_headers_immediately = False
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF_BYTES)
-        return await super().prepare(request)
 
 
 async def _send(flow: Flow, response: web.StreamResponse, data: bytes, last: bool = False) -> None:
