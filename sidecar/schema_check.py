@@ -282,7 +282,12 @@ class SchemaCache:
         else:
             self._compiled.move_to_end(key)
         if isinstance(found, GatewayError):
-            raise found
+            # a fresh exception per request: a raised one keeps its traceback, and with it the
+            # frames of the request (its whole body) for as long as the cache keeps the refusal
+            raise GatewayError(
+                found.status, found.code, found.message, param=found.param,
+                error_type=found.error_type, headers=found.headers,
+            )  # fmt: skip
         return SchemaPlan(found, spent)
 
 
