@@ -25,9 +25,9 @@ def refuse(cache: SchemaCache, body: Body) -> GatewayError:
 
 def test_a_cached_refusal_does_not_keep_the_request_that_raised_it() -> None:
     cache = SchemaCache()
-    schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(15_000)}}
-    response_format = {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}}
-    first_body = Body(response_format=response_format)
+    schema = {"type": "not-a-type"}  # not valid JSON Schema: compiled once, refused, cached
+    response_format = {"type": "json_schema", "json_schema": {"name": "bad", "schema": schema}}
+    first_body = Body(response_format=response_format, padding="x" * 400_000)
     first = refuse(cache, first_body)
     watched = weakref.ref(first_body)
     second = refuse(cache, Body(response_format=response_format))
