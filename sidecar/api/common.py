@@ -61,6 +61,8 @@ def require_json(request: web.Request) -> None:
     and an undeclared body from a browser (it sends `Origin`): so that no web page can make a
     visitor's browser call a sidecar on their machine (open mode on loopback)."""
     declared = request.headers.get("Content-Type")
+    if declared == JSON_CONTENT_TYPE:  # what the SDKs send: no parsing of the header
+        return
     if declared is None:
         if "Origin" not in request.headers:
             return
@@ -81,8 +83,8 @@ def require_json(request: web.Request) -> None:
 
 # How deeply JSON in a request may nest: far deeper than any real request (a tool's JSON Schema
 # ten objects deep is about 25 levels), and far from where the rest of the sidecar breaks:
-# orjson re-encodes at most 254 levels for the upstream, and checking a response_format schema
-# (jsonschema, recursive Python) runs out of stack past about 120.
+# orjson re-encodes at most 254 levels for the upstream (and the Python jsonschema this check was
+# first written against ran out of stack on a response_format schema past about 120).
 MAX_JSON_DEPTH = 64
 _ORJSON_MAX_DEPTH = 254  # orjson.dumps: "Recursion limit reached" past this (a test pins it)
 _COUNT_BELOW_BYTES = 2048  # up to here counting brackets costs less than the probe (~5 us)
