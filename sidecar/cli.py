@@ -1,4 +1,4 @@
-"""`ringside` command line: serve, check-config, keys, token mint, usage export."""
+"""`ringside` command line: serve, check-config, keys, token mint, usage export, inject-webhook."""
 
 from __future__ import annotations
 
@@ -459,6 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--since", type=_since, help="7d, 24h, 30m, ISO 8601 or Unix seconds")
     export.add_argument("--customer", help="only this customer's records")
     export.set_defaults(func=cmd_usage_export)
+
+    from sidecar.inject import command as inject
+
+    webhook = commands.add_parser(
+        "inject-webhook", help="the Kubernetes admission webhook that injects the sidecar"
+    )
+    inject.add_arguments(webhook)
+    webhook.set_defaults(func=inject.run)
     return parser
 
 
