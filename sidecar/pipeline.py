@@ -87,29 +87,30 @@ class Pipeline:
             self._names[hook] = tuple(names)
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # → (logged at, unlogged)
 
-    def run(self, hook: str, flow: Any, *args: Any) -> Awaitable[None]:
-        """Call `hook` on every addon in order; stops early once `flow.response` is set
-        (after the `headers` and `request` hooks).
+    def run(self, hook: str, flow: Any, attempt: Any = None) -> Awaitable[None]:
+        """Call `hook` on every addon in order, with `attempt` too for the attempt hooks;
+        stops early once `flow.response` is set (after the `headers` and `request` hooks).
 
         What is returned is already done, and awaiting it costs nothing, unless a hook
         handed back an awaitable: then the rest of the chain runs after it, in a coroutine.
         An addon's exception is handled as the module docstring says: only a deciding hook's
-        leaves this method (a GatewayError)."""
+        leaves this method (a GatewayError). (Calls with a fixed number of arguments: a
+        `*args` call builds a list and a tuple per handler, ~25 times a request.)"""
         handlers, stops = self._chains[hook]
-        for index, method in enumerate(handlers, 1):
+        for method in handlers:
             try:
-                pending = method(flow, *args)
+                pending = method(flow) if attempt is None else method(flow, attempt)
             except Exception as exc:
-                self._failed(hook, index - 1, flow, exc)
+                self._failed(hook, handlers.index(method), flow, exc)
                 continue
             if pending is not None and inspect.isawaitable(pending):  # other values: ignored
-                return self._resume(pending, hook, index - 1, flow, args)
+                return self._resume(pending, hook, handlers.index(method), flow, attempt)
             if stops and flow.response is not None:
                 break
         return DONE
 
     async def _resume(
-        self, pending: Awaitable[None], hook: str, position: int, flow: Any, args: tuple[Any, ...]
+        self, pending: Awaitable[None], hook: str, position: int, flow: Any, attempt: Any
     ) -> None:
         """Wait for what the handler at `position` handed back, then run the rest."""
         handlers, stops = self._chains[hook]
@@ -120,8 +121,9 @@ class Pipeline:
         if stops and flow.response is not None:
             return
         for later in range(position + 1, len(handlers)):
+            method = handlers[later]
             try:
-                pending = handlers[later](flow, *args)
+                pending = method(flow) if attempt is None else method(flow, attempt)
                 if pending is not None and inspect.isawaitable(pending):
                     await pending
             except Exception as exc:

@@ -300,9 +300,9 @@ class BudgetAddon:
             left = balance.remaining(scope.limit)
             remaining.append(left)
             if scope.kind == "cust":
-                spent_gauge, remaining_gauge = self._customer_gauges(scope.ident)
-                self.metrics.tally.set(spent_gauge, balance.spent / NANO)
-                self.metrics.tally.set(remaining_gauge, left / NANO)
+                gauges = self._gauges.get(scope.ident) or self._customer_gauges(scope.ident)
+                self.metrics.tally.set(gauges[0], balance.spent / NANO)
+                self.metrics.tally.set(gauges[1], left / NANO)
         if remaining:
             flow.metadata[REMAINING] = min(remaining) / NANO
 

@@ -252,8 +252,8 @@ class RateLimits:
             shifts = [
                 (key, (used - cost) * interval) for key, cost, interval in charged if used != cost
             ]
-        extra_calls = len(flow.attempts) - 1
-        if extra_calls > 0 and self.active:
+        if len(flow.attempts) > 1 and self.active:
+            extra_calls = len(flow.attempts) - 1
             shifts += [
                 (cell.key, extra_calls * cell.interval)
                 for cell in self.cells(flow)
