@@ -221,7 +221,7 @@ async def _serve(settings: Settings, config_path: str, started: float, workers: 
     state.draining = True  # /readyz fails first; in-flight requests and streams finish
     log.info("draining %d in-flight requests", state.inflight)
     with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(state.idle.wait(), settings.limits.drain_seconds)
+        await asyncio.wait_for(state.idle.wait(), settings.shutdown.grace_seconds)
     await api_runner.cleanup()
     await admin_runner.cleanup()
 

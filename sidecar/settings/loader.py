@@ -15,6 +15,7 @@ import yaml
 
 from sidecar.schema_compiler import Predicate, compile_predicate, trusted_matcher
 from sidecar.settings.model import (
+    KUBERNETES_DELAY_SECONDS,
     AddonSpec,
     AdminSettings,
     Budget,
@@ -30,6 +31,7 @@ from sidecar.settings.model import (
     RateLimit,
     Rewrite,
     Settings,
+    Shutdown,
     Storage,
     Timeouts,
     TokenSettings,
@@ -476,6 +478,8 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
         else:
             addons.append(AddonSpec(item["path"], dict(item.get("options", {}))))
 
+    shutdown = _shutdown(data, where, env, warnings)
+
     if problems:
         raise ConfigError(problems)
     limits_data = data.get("limits", {})
@@ -495,7 +499,6 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
         limits=Limits(
             max_body_bytes=limits_data.get("max_body_bytes", default_limits.max_body_bytes),
             max_cascade=limits_data.get("max_cascade", default_limits.max_cascade),
-            drain_seconds=float(limits_data.get("drain_seconds", default_limits.drain_seconds)),
             header_timeout=float(limits_data.get("header_timeout", default_limits.header_timeout)),
             body_timeout=float(limits_data.get("body_timeout", default_limits.body_timeout)),
             idle_timeout=float(limits_data.get("idle_timeout", default_limits.idle_timeout)),
@@ -510,7 +513,31 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
         warnings=tuple(warnings),
         tokens=tokens,
         admin=admin,
+        shutdown=shutdown,
     )
+
+
+def _shutdown(
+    data: Mapping[str, Any], where: _Located, env: Mapping[str, str], warnings: list[str]
+) -> Shutdown:
+    """The `shutdown` section. `limits.drain_seconds`, what `grace_seconds` was called before
+    the section existed, is still read (a config that worked keeps working), with a warning."""
+    section = data.get("shutdown", {})
+    delay = section.get("delay_seconds")
+    if delay is None:
+        delay = KUBERNETES_DELAY_SECONDS if "KUBERNETES_SERVICE_HOST" in env else 0.0
+    grace = section.get("grace_seconds")
+    drain = data.get("limits", {}).get("drain_seconds")
+    if drain is not None:
+        if grace is None:
+            grace = drain
+            told = f"deprecated: read as shutdown.grace_seconds ({drain:g}); move it there"
+        else:
+            told = "deprecated and ignored: shutdown.grace_seconds is set; remove it"
+        warnings.append(where.problem(("limits", "drain_seconds"), told))
+    if grace is None:
+        grace = Shutdown().grace_seconds
+    return Shutdown(delay_seconds=float(delay), grace_seconds=float(grace))
 
 
 MIN_TOKEN_SECRET_BYTES = 32

@@ -158,13 +158,28 @@ class AdminSettings:
 class Limits:
     max_body_bytes: int = 20 * 1024 * 1024
     max_cascade: int = 8  # candidates one request may expand to (each may cost a call)
-    drain_seconds: float = 20.0
     # connections (sidecar/server_limits.py): deadlines in seconds, caps per listener
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     idle_timeout: float = 75.0
     max_connections: int = 4096
     admin_max_connections: int = 256
+
+
+KUBERNETES_DELAY_SECONDS = 5.0  # shutdown.delay_seconds' default inside a Kubernetes pod
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """What SIGTERM does (SPEC 8; sidecar/shutdown.py): /readyz fails at once, the api listener
+    serves for `delay_seconds` more (while load balancers and Services stop sending), then
+    accepts no new connection; what is still running gets `grace_seconds`, and is then ended.
+
+    `delay_seconds` defaults to 0, and to KUBERNETES_DELAY_SECONDS inside a pod (the loader
+    reads KUBERNETES_SERVICE_HOST, which the kubelet sets in every container)."""
+
+    delay_seconds: float = 0.0
+    grace_seconds: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +210,7 @@ class Settings:
     warnings: tuple[str, ...] = ()
     tokens: TokenSettings = TokenSettings()
     admin: AdminSettings = AdminSettings()
+    shutdown: Shutdown = Shutdown()
 
     @property
     def open_mode(self) -> bool:
