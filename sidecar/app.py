@@ -37,7 +37,10 @@ class GatewayState:
         self.initial_settings = settings
         self.watch_interval = watch_interval
         self.holder: RuntimeHolder | None = None
-        self.draining = False
+        self.draining = False  # SIGTERM: /readyz fails (sidecar/shutdown.py)
+        # the shutdown's grace ran out: a request cancelled from now on is ended by the
+        # shutdown, and answers so (sidecar/api/chat.py), not by its client going away
+        self.grace_over = False
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()

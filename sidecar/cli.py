@@ -172,7 +172,13 @@ async def _serve(settings: Settings, config_path: str, started: float, workers: 
     from aiohttp import web
 
     from sidecar.app import GatewayState, create_apps
-    from sidecar.server_limits import GuardedRunner, ListenerGuard, api_connection_ceiling
+    from sidecar.server_limits import (
+        GuardedRunner,
+        GuardedServer,
+        ListenerGuard,
+        api_connection_ceiling,
+    )
+    from sidecar.shutdown import CUT_SECONDS, Drain
 
     state = GatewayState(config_path, settings, workers=workers)
     reuse_port = workers > 1
@@ -182,16 +188,23 @@ async def _serve(settings: Settings, config_path: str, started: float, workers: 
         "api", lambda: state.settings.limits, api_connection_ceiling(settings.limits)
     )
     admin_guard = ListenerGuard("admin", lambda: state.settings.limits)
-    api_runner = GuardedRunner(api_app, api_guard, handler_cancellation=True, access_log=None)
-    admin_runner = GuardedRunner(admin_app, admin_guard, access_log=None)
+    # the drain (sidecar/shutdown.py) has ended every api request before the runners stop
+    api_runner = GuardedRunner(
+        api_app, api_guard, handler_cancellation=True, access_log=None,
+        shutdown_timeout=CUT_SECONDS,
+    )  # fmt: skip
+    admin_runner = GuardedRunner(
+        admin_app, admin_guard, access_log=None, shutdown_timeout=CUT_SECONDS
+    )
     await api_runner.setup()
     await admin_runner.setup()
     api_guard.attach(state.runtime.services.metrics)
     admin_guard.attach(state.runtime.services.metrics)
     listen = settings.listen
-    await web.TCPSite(
+    api_site = web.TCPSite(
         api_runner, listen.api.host, listen.api.port, backlog=1024, reuse_port=reuse_port
-    ).start()
+    )
+    await api_site.start()
     await web.TCPSite(
         admin_runner, listen.admin.host, listen.admin.port, reuse_port=reuse_port
     ).start()
@@ -211,18 +224,15 @@ async def _serve(settings: Settings, config_path: str, started: float, workers: 
     )
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    assert isinstance(api_runner.server, GuardedServer)
+    drain = Drain(state, api_runner.server, [api_site])
+    loop.add_signal_handler(signal.SIGTERM, drain.begin, signal.SIGTERM)
+    loop.add_signal_handler(signal.SIGINT, drain.begin, signal.SIGINT)
     loop.add_signal_handler(signal.SIGHUP, lambda: state.holder and state.holder.reload())
-    await stop.wait()
+    await drain.started.wait()
+    await drain.run()  # /readyz fails, new requests for a delay, then in-progress ones finish
     await warm_up_task
-
-    state.draining = True  # /readyz fails first; in-flight requests and streams finish
-    log.info("draining %d in-flight requests", state.inflight)
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(state.idle.wait(), settings.shutdown.grace_seconds)
-    await api_runner.cleanup()
+    await api_runner.cleanup()  # the usage writer writes out its queue, the stores close
     await admin_runner.cleanup()
 
 

@@ -73,6 +73,17 @@ def internal_error(request_id: str) -> GatewayError:
     )
 
 
+def server_shutting_down() -> GatewayError:
+    """A request still running when the shutdown's grace ran out (sidecar/shutdown.py)."""
+    return GatewayError(
+        503,
+        "server_shutting_down",
+        "the sidecar is shutting down and its grace period (shutdown.grace_seconds) ended "
+        "before this answer was complete; what was produced is charged; retry the request",
+        headers={"Retry-After": "1"},
+    )
+
+
 class Outcome(enum.Enum):
     """How an upstream failure is treated: the request's fault, or a reason to escalate."""
 

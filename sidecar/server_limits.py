@@ -29,6 +29,7 @@ import logging
 import re
 import resource
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -80,6 +81,8 @@ class ListenerGuard:
         self._refused_counter: Any = None
         self._timeouts: dict[str, Any] = {}
         self._busy: tuple[int, bytes] = (0, b"")
+        # SIGTERM (sidecar/shutdown.py): every answer from then on says `Connection: close`
+        self.draining = False
 
     def attach(self, metrics: Metrics) -> None:
         """Count into `metrics` (made by the api app's start, after the runners are built)."""
@@ -261,6 +264,8 @@ class GuardedHandler(RequestHandler):
             self._header_due = 0.0
             messages = self._messages
             if messages:
+                if self._guard.draining:
+                    self._close_after(messages)
                 payload = messages[-1][1]
                 if not payload.is_eof():  # its body straddles reads: it gets a deadline
                     self._body = payload
@@ -270,6 +275,50 @@ class GuardedHandler(RequestHandler):
             # the first bytes of a keep-alive connection's next request: its headers' deadline
             self._header_due = self._loop.time() + self._header_timeout
             self._arm(self._header_due)
+
+    # -- shutdown (sidecar/shutdown.py): these run once per connection at SIGTERM, never per request
+    @property
+    def busy(self) -> bool:
+        """A request is being answered, or waits in this connection's queue."""
+        return self._request_in_progress or bool(self._messages)
+
+    def answer_with_close(self) -> None:
+        """The answers not started yet say `Connection: close`, and the connection closes
+        after them: a keep-alive client opens its next connection elsewhere (through its
+        Service or load balancer, to a replica that is ready)."""
+        request = self._current_request
+        if request is not None:
+            request._message = _closing(request._message)
+        self._close_after(self._messages)
+
+    @staticmethod
+    def _close_after(messages: deque[Any]) -> None:
+        for index, (message, payload) in enumerate(messages):
+            messages[index] = (_closing(message), payload)
+
+    def stop_serving(self) -> None:
+        """Take no further request: an idle connection is closed now, a busy one after the
+        answer in progress."""
+        if self.busy:
+            self.close()
+        else:
+            self.force_close()
+
+    def cut(self) -> bool:
+        """Cancel the request in progress, if any (its handler ends its answer as it can:
+        sidecar/api/chat.py); the connection closes after it. Whether one was cancelled."""
+        self.close()
+        task = self._task_handler
+        if not self._request_in_progress or task is None or task.done():
+            return False
+        task.cancel()
+        return True
+
+    def abort(self) -> None:
+        """Drop the connection without flushing: a client that reads nothing cannot hold
+        the exit up (a write waiting on it then fails, and its handler finishes)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def _arm(self, due: float) -> None:
         deadline = self._deadline
@@ -332,6 +381,14 @@ class GuardedHandler(RequestHandler):
         response = web.Response(status=status, body=error.body(), content_type="application/json")
         response.force_close()
         return response
+
+
+def _closing(message: Any) -> Any:
+    """A parsed request that asks for its connection to be closed after its answer (aiohttp
+    then answers it with `Connection: close`); a parser error is left as it is."""
+    if getattr(message, "should_close", True):
+        return message
+    return message._replace(should_close=True)
 
 
 class GuardedServer(web.Server):

@@ -66,6 +66,9 @@ class SidecarProcess:
         self.port = free_port()
         self.admin_port = free_port()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # as on a laptop even when the tests run in a pod (CI): shutdown.delay_seconds is
+        # 0 by default there, 5 s in a pod, and every test stops its sidecars with SIGTERM
+        self.env.pop("KUBERNETES_SERVICE_HOST", None)
         self.proc: subprocess.Popen[bytes] | None = None
         self.stdout_path = self.workdir / "stdout.log"
         self.stderr_path = self.workdir / "stderr.log"

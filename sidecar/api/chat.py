@@ -22,7 +22,7 @@ from sidecar.api.common import (
 )
 from sidecar.api.validation import header_error, requested_max_output, validate_chat_request
 from sidecar.app import STATE
-from sidecar.errors import GatewayError, UpstreamError, internal_error
+from sidecar.errors import GatewayError, UpstreamError, internal_error, server_shutting_down
 from sidecar.flow import Flow
 from sidecar.routing import Estimate
 from sidecar.runtime import Runtime
@@ -92,8 +92,14 @@ async def _handle(request: web.Request, runtime: Runtime) -> web.StreamResponse:
         response = error_response(error, ringside_headers(flow))
         flow.answer = response
     except asyncio.CancelledError:
-        flow.status = 499  # client closed the connection
-        raise
+        if request.writer.output_size or not _ended_by_shutdown(request):
+            flow.status = 499  # client closed the connection
+            raise
+        shutting_down = server_shutting_down()
+        flow.error, flow.status = shutting_down, shutting_down.status
+        await pipeline.run("error", flow)
+        response = error_response(shutting_down, ringside_headers(flow))
+        flow.answer = response
     except Exception:
         log.exception("internal error in request %s", flow.id)
         internal = internal_error(flow.id)
@@ -104,6 +110,17 @@ async def _handle(request: web.Request, runtime: Runtime) -> web.StreamResponse:
         flow.finished = time.perf_counter()
         await pipeline.run("done", flow)
     return response
+
+
+def _ended_by_shutdown(request: web.Request) -> bool:
+    """Whether the cancel being handled is the shutdown's, once its grace ran out (not the
+    client going away): then the task is un-cancelled, to answer (sidecar/shutdown.py)."""
+    if not request.app[STATE].grace_over or request.transport is None:
+        return False
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return True
 
 
 def _addon_answer(flow: Flow) -> web.StreamResponse:
@@ -242,8 +259,13 @@ async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
     except ConnectionResetError:
         flow.status = 499  # the client went away mid-stream: nothing more to send
     except asyncio.CancelledError:
-        flow.status = 499
-        raise
+        if not (response.prepared and _ended_by_shutdown(request)):
+            flow.status = 499
+            raise
+        cut = server_shutting_down()  # the stream ends as an upstream failure would end it
+        flow.error, flow.status = cut, cut.status
+        with contextlib.suppress(Exception):
+            await _send(flow, response, sse.encode(cut.body()), last=True)
     except Exception:
         if not response.prepared:
             raise
