@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from sidecar.errors import CandidateRefused, GatewayError, Outcome, UpstreamError
+from sidecar.errors import CandidateRefused, GatewayError, Outcome, UpstreamError, kept
 from sidecar.flow import Attempt, Flow
 from sidecar.pricing import usage_cost
 from sidecar.providers.base import ChunkStream, Completion, UpstreamCall, Usage
@@ -209,7 +209,7 @@ class Cascade:
             try:
                 completion = await provider.complete(self.build_call(flow, attempt, body))
             except UpstreamError as error:
-                attempt.error = error
+                attempt.error = kept(error)
                 self._settle(flow, attempt, None)
                 await pipeline.run("attempt_done", flow, attempt)
                 delay = retry_delay(candidate.provider, tries, error)
@@ -295,7 +295,7 @@ class Cascade:
                 if not error.outcome.escalates:
                     assert error.client_error is not None
                     raise error.client_error from None
-                failures.append((candidate, error))
+                failures.append((candidate, kept(error)))
                 previous = (candidate, error)
                 continue
             flow.model_used = candidate.ref
@@ -347,7 +347,7 @@ class Cascade:
     async def fail_stream(
         self, flow: Flow, attempt: Attempt, stream: ChunkStream | None, error: UpstreamError
     ) -> None:
-        attempt.error = error
+        attempt.error = kept(error)
         await self.finish_stream(flow, attempt, stream)
 
     async def finish_stream(self, flow: Flow, attempt: Attempt, stream: ChunkStream | None) -> None:

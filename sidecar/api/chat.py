@@ -22,7 +22,13 @@ from sidecar.api.common import (
 )
 from sidecar.api.validation import header_error, requested_max_output, validate_chat_request
 from sidecar.app import STATE
-from sidecar.errors import GatewayError, UpstreamError, internal_error, server_shutting_down
+from sidecar.errors import (
+    GatewayError,
+    UpstreamError,
+    internal_error,
+    kept,
+    server_shutting_down,
+)
 from sidecar.flow import Flow
 from sidecar.routing import Estimate
 from sidecar.runtime import Runtime
@@ -87,7 +93,7 @@ async def _handle(request: web.Request, runtime: Runtime) -> web.StreamResponse:
         if flow.stream:
             return response
     except GatewayError as error:
-        flow.error, flow.status = error, error.status
+        flow.error, flow.status = kept(error), error.status
         await pipeline.run("error", flow)
         response = error_response(error, ringside_headers(flow))
         flow.answer = response
@@ -243,7 +249,7 @@ async def _stream(flow: Flow, request: web.Request) -> web.StreamResponse:
                 await _send(flow, response, data)
         except UpstreamError as error:
             failure = error
-            attempt.error = error
+            attempt.error = kept(error)
             envelope = GatewayError(503, "upstream_unavailable", error.message).envelope()
             await _send(flow, response, sse.encode(orjson.dumps(envelope)), last=True)
         rejected = None
