@@ -3,16 +3,19 @@
 A benchmark, not a test: it measures and prints, it does not pass or fail. Everything runs on
 127.0.0.1. The sidecar runs the bench's realistic config (API key, budgeted and rate-limited
 customer, memory store). Normal traffic is wrk at `--concurrency` on the bench's chat request;
-the hostile mix, all at once during the second run:
+the hostile mix, all at once during the third run (the second runs it without the big bodies):
   - silent connections and slowloris headers (a byte a second) — `--idle-connections` of each;
   - streams whose client never reads — `--unread-streams`;
-  - a fresh 15,000-property `response_format` schema per request (a compile every time);
+  - a fresh 15,000-property `response_format` schema per request (470 KB; refused for its size
+    after it is parsed: the big body of the mix, whose parse is linear work on the event loop);
   - cascades of `limits.max_cascade` refs to a provider that refuses connections;
   - bodies nested 200 deep, CR/LF model refs, malformed HTTP (bare LF, NUL in a header);
 each request kind paced at `--hostile-rate` per second, so that what is measured is whether the
 hostile requests stall the others, not the CPU share of their volume.
-Reported: normal traffic's requests/s, p50 and p99 alone and under the mix, their ratio, the
-hostile requests answered, and the sidecar's RSS.
+With 2 or more CPUs the sidecar gets one of its own and everything else the others (`--no-pin`
+turns that off): what is measured is its event loop, not the scheduler. Reported: normal
+traffic's requests/s, p50 and p99 alone and under each mix, their ratios, the hostile requests
+answered, and the sidecar's RSS.
 
     .venv/bin/python -m bench.soak --seconds 10
 """
@@ -23,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,13 +56,25 @@ def hostile_config(path: Path) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def schema_body(serial: int) -> str:
-    properties = {f"p{serial}_{i}": {"type": "string"} for i in range(15_000)}
+_SERIAL = "S" * 9  # where each request's serial goes in the schema template
+
+
+def _schema_template() -> bytes:
+    properties = {f"p{_SERIAL}_{i}": {"type": "string"} for i in range(15_000)}
     schema = {"type": "object", "properties": properties}
     response_format = {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}}
-    return json.dumps(
-        {"model": "fc:bench/bench-model", "messages": HI, "response_format": response_format}
-    )
+    body = {"model": "fc:bench/bench-model", "messages": HI, "response_format": response_format}
+    return json.dumps(body).encode()
+
+
+SCHEMA_TEMPLATE = _schema_template()
+
+
+def schema_body(serial: int) -> bytes:
+    """A schema no earlier request sent (never cached), made with one bytes.replace: building
+    it with json.dumps took ~20 ms of the load generator's CPU per request, from the cores the
+    sidecar runs on."""
+    return SCHEMA_TEMPLATE.replace(_SERIAL.encode(), b"%09d" % serial)
 
 
 def cascade_body() -> str:
@@ -69,8 +85,8 @@ def cascade_body() -> str:
 class Hostile:
     """The hostile clients, on their own event loop in a thread, until `stop`."""
 
-    def __init__(self, port: int, args: argparse.Namespace) -> None:
-        self.port, self.args = port, args
+    def __init__(self, port: int, args: argparse.Namespace, big_bodies: bool = True) -> None:
+        self.port, self.args, self.big_bodies = port, args, big_bodies
         self.pause = 1.0 / args.hostile_rate  # between one kind's requests: stalls, not volume
         self.answered: dict[str, int] = {}
         self.stopping = threading.Event()
@@ -91,8 +107,8 @@ class Hostile:
     def _count(self, kind: str) -> None:
         self.answered[kind] = self.answered.get(kind, 0) + 1
 
-    async def _post(self, body: str, kind: str, read: bool = True) -> None:
-        payload = body.encode()
+    async def _post(self, body: str | bytes, kind: str, read: bool = True) -> None:
+        payload = body if isinstance(body, bytes) else body.encode()
         head = (
             "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + "".join(f"{k}: {v}\r\n" for k, v in run.HEADERS.items())
@@ -153,7 +169,7 @@ class Hostile:
             *(self._idle(slow=False) for _ in range(self.args.idle_connections)),
             *(self._idle(slow=True) for _ in range(self.args.idle_connections)),
             *(self._post(stream, "unread", read=False) for _ in range(self.args.unread_streams)),
-            self._loop(schema_body, "schema"),
+            *([self._loop(schema_body, "schema")] if self.big_bodies else []),
             self._loop(cascade_body(), "cascade"),
             self._loop(DEEP, "deep"),
             self._loop(BAD_REF, "bad_ref"),
@@ -163,6 +179,23 @@ class Hostile:
         await asyncio.gather(*(asyncio.ensure_future(t) for t in tasks), return_exceptions=True)
 
 
+def pin(sidecar_pid: int, load_pids: list[int]) -> tuple[set[int], set[int]] | None:
+    """The sidecar on the first CPU this process may use; this process (the hostile clients),
+    `load_pids` (the upstream) and every later child (wrk) on the others. Without it, on 2
+    cores, the sidecar's p99 under the mix measures the scheduler sharing its core with 4 busy
+    processes, not whether its event loop stalled. None on a machine with a single CPU."""
+    mine = os.sched_getaffinity(0)
+    if len(mine) < 2:
+        return None
+    sidecar_cpus = {min(mine)}
+    load_cpus = mine - sidecar_cpus
+    for pid, cpus in [(sidecar_pid, sidecar_cpus), *((p, load_cpus) for p in load_pids)]:
+        for task in Path(f"/proc/{pid}/task").iterdir():  # its threads too
+            os.sched_setaffinity(int(task.name), cpus)
+    os.sched_setaffinity(0, load_cpus)
+    return sidecar_cpus, load_cpus
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -170,6 +203,10 @@ def main() -> int:
     parser.add_argument("--idle-connections", type=int, default=200)
     parser.add_argument("--unread-streams", type=int, default=50)
     parser.add_argument("--hostile-rate", type=float, default=20.0, help="requests/s per kind")
+    parser.add_argument(
+        "--no-pin", dest="pin", action="store_false",
+        help="do not give the sidecar a core of its own (the load on the others)",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(run.BENCH / "results" / "soak.json"))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ringside-soak-"))
@@ -185,30 +222,44 @@ def main() -> int:
         port, admin = run.free_port(), run.free_port()
         proc, _ = run.start_sidecar(config, port, admin, 1, workdir / "sidecar.log")
         procs.append(proc)
+        pinned = pin(proc.pid, [procs[0].pid]) if args.pin else None
         target = run.Target("sidecar", f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid)
         script = run.wrk_script(run.HEADERS, workdir / "post.lua")
         run.run_wrk(target, script, args.concurrency, 2)  # warm-up
         rss_idle = run.rss_mib(proc.pid)
         alone = run.run_wrk(target, script, args.concurrency, args.seconds)
-        hostile = Hostile(port, args)
-        hostile.thread.start()
-        time.sleep(2)  # the hostile mix in full swing
         target.rss_load = 0.0
-        mixed = run.run_wrk(target, script, args.concurrency, args.seconds)
-        hostile.stop()
-        hostile.thread.join(30)
-        time.sleep(2)
+        answered: dict[str, dict[str, int]] = {}
+        phases = {}
+        for phase, big_bodies in (
+            ("under_mix_without_big_bodies", False),
+            ("under_hostile_mix", True),
+        ):
+            hostile = Hostile(port, args, big_bodies)
+            hostile.thread.start()
+            time.sleep(2)  # the hostile mix in full swing
+            phases[phase] = run.run_wrk(target, script, args.concurrency, args.seconds)
+            hostile.stop()
+            hostile.thread.join(30)
+            answered[phase] = hostile.answered
+            time.sleep(2)
+        mixed = phases["under_hostile_mix"]
         result = {
             "alone": alone,
-            "under_hostile_mix": mixed,
+            **phases,
             "p99_ratio": mixed["p99_ms"] / alone["p99_ms"],
+            "p99_ratio_without_big_bodies": (
+                phases["under_mix_without_big_bodies"]["p99_ms"] / alone["p99_ms"]
+            ),
             "rps_ratio": mixed["rps"] / alone["rps"],
-            "hostile_answered": hostile.answered,
+            "hostile_answered": answered,
             "rss_mib": {
                 "idle": rss_idle,
                 "peak_under_mix": target.rss_load,
                 "after": run.rss_mib(proc.pid),
             },
+            "sidecar_cpus": sorted(pinned[0]) if pinned else None,
+            "load_cpus": sorted(pinned[1]) if pinned else None,
             "args": vars(args),
         }
         print(json.dumps(result, indent=2))
