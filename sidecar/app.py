@@ -41,9 +41,6 @@ class GatewayState:
         # the shutdown's grace ran out: a request cancelled from now on is ended by the
         # shutdown, and answers so (sidecar/api/chat.py), not by its client going away
         self.grace_over = False
-        self.inflight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
 
     @property
     def runtime(self) -> Runtime:
@@ -59,15 +56,6 @@ class GatewayState:
     @property
     def ready(self) -> bool:
         return self.holder is not None and not self.draining
-
-    def enter(self) -> None:
-        self.inflight += 1
-        self.idle.clear()
-
-    def leave(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self.idle.set()
 
 
 STATE = web.AppKey("gateway_state", GatewayState)

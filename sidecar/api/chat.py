@@ -69,12 +69,7 @@ def ringside_headers(flow: Flow) -> dict[str, str]:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    state.enter()
-    try:
-        return await _handle(request, state.runtime)
-    finally:
-        state.leave()
+    return await _handle(request, request.app[STATE].runtime)
 
 
 async def _handle(request: web.Request, runtime: Runtime) -> web.StreamResponse:
