@@ -72,6 +72,25 @@ def test_json_nested_to_the_limit_reaches_the_upstream_intact(
     assert fake_openai.received[0].body["extra"] == deep
 
 
+@pytest.mark.parametrize("depth", [LIMIT, LIMIT + 1])
+def test_a_large_body_is_checked_for_depth_too(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI, depth: int
+) -> None:
+    """A body past the bracket-counting size (and past aiohttp's first read): same limit."""
+    padding = "x" * 100_000
+    answer = post_chat(
+        gateway,
+        {"model": MINI, "messages": HELLO, "pad": padding, "extra": nested(depth - 1)},
+    )
+    if depth > LIMIT:
+        assert answer.status == 400, answer.body
+        assert f"more than {LIMIT} levels" in answer.error["message"]
+        assert fake_openai.received == []
+    else:
+        assert answer.status == 200, answer.body
+        assert fake_openai.received[0].body["extra"] == nested(depth - 1)
+
+
 def test_a_response_format_schema_nested_past_the_limit_is_400(
     gateway: SidecarProcess, fake_openai: FakeOpenAI
 ) -> None:
