@@ -1,7 +1,7 @@
 """All network I/O to providers: per-provider timeouts, SSE reading, transport errors.
 
 `HttpProvider` pairs a pure adapter with the process's pooled HTTP/1.1 client
-(`sidecar/http1.py`), for answers read whole and for streams. Every transport failure leaves
+(`sidecar/http1/`), for answers read whole and for streams. Every transport failure leaves
 here as an `UpstreamError` with its Outcome decided.
 """
 

@@ -1,4 +1,4 @@
-"""The non-streamed upstream call on the wire (sidecar/http1.py): body framings, encodings,
+"""The non-streamed upstream call on the wire (sidecar/http1/): body framings, encodings,
 keep-alive and TLS, against small real servers."""
 
 from __future__ import annotations

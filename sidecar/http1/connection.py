@@ -1,0 +1,190 @@
+"""One upstream connection: the request written in one piece, the response parsed by
+httptools (llhttp) as bytes arrive, whole or handed over to a BodyReader at its head."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.http1.body import MAX_BODY_BYTES, BodyReader, Streamed, UpstreamProtocolError
+
+# the kernel receive buffer of a connection once paused (the kernel doubles it): autotuned, it
+# grows to megabytes while a fast stream is read, and would take that much more of the answer
+PAUSED_RCVBUF_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection, one request at a time; httptools calls back as bytes arrive. The
+    waiter is answered with the whole Response, or, for a streamed request, with a Streamed
+    at the head whose BodyReader then takes the body."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the read timeout of the request
+        self._streaming = False
+        self._reader: BodyReader | None = None
+        self._paused = False  # reading paused for the reader
+        self._rcvbuf_bounded = False  # once paused: no longer autotuned, so never pooled again
+        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._body: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self._headers_done = False
+        self._keep_alive = False
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None:  # bytes while idle: the connection cannot be trusted
+            self._abort()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"unparseable response: {exc}"))
+            self._abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is None or self._done:
+            return
+        if self._headers_done and not {"Content-Length", "Transfer-Encoding"} & set(self._headers):
+            self.on_message_complete()  # a body delimited by the close (HTTP/1.0 style) ends here
+            return
+        self._fail(UpstreamProtocolError("connection closed before the response ended" + _why(exc)))
+
+    # -- httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+        status = self._parser.get_status_code()
+        if self._streaming and not 100 <= status < 200:
+            streamed = Streamed(status, CIMultiDictProxy(self._headers), self)
+            self._reader = streamed.body
+            self._resolve(streamed)
+
+    def on_body(self, body: bytes) -> None:
+        if self._reader is not None:
+            self._reader.feed(body)
+            return
+        self._size += len(body)
+        if self._size > MAX_BODY_BYTES:
+            self._fail(UpstreamProtocolError(f"response body over {MAX_BODY_BYTES} bytes"))
+            self._abort()
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # 100 Continue, 103 Early Hints: not
+            self._headers = CIMultiDict()  # the answer; the final response follows
+            self._body, self._size, self._headers_done = [], 0, False
+            return
+        self._done = True
+        self._keep_alive = self._parser.should_keep_alive()  # only valid inside the callback
+        if self._reader is not None:
+            self._reader.end()
+        else:
+            body = b"".join(self._body)
+            self._resolve(Response(status, CIMultiDictProxy(self._headers), body))
+
+    # -- use
+    def send(self, head: bytes, body: bytes, read: float, streaming: bool) -> asyncio.Future[Any]:
+        """Write the request; the future fails with TimeoutError `read` seconds on (one timer
+        handle: cheaper than an asyncio.timeout block per request)."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        self._timer = loop.call_later(read, self._time_out, read)  # cancelled once answered
+        self._streaming = streaming
+        self._reader = None
+        self._headers = CIMultiDict()
+        self._body = []
+        self._size = 0
+        self._done = False
+        self._headers_done = False
+        self.transport.write(head + body)
+        return waiter
+
+    def reusable(self) -> bool:
+        """After a complete response: whether the connection may carry another request."""
+        return self._done and not self.closed and self._keep_alive and not self._rcvbuf_bounded
+
+    def release(self) -> None:
+        self._waiter = None
+        self._reader = None  # the parser goes on with the next response (llhttp keeps alive)
+        if self._paused:  # a stream's reader fell behind just as its body ended
+            self._paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def pause_reading(self, reader: BodyReader) -> None:
+        if reader is self._reader and not self._paused and not self.closed:
+            self._paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+            if not self._rcvbuf_bounded:
+                self._rcvbuf_bounded = True
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PAUSED_RCVBUF_BYTES)
+
+    def resume_reading(self, reader: BodyReader) -> None:
+        if reader is self._reader and self._paused and not self.closed:
+            self._paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+
+    def _resolve(self, result: Response | Streamed) -> None:
+        self._cancel_timer()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+
+    def _fail(self, exc: Exception) -> None:
+        self._cancel_timer()
+        if self._reader is not None:
+            self._reader.fail(exc)
+        elif self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+
+    def _time_out(self, read: float) -> None:
+        self._timer = None
+        self._fail(TimeoutError(f"no response within {read} s"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _abort(self) -> None:
+        """Drop the connection (its waiter's timer too: a cancelled caller leaves it armed)."""
+        self.closed = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _why(exc: Exception | None) -> str:
+    return f": {exc}" if exc else ""
