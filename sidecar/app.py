@@ -14,51 +14,21 @@ from sidecar.addons.circuits import CircuitBreakers
 from sidecar.addons.metrics import Metrics, flush_periodically
 from sidecar.addons.ratelimit import open_limiter
 from sidecar.addons.usage import UsageWriter
+from sidecar.api.admin import add_admin_routes
+from sidecar.api.chat import chat_completions
+from sidecar.api.common import unknown_route
+from sidecar.api.models import list_models
+from sidecar.api.tokens import create_client_token, preflight
+from sidecar.appkeys import STATE, GatewayState
 from sidecar.runtime import Runtime, RuntimeHolder, Services
 from sidecar.settings import Settings
 from sidecar.settings.model import HostPort, Listen
 from sidecar.settings.watch import watch_file
-from sidecar.stores import open_store
-from sidecar.stores.budget import open_budget_store
+from sidecar.stores import open_budget_store, open_store
 
 log = logging.getLogger("ringside")
 
 GAUGE_WAIT_SECONDS = 0.5  # startup waits this long for the budget gauges' first reading
-
-
-class GatewayState:
-    """Mutable state of one running gateway, shared by its api and admin apps."""
-
-    def __init__(
-        self, config_path: str, settings: Settings, watch_interval: float = 1.0, workers: int = 1
-    ) -> None:
-        self.config_path = config_path
-        self.workers = workers  # processes serving this config (`serve --workers`)
-        self.initial_settings = settings
-        self.watch_interval = watch_interval
-        self.holder: RuntimeHolder | None = None
-        self.draining = False  # SIGTERM: /readyz fails (sidecar/shutdown.py)
-        # the shutdown's grace ran out: a request cancelled from now on is ended by the
-        # shutdown, and answers so (sidecar/api/chat.py), not by its client going away
-        self.grace_over = False
-
-    @property
-    def runtime(self) -> Runtime:
-        assert self.holder is not None, "the api app has not started"
-        return self.holder.current
-
-    @property
-    def settings(self) -> Settings:
-        """The Settings in force: the running Runtime's (they change on reload), or before
-        start the ones the gateway was created with."""
-        return self.initial_settings if self.holder is None else self.holder.current.settings
-
-    @property
-    def ready(self) -> bool:
-        return self.holder is not None and not self.draining
-
-
-STATE = web.AppKey("gateway_state", GatewayState)
 
 
 def with_listen(settings: Settings, api: HostPort | None, admin: HostPort | None) -> Settings:
@@ -118,12 +88,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_apps(state: GatewayState) -> tuple[web.Application, web.Application]:
-    from sidecar.api.admin import add_admin_routes
-    from sidecar.api.chat import chat_completions
-    from sidecar.api.common import unknown_route
-    from sidecar.api.models import list_models
-    from sidecar.api.tokens import create_client_token, preflight
-
     api = web.Application()
     api[STATE] = state
     api.cleanup_ctx.append(_lifecycle)

@@ -171,7 +171,8 @@ def settle_heap() -> None:
 async def _serve(settings: Settings, config_path: str, started: float, workers: int = 1) -> None:
     from aiohttp import web
 
-    from sidecar.app import GatewayState, create_apps
+    from sidecar.app import create_apps
+    from sidecar.appkeys import GatewayState
     from sidecar.server_limits import (
         GuardedRunner,
         GuardedServer,
@@ -355,7 +356,7 @@ def _since(text: str) -> float:
 
 def cmd_usage_export(args: argparse.Namespace) -> int:
     """Write the usage records of the configured store to stdout, oldest first."""
-    from sidecar.stores.budget import open_budget_store
+    from sidecar.stores import open_budget_store
 
     settings = _loaded(args.config)
     if settings is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,10 @@ if TYPE_CHECKING:
     from sidecar.routing import Candidate, Route
     from sidecar.runtime import Runtime
     from sidecar.structured import SchemaPlan
+
+# a customer id, wherever one comes in: the FC-Customer header, a client token's claim, the
+# usage endpoint's path
+CUSTOMER_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
 @dataclass(slots=True, eq=False)

@@ -31,7 +31,7 @@ from typing import cast
 
 from aiohttp import web
 
-from sidecar.app import GatewayState
+from sidecar.appkeys import GatewayState
 from sidecar.server_limits import GuardedHandler, GuardedServer
 
 log = logging.getLogger("ringside")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import re
 import time
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
@@ -21,10 +20,9 @@ from sidecar.addons.tokens import (
     same_ip,
 )
 from sidecar.errors import GatewayError
-from sidecar.flow import Flow, Principal
+from sidecar.flow import CUSTOMER_PATTERN, Flow, Principal
 from sidecar.settings.model import KeySettings, Settings
 
-CUSTOMER_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _PROXY_CACHE_SIZE = 4096
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

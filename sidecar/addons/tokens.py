@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sidecar.errors import GatewayError, invalid_request
+from sidecar.flow import CUSTOMER_PATTERN
 from sidecar.settings.model import KeySettings, TokenSettings
 
 ISSUER = "ringside"
@@ -155,7 +156,6 @@ def grant_from_request(
 
     Unknown fields are refused rather than ignored: a misspelt `origin` must not silently
     mint an unbound token. A key with allowed refs can only mint tokens within them."""
-    from sidecar.addons.auth import CUSTOMER_PATTERN
 
     for name in body:
         if name not in GRANT_FIELDS:

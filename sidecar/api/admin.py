@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sidecar.addons.metrics import exposition
 from sidecar.api.common import bearer_matches
 from sidecar.api.usage import customer_usage
-from sidecar.app import STATE
+from sidecar.appkeys import STATE
 
 
 async def healthz(request: web.Request) -> web.Response:

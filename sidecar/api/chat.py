@@ -21,7 +21,7 @@ from sidecar.api.common import (
     request_id,
 )
 from sidecar.api.validation import header_error, requested_max_output, validate_chat_request
-from sidecar.app import STATE
+from sidecar.appkeys import STATE
 from sidecar.errors import (
     GatewayError,
     UpstreamError,

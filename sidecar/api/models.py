@@ -6,7 +6,7 @@ from aiohttp import web
 
 from sidecar.addons.tokens import cors_headers
 from sidecar.api.common import JSON_CONTENT_TYPE, error_response, request_id
-from sidecar.app import STATE
+from sidecar.appkeys import STATE
 from sidecar.errors import GatewayError
 
 

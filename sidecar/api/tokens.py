@@ -21,7 +21,7 @@ from sidecar.api.common import (
     read_body,
     request_id,
 )
-from sidecar.app import STATE
+from sidecar.appkeys import STATE
 from sidecar.errors import GatewayError
 
 MAX_BODY_BYTES = 16 * 1024

@@ -15,11 +15,11 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.addons.auth import CUSTOMER_PATTERN
 from sidecar.addons.budget import scope_of
 from sidecar.api.common import bearer_matches, error_response
-from sidecar.app import STATE
+from sidecar.appkeys import STATE
 from sidecar.errors import GatewayError, invalid_request
+from sidecar.flow import CUSTOMER_PATTERN
 from sidecar.settings.loader import ADMIN_TOKEN_ENV
 from sidecar.stores.budget import (
     PERIODS,

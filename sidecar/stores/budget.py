@@ -17,12 +17,9 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from sidecar.stores.base import StoreUnavailable as StoreUnavailable  # re-exported
-
-if TYPE_CHECKING:
-    from sidecar.settings.model import Storage
 
 NANO = 1_000_000_000
 PERIODS = ("day", "month", "total")
@@ -282,37 +279,3 @@ def _release_abandoned(
     task = asyncio.ensure_future(release(reserving.result()))
     _releasing.add(task)
     task.add_done_callback(_releasing.discard)
-
-
-async def open_budget_store(storage: Storage, serve: bool = True) -> BudgetStore:
-    """The budget and usage backend that `storage.backend` names, opened (redis lazily: a
-    sidecar starts while redis is down, and replays its journal once redis answers).
-    `serve=False` (a reader such as `usage export`) leaves the redis journal alone."""
-    from sidecar.settings import ConfigError
-
-    if storage.backend == "memory":
-        from sidecar.stores.budget_memory import MemoryBudgetStore
-
-        return MemoryBudgetStore()
-    if storage.backend == "sqlite":
-        from sidecar.stores.budget_sqlite import SqliteBudgetStore
-
-        store = SqliteBudgetStore(storage.sqlite_path, storage.usage_retention_days)
-        try:
-            await store.open()
-        except (StoreUnavailable, OSError) as exc:
-            await store.close()
-            message = f"storage.sqlite_path: cannot open {storage.sqlite_path}: {exc}"
-            raise ConfigError([message]) from None
-        return store
-    if storage.backend == "redis":
-        from sidecar.stores.budget_redis import RedisBudgetStore
-
-        shared = RedisBudgetStore(
-            storage.redis_url, storage.journal_path, storage.fail_open,
-            storage.usage_retention_days,
-        )  # fmt: skip
-        if serve:
-            await shared.open()
-        return shared
-    raise ValueError(f"storage.backend: unknown backend {storage.backend!r}")
