@@ -27,7 +27,7 @@ import jsonpatch
 import kubernetes_validate
 import trustme
 
-from tests.procs import free_port, wait_until
+from tests.procs import free_port, stop_process, wait_until
 
 # the first Kubernetes with native sidecars on by default (beta in 1.29, GA in 1.33),
 # and the newest schema kubernetes-validate bundles
@@ -141,14 +141,7 @@ class InjectorProcess:
         return certificate
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+        return stop_process(self.proc, sig, timeout)
 
 
 def app_pod(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:

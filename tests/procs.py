@@ -49,6 +49,21 @@ def wait_until(check: Any, timeout: float = 10.0, interval: float = 0.02) -> Any
         time.sleep(interval)
 
 
+def stop_process(
+    proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 15.0
+) -> int | None:
+    """Send `sig` and wait up to `timeout` for the exit, then kill: the exit code (None if the
+    process was never started)."""
+    if proc is None or proc.poll() is not None:
+        return proc.returncode if proc else None
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)
+
+
 class SidecarProcess:
     """`python -m sidecar serve` on free loopback ports with a config written to a temp dir."""
 
@@ -133,14 +148,7 @@ class SidecarProcess:
             return str(response.read().decode())
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+        return stop_process(self.proc, sig, timeout)
 
 
 class RedisProcess:
