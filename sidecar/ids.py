@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import os
 
+# Per process by design, not per app (ARCHITECTURE rule 5 allows it): whichever app draws an
+# id, it must not repeat within the process; a forked worker draws its own prefix.
 _prefix = ""
 _counter = itertools.count()
 

@@ -116,3 +116,90 @@ def test_the_api_handlers_and_the_app_share_their_keys_without_importing_each_ot
 
 def test_no_sidecar_module_imports_itself_back() -> None:
     assert cycles(import_graph()) == []
+
+
+# Module-level containers that are constants: filled once at import, never changed after.
+# Anything else mutable at module level is state shared by every app in the process (two
+# gateways in one test process would see each other's), which rule 5 forbids.
+CONSTANTS = {
+    "sidecar.addons.idempotency": {"NO_SDK_RETRY"},
+    "sidecar.addons.ratelimit": {"SCOPE_NOUNS", "_HEADER_NAMES"},
+    "sidecar.addons.tokens": {"_REQUIRED_CLAIMS", "_DEFAULT_PORTS"},
+    "sidecar.api.admin": {"METRICS_CHALLENGE"},
+    "sidecar.api.chat": {"SSE_HEADERS"},
+    "sidecar.api.common": {"_METHODS"},
+    "sidecar.api.validation": {"_PART_FIELDS"},
+    "sidecar.errors": {"_TYPE_BY_STATUS"},
+    "sidecar.inject.options": {"RESOURCES", "DEFAULT_RESOURCES", "_BINARY", "_DECIMAL", "_SCALE"},
+    "sidecar.inject.review": {"POD_KIND"},
+    "sidecar.pipeline": {"_ALIASES", "_NORMALIZED"},
+    "sidecar.providers.openai_compat": {"COMPAT_KINDS"},
+    "sidecar.schema_check": {"_JSON_OBJECT"},
+    "sidecar.schema_compiler": {"_TYPES"},
+    "sidecar.settings.loader": {"_SCALAR_TYPES"},
+}
+# Per process by design, not per app: an id must not repeat within the process whichever app
+# draws it (sidecar/ids.py: a random prefix drawn again after fork, and a counter).
+PER_PROCESS = {"sidecar.ids": {"_prefix", "_counter"}}
+
+_MUTABLE_DISPLAYS = (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)
+_MUTABLE_FACTORIES = {
+    "set", "dict", "list", "bytearray", "deque", "defaultdict", "OrderedDict", "Counter",
+    "count", "WeakSet", "WeakValueDictionary", "WeakKeyDictionary", "Event", "Lock", "Queue",
+}  # fmt: skip
+
+
+def _is_mutable(value: ast.expr) -> bool:
+    if isinstance(value, _MUTABLE_DISPLAYS):
+        return True
+    if isinstance(value, ast.Call):
+        func = value.func
+        name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+        return name in _MUTABLE_FACTORIES
+    return False
+
+
+def module_state(tree: ast.Module) -> set[str]:
+    """Names a module binds at its top level to a mutable container, plus every name a
+    function rebinds with `global` (module state however it is made)."""
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        if _is_mutable(value):
+            found.update(t.id for t in targets if isinstance(t, ast.Name))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            found.update(node.names)
+    return found - {"__all__"}
+
+
+def test_the_state_scan_sees_containers_and_globals() -> None:
+    tree = ast.parse(
+        "import asyncio\n_tasks: set[asyncio.Task[None]] = set()\nCACHE = {}\nNAMES = ('a',)\n"
+        "def f():\n    global _n\n    _n = 1\n"
+    )
+    assert module_state(tree) == {"_tasks", "CACHE", "_n"}
+
+
+def test_no_module_level_mutable_state() -> None:
+    allowed = {
+        module: CONSTANTS.get(module, set()) | PER_PROCESS.get(module, set())
+        for module in module_files()
+    }
+    unexpected = {
+        module: sorted(names)
+        for module, path in module_files().items()
+        if (names := module_state(ast.parse(path.read_text(), str(path))) - allowed[module])
+    }
+    assert unexpected == {}, "module-level state: put it on the object that owns it"
+
+
+def test_the_allow_lists_name_only_what_exists() -> None:
+    files = module_files()
+    for module, names in (CONSTANTS | PER_PROCESS).items():
+        assert names <= module_state(ast.parse(files[module].read_text())), module

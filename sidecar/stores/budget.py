@@ -253,29 +253,40 @@ class BudgetStore(Protocol):
     async def close(self) -> None: ...
 
 
-_releasing: set[asyncio.Task[None]] = set()  # releases of abandoned reserves, until done
+class AbandonedReserves:
+    """A store's reserves whose caller was cancelled, and the releases they lead to.
 
+    A reserve already queued or sent is not stopped by a cancel (the store applies it all the
+    same), so a cancelled caller must not drop its holds: they would stay held until their TTL,
+    counted against the budget for minutes. The store that owns one of these awaits its
+    reserves through `reserve_or_release`; the release tasks are kept here until done (the
+    event loop holds only weak references to tasks)."""
 
-async def reserve_or_release(
-    reserving: asyncio.Future[list[Hold]],
-    release: Callable[[list[Hold]], Awaitable[None]],
-) -> list[Hold]:
-    """Await a reserve that is already queued or sent. A cancel does not stop it (the store
-    applies it all the same), so a cancelled caller must not drop its holds: they would stay
-    held until their TTL, counted against the budget for minutes. On a cancel the holds are
-    released as soon as the reserve completes."""
-    try:
-        return await asyncio.shield(reserving)
-    except asyncio.CancelledError:
-        reserving.add_done_callback(lambda done: _release_abandoned(done, release))
-        raise
+    __slots__ = ("releasing",)
 
+    def __init__(self) -> None:
+        self.releasing: set[asyncio.Task[None]] = set()
 
-def _release_abandoned(
-    reserving: asyncio.Future[list[Hold]], release: Callable[[list[Hold]], Awaitable[None]]
-) -> None:
-    if reserving.cancelled() or reserving.exception() is not None:
-        return  # nothing was held (refused, or the store failed)
-    task = asyncio.ensure_future(release(reserving.result()))
-    _releasing.add(task)
-    task.add_done_callback(_releasing.discard)
+    async def reserve_or_release(
+        self,
+        reserving: asyncio.Future[list[Hold]],
+        release: Callable[[list[Hold]], Awaitable[None]],
+    ) -> list[Hold]:
+        """Await a reserve that is already queued or sent; on a cancel its holds are released
+        as soon as it completes."""
+        try:
+            return await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            reserving.add_done_callback(lambda done: self._release(done, release))
+            raise
+
+    def _release(
+        self,
+        reserving: asyncio.Future[list[Hold]],
+        release: Callable[[list[Hold]], Awaitable[None]],
+    ) -> None:
+        if reserving.cancelled() or reserving.exception() is not None:
+            return  # nothing was held (refused, or the store failed)
+        task = asyncio.ensure_future(release(reserving.result()))
+        self.releasing.add(task)
+        task.add_done_callback(self.releasing.discard)

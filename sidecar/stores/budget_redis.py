@@ -35,6 +35,7 @@ from redis.backoff import NoBackoff
 
 from sidecar.ids import new_id
 from sidecar.stores.budget import (
+    AbandonedReserves,
     Balance,
     BudgetExceeded,
     Charge,
@@ -47,7 +48,6 @@ from sidecar.stores.budget import (
     UsageRecord,
     Window,
     carries_record,
-    reserve_or_release,
 )
 from sidecar.stores.budget_journal import Entry, Journal
 from sidecar.stores.budget_lua import FINISH, INDEX, RELEASE, RESERVE, SETTLE
@@ -118,6 +118,7 @@ class RedisBudgetStore:
         self._replayer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        self._abandoned = AbandonedReserves()
 
     async def open(self) -> None:
         for entry in await self.journal.open():
@@ -152,7 +153,7 @@ class RedisBudgetStore:
     ) -> list[Hold]:
         # a task: the round trips of a cancelled caller go on, and what they hold is released
         reserving = asyncio.ensure_future(self._reserve(scopes, amount, ttl))
-        return await reserve_or_release(reserving, self._release)
+        return await self._abandoned.reserve_or_release(reserving, self._release)
 
     async def _reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float

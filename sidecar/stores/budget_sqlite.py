@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from sidecar.ids import new_id
 from sidecar.stores.budget import (
+    AbandonedReserves,
     Balance,
     BudgetExceeded,
     Charge,
@@ -30,7 +31,6 @@ from sidecar.stores.budget import (
     UsageRecord,
     Window,
     carries_record,
-    reserve_or_release,
 )
 from sidecar.stores.sqlite_thread import ThreadedSqlite
 
@@ -90,6 +90,7 @@ class SqliteBudgetStore(ThreadedSqlite):
         self.retention = retention_days * 86400
         self.clock = clock
         self._pruned_at = 0.0
+        self._abandoned = AbandonedReserves()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -141,7 +142,7 @@ class SqliteBudgetStore(ThreadedSqlite):
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
         reserving = self._enqueue(self._reserve, scopes, amount, ttl)
-        return await reserve_or_release(reserving, self._release)
+        return await self._abandoned.reserve_or_release(reserving, self._release)
 
     def _release_holds(self, db: sqlite3.Connection, holds: Sequence[Hold]) -> None:
         for hold in holds:
