@@ -67,6 +67,14 @@ class HttpProvider:
         self.settings = settings
         self.adapter = adapter
         self.http1 = http1
+        tls = settings.tls
+        self.egress = http1.egress(
+            settings.proxy,
+            tls.context if tls is not None else None,
+            tls.files_key if tls is not None else None,
+            settings.max_connections,
+            settings.timeout.pool,
+        )  # built at load: the request path looks its target up there
         self.native_json_schema = adapter.native_json_schema
         self.json_mode = adapter.json_mode
         self._detail_logged_at = -DETAIL_LOG_SECONDS
@@ -118,7 +126,7 @@ class HttpProvider:
         timeouts = self.settings.timeout
         try:
             return await send(
-                self.http1.target(request.url),
+                self.egress.target(request.url),
                 request.headers,
                 request.body,
                 timeouts.connect,

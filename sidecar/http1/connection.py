@@ -7,16 +7,21 @@ import asyncio
 import contextlib
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.http1.body import MAX_BODY_BYTES, BodyReader, Streamed, UpstreamProtocolError
 
+if TYPE_CHECKING:
+    from sidecar.http1.pool import Pool
+
 # the kernel receive buffer of a connection once paused (the kernel doubles it): autotuned, it
 # grows to megabytes while a fast stream is read, and would take that much more of the answer
 PAUSED_RCVBUF_BYTES = 64 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # of a response head: more is an upstream error, not memory
+MAX_HEADERS = 100
 
 
 @dataclass(slots=True)
@@ -34,6 +39,7 @@ class Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.pool: Pool | None = None  # counted there from when it is open until it closes
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None  # the read timeout of the request
@@ -46,6 +52,7 @@ class Connection(asyncio.Protocol):
         self._size = 0
         self._done = False
         self._headers_done = False
+        self._head_bytes = 0
         self._keep_alive = False
 
     # -- asyncio.Protocol
@@ -56,6 +63,12 @@ class Connection(asyncio.Protocol):
         if self._waiter is None:  # bytes while idle: the connection cannot be trusted
             self._abort()
             return
+        if not self._headers_done:  # bytes of the head so far (checked before the next piece)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(UpstreamProtocolError(f"response head over {MAX_HEAD_BYTES} bytes"))
+                self._abort()
+                return
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -63,7 +76,7 @@ class Connection(asyncio.Protocol):
             self._abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self._closed()
         if self._waiter is None or self._done:
             return
         if self._headers_done and not {"Content-Length", "Transfer-Encoding"} & set(self._headers):
@@ -77,6 +90,10 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        if len(self._headers) > MAX_HEADERS:
+            self._fail(UpstreamProtocolError(f"response with over {MAX_HEADERS} headers"))
+            self._abort()
+            return
         status = self._parser.get_status_code()
         if self._streaming and not 100 <= status < 200:
             streamed = Streamed(status, CIMultiDictProxy(self._headers), self)
@@ -123,6 +140,7 @@ class Connection(asyncio.Protocol):
         self._size = 0
         self._done = False
         self._headers_done = False
+        self._head_bytes = 0
         self.transport.write(head + body)
         return waiter
 
@@ -180,10 +198,16 @@ class Connection(asyncio.Protocol):
 
     def _abort(self) -> None:
         """Drop the connection (its waiter's timer too: a cancelled caller leaves it armed)."""
-        self.closed = True
+        self._closed()
         self._cancel_timer()
         if self.transport is not None:
             self.transport.abort()
+
+    def _closed(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.pool is not None:
+                self.pool.lost()
 
 
 def _why(exc: Exception | None) -> str:

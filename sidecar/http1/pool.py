@@ -1,4 +1,8 @@
-"""The client: targets parsed once, a pool of keep-alive connections per origin.
+"""The client: targets parsed once, a pool of keep-alive connections per origin and egress.
+
+A pool holds at most `max_connections` connections (idle or busy, opening included); a request
+that finds none free waits its turn (first come, first served) for up to the pool timeout, then
+fails as an upstream timeout.
 
 A connection is reused only after a complete response that allows keep-alive (and never after
 a pause); one the server closed while idle is dropped when the close arrives, and one idle for
@@ -9,9 +13,13 @@ from the config only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import ssl
 import time
 import zlib
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +27,14 @@ from urllib.parse import urlsplit
 
 from sidecar.http1.body import MAX_BODY_BYTES, Streamed, UpstreamProtocolError
 from sidecar.http1.connection import Connection, Response
+from sidecar.http1.proxy import Proxy, ProxyEnv, ProxyRefused, open_tunnel
 
 MAX_IDLE_PER_ORIGIN = 256
 KEEPALIVE_SECONDS = 15.0  # an idle connection older than this is closed, not reused (as aiohttp)
+MAX_CONNECTIONS = 100  # per origin and egress, unless the provider says otherwise
+REFUSAL_LOG_SECONDS = 10.0  # one log line per pool per this long for a proxy's refusals
+
+log = logging.getLogger("ringside")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -35,13 +48,20 @@ class Origin:
     @property
     def host_header(self) -> str:
         default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        return host if self.port == default else f"{host}:{self.port}"
+
+    @property
+    def authority(self) -> str:
+        """host:port, as CONNECT names it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Target:
     """A URL split once (at config load), with the pool of its origin. Equal by identity:
-    Http1Client.target makes one per URL."""
+    an Egress makes one per URL."""
 
     origin: Origin
     path: bytes
@@ -58,46 +78,139 @@ class Target:
 
 
 class Pool:
-    """The connections to one origin, and the tasks that wait for a stream's end to keep one
+    """The connections to one origin through one egress: idle ones, how many are open, the
+    requests waiting for one; and the tasks that wait for a stream's end to keep one
     (Streamed.close with a linger: held here until done, so that none is collected early)."""
 
-    __slots__ = ("idle", "lingering", "origin", "tls")
+    __slots__ = (
+        "idle", "lingering", "max_connections", "open", "origin", "proxy", "refused_logged_at",
+        "tls", "wait_seconds", "waiters",
+    )  # fmt: skip
 
-    def __init__(self, origin: Origin, tls: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        origin: Origin,
+        tls: ssl.SSLContext | None,
+        proxy: Proxy | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        wait_seconds: float | None = None,
+    ) -> None:
         self.origin = origin
         self.tls = tls
+        self.proxy = proxy
+        self.max_connections = max_connections
+        self.wait_seconds = wait_seconds  # None: the request's connect timeout
         self.idle: list[tuple[Connection, float]] = []  # and when it went idle
+        self.open = 0  # connections open or opening, idle ones included
+        self.waiters: deque[asyncio.Future[Connection | None]] = deque()
         self.lingering: set[asyncio.Task[None]] = set()
+        self.refused_logged_at = -REFUSAL_LOG_SECONDS
 
-    def take(self) -> Connection | None:
+    async def acquire(self, connect: float) -> Connection:
+        """An idle connection, else a new one if under the cap, else the first one freed."""
         idle = self.idle
-        now = time.monotonic()
-        while idle:
-            connection, since = idle.pop()
-            if not connection.closed and now - since < KEEPALIVE_SECONDS:
-                return connection
-            connection._abort()
-        return None
-
-    async def connect(self, seconds: float) -> Connection:
-        loop = asyncio.get_running_loop()
-        origin, tls = self.origin, self.tls
-        async with asyncio.timeout(seconds):
-            _, connection = await loop.create_connection(
-                Connection, origin.host, origin.port, ssl=tls,
-                server_hostname=origin.host if tls else None,
-            )  # fmt: skip
+        if idle:
+            now = time.monotonic()
+            while idle:
+                connection, since = idle.pop()
+                if not connection.closed and now - since < KEEPALIVE_SECONDS:
+                    return connection
+                connection._abort()
+        if self.open < self.max_connections:
+            self.open += 1
+        else:  # the cap: wait for a connection put back, or for the slot of one closed
+            handed = await self._wait(connect if self.wait_seconds is None else self.wait_seconds)
+            if handed is not None:
+                return handed
+        try:
+            connection = await self._connect(connect)
+        except BaseException:
+            self.lost()
+            raise
+        connection.pool = self
+        if connection.closed:  # closed before it was counted
+            self.lost()
+            raise UpstreamProtocolError("the upstream closed the connection at once")
         return connection
 
+    async def _wait(self, seconds: float) -> Connection | None:
+        """A connection handed over by `put_back`, or None when one closed (a slot freed)."""
+        waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            async with asyncio.timeout(seconds):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():  # handed over as this gave up
+                handed = waiter.result()
+                if handed is None:
+                    self.lost()  # the slot goes on
+                else:
+                    self.put_back(handed)
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(
+                    f"no connection to {self.origin.authority} free within {seconds:g} s "
+                    f"({self.max_connections} open: max_connections)"
+                ) from None
+            raise
+
+    async def _connect(self, seconds: float) -> Connection:
+        loop = asyncio.get_running_loop()
+        origin, tls, proxy = self.origin, self.tls, self.proxy
+        try:
+            async with asyncio.timeout(seconds):
+                if proxy is None:
+                    _, connection = await loop.create_connection(
+                        Connection, origin.host, origin.port, ssl=tls,
+                        server_hostname=origin.host if tls else None,
+                    )  # fmt: skip
+                elif tls is None:  # http through the proxy: absolute-form requests
+                    _, connection = await loop.create_connection(Connection, proxy.host, proxy.port)
+                else:
+                    connection = Connection()
+                    await open_tunnel(proxy, origin, connection, tls)
+        except ProxyRefused as exc:
+            self.log_refusal(exc)
+            raise
+        return connection
+
+    def log_refusal(self, exc: ProxyRefused) -> None:
+        now = time.monotonic()
+        if now - self.refused_logged_at >= REFUSAL_LOG_SECONDS:
+            self.refused_logged_at = now
+            log.warning("upstream %s unreachable: %s", self.origin.authority, exc)
+
     def put_back(self, connection: Connection) -> None:
-        """Pool a connection after a complete response, or drop it."""
+        """Pool a connection after a complete response (or hand it to the first waiter), or
+        drop it."""
         if connection.reusable():
             connection.release()
+            waiters = self.waiters
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(connection)
+                    return
             idle = self.idle
             if len(idle) < MAX_IDLE_PER_ORIGIN:
                 idle.append((connection, time.monotonic()))
                 return
         connection._abort()
+
+    def lost(self) -> None:
+        """A connection closed (or was never opened): its slot goes to the first waiter, which
+        opens one, else is freed."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.open -= 1
 
     def close(self) -> None:
         for connection, _ in self.idle:
@@ -107,27 +220,85 @@ class Pool:
             task.cancel()
 
 
-class Http1Client:
-    """Pooled connections per origin: `request` returns the whole response, `stream` its head
-    with a reader of the body."""
+class Egress:
+    """How a provider's connections leave: through which proxy (None: as the environment
+    says; "": direct), with which TLS context (None: the default one), how many at most per
+    origin, how long a request waits for one. Made by Http1Client.egress once per distinct
+    setting, so that a reload that keeps them keeps the pools."""
 
-    def __init__(self) -> None:
-        self._tls: ssl.SSLContext | None = None
+    __slots__ = ("_client", "_targets", "max_connections", "proxy", "tls", "wait_seconds")
+
+    def __init__(
+        self,
+        client: Http1Client,
+        proxy: str | None,
+        tls: ssl.SSLContext | None,
+        max_connections: int,
+        wait_seconds: float | None,
+    ) -> None:
+        self._client = client
         self._targets: dict[str, Target] = {}  # URLs come from the config: a bounded set
-        self._pools: dict[tuple[str, str, int], Pool] = {}
-        self._heads: dict[tuple[str, Target], tuple[Mapping[str, str], bytes]] = {}
+        self.proxy = proxy
+        self.tls = tls
+        self.max_connections = max_connections
+        self.wait_seconds = wait_seconds
 
     def target(self, url: str) -> Target:
         found = self._targets.get(url)
         if found is None:
-            origin, path = Target.split(url)
-            key = (origin.scheme, origin.host, origin.port)  # one Origin (one pool) per origin
-            pool = self._pools.get(key)
-            if pool is None:
-                tls = self._tls_context() if origin.scheme == "https" else None
-                pool = self._pools[key] = Pool(origin, tls)
-            found = self._targets[url] = Target(pool.origin, path, pool)
+            found = self._targets[url] = self._client._target(url, self)
         return found
+
+
+class Http1Client:
+    """Pooled connections per origin and egress: `request` returns the whole response,
+    `stream` its head with a reader of the body. The proxy variables of `environ` (the
+    process's environment by default) are read here, once."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self.proxies = ProxyEnv.read(os.environ if environ is None else environ)
+        self._tls: ssl.SSLContext | None = None
+        self._egresses: dict[tuple[object, ...], Egress] = {}
+        self._pools: dict[tuple[str, str, int, Egress], Pool] = {}
+        self._heads: dict[tuple[str, Target], tuple[Mapping[str, str], bytes]] = {}
+        self._direct = self.egress()
+
+    def egress(
+        self,
+        proxy: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        tls_key: object = None,
+        max_connections: int = MAX_CONNECTIONS,
+        wait_seconds: float | None = None,
+    ) -> Egress:
+        """The Egress for these settings; `tls_key` names `tls` (its files), so that a
+        reload that builds the same context again keeps the pools."""
+        key = (proxy, tls_key if tls is not None else None, max_connections, wait_seconds)
+        found = self._egresses.get(key)
+        if found is None:
+            found = self._egresses[key] = Egress(self, proxy, tls, max_connections, wait_seconds)
+        return found
+
+    def target(self, url: str) -> Target:
+        """A target on the default egress (the environment's proxies)."""
+        return self._direct.target(url)
+
+    def _target(self, url: str, egress: Egress) -> Target:
+        origin, path = Target.split(url)
+        key = (origin.scheme, origin.host, origin.port, egress)
+        pool = self._pools.get(key)
+        if pool is None:
+            tls = None
+            if origin.scheme == "https":
+                tls = egress.tls or self._tls_context()
+            if egress.proxy is None:
+                proxy = self.proxies.for_origin(origin)
+            else:
+                proxy = Proxy.parse(egress.proxy) if egress.proxy else None
+            pool = self._pools[key] = Pool(
+                origin, tls, proxy, egress.max_connections, egress.wait_seconds
+            )
+        return Target(pool.origin, path, pool)
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
@@ -207,14 +378,20 @@ class Http1Client:
         """One request on an idle connection or a new one. A failure is not retried here (a
         POST the upstream may have run): the provider's retries and the cascade decide."""
         pool = target.pool
-        connection = pool.take()
-        if connection is None:
-            connection = await pool.connect(connect)
+        connection = await pool.acquire(connect)
         try:
-            return connection, await connection.send(head, body, read, streaming)
+            answer = await connection.send(head, body, read, streaming)
         except BaseException:
             connection._abort()
             raise
+        if answer.status == 407 and pool.proxy is not None:  # only a proxy sends 407
+            connection._abort()
+            refusal = ProxyRefused(
+                f"proxy {pool.proxy.shown} refused the request: HTTP 407 (Proxy-Authorization)"
+            )
+            pool.log_refusal(refusal)
+            raise refusal
+        return connection, answer
 
     def _head(self, method: str, target: Target, headers: Mapping[str, str], length: int) -> bytes:
         """The request head. Its fixed part is built once per (target, headers) pair: a
@@ -230,13 +407,19 @@ class Http1Client:
 
 
 def _fixed_head(method: str, target: Target, headers: Mapping[str, str]) -> bytes:
-    """The head with `%d` where the Content-Length goes."""
-    lines = [
-        f"{method} ",
+    """The head with `%d` where the Content-Length goes. Through a proxy, an http request
+    names its target in absolute form and carries the proxy's credentials."""
+    origin, proxy = target.origin, target.pool.proxy
+    lines = [f"{method} "]
+    if proxy is not None and origin.scheme == "http":
+        lines.append(f"http://{origin.host_header}")
+    lines += [
         target.path.decode("ascii"),
-        f" HTTP/1.1\r\nHost: {target.origin.host_header}\r\nContent-Length: %d\r\n",
+        f" HTTP/1.1\r\nHost: {origin.host_header}\r\nContent-Length: %d\r\n",
         "Accept-Encoding: identity\r\n",
     ]
+    if proxy is not None and origin.scheme == "http" and proxy.authorization:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}\r\n")
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             raise ValueError(f"header {name!r} holds a line break")

@@ -28,6 +28,7 @@ from sidecar.settings.model import (
     ModelEntry,
     Price,
     ProviderSettings,
+    ProviderTls,
     RateLimit,
     Rewrite,
     Settings,
@@ -283,6 +284,71 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# set by the client itself: a configured value would break the framing or the routing
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "proxy-authorization"}
+)
+
+
+def _header_problems(headers: Mapping[str, str], at: tuple[str, ...], where: _Located) -> list[str]:
+    """Configured upstream headers that the client must refuse: reserved names, and names or
+    values holding CR, LF or NUL (a header injection)."""
+    problems = []
+    for name, value in headers.items():
+        if name.lower() in _RESERVED_HEADERS:
+            problems.append(where.problem((*at, name), "is set by the gateway, not the config"))
+        elif any(c in f"{name}{value}" for c in "\r\n\0"):
+            problems.append(where.problem((*at, name), "holds a CR, LF or NUL"))
+    return problems
+
+
+def _proxy(
+    value: str | None, at: tuple[str, ...], where: _Located, problems: list[str]
+) -> str | None:
+    """A provider's `proxy:`: None (unset: the environment's), "" (`""` or `none`: direct),
+    or a proxy URL the client can use."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("", "none"):
+        return ""
+    from sidecar.http1.proxy import Proxy
+
+    try:
+        Proxy.parse(value)
+    except ValueError as exc:
+        problems.append(where.problem(at, str(exc)))
+    return value
+
+
+def _tls(
+    data: Mapping[str, str] | None, at: tuple[str, ...], where: _Located, problems: list[str]
+) -> ProviderTls | None:
+    """A provider's `tls:`, its SSL context built once, here."""
+    if not data:
+        return None
+    import ssl
+
+    ca_file, cert_file, key_file = data.get("ca_file"), data.get("cert_file"), data.get("key_file")
+    if key_file and not cert_file:
+        problems.append(where.problem((*at, "key_file"), "needs cert_file"))
+        return None
+    files_key: list[object] = []
+    for path in (ca_file, cert_file, key_file):
+        try:
+            files_key += [path, os.stat(path).st_mtime_ns if path else None]
+        except OSError as exc:
+            problems.append(where.problem(at, f"{path}: {exc.strerror}"))
+            return None
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        problems.append(where.problem(at, f"unusable: {exc}"))
+        return None
+    return ProviderTls(ca_file, cert_file, key_file, context, tuple(files_key))
+
+
 def _price(data: Mapping[str, Any] | None) -> Price | None:
     if data is None:
         return None
@@ -348,6 +414,10 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
                     )
                 )
         timeout = pdata.get("timeout", {})
+        at = ("providers", name)
+        problems.extend(_header_problems(pdata.get("headers", {}), (*at, "headers"), where))
+        proxy = _proxy(pdata.get("proxy"), (*at, "proxy"), where, problems)
+        tls = _tls(pdata.get("tls"), (*at, "tls"), where, problems)
         options = dict(pdata.get("options", {}))
         if "mock" in pdata:
             options["mock"] = pdata["mock"]
@@ -361,6 +431,7 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
                 connect=float(timeout.get("connect", 5.0)),
                 read=float(timeout.get("read", 60.0)),
                 total=float(timeout["total"]) if "total" in timeout else None,
+                pool=float(timeout["pool"]) if "pool" in timeout else None,
             ),
             retries=pdata.get("retries", 0),
             retry_backoff=float(pdata.get("retry_backoff", 0.25)),
@@ -371,6 +442,9 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
             catalog_only=pdata.get("catalog_only", False),
             default_price=_price(pdata.get("default_price")),
             options=options,
+            proxy=proxy,
+            max_connections=int(pdata.get("max_connections", 100)),
+            tls=tls,
         )
 
     models: dict[str, ModelEntry] = {}
@@ -417,6 +491,9 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
         known = slots if kind == "slot" else providers
         if name not in known:
             problems.append(where.problem(("rewrite", target), f"no {kind} named {name!r}"))
+        problems.extend(
+            _header_problems(rdata.get("headers", {}), ("rewrite", target, "headers"), where)
+        )
         rewrite[target] = Rewrite(
             set=dict(rdata.get("set", {})),
             cap={k: float(v) for k, v in rdata.get("cap", {}).items()},

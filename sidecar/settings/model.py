@@ -38,6 +38,18 @@ class Timeouts:
     connect: float = 5.0
     read: float = 60.0
     total: float | None = None
+    pool: float | None = None  # waiting for a free connection (max_connections); None: connect
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderTls:
+    """A provider's own CA bundle and client certificate; `context` is built at load."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    context: Any = field(default=None, compare=False, repr=False)  # ssl.SSLContext
+    files_key: tuple[object, ...] = ()  # the files and their mtimes: names `context`
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +86,9 @@ class ProviderSettings:
     catalog_only: bool = False
     default_price: Price | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    proxy: str | None = None  # None: from the environment (HTTPS_PROXY...); "": direct
+    max_connections: int = 100  # per origin
+    tls: ProviderTls | None = None
 
 
 @dataclass(frozen=True, slots=True)
