@@ -145,7 +145,7 @@ def unreported_usage(flow: Flow, completion: Completion) -> Usage:
     """Usage of an answer whose upstream reported none (or nonsense): estimated on the high
     side, never free — the prompt estimate, and a token per 4 bytes of the whole answer."""
     size = len(completion.raw) if completion.raw is not None else len(orjson.dumps(completion.body))
-    return Usage(flow.metadata.get("prompt_tokens_estimate", 0), max(1, size // 4))
+    return Usage(flow.prompt_tokens_estimate, max(1, size // 4))
 
 
 def interrupted() -> UpstreamError:
@@ -187,7 +187,7 @@ class Cascade:
 
     def _too_small(self, flow: Flow, candidate: Candidate) -> UpstreamError | None:
         context = candidate.context
-        estimate = flow.metadata.get("prompt_tokens_estimate", 0)
+        estimate = flow.prompt_tokens_estimate
         if context is not None and estimate > context:
             return UpstreamError(
                 Outcome.CONTEXT_LENGTH,
@@ -356,9 +356,7 @@ class Cascade:
             await stream.aclose()
         usage = stream.usage if stream is not None else None
         if usage is None and stream is not None and stream.produced:
-            usage = Usage(
-                flow.metadata.get("prompt_tokens_estimate", 0), max(1, stream.produced // 4)
-            )
+            usage = Usage(flow.prompt_tokens_estimate, max(1, stream.produced // 4))
         self._settle(flow, attempt, usage)
         if attempt.error is None:
             flow.model_used = attempt.candidate.ref

@@ -13,9 +13,11 @@ if TYPE_CHECKING:
     from aiohttp import web
     from multidict import CIMultiDictProxy
 
+    from sidecar.addons.idempotency import HeldClaim
     from sidecar.errors import GatewayError, UpstreamError
     from sidecar.routing import Candidate, Route
     from sidecar.runtime import Runtime
+    from sidecar.stores.budget import Hold, Scope
     from sidecar.structured import SchemaPlan
 
 # a customer id, wherever one comes in: the FC-Customer header, a client token's claim, the
@@ -90,6 +92,19 @@ class Flow:
     upstream_seconds: float = 0.0
     first_token_at: float | None = None
     finished: float | None = None
+    prompt_tokens_estimate: int = 0  # request bytes / 4: context checks, usage not reported
+    # what the built-in addons keep about this request (their own, or passed between them)
+    metrics_inflight: bool = False  # counted in ringside_inflight_requests until `done`
+    ratelimit_charged: list[tuple[str, float, float]] | None = None  # cell, tokens, interval
+    idempotency_claim: HeldClaim | None = None  # the Idempotency-Key this request holds
+    replayed: bool = False  # the answer is a stored one (Idempotency-Key)
+    budget_scopes: list[Scope] | None = None  # the budgets that apply to the request
+    budget_holds: dict[int, list[Hold]] | None = None  # id(attempt) → its holds
+    budget_settles: int = 0  # attempts settled so far (each settle's op id)
+    budget_remaining_usd: float | None = None  # X-Ringside-Budget-Remaining-USD
+    usage_id: str | None = None  # the usage record's id (see addons/usage.py)
+    usage_charged: tuple[int, int, int] = (0, 0, 0)  # nano, prompt, completion in the record
+    # user addons' own: the core and the built-in addons never read it (typed fields above)
     metadata: dict[str, Any] = field(default_factory=dict)
     extra_headers: dict[str, str] = field(default_factory=dict)  # addons' headers for the answer
 

@@ -45,10 +45,6 @@ from sidecar.stores.budget_memory import MemoryBudgetStore
 
 log = logging.getLogger("ringside")
 
-SCOPES = "budget_scopes"  # flow.metadata: the Scopes that apply to the request
-HOLDS = "budget_holds"  # flow.metadata: id(attempt) → its Holds
-REMAINING = "budget_remaining_usd"  # flow.metadata: for X-Ringside-Budget-Remaining-USD
-
 
 OVERRUN_LOG_SECONDS = 60.0
 REPROMPT_SLACK = 8192  # bytes of validation errors a schema re-prompt may add
@@ -167,7 +163,7 @@ class BudgetAddon:
         scopes = self.scopes(flow)
         if not scopes:
             return
-        flow.metadata[SCOPES] = scopes
+        flow.budget_scopes = scopes
         unpriced = [c.ref for c in flow.route.candidates if c.price is None]
         if unpriced:
             raise GatewayError(
@@ -180,7 +176,7 @@ class BudgetAddon:
             )
 
     def attempt(self, flow: Flow, attempt: Attempt) -> Awaitable[None] | None:
-        scopes: list[Scope] | None = flow.metadata.get(SCOPES)
+        scopes = flow.budget_scopes
         if not scopes:
             return None
         # the upstream is sent the cap the hold covers, even when the client asked for none
@@ -205,7 +201,7 @@ class BudgetAddon:
             if self.outage.down:
                 self.outage.answered()
         except BudgetExceeded as exc:
-            raise self._refused(flow, exc, flow.metadata[SCOPES]) from None
+            raise self._refused(flow, exc, flow.budget_scopes) from None
         except StoreUnavailable as exc:
             self.outage.failed("reserve", "budgeted requests refused with 503", exc)
             raise GatewayError(
@@ -217,7 +213,7 @@ class BudgetAddon:
             ) from None
         self._held(flow, attempt, holds)
 
-    def _refused(self, flow: Flow, exc: BudgetExceeded, scopes: list[Scope]) -> GatewayError:
+    def _refused(self, flow: Flow, exc: BudgetExceeded, scopes: list[Scope] | None) -> GatewayError:
         """The refusal of this candidate: a cascade goes on to the next one (402 when none is
         left; counted in `error`, once per request)."""
         self._show(flow, {exc.scope.name: exc.balance}, scopes)
@@ -230,19 +226,21 @@ class BudgetAddon:
 
     @staticmethod
     def _held(flow: Flow, attempt: Attempt, holds: list[Hold]) -> None:
-        flow.metadata.setdefault(HOLDS, {})[id(attempt)] = holds
+        if flow.budget_holds is None:
+            flow.budget_holds = {}
+        flow.budget_holds[id(attempt)] = holds
         # the header as of now (a stream's headers leave before its settle); gauges at settle
-        flow.metadata[REMAINING] = max(0, min(h.scope.limit - h.spent for h in holds)) / NANO
+        flow.budget_remaining_usd = max(0, min(h.scope.limit - h.spent for h in holds)) / NANO
 
     def attempt_done(self, flow: Flow, attempt: Attempt) -> Awaitable[None] | None:
         if attempt.candidate.price is None:
             flow.priced = False
-        held: dict[int, list[Hold]] | None = flow.metadata.get(HOLDS)
+        held = flow.budget_holds
         holds = held.pop(id(attempt), None) if held else None
         if holds is None:
             return None
         usage = attempt.usage or Usage()
-        settles = flow.metadata["budget_settles"] = flow.metadata.get("budget_settles", 0) + 1
+        settles = flow.budget_settles = flow.budget_settles + 1
         record_id = usage_id(flow)
         cost = to_nano(attempt.cost_usd)
         charge = Charge(
@@ -256,7 +254,7 @@ class BudgetAddon:
         if self._in_process is None:
             return self._settle(flow, holds, charge, record)
         settled = self._in_process.settle_now(holds, charge, record)
-        self._show(flow, settled.balances, flow.metadata[SCOPES])
+        self._show(flow, settled.balances, flow.budget_scopes)
         return None
 
     def _overrun(self, flow: Flow, attempt: Attempt, beyond: int) -> None:
@@ -283,17 +281,17 @@ class BudgetAddon:
         except Exception:
             log.exception("settling the budget of request %s failed", flow.id)
             return
-        self._show(flow, settled.balances, flow.metadata[SCOPES])
+        self._show(flow, settled.balances, flow.budget_scopes)
 
     def _show(
         self,
         flow: Flow,
         balances: Mapping[str, Balance],
-        scopes: list[Scope],
+        scopes: list[Scope] | None,
     ) -> None:
         """Gauges of customer budgets, and the remaining budget for the response header."""
         remaining: list[int] = []
-        for scope in scopes:
+        for scope in scopes or ():
             balance = balances.get(scope.name)
             if balance is None:
                 continue
@@ -304,7 +302,7 @@ class BudgetAddon:
                 self.metrics.tally.set(gauges[0], balance.spent / NANO)
                 self.metrics.tally.set(gauges[1], left / NANO)
         if remaining:
-            flow.metadata[REMAINING] = min(remaining) / NANO
+            flow.budget_remaining_usd = min(remaining) / NANO
 
     async def refresh(self) -> None:
         """Set the spent and remaining gauges of every budgeted customer from the store."""

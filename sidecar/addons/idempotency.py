@@ -66,7 +66,6 @@ NOT_SAVED = "answers not stored (their keys are free again after the lease)"
 _TRANSPORT_HEADERS = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
 )
-_HELD = "idempotency"  # flow.metadata key of the claim this request holds
 
 
 def well_formed(key: str) -> bool:
@@ -142,7 +141,7 @@ def still_running(key: str, waited: float) -> GatewayError:
 
 
 @dataclass(slots=True)
-class _Held:
+class HeldClaim:
     scope: str
     key: str
     token: str
@@ -196,7 +195,7 @@ class Idempotency:
                 ) from None
             if claim.state is ClaimState.OWNED:
                 renewal = asyncio.create_task(self._renew(scope, key, claim.token))
-                flow.metadata[_HELD] = _Held(scope, key, claim.token, renewal)
+                flow.idempotency_claim = HeldClaim(scope, key, claim.token, renewal)
                 flow.capture = []
                 return
             if claim.state is ClaimState.DONE:
@@ -204,7 +203,7 @@ class Idempotency:
                 response = replay(claim.record)
                 flow.response, flow.status = response, response.status
                 flow.stream = flow.body.get("stream") is True
-                flow.metadata["idempotent_replayed"] = True
+                flow.replayed = True
                 return
             if claim.state is ClaimState.CONFLICT:
                 raise reused(key)
@@ -229,12 +228,12 @@ class Idempotency:
                 self.outage.answered()
 
     def done(self, flow: Flow) -> Awaitable[None] | None:
-        held: _Held | None = flow.metadata.pop(_HELD, None)
+        held, flow.idempotency_claim = flow.idempotency_claim, None
         if held is None:
             return None
         return self._finish(flow, held)
 
-    async def _finish(self, flow: Flow, held: _Held) -> None:
+    async def _finish(self, flow: Flow, held: HeldClaim) -> None:
         held.renewal.cancel()
         record = stored_answer(flow)
         try:

@@ -308,7 +308,7 @@ class MetricsAddon:
 
     def request(self, flow: Flow) -> None:
         self.tally.inc(self.metrics.inflight)
-        flow.metadata["metrics_inflight"] = True
+        flow.metrics_inflight = True
 
     def attempt_done(self, flow: Flow, attempt: Attempt) -> None:
         candidate = attempt.candidate
@@ -344,7 +344,8 @@ class MetricsAddon:
 
     def done(self, flow: Flow) -> None:
         m, tally = self.metrics, self.tally
-        if flow.metadata.pop("metrics_inflight", False):
+        if flow.metrics_inflight:
+            flow.metrics_inflight = False
             tally.inc(m.inflight, -1.0)
         requests = self._by_status.get(flow.status)
         if requests is None:

@@ -38,7 +38,6 @@ from sidecar.stores.ratelimit_memory import MemoryLimiter
 SCOPES = ("ip", "token", "dev", "customer")
 SCOPE_NOUNS = {"ip": "client IP", "token": "API key", "dev": "developer", "customer": "customer"}
 MAX_PLANS = 10_000  # callers whose cells are kept built (forgotten all at once beyond this)
-_CHARGED = "ratelimit_charged"  # flow.metadata: [(cell key, tokens charged, interval)]
 
 
 def open_limiter(storage: Storage, workers: int = 1) -> RateLimiter:
@@ -216,7 +215,7 @@ class RateLimits:
         flow.extra_headers.update(headers)
         charged = [(c.key, c.cost, c.interval) for c in cells if c.kind == TOKENS]
         if charged:
-            flow.metadata[_CHARGED] = charged
+            flow.ratelimit_charged = charged
 
     def refusal(self, cell: Cell, wait: float, headers: dict[str, str]) -> GatewayError:
         self.refused[cell.scope].inc()
@@ -245,7 +244,7 @@ class RateLimits:
         """Settle the token estimate to the tokens really used (0 when nothing was called),
         and count every upstream call past the first (a cascade's next candidate, a retry, a
         schema re-prompt) as one more request: one request must not buy many calls."""
-        charged = flow.metadata.pop(_CHARGED, None)
+        charged, flow.ratelimit_charged = flow.ratelimit_charged, None
         shifts: list[tuple[str, float]] = []
         if charged is not None:
             used = flow.usage.prompt_tokens + flow.usage.completion_tokens

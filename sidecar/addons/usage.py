@@ -21,23 +21,24 @@ log = logging.getLogger("ringside")
 
 BATCH = 500
 MAX_QUEUED = 200_000  # beyond this (a store down for long), the oldest records are dropped
-CHARGED = "usage_charged"  # flow.metadata: [nano, prompt, completion] already in the record
 
 
 def usage_id(flow: Flow) -> str:
     """The request's record id: unique even when clients reuse an X-Request-Id."""
-    found = flow.metadata.get("usage_id")
+    found = flow.usage_id
     if found is None:
-        found = flow.metadata["usage_id"] = new_id()
-    return str(found)
+        found = flow.usage_id = new_id()
+    return found
 
 
 def note_charged(flow: Flow, cost: int, usage: Usage) -> None:
     """Record that `cost` and `usage` of an attempt are in the usage record already."""
-    charged = flow.metadata.setdefault(CHARGED, [0, 0, 0])
-    charged[0] += cost
-    charged[1] += usage.prompt_tokens
-    charged[2] += usage.completion_tokens
+    nano, prompt, completion = flow.usage_charged
+    flow.usage_charged = (
+        nano + cost,
+        prompt + usage.prompt_tokens,
+        completion + usage.completion_tokens,
+    )
 
 
 class UsageWriter:
@@ -103,7 +104,7 @@ class UsageAddon:
             if attempt.usage is not None:
                 prompt += attempt.usage.prompt_tokens
                 completion += attempt.usage.completion_tokens
-        charged = flow.metadata.get(CHARGED, (0, 0, 0))
+        charged = flow.usage_charged
         record_id = usage_id(flow)
         record = UsageRecord(
             id=record_id,

@@ -60,7 +60,7 @@ def ringside_headers(flow: Flow) -> dict[str, str]:
     headers["X-Ringside-Fallback-Triggered"] = "true" if flow.fallback_triggered else "false"
     if flow.attempts and flow.priced and not flow.stream:
         headers["X-Ringside-Cost-USD"] = format_usd(flow.cost_usd)
-    remaining = flow.metadata.get("budget_remaining_usd")  # set by the budget addon
+    remaining = flow.budget_remaining_usd  # set by the budget addon
     if remaining is not None:
         headers["X-Ringside-Budget-Remaining-USD"] = format_usd(remaining)
     if flow.schema_enforced:
@@ -154,7 +154,7 @@ async def _process(flow: Flow, request: web.Request) -> web.StreamResponse:
         raise header_error("Idempotency-Key", "must be 1-255 printable characters")
 
     estimate = Estimate(prompt_tokens=len(raw) // 4, max_output=requested_max_output(body))
-    flow.metadata["prompt_tokens_estimate"] = estimate.prompt_tokens
+    flow.prompt_tokens_estimate = estimate.prompt_tokens
     flow.route = runtime.router.resolve(body["model"], estimate, runtime.services.circuits.is_open)
     if flow.route.is_cascade:
         if flow.stream:
