@@ -5,11 +5,15 @@ bounded response heads; against small HTTP/1.1 servers on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from sidecar.http1 import Http1Client, UpstreamProtocolError
+from sidecar.http1.dial import Dialer
 
 REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -131,3 +135,53 @@ async def test_an_endless_response_head_is_an_upstream_error_not_a_hang(
     with pytest.raises(UpstreamProtocolError, match="head over"):
         await client.request(client.target(url), {}, b"{}", 1.0, 5.0)
     server.close()
+
+
+# -- dialing: happy eyeballs and the DNS cache
+
+
+def hanging_address() -> tuple[socket.socket, list[socket.socket], tuple[str, int]]:
+    """An IPv6 loopback address whose connects hang: a listener that never accepts, its
+    backlog full (the kernel then drops new SYNs, as a firewall would)."""
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    listener.bind(("::1", 0))
+    listener.listen(0)
+    address = listener.getsockname()[:2]
+    fillers = []
+    for _ in range(2):
+        filler = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(address)
+        fillers.append(filler)
+    return listener, fillers, address
+
+
+async def test_an_unreachable_first_address_costs_the_stagger_not_the_timeout() -> None:
+    upstream, server = await serve(0)
+    port = int(upstream.url.split(":")[2].split("/")[0])
+    listener, fillers, hanging = hanging_address()
+    dialer = Dialer(stagger=0.1)
+    started = time.monotonic()
+    async with asyncio.timeout(3):
+        sock = await dialer.race(
+            [(socket.AF_INET6, hanging), (socket.AF_INET, ("127.0.0.1", port))], "test"
+        )
+    assert sock.getpeername() == ("127.0.0.1", port)
+    assert time.monotonic() - started < 1.0
+    sock.close()
+    for each in (listener, *fillers):
+        each.close()
+    server.close()
+
+
+async def test_a_fresh_answer_is_reused_and_a_stale_one_renewed_off_the_path() -> None:
+    dialer = Dialer(ttl=60)
+    first = await dialer.addresses("localhost", 80)
+    assert await dialer.addresses("localhost", 80) is first  # no second lookup
+    dialer.ttl = 0  # now stale: served as is while renewed
+    assert await dialer.addresses("localhost", 80) is first
+    await asyncio.sleep(0.2)
+    dialer.ttl = 60
+    renewed = await dialer.addresses("localhost", 80)
+    assert renewed is not first and renewed == first

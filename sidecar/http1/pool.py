@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from sidecar.http1.body import MAX_BODY_BYTES, Streamed, UpstreamProtocolError
 from sidecar.http1.connection import Connection, Response
+from sidecar.http1.dial import Dialer
 from sidecar.http1.proxy import Proxy, ProxyEnv, ProxyRefused, open_tunnel
 
 MAX_IDLE_PER_ORIGIN = 256
@@ -83,19 +84,21 @@ class Pool:
     (Streamed.close with a linger: held here until done, so that none is collected early)."""
 
     __slots__ = (
-        "idle", "lingering", "max_connections", "open", "origin", "proxy", "refused_logged_at",
-        "tls", "wait_seconds", "waiters",
+        "dialer", "idle", "lingering", "max_connections", "open", "origin", "proxy",
+        "refused_logged_at", "tls", "wait_seconds", "waiters",
     )  # fmt: skip
 
     def __init__(
         self,
         origin: Origin,
         tls: ssl.SSLContext | None,
+        dialer: Dialer,
         proxy: Proxy | None = None,
         max_connections: int = MAX_CONNECTIONS,
         wait_seconds: float | None = None,
     ) -> None:
         self.origin = origin
+        self.dialer = dialer
         self.tls = tls
         self.proxy = proxy
         self.max_connections = max_connections
@@ -106,8 +109,8 @@ class Pool:
         self.lingering: set[asyncio.Task[None]] = set()
         self.refused_logged_at = -REFUSAL_LOG_SECONDS
 
-    async def acquire(self, connect: float) -> Connection:
-        """An idle connection, else a new one if under the cap, else the first one freed."""
+    def take(self) -> Connection | None:
+        """An idle connection (a plain call: the path of almost every request)."""
         idle = self.idle
         if idle:
             now = time.monotonic()
@@ -116,6 +119,10 @@ class Pool:
                 if not connection.closed and now - since < KEEPALIVE_SECONDS:
                     return connection
                 connection._abort()
+        return None
+
+    async def acquire(self, connect: float) -> Connection:
+        """When none is idle: a new connection if under the cap, else the first one freed."""
         if self.open < self.max_connections:
             self.open += 1
         else:  # the cap: wait for a connection put back, or for the slot of one closed
@@ -164,15 +171,18 @@ class Pool:
         try:
             async with asyncio.timeout(seconds):
                 if proxy is None:
+                    sock = await self.dialer.connect(origin.host, origin.port)
                     _, connection = await loop.create_connection(
-                        Connection, origin.host, origin.port, ssl=tls,
+                        Connection, sock=sock, ssl=tls,
                         server_hostname=origin.host if tls else None,
                     )  # fmt: skip
-                elif tls is None:  # http through the proxy: absolute-form requests
-                    _, connection = await loop.create_connection(Connection, proxy.host, proxy.port)
                 else:
-                    connection = Connection()
-                    await open_tunnel(proxy, origin, connection, tls)
+                    sock = await self.dialer.connect(proxy.host, proxy.port)
+                    if tls is None:  # http through the proxy: absolute-form requests
+                        _, connection = await loop.create_connection(Connection, sock=sock)
+                    else:
+                        connection = Connection()
+                        await open_tunnel(proxy, origin, connection, tls, sock)
         except ProxyRefused as exc:
             self.log_refusal(exc)
             raise
@@ -257,6 +267,7 @@ class Http1Client:
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self.proxies = ProxyEnv.read(os.environ if environ is None else environ)
+        self.dialer = Dialer()
         self._tls: ssl.SSLContext | None = None
         self._egresses: dict[tuple[object, ...], Egress] = {}
         self._pools: dict[tuple[str, str, int, Egress], Pool] = {}
@@ -296,7 +307,7 @@ class Http1Client:
             else:
                 proxy = Proxy.parse(egress.proxy) if egress.proxy else None
             pool = self._pools[key] = Pool(
-                origin, tls, proxy, egress.max_connections, egress.wait_seconds
+                origin, tls, self.dialer, proxy, egress.max_connections, egress.wait_seconds
             )
         return Target(pool.origin, path, pool)
 
@@ -378,7 +389,9 @@ class Http1Client:
         """One request on an idle connection or a new one. A failure is not retried here (a
         POST the upstream may have run): the provider's retries and the cascade decide."""
         pool = target.pool
-        connection = await pool.acquire(connect)
+        connection = pool.take()
+        if connection is None:
+            connection = await pool.acquire(connect)
         try:
             answer = await connection.send(head, body, read, streaming)
         except BaseException:
@@ -404,6 +417,7 @@ class Http1Client:
     def close(self) -> None:
         for pool in self._pools.values():
             pool.close()
+        self.dialer.close()
 
 
 def _fixed_head(method: str, target: Target, headers: Mapping[str, str]) -> bytes:

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import ipaddress
 import logging
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -144,12 +145,13 @@ class _ConnectReply(asyncio.Protocol):
 
 
 async def open_tunnel(
-    proxy: Proxy, origin: Origin, protocol: asyncio.Protocol, tls: object
+    proxy: Proxy, origin: Origin, protocol: asyncio.Protocol, tls: object, sock: socket.socket
 ) -> asyncio.BaseTransport:
-    """A TLS transport to `origin` through a CONNECT tunnel, `protocol` its protocol (TLS is
-    started with it, so its connection_made is called here)."""
+    """A TLS transport to `origin` through a CONNECT tunnel on `sock` (connected to the
+    proxy), `protocol` its protocol (TLS is started with it: its connection_made is called
+    here)."""
     loop = asyncio.get_running_loop()
-    transport, reply = await loop.create_connection(_ConnectReply, proxy.host, proxy.port)
+    transport, reply = await loop.create_connection(_ConnectReply, sock=sock)
     try:
         authority = origin.authority
         request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
