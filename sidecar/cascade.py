@@ -11,24 +11,25 @@ import asyncio
 import math
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import orjson
 
 from sidecar.errors import CandidateRefused, GatewayError, Outcome, UpstreamError, kept
 from sidecar.flow import Attempt, Flow
+from sidecar.pipeline import Pipeline
 from sidecar.pricing import usage_cost
-from sidecar.providers.base import ChunkStream, Completion, UpstreamCall, Usage
+from sidecar.providers.base import ChunkStream, Completion, ProviderClient, UpstreamCall, Usage
 from sidecar.routing import Candidate
-from sidecar.settings.model import ProviderSettings
+from sidecar.settings.model import ProviderSettings, Rewrite
 from sidecar.structured import enforce
 
-if TYPE_CHECKING:
-    from sidecar.runtime import Runtime
+T = TypeVar("T")
 
 
 def _apply_rewrites(
-    body: dict[str, Any], rules: list[Any]
+    body: dict[str, Any], rules: list[Rewrite]
 ) -> tuple[dict[str, Any], dict[str, str]]:
     body = dict(body)
     headers: dict[str, str] = {}
@@ -154,12 +155,20 @@ def interrupted() -> UpstreamError:
 
 
 class Cascade:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.pipeline = runtime.pipeline
-        self.providers = runtime.providers
-        self.rewrites = runtime.settings.rewrite
-        self.circuit_open = runtime.services.circuits.is_open
+    """What a cascade needs of one Runtime: its addon chain, its provider clients, the
+    rewrite rules, and whether a provider's circuit is open."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        providers: Mapping[str, ProviderClient],
+        rewrites: Mapping[str, Rewrite],
+        circuit_open: Callable[[str], bool],
+    ) -> None:
+        self.pipeline = pipeline
+        self.providers = providers
+        self.rewrites = rewrites
+        self.circuit_open = circuit_open
 
     def build_call(self, flow: Flow, attempt: Attempt, body: dict[str, Any]) -> UpstreamCall:
         """The call for `body`; it streams only when the body asks to (a buffered schema
@@ -198,16 +207,32 @@ class Cascade:
         return None
 
     async def call(self, flow: Flow, candidate: Candidate, body: dict[str, Any]) -> Completion:
-        """Call a candidate, retrying it as its provider's `retries` allow. Each try is an
-        Attempt: hooks around it, usage and cost recorded (one coroutine for all of it: this
-        is the hot path)."""
+        """Call a candidate, retrying it as its provider's `retries` allow; the answer's
+        usage and cost are recorded on its Attempt."""
         provider = self.providers[candidate.provider.name]
+        attempt, completion = await self._tries(flow, candidate, body, provider.complete)
+        self._settle(flow, attempt, completion.usage or unreported_usage(flow, completion))
+        await self.pipeline.run("attempt_done", flow, attempt)
+        return completion
+
+    async def _tries(
+        self,
+        flow: Flow,
+        candidate: Candidate,
+        body: dict[str, Any],
+        send: Callable[[UpstreamCall], Awaitable[T]],
+    ) -> tuple[Attempt, T]:
+        """`send` the call of a new Attempt for `candidate`, again while `retry_delay` allows.
+        Each try is an Attempt with hooks around it: a failed one is settled here (its
+        `attempt_done` hooks run); the one that answers is returned open, for the caller to
+        settle once it knows the usage (at once for an answer, at the end for a stream). The
+        last failure is raised, and so is a refusal by an `attempt` hook (never retried)."""
         pipeline = self.pipeline
         tries = 0
         while True:
             attempt = await self.begin(flow, candidate)
             try:
-                completion = await provider.complete(self.build_call(flow, attempt, body))
+                return attempt, await send(self.build_call(flow, attempt, body))
             except UpstreamError as error:
                 attempt.error = kept(error)
                 self._settle(flow, attempt, None)
@@ -215,15 +240,11 @@ class Cascade:
                 delay = retry_delay(candidate.provider, tries, error)
                 if delay is None:
                     raise
-            except BaseException:
+            except BaseException:  # the client went away before the answer (or its head)
                 attempt.error = interrupted()
                 self._settle(flow, attempt, None)
                 await pipeline.run("attempt_done", flow, attempt)
                 raise
-            else:
-                self._settle(flow, attempt, completion.usage or unreported_usage(flow, completion))
-                await pipeline.run("attempt_done", flow, attempt)
-                return completion
             tries += 1
             await asyncio.sleep(delay)
 
@@ -312,28 +333,11 @@ class Cascade:
                 failures.append((candidate, skipped))
                 continue
             flow.models_tried.append(candidate.ref)
-            tries = 0
-            while True:
-                try:
-                    attempt = await self.begin(flow, candidate)
-                except UpstreamError as refused:
-                    raise self.as_gateway_error(candidate, refused, flow) from None
-                try:
-                    stream = await self.providers[candidate.provider.name].open_stream(
-                        self.build_call(flow, attempt, flow.body)
-                    )
-                except UpstreamError as error:
-                    await self.fail_stream(flow, attempt, None, error)
-                    delay = retry_delay(candidate.provider, tries, error)
-                    if delay is None:
-                        raise self.as_gateway_error(candidate, error, flow) from None
-                    tries += 1
-                    await asyncio.sleep(delay)
-                    continue
-                except BaseException:  # the client went away before the stream's head came
-                    await self.fail_stream(flow, attempt, None, interrupted())
-                    raise
-                return attempt, stream
+            client = self.providers[candidate.provider.name]
+            try:
+                return await self._tries(flow, candidate, flow.body, client.open_stream)
+            except UpstreamError as error:  # refused by a hook, or the last try failed
+                raise self.as_gateway_error(candidate, error, flow) from None
         raise exhausted(failures, flow.route.skipped_open)
 
     def as_gateway_error(

@@ -98,7 +98,9 @@ class Runtime:
                     [f"{settings.source}: addons: cannot load {spec.path}: {exc}"]
                 ) from None
         self.pipeline = Pipeline(addons, services.metrics)
-        self.cascade = Cascade(self)
+        self.cascade = Cascade(
+            self.pipeline, self.providers, settings.rewrite, services.circuits.is_open
+        )
         self.models_body = orjson.dumps(_models_listing(settings))
 
     def activate(self) -> None:
