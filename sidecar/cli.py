@@ -90,7 +90,7 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
     import orjson
 
     from sidecar.addons.auth import Auth
-    from sidecar.addons.tokens import ClientTokens, grant_from_request, token_answer
+    from sidecar.client_tokens import ClientTokens, grant_from_request, token_answer
     from sidecar.errors import GatewayError
 
     settings = _loaded(args.config)

@@ -124,7 +124,7 @@ def test_no_sidecar_module_imports_itself_back() -> None:
 CONSTANTS = {
     "sidecar.addons.idempotency": {"NO_SDK_RETRY"},
     "sidecar.addons.ratelimit": {"SCOPE_NOUNS", "_HEADER_NAMES"},
-    "sidecar.addons.tokens": {"_REQUIRED_CLAIMS", "_DEFAULT_PORTS"},
+    "sidecar.client_tokens": {"_REQUIRED_CLAIMS", "_DEFAULT_PORTS"},
     "sidecar.api.admin": {"METRICS_CHALLENGE"},
     "sidecar.api.chat": {"SSE_HEADERS"},
     "sidecar.api.common": {"_METHODS"},

@@ -17,7 +17,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.addons.idempotency import Idempotency, fingerprint
 from sidecar.errors import GatewayError
 from sidecar.flow import Flow, Principal
-from sidecar.stores.memory import MemoryStore
+from sidecar.stores.idempotency_memory import MemoryStore
 from tests.conftest import openai_config
 from tests.procs import RedisProcess, SidecarProcess, free_port
 from tests.support import (

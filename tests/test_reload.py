@@ -20,7 +20,7 @@ from sidecar.addons.usage import UsageWriter
 from sidecar.runtime import Runtime, Services
 from sidecar.settings import load_settings
 from sidecar.stores.budget_memory import MemoryBudgetStore
-from sidecar.stores.memory import MemoryStore
+from sidecar.stores.idempotency_memory import MemoryStore
 from tests.conftest import openai_config
 from tests.procs import SidecarProcess, wait_until
 from tests.support import HELLO, metric, metric_samples, post_chat, request, start_sidecar

@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.settings.model import Storage
 from sidecar.stores import Claim, ClaimState, Store, StoreUnavailable, open_store
-from sidecar.stores.redis import RedisStore
+from sidecar.stores.idempotency_redis import RedisStore
 from tests.procs import RedisProcess, free_port
 
 FINGERPRINT = "f" * 64

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
-from sidecar.addons.tokens import (
+from sidecar.client_tokens import (
     ClientTokens,
     TokenError,
     cors_headers,

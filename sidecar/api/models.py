@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from sidecar.addons.tokens import cors_headers
 from sidecar.api.common import JSON_CONTENT_TYPE, error_response, request_id
 from sidecar.appkeys import STATE
+from sidecar.client_tokens import cors_headers
 from sidecar.errors import GatewayError
 
 

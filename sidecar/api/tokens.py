@@ -13,7 +13,6 @@ import orjson
 from aiohttp import web
 
 from sidecar.addons.auth import customer_from_header
-from sidecar.addons.tokens import grant_from_request, normalize_origin, token_answer
 from sidecar.api.common import (
     JSON_CONTENT_TYPE,
     error_response,
@@ -22,6 +21,7 @@ from sidecar.api.common import (
     request_id,
 )
 from sidecar.appkeys import STATE
+from sidecar.client_tokens import grant_from_request, normalize_origin, token_answer
 from sidecar.errors import GatewayError
 
 MAX_BODY_BYTES = 16 * 1024

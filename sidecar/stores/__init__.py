@@ -26,13 +26,13 @@ __all__ = [
 async def open_store(storage: Storage) -> Store:
     """The configured backend, ready to use; close it with `await store.close()`."""
     if storage.backend == "memory":
-        from sidecar.stores.memory import MemoryStore
+        from sidecar.stores.idempotency_memory import MemoryStore
 
         return MemoryStore()
     if storage.backend == "sqlite":
         import sqlite3
 
-        from sidecar.stores.sqlite import SqliteStore
+        from sidecar.stores.idempotency_sqlite import SqliteStore
 
         try:
             return await SqliteStore.open(storage.sqlite_path)
@@ -41,7 +41,7 @@ async def open_store(storage: Storage) -> Store:
                 [f"storage.sqlite_path: cannot open {storage.sqlite_path}: {exc}"]
             ) from None
     if storage.backend == "redis":
-        from sidecar.stores.redis import RedisStore
+        from sidecar.stores.idempotency_redis import RedisStore
 
         return RedisStore(storage.redis_url)
     raise ValueError(f"storage.backend: unknown backend {storage.backend!r}")

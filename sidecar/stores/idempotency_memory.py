@@ -1,4 +1,5 @@
-"""The in-process store: nothing survives a restart and nothing is shared between processes.
+"""Idempotency claims and stored answers, in process: nothing survives a restart and nothing
+is shared between processes.
 
 Every operation runs without an `await` between its read and its write, so on one event
 loop each is atomic without a lock.

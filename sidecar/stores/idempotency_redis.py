@@ -1,4 +1,5 @@
-"""The shared store: Redis, for many sidecars or gateway replicas.
+"""Idempotency claims and stored answers in the shared store, Redis, for many sidecars or
+gateway replicas.
 
 Every operation that reads and then writes is one Lua script, so it is atomic on the server
 however many processes share it. Scripts are registered once per store and run by SHA

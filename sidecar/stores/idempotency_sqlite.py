@@ -1,4 +1,5 @@
-"""The embedded default store: one SQLite file in WAL mode, surviving restarts.
+"""Idempotency claims and stored answers in the embedded default store: one SQLite file in WAL
+mode, surviving restarts.
 
 Every statement runs on the connection's own thread (`ThreadedSqlite`). Each operation runs
 in a `BEGIN IMMEDIATE` transaction (shared with the operations queued at the same time, each in
