@@ -281,6 +281,18 @@ def test_lowercase_variables_win_and_all_proxy_is_the_fallback() -> None:
     assert env.http.port == 3 and env.https.shown == "http://low:1"
 
 
-def test_a_proxy_url_other_than_http_is_refused() -> None:
-    with pytest.raises(ValueError, match="HTTPS_PROXY: unsupported proxy scheme"):
-        ProxyEnv.read({"HTTPS_PROXY": "socks5://p:1080"})
+def test_an_unusable_proxy_variable_fails_closed(
+    https_upstream: str,
+    ca: tuple[trustme.CA, Path],
+    sidecar_factory: Callable[..., SidecarProcess],
+) -> None:
+    proc = sidecar_factory(
+        config(https_upstream, ca[1]), {"HTTPS_PROXY": "socks5://egress:hunter2@p:1080"}
+    )
+    answer = ask(proc)  # not sent direct, around the proxy the operator set
+    assert answer.status == 503
+    assert answer.error["code"] == "upstream_unavailable"
+    proc.stop()
+    log = proc.stderr_path.read_text() + proc.stdout_path.read_text()
+    assert "HTTPS_PROXY is unusable: unsupported proxy scheme 'socks5'" in log
+    assert "hunter2" not in log

@@ -3,8 +3,10 @@
 aiohttp's ClientSession costs about 0.2 ms of CPU per request here (request and response
 objects, tracing hooks, cookie jar, timers), measured at more than half of a bare
 aiohttp forwarder's whole cost. A provider call needs much less: write one request, read one
-response. This package does only that: `pool` (targets, a pool of connections per origin,
-the client), `connection` (the request written in one piece, the response parsed by httptools:
+response. This package does only that: `pool` (targets, a pool of connections per origin
+and egress, capped, the client), `proxy` (proxies from the environment or the provider's
+config: CONNECT tunnels, absolute-form requests), `dial` (a short DNS cache, happy eyeballs),
+`connection` (the request written in one piece, the response parsed by httptools:
 llhttp, the parser of Node.js and uvicorn), `body` (a stream's body handed over as it arrives,
 pausing the socket while the reader is behind, and bounding the kernel's receive buffer from
 then on: what a stalled stream holds is small on both sides). `request` returns the whole body

@@ -177,6 +177,8 @@ class Pool:
                         server_hostname=origin.host if tls else None,
                     )  # fmt: skip
                 else:
+                    if proxy.unusable:
+                        raise ProxyRefused(proxy.unusable)
                     sock = await self.dialer.connect(proxy.host, proxy.port)
                     if tls is None:  # http through the proxy: absolute-form requests
                         _, connection = await loop.create_connection(Connection, sock=sock)

@@ -3,10 +3,12 @@
 once when the client is made; a provider's `proxy:` overrides them for its calls.
 
 An https origin is reached through `CONNECT host:port` and TLS inside the tunnel; an http
-origin through the proxy with the request target in absolute form (as curl does). Only http://
-proxies are supported (no TLS to the proxy, no SOCKS). NO_PROXY holds host names (a name
-matches itself and its subdomains, with or without a leading dot), IP addresses, CIDR ranges
-and `*`; ports in its entries are not supported. Loopback is not exempt unless listed.
+origin through the proxy with the request target in absolute form (as curl does). Only
+http:// proxies are supported (no TLS to the proxy, no SOCKS): a variable holding another URL
+fails closed (logged at start; the calls it covers fail, none goes direct). NO_PROXY holds
+host names (a name matches itself and its subdomains, with or without a leading dot), IP
+addresses, CIDR ranges and `*`; ports in its entries are not supported. Loopback is not
+exempt unless listed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Proxy:
     port: int
     authorization: str | None  # the Proxy-Authorization value, from the URL's user:password
     shown: str  # the URL without credentials: what a log line may say
+    unusable: str | None = None  # why an environment variable's URL cannot be used
 
     @classmethod
     def parse(cls, url: str) -> Proxy:
@@ -85,8 +88,10 @@ class ProxyEnv:
             url = variable(name) or every
             try:
                 proxies[scheme] = Proxy.parse(url) if url else None
-            except ValueError as exc:
-                raise ValueError(f"{name.upper()}: {exc}") from None
+            except ValueError as exc:  # fail closed: no call goes direct instead
+                why = f"{name.upper()} is unusable: {exc}; {scheme} upstreams are unreachable"
+                log.error("%s", why)
+                proxies[scheme] = Proxy("", 0, None, name.upper(), why)
         names: list[str] = []
         networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         bypass_all = False
