@@ -246,16 +246,21 @@ def test_reference_config_sets_every_schema_field() -> None:
         for owner, names in expected.items()
         for name in names - present.get(owner, set())
     }
-    # An addon must be importable (check-config imports it): the reference shows them in comments.
-    commented = {"addons[]:path", "addons[]:options"}
+    # An addon must be importable (check-config imports it), a provider's TLS files must exist:
+    # the reference shows them in comments.
+    commented = {"addons[]:path", "addons[]:options", "#provider:tls"} | {
+        f"#provider.tls:{name}" for name in ("ca_file", "cert_file", "key_file")
+    }
     assert missing == commented
     assert re.search(r"^#.*\{path: \S+:\S+, options: \{", text, re.M)
+    assert re.search(r"^\s*# tls: \{ca_file: \S+, cert_file: \S+, key_file: \S+\}", text, re.M)
 
 
 def test_reference_config_comments_every_field() -> None:
     lines = REFERENCE.read_text().splitlines()
     names = {name for names in _fields(json.loads(SCHEMA.read_text())).values() for name in names}
-    names.discard("path")  # of addons, shown only in a commented example (see above)
+    # of addons and a provider's tls, shown only in a commented example (see above)
+    names -= {"path", "tls", "ca_file", "cert_file", "key_file"}
 
     def explained(name: str) -> bool:
         for number, line in enumerate(lines):
