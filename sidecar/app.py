@@ -12,7 +12,6 @@ from aiohttp import web
 
 from sidecar.addons.circuits import CircuitBreakers
 from sidecar.addons.metrics import Metrics, flush_periodically
-from sidecar.addons.ratelimit import open_limiter
 from sidecar.addons.usage import UsageWriter
 from sidecar.api.admin import add_admin_routes
 from sidecar.api.chat import chat_completions
@@ -24,7 +23,7 @@ from sidecar.runtime import Runtime, RuntimeHolder, Services
 from sidecar.settings import Settings
 from sidecar.settings.model import HostPort, Listen
 from sidecar.settings.watch import watch_file
-from sidecar.stores import open_budget_store, open_store
+from sidecar.stores import open_stores
 
 log = logging.getLogger("ringside")
 
@@ -42,27 +41,20 @@ def with_listen(settings: Settings, api: HostPort | None, admin: HostPort | None
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     metrics = Metrics()
-    store = await open_store(state.initial_settings.storage)
-    try:
-        budgets = await open_budget_store(state.initial_settings.storage)
-    except BaseException:
-        await store.close()
-        raise
-    usage = UsageWriter(budgets)
+    stores = await open_stores(state.initial_settings.storage, state.workers)
+    usage = UsageWriter(stores.budgets)
     services = Services(
         metrics=metrics,
         circuits=CircuitBreakers(metrics),
-        store=store,
-        budgets=budgets,
+        store=stores.idempotency,
+        budgets=stores.budgets,
         usage=usage,
-        limiter=open_limiter(state.initial_settings.storage, state.workers),
+        limiter=stores.limiter,
     )
     try:
         runtime = Runtime(state.initial_settings, services)
     except BaseException:
-        await store.close()
-        await budgets.close()
-        await services.limiter.close()
+        await stores.close()
         raise
     gauges = asyncio.create_task(runtime.budget.refresh())  # spent gauges from the store
     # ready with them when the store answers at once; a store that is down must not hold us up
@@ -80,11 +72,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         metrics.tally.flush()
-        await usage.close()  # the queued usage records, before the store closes
-        await budgets.close()
-        await services.limiter.close()
+        await usage.close()  # the queued usage records, before the stores close
         services.http1.close()
-        await store.close()
+        await stores.close()
 
 
 def create_apps(state: GatewayState) -> tuple[web.Application, web.Application]:

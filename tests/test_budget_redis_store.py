@@ -7,13 +7,23 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from sidecar.stores.budget import Scope, StoreUnavailable, window
+from sidecar.stores.budget import (
+    Charge,
+    Finished,
+    Scope,
+    StoreUnavailable,
+    UsageRecord,
+    window,
+)
 from sidecar.stores.budget_redis import RedisBudgetStore, _scope_keys
+from sidecar.stores.redis_pool import redis_client
 from tests.procs import RedisProcess
 
 pytestmark = pytest.mark.redis
@@ -31,7 +41,7 @@ def scope() -> Scope:
 
 @pytest.fixture
 async def store(redis_server: RedisProcess, tmp_path: Path) -> AsyncIterator[RedisBudgetStore]:
-    opened = RedisBudgetStore(redis_server.url, str(tmp_path / "journal.db"))
+    opened = RedisBudgetStore(redis_client(redis_server.url), str(tmp_path / "journal.db"))
     await opened.open()
     yield opened
     await opened.close()
@@ -99,14 +109,16 @@ async def test_a_tombstone_expires_with_its_ttl_and_frees_nothing(
 
     assert (await store.balance(scope, WIN)).held == AMOUNT  # the purge took nothing off
     amounts = _scope_keys(scope, WIN)[3]
-    assert await store.client.hkeys(amounts) == ["other"]  # the tombstone is gone
+    assert await store.client.hkeys(amounts) == [b"other"]  # the tombstone is gone
 
 
 async def test_a_reserve_that_failed_is_released_once_redis_answers(
     stopped_redis: RedisProcess, scope: Scope, tmp_path: Path
 ) -> None:
     # redis is tried again once per minute, or as soon as the journal's replay reaches it
-    store = RedisBudgetStore(stopped_redis.url, str(tmp_path / "journal.db"), probe_interval=60)
+    store = RedisBudgetStore(
+        redis_client(stopped_redis.url), str(tmp_path / "journal.db"), probe_interval=60
+    )
     await store.open()
     try:
         with pytest.raises(StoreUnavailable):
@@ -131,7 +143,9 @@ async def test_releases_waiting_in_the_journal_are_no_spend(
     stopped_redis: RedisProcess, scope: Scope, tmp_path: Path
 ) -> None:
     journal = str(tmp_path / "journal.db")
-    store = RedisBudgetStore(stopped_redis.url, journal, fail_open=True, probe_interval=60)
+    store = RedisBudgetStore(
+        redis_client(stopped_redis.url), journal, fail_open=True, probe_interval=60
+    )
     await store.open()
     try:
         holds = [await store.reserve([(scope, WIN)], AMOUNT, 60.0) for _ in range(2)]
@@ -141,3 +155,17 @@ async def test_releases_waiting_in_the_journal_are_no_spend(
         assert [h[0].spent for h in holds] == [0, 0]
     finally:
         await store.close()
+
+
+async def test_usage_records_read_back_as_written(store: RedisBudgetStore) -> None:
+    customer = "c_" + os.urandom(6).hex()
+    record = UsageRecord(
+        id="u_" + os.urandom(6).hex(), time=time.time(), request_id="req_1", key_id="k1",
+        customer=customer, refs_tried=("fc:a/b", "fc:c/d"), ref_used="fc:c/d", status=200,
+        latency_ms=12.5, fallback=True,
+    )  # fmt: skip
+    await store.write_usage([Finished(record, Charge(record.id + ":final", 7, 3, 4))])
+
+    (mine,) = await store.usage(customer, None, None)
+    assert mine == replace(record, cost=7, prompt_tokens=3, completion_tokens=4)
+    assert mine in await store.usage(None, None, None)

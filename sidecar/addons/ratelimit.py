@@ -31,27 +31,13 @@ from sidecar.addons.metrics import Metrics
 from sidecar.errors import GatewayError
 from sidecar.flow import Flow
 from sidecar.outage import Outage
-from sidecar.settings.model import RateLimit, Settings, Storage
+from sidecar.settings.model import RateLimit, Settings
 from sidecar.stores.ratelimit_base import REQUESTS, TOKENS, Cell, RateLimiter, Verdict
 from sidecar.stores.ratelimit_memory import MemoryLimiter
 
 SCOPES = ("ip", "token", "dev", "customer")
 SCOPE_NOUNS = {"ip": "client IP", "token": "API key", "dev": "developer", "customer": "customer"}
 MAX_PLANS = 10_000  # callers whose cells are kept built (forgotten all at once beyond this)
-
-
-def open_limiter(storage: Storage, workers: int = 1) -> RateLimiter:
-    """Redis when the store is Redis (shared by the replicas); the sqlite file when several
-    workers share it; else in this process."""
-    if storage.backend == "redis":
-        from sidecar.stores.ratelimit_redis import RedisLimiter
-
-        return RedisLimiter(storage.redis_url)
-    if storage.backend == "sqlite" and workers > 1:
-        from sidecar.stores.ratelimit_sqlite import SqliteLimiter
-
-        return SqliteLimiter(storage.sqlite_path)
-    return MemoryLimiter()
 
 
 def merged(override: RateLimit | None, default: RateLimit | None) -> RateLimit | None:

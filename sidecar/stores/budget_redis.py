@@ -30,8 +30,6 @@ from typing import Any
 
 import redis.exceptions
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from sidecar.ids import new_id
 from sidecar.stores.budget import (
@@ -83,20 +81,14 @@ def _release_entry(hold: Hold) -> Entry:
 class RedisBudgetStore:
     def __init__(
         self,
-        url: str,
+        client: Redis,
         journal_path: str,
         fail_open: bool = False,
         retention_days: float = 90.0,
         replay_interval: float = 0.5,
         probe_interval: float = PROBE_SECONDS,
     ) -> None:
-        self.client = Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=1.0,
-            socket_timeout=2.0,
-            retry=Retry(NoBackoff(), 1),
-        )
+        self.client = client  # closed by close(); its pool too if it owns it (redis_pool)
         self.scripts = {
             "reserve": self.client.register_script(RESERVE),
             "release": self.client.register_script(RELEASE),
@@ -331,19 +323,19 @@ class RedisBudgetStore:
             if customer is not None:
                 tags = [record_tag(customer)]
             else:
-                tags = sorted(str(tag) for tag in await self.client.smembers(CUSTOMERS))
+                tags = sorted(_text(tag) for tag in await self.client.smembers(CUSTOMERS))
             low = "-inf" if since is None else int(since * 1000)
             high = "+inf" if until is None else f"({int(until * 1000)}"
             records: list[UsageRecord] = []
             for tag in tags:
                 found = await self.client.zrangebyscore(f"rs:{{{tag}}}:usage:idx", low, high)
-                ids = [str(usage_id) for usage_id in found]
+                ids = [_text(usage_id) for usage_id in found]
                 pipe = self.client.pipeline(transaction=False)
                 for usage_id in ids:
                     pipe.hgetall(f"rs:{{{tag}}}:usage:r:{usage_id}")
                 for usage_id, data in zip(ids, await pipe.execute(), strict=True):
                     if data:
-                        records.append(_parse(usage_id, data))
+                        records.append(_parse(usage_id, _decoded(data)))
         except UNREACHABLE as exc:
             raise StoreUnavailable(f"redis is unreachable: {exc}") from exc
         records.sort(key=lambda r: (r.time, r.id))
@@ -410,6 +402,15 @@ class RedisBudgetStore:
         await self.journal.close()
         await self.batcher.drain()
         await self.client.aclose()
+
+
+def _text(value: Any) -> str:
+    """A reply's bytes as text (the pool does not decode: see redis_pool)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decoded(data: dict[Any, Any]) -> dict[str, str]:
+    return {_text(name): _text(value) for name, value in data.items()}
 
 
 def _parse(usage_id: str, data: dict[str, str]) -> UsageRecord:

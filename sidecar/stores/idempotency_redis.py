@@ -18,9 +18,6 @@ from redis.exceptions import RedisError
 
 from sidecar.stores.base import Claim, ClaimState, StoreUnavailable
 
-CONNECT_TIMEOUT = 2.0
-COMMAND_TIMEOUT = 2.0
-
 _BEGIN = """
 local found = redis.call('HMGET', KEYS[1], 'f', 't', 'r')
 if not found[1] then
@@ -101,13 +98,11 @@ class RedisIdempotency:
 
 
 class RedisStore:
-    def __init__(self, url: str) -> None:
-        self.client = aioredis.from_url(
-            url,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            socket_timeout=COMMAND_TIMEOUT,
-            decode_responses=False,
-        )
+    """Over `client` (see redis_pool); `close()` closes the client, which closes its pool only
+    if the client owns it (`Redis.from_pool`), not a pool shared with other stores."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
         self.idempotency = RedisIdempotency(self.client)
 
     async def close(self) -> None:

@@ -27,8 +27,6 @@ import time
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from sidecar.outage import Outage
@@ -38,7 +36,7 @@ from sidecar.stores.redis_batch import ScriptBatcher
 
 log = logging.getLogger("ringside")
 
-TIMEOUT_SECONDS = 0.5  # connect and command: a limiter that waits longer is worse than none
+TIMEOUT_SECONDS = 0.5  # a call, retry included: a limiter that waits longer is worse than none
 OUTAGE_RETRY_SECONDS = 1.0
 ACQUIRED_LOCALLY = "requests limited in this process alone"
 ADJUSTED_LOCALLY = "token adjustments made in this process alone"
@@ -105,20 +103,15 @@ return #KEYS
 
 
 class RedisLimiter:
-    def __init__(self, url: str, fallback: MemoryLimiter | None = None) -> None:
-        self.client = aioredis.from_url(
-            url,
-            socket_connect_timeout=TIMEOUT_SECONDS,
-            socket_timeout=TIMEOUT_SECONDS,
-            retry=Retry(NoBackoff(), 1),  # one immediate retry: a pooled connection gone stale
-            decode_responses=False,
-        )
+    def __init__(self, client: aioredis.Redis, fallback: MemoryLimiter | None = None) -> None:
+        self.client = client  # closed by close(); its pool too if it owns it (redis_pool)
         self.batcher = ScriptBatcher(
             self.client,
             {
                 "acquire": self.client.register_script(_ACQUIRE),
                 "adjust": self.client.register_script(_ADJUST),
             },
+            timeout=TIMEOUT_SECONDS,  # shorter than the pool's: per call, on its connections
         )
         self.fallback = fallback or MemoryLimiter()
         self._down_until = 0.0

@@ -6,6 +6,11 @@ per call. `ScriptBatcher.call` queues the call and returns a future; at the end 
 every queued call leaves in one pipeline (no MULTI: each script is atomic on its own, so the
 result is exactly that of sending them one by one in this order). A lone request pays no
 extra wait: its call leaves in the same turn.
+
+A batcher may bound its round trips more tightly than the pool's socket timeout (`timeout`):
+stores with different patience share one pool (redis_pool), and a round trip cut short
+disconnects its connection (redis-py does on a cancelled read), so no reply is left behind on
+a pooled one.
 """
 
 from __future__ import annotations
@@ -17,14 +22,18 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 Call = tuple[str, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 
 
 class ScriptBatcher:
-    def __init__(self, client: Redis, scripts: Mapping[str, AsyncScript]) -> None:
+    def __init__(
+        self, client: Redis, scripts: Mapping[str, AsyncScript], timeout: float | None = None
+    ) -> None:
         self.client = client
         self.scripts = dict(scripts)
+        self.timeout = timeout  # seconds a round trip may take, connect and retry included
         self._pending: list[Call] = []
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -49,7 +58,7 @@ class ScriptBatcher:
         for name, keys, args, _ in batch:
             pipe.evalsha(self.scripts[name].sha, len(keys), *keys, *args)
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._execute(pipe)
         except BaseException as exc:  # the connection failed: every call in it did
             for *_, future in batch:
                 if not future.done():
@@ -78,6 +87,15 @@ class ScriptBatcher:
                         future.set_exception(exc)
                 return
             await self._send(unknown, reloaded=True)
+
+    async def _execute(self, pipe: Any) -> list[Any]:
+        if self.timeout is None:
+            return await pipe.execute(raise_on_error=False)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await pipe.execute(raise_on_error=False)
+        except TimeoutError:
+            raise RedisTimeout(f"no reply from redis within {self.timeout}s") from None
 
     async def drain(self) -> None:
         """Wait for the calls already queued or in flight (before closing the client)."""
