@@ -1,20 +1,24 @@
 """With the redis backend a sidecar holds one connection pool, shared by its idempotency,
 budget and rate-limit stores (issue 18), and closing the sidecar closes it: every connection
-it made to redis is gone."""
+it made to redis is gone. The rate limiter keeps its shorter patience on that pool."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from sidecar.settings.model import Storage
+from sidecar.stores import open_stores
+from sidecar.stores.ratelimit_base import REQUESTS, Cell
+from sidecar.stores.ratelimit_redis import TIMEOUT_SECONDS
+from sidecar.stores.redis_pool import COMMAND_TIMEOUT
 from tests.inprocess import api_client
 from tests.procs import RedisProcess
-
-pytestmark = pytest.mark.redis
 
 HELLO = [{"role": "user", "content": "hi"}]
 
@@ -38,6 +42,7 @@ def ringside_connections(server: RedisProcess) -> list[dict[str, Any]]:
         return [c for c in admin.client_list() if c.get("name") == "ringside"]
 
 
+@pytest.mark.redis
 async def test_the_three_stores_share_one_pool_and_closing_closes_it(
     redis_server: RedisProcess, tmp_path: Path
 ) -> None:
@@ -60,3 +65,20 @@ async def test_the_three_stores_share_one_pool_and_closing_closes_it(
         held = ringside_connections(redis_server)
         assert 0 < len(held) <= len(pool._available_connections) + len(pool._in_use_connections)
     assert ringside_connections(redis_server) == []
+
+
+async def test_the_limiter_waits_less_than_the_pool_for_a_silent_redis() -> None:
+    """The pool gives a reply 2 s; the limiter, on the same pool, gives up after 0.5 s and
+    limits in process (a server that accepts and never answers: no refusal to act on)."""
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    stores = await open_stores(Storage(backend="redis", redis_url=f"redis://127.0.0.1:{port}/0"))
+    try:
+        started = time.monotonic()
+        verdict = await stores.limiter.acquire([Cell("ip:requests:silent", "ip", REQUESTS, 60, 1)])
+        waited = time.monotonic() - started
+    finally:
+        await stores.close()
+        silent.close()
+    assert verdict.admitted
+    assert TIMEOUT_SECONDS <= waited < COMMAND_TIMEOUT
