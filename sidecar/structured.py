@@ -1,10 +1,12 @@
-"""Structured output (SPEC 2.3): the re-prompt loop, and answers validated as they stream.
+"""Structured output (SPEC 2.3): the re-prompt loop.
 
 What a `response_format` compiles to, and how an answer is checked within its request's budget,
 is `sidecar.schema_check`. `enforce` is the re-prompt loop the cascade runs around each
 candidate's call: an answer that fails is sent back with its errors, at most MAX_REPROMPTS
 times; a candidate that never satisfies the schema, or whose answers cost the request its
 schema budget, fails with `Outcome.SCHEMA_FAILURE`, which the cascade escalates from.
+A streamed request's side (an answer checked at its end, a buffered answer sent as chunks) is
+`sidecar.structured_stream`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from sidecar.errors import GatewayError, Outcome, UpstreamError
+from sidecar.errors import Outcome, UpstreamError
 from sidecar.providers.base import Completion
 from sidecar.schema_check import (
     CompiledSchema,
@@ -36,10 +36,7 @@ __all__ = [
     "SchemaCache",
     "SchemaPlan",
     "Verdict",
-    "completion_chunks",
     "enforce",
-    "mentions_tool_calls",
-    "streamed_failure",
     "warm_up",
 ]
 
@@ -98,7 +95,7 @@ async def enforce(
                 Outcome.SCHEMA_FAILURE,
                 "the schema is too costly: checking answers against it used the "
                 f"{BUDGET_NS / 1e6:.0f} ms this request may spend on its schema"
-                + (f"; the last answer: {_summary(problems)}" if problems else ""),
+                + (f"; the last answer: {summary(problems)}" if problems else ""),
                 reason="schema",
             )
         if round_:
@@ -127,12 +124,13 @@ async def enforce(
     raise UpstreamError(
         Outcome.SCHEMA_FAILURE,
         f"the answer did not match response_format after {MAX_REPROMPTS} re-prompts: "
-        + _summary(problems),
+        + summary(problems),
         reason="schema",
     )
 
 
-def _summary(problems: tuple[Problem, ...]) -> str:
+def summary(problems: tuple[Problem, ...]) -> str:
+    """The problems of one answer on one line, as error messages quote them."""
     return "; ".join(str(p) for p in problems)
 
 
@@ -156,67 +154,3 @@ def _finished(
     if not changed:
         return completion
     return Completion(completion.body, completion.usage, raw=None)
-
-
-def streamed_failure(
-    flow: Flow, candidate: Candidate, plan: SchemaPlan, content: str, tool_calls: bool
-) -> GatewayError | None:
-    """Validate a natively streamed answer at its end; the 422 to send as an SSE event, if any."""
-    flow.schema_enforced = True
-    if tool_calls:
-        return None
-    verdict = plan.check(content)
-    flow.schema_checks.append((candidate.label, "valid" if verdict.ok else "invalid"))
-    if verdict.ok:
-        return None
-    return schema_failed(
-        f"the streamed answer does not match response_format: {_summary(verdict.problems)}"
-    )
-
-
-def mentions_tool_calls(chunks: list[bytes]) -> bool:
-    """Whether streamed chunks carry tool calls (a key, never escaped text inside content)."""
-    return any(b'"tool_calls":' in c or b'"finish_reason":"tool_calls"' in c for c in chunks)
-
-
-def schema_failed(message: str) -> GatewayError:
-    return GatewayError(422, "response_schema_validation_failed", message, param="response_format")
-
-
-def completion_chunks(completion: Completion, include_usage: bool) -> list[bytes]:
-    """A buffered answer as OpenAI `chat.completion.chunk` payloads (without `[DONE]`)."""
-    body = completion.body
-    base: dict[str, Any] = {
-        "id": body.get("id", "chatcmpl-ringside"),
-        "object": "chat.completion.chunk",
-        "created": body.get("created", 0),
-        "model": body.get("model"),
-    }
-    if "system_fingerprint" in body:
-        base["system_fingerprint"] = body["system_fingerprint"]
-    if include_usage:
-        base["usage"] = None
-    chunks: list[bytes] = []
-
-    def add(index: int, delta: dict[str, Any], finish: str | None) -> None:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        chunks.append(orjson.dumps({**base, "choices": [choice]}))
-
-    for position, choice in enumerate(body.get("choices") or ()):
-        index = choice.get("index", position)
-        message = choice.get("message") or {}
-        add(index, {"role": "assistant", "content": ""}, None)
-        content = message.get("content")
-        if isinstance(content, str) and content:
-            add(index, {"content": content}, None)
-        tool_calls = message.get("tool_calls")
-        if isinstance(tool_calls, list) and tool_calls:
-            calls = [{"index": i, **call} for i, call in enumerate(tool_calls)]
-            add(index, {"tool_calls": calls}, None)
-        add(index, {}, choice.get("finish_reason") or "stop")
-    if include_usage:
-        usage = body.get("usage")
-        if usage is None and completion.usage is not None:
-            usage = completion.usage.as_openai()
-        chunks.append(orjson.dumps({**base, "choices": [], "usage": usage}))
-    return chunks

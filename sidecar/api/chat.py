@@ -32,7 +32,7 @@ from sidecar.errors import (
 from sidecar.flow import Flow
 from sidecar.routing import Estimate
 from sidecar.runtime import Runtime
-from sidecar.structured import completion_chunks, mentions_tool_calls, streamed_failure
+from sidecar.structured_stream import completion_chunks, mentions_tool_calls, streamed_failure
 
 log = logging.getLogger("ringside")
 
