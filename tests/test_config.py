@@ -192,6 +192,24 @@ def test_env_expansion_gives_numbers_and_booleans_where_the_schema_wants_them(
     assert provider.headers["X-Org"] == "123"  # a string field keeps the digits as text
 
 
+def test_what_the_file_leaves_out_takes_the_dataclass_defaults() -> None:
+    from sidecar.settings import parse_settings
+    from sidecar.settings.model import Budget, Limits, Listen, ProviderSettings, Shutdown
+
+    text = (
+        "storage: {backend: memory}\n"
+        "providers:\n  openai: {kind: openai}\n"
+        "keys: [{id: app, sha256: '" + "0" * 64 + "', budget: {usd: 5}}]\n"
+    )
+    settings = parse_settings(text, "defaults.yaml", {})
+    assert settings.listen == Listen()
+    assert settings.limits == Limits()
+    assert settings.shutdown == Shutdown()
+    assert settings.providers["openai"] == ProviderSettings("openai", "openai", None, None)
+    assert settings.keys[0].revoked is False
+    assert settings.keys[0].budget == Budget(5.0)
+
+
 def test_env_expansion_that_is_not_a_number_is_still_a_clear_error() -> None:
     from sidecar.settings import ConfigError, parse_settings
 

@@ -7,7 +7,7 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -360,7 +360,18 @@ def _rate(data: Mapping[str, Any] | None) -> RateLimit | None:
 
 
 def _budget(data: Mapping[str, Any] | None) -> Budget | None:
-    return None if data is None else Budget(float(data["usd"]), data.get("period", "month"))
+    return None if data is None else Budget(float(data["usd"]), **_given(data, period=None))
+
+
+def _given(section: Mapping[str, Any], **fields: Callable[[Any], Any] | None) -> dict[str, Any]:
+    """The `fields` that `section` sets, each read with its conversion (None: as is); a field
+    left out takes its default from the dataclass in `sidecar.settings.model`, the one place
+    defaults are written."""
+    return {
+        name: section[name] if convert is None else convert(section[name])
+        for name, convert in fields.items()
+        if name in section
+    }
 
 
 def split_fc_ref(ref: str) -> tuple[str, str] | None:
@@ -377,11 +388,7 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
     problems: list[str] = []
     warnings: list[str] = []
 
-    listen_data = data.get("listen", {})
-    listen = Listen(
-        api=_hostport(listen_data.get("api", "127.0.0.1:8787")),
-        admin=_hostport(listen_data.get("admin", "0.0.0.0:8788")),
-    )
+    listen = Listen(**_given(data.get("listen", {}), api=_hostport, admin=_hostport))
     for name in ("api", "admin"):
         port = getattr(listen, name).port
         if not 0 < port < 65536:
@@ -427,24 +434,22 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
             base_url=pdata.get("base_url"),
             api_key_env=key_env,
             api_key=api_key,
-            timeout=Timeouts(
-                connect=float(timeout.get("connect", 5.0)),
-                read=float(timeout.get("read", 60.0)),
-                total=float(timeout["total"]) if "total" in timeout else None,
-                pool=float(timeout["pool"]) if "pool" in timeout else None,
-            ),
-            retries=pdata.get("retries", 0),
-            retry_backoff=float(pdata.get("retry_backoff", 0.25)),
-            retry_after_cap=float(pdata.get("retry_after_cap", 10.0)),
+            timeout=Timeouts(**_given(timeout, connect=float, read=float, total=float, pool=float)),
             circuit=Circuit(**pdata.get("circuit", {})),
             headers=dict(pdata.get("headers", {})),
             native_json_schema=pdata.get("native_json_schema"),
-            catalog_only=pdata.get("catalog_only", False),
             default_price=_price(pdata.get("default_price")),
             options=options,
             proxy=proxy,
-            max_connections=int(pdata.get("max_connections", 100)),
             tls=tls,
+            **_given(
+                pdata,
+                retries=None,
+                retry_backoff=float,
+                retry_after_cap=float,
+                catalog_only=None,
+                max_connections=int,
+            ),
         )
 
     models: dict[str, ModelEntry] = {}
@@ -514,7 +519,7 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
                 sha256=bytes.fromhex(kdata["sha256"]),
                 developer=kdata.get("developer", kdata["id"]),
                 allowed=tuple(kdata.get("allowed", ())),
-                revoked=kdata.get("revoked", False),
+                **_given(kdata, revoked=None),
                 expires_at=_timestamp(expires) if expires else None,
                 budget=_budget(kdata.get("budget")),
                 rate_limit=_rate(kdata.get("rate_limit")),
@@ -559,8 +564,6 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
 
     if problems:
         raise ConfigError(problems)
-    limits_data = data.get("limits", {})
-    default_limits = Limits()
     return Settings(
         source=where.source,
         listen=listen,
@@ -574,15 +577,16 @@ def _build(data: dict[str, Any], where: _Located, env: Mapping[str, str]) -> Set
         rate_limits=rate_limits,
         trusted_proxies=trusted,
         limits=Limits(
-            max_body_bytes=limits_data.get("max_body_bytes", default_limits.max_body_bytes),
-            max_cascade=limits_data.get("max_cascade", default_limits.max_cascade),
-            header_timeout=float(limits_data.get("header_timeout", default_limits.header_timeout)),
-            body_timeout=float(limits_data.get("body_timeout", default_limits.body_timeout)),
-            idle_timeout=float(limits_data.get("idle_timeout", default_limits.idle_timeout)),
-            max_connections=limits_data.get("max_connections", default_limits.max_connections),
-            admin_max_connections=limits_data.get(
-                "admin_max_connections", default_limits.admin_max_connections
-            ),
+            **_given(
+                data.get("limits", {}),
+                max_body_bytes=None,
+                max_cascade=None,
+                header_timeout=float,
+                body_timeout=float,
+                idle_timeout=float,
+                max_connections=None,
+                admin_max_connections=None,
+            )
         ),
         metrics_enabled=data.get("metrics", {}).get("enabled", True),
         access_log=data.get("access_log", {}).get("enabled", True),
@@ -602,7 +606,8 @@ def _shutdown(
     section = data.get("shutdown", {})
     delay = section.get("delay_seconds")
     if delay is None:
-        delay = KUBERNETES_DELAY_SECONDS if "KUBERNETES_SERVICE_HOST" in env else 0.0
+        in_pod = "KUBERNETES_SERVICE_HOST" in env
+        delay = KUBERNETES_DELAY_SECONDS if in_pod else Shutdown().delay_seconds
     grace = section.get("grace_seconds")
     drain = data.get("limits", {}).get("drain_seconds")
     if drain is not None:
