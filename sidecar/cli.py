@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.serve import run_worker
 from sidecar.settings import ConfigError, Settings, load_settings
-from sidecar.settings.loader import is_loopback, metrics_exposure_warning
+from sidecar.settings.building import is_loopback, metrics_exposure_warning
 from sidecar.settings.model import HostPort
 from sidecar.supervisor import supervise
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from sidecar.errors import GatewayError
-from sidecar.settings.loader import split_fc_ref
+from sidecar.settings.building import split_fc_ref
 from sidecar.settings.model import ModelEntry, Price, ProviderSettings, Settings
 
 DEFAULT_OUTPUT_CAP = 4096  # tokens assumed for a model whose max_output the catalog omits

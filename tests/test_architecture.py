@@ -136,7 +136,7 @@ CONSTANTS = {
     "sidecar.providers.openai_compat": {"COMPAT_KINDS"},
     "sidecar.schema_check": {"_JSON_OBJECT"},
     "sidecar.schema_compiler": {"_TYPES"},
-    "sidecar.settings.loader": {"_SCALAR_TYPES"},
+    "sidecar.settings.reading": {"_SCALAR_TYPES"},
 }
 # Per process by design, not per app: an id must not repeat within the process whichever app
 # draws it (sidecar/ids.py: a random prefix drawn again after fork, and a counter).

@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
 from sidecar.schema_compiler import ASSERTIONS, compile_predicate
-from sidecar.settings.loader import _valid_config, _validator
+from sidecar.settings.reading import _valid_config, _validator
 
 FORMATS = Draft202012Validator.FORMAT_CHECKER
 

@@ -20,7 +20,7 @@ from sidecar.api.common import bearer_matches, error_response
 from sidecar.appkeys import STATE
 from sidecar.errors import GatewayError, invalid_request
 from sidecar.flow import CUSTOMER_PATTERN
-from sidecar.settings.loader import ADMIN_TOKEN_ENV
+from sidecar.settings.building import ADMIN_TOKEN_ENV
 from sidecar.stores.budget import (
     PERIODS,
     StoreUnavailable,
