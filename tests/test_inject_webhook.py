@@ -7,6 +7,8 @@ against the Kubernetes schema (strict) for the oldest and newest versions in K8S
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import trustme
 from sidecar.cli import build_parser
 from tests.injector import (
     INJECT,
+    SERVICE_DNS,
     InjectorProcess,
     admission_review,
     app_pod,
@@ -523,3 +526,20 @@ def test_the_tls_files_are_required() -> None:
     done = ringside("inject-webhook", "--listen", "127.0.0.1:8443")
     assert done.returncode == 2
     assert "--tls-cert" in done.stderr
+
+
+def test_a_client_that_never_finishes_its_headers_is_cut_off(injector: InjectorProcess) -> None:
+    """The webhook's connections have the sidecar's deadlines (server_limits): a TLS client
+    dribbling a request line and nothing more is closed at the header deadline (10 s), and
+    reviews are answered meanwhile."""
+    with (
+        socket.create_connection(("127.0.0.1", injector.port), timeout=20) as raw,
+        injector.client_context.wrap_socket(raw, server_hostname=SERVICE_DNS) as tls,
+    ):
+        tls.sendall(b"POST /mutate HTTP/1.1\r\nHost: ringside-injector\r\n")
+        started = time.monotonic()
+        status = injector.request("GET", "/healthz")[0]
+        assert status == 200
+        assert tls.recv(1024) == b""  # closed by the server, no answer
+        waited = time.monotonic() - started
+    assert 8 < waited < 15, waited

@@ -20,6 +20,8 @@ from sidecar.inject.options import InjectDefaults
 from sidecar.inject.patch import Decision, MalformedPod, decide
 from sidecar.inject.review import BadReview, read_review, review_answer
 from sidecar.inject.tls import ReloadingTLS
+from sidecar.server_limits import GuardedRunner, ListenerGuard
+from sidecar.settings.model import Limits
 
 log = logging.getLogger("ringside.inject")
 
@@ -87,7 +89,11 @@ async def serve(
     """Serve until SIGTERM or SIGINT; then fail /readyz for `drain_seconds` (the Service's
     endpoints drop this pod) while still answering reviews, and stop."""
     app = create_app(defaults)
-    runner = web.AppRunner(app, access_log=None)
+    # the sidecar's own connection bounds (header, body and idle deadlines, a connection cap):
+    # a client that never finishes its headers must not hold the webhook's connections
+    limits = Limits()  # the defaults: a 10 s header deadline, 256 connections
+    guard = ListenerGuard("webhook", lambda: limits)
+    runner = GuardedRunner(app, guard, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, ssl_context=tls.context).start()
