@@ -97,7 +97,6 @@ class Flow:
     metrics_inflight: bool = False  # counted in ringside_inflight_requests until `done`
     ratelimit_charged: list[tuple[str, float, float]] | None = None  # cell, tokens, interval
     idempotency_claim: HeldClaim | None = None  # the Idempotency-Key this request holds
-    replayed: bool = False  # the answer is a stored one (Idempotency-Key)
     budget_scopes: list[Scope] | None = None  # the budgets that apply to the request
     budget_holds: dict[int, list[Hold]] | None = None  # id(attempt) → its holds
     budget_settles: int = 0  # attempts settled so far (each settle's op id)

@@ -203,7 +203,6 @@ class Idempotency:
                 response = replay(claim.record)
                 flow.response, flow.status = response, response.status
                 flow.stream = flow.body.get("stream") is True
-                flow.replayed = True
                 return
             if claim.state is ClaimState.CONFLICT:
                 raise reused(key)

@@ -61,9 +61,7 @@ def require_json(request: web.Request) -> None:
     Refused: the types a browser may send cross-site without asking first (text/plain, forms),
     and an undeclared body from a browser (it sends `Origin`): so that no web page can make a
     visitor's browser call a sidecar on their machine (open mode on loopback)."""
-    declared = request.headers.get("Content-Type")
-    if declared == JSON_CONTENT_TYPE:  # what the SDKs send: no parsing of the header
-        return
+    declared = request.headers.get("Content-Type")  # read_body took what the SDKs send
     if declared is None:
         if "Origin" not in request.headers:
             return

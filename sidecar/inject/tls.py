@@ -34,7 +34,6 @@ class ReloadingTLS:
         self.current = self._load()
         self.context = self.current
         self.context.sni_callback = self._pick
-        self.reloads = 0
 
     def refresh(self) -> bool:
         """Load the files if they changed since the last load; True when a new pair is in use."""
@@ -48,7 +47,6 @@ class ReloadingTLS:
             log.warning("new TLS files not loaded, the previous certificate stays: %s", exc)
             return False
         self.current, self._signature, self._refused = fresh, signature, None
-        self.reloads += 1
         log.info("TLS certificate reloaded from %s", self.cert_path)
         return True
 
