@@ -75,6 +75,7 @@ class HttpProvider:
             settings.max_connections,
             settings.timeout.pool,
         )  # built at load: the request path looks its target up there
+        self.caps = adapter.caps
         self.native_json_schema = adapter.native_json_schema
         self.json_mode = adapter.json_mode
         self._detail_logged_at = -DETAIL_LOG_SECONDS

@@ -1,7 +1,12 @@
-"""Provider kinds → clients. The only place that knows which kinds exist."""
+"""Provider kinds → clients. The only place that knows which kinds exist.
+
+`ADAPTERS` maps each kind with a network adapter to the function that builds its adapter from
+the provider's settings (once, at load); `mock` answers in-process.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from sidecar.providers.openai_compat import COMPAT_KINDS, OpenAICompatAdapter
@@ -9,9 +14,18 @@ from sidecar.settings.model import ProviderSettings
 
 if TYPE_CHECKING:
     from sidecar.http1 import Http1Client
-    from sidecar.providers.base import ProviderClient
+    from sidecar.providers.base import Adapter, ProviderClient
 
-SUPPORTED_KINDS = frozenset({*COMPAT_KINDS, "mock"})
+
+def _compat(settings: ProviderSettings) -> Adapter:
+    return OpenAICompatAdapter(settings, COMPAT_KINDS[settings.kind])
+
+
+ADAPTERS: Mapping[str, Callable[[ProviderSettings], Adapter]] = {
+    **dict.fromkeys(COMPAT_KINDS, _compat),
+}
+
+SUPPORTED_KINDS = frozenset({*ADAPTERS, "mock"})
 
 
 def build_client(settings: ProviderSettings, http1: Http1Client) -> ProviderClient:
@@ -22,5 +36,4 @@ def build_client(settings: ProviderSettings, http1: Http1Client) -> ProviderClie
         return MockProvider(settings)
     from sidecar.upstream import HttpProvider
 
-    adapter = OpenAICompatAdapter(settings, COMPAT_KINDS[settings.kind])
-    return HttpProvider(settings, adapter, http1)
+    return HttpProvider(settings, ADAPTERS[settings.kind](settings), http1)

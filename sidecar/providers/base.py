@@ -48,6 +48,35 @@ class Usage:
         return cls(min(prompt, MAX_TOKENS), min(completion, MAX_TOKENS))
 
 
+@dataclass(frozen=True, slots=True)
+class KindCaps:
+    """What one provider kind's API accepts, from its published reference. Feeds `match:`
+    (`caps=`), schema enforcement (native json_schema, json_object or the instruction path of
+    SPEC 2.3) and `GET /v1/models`."""
+
+    tools: bool = True
+    vision: bool = True
+    json_schema: bool = True  # response_format json_schema, natively
+    json_object: bool = True  # response_format json_object
+    usage_in_stream: bool = True  # usage at the end of a stream (stream_options.include_usage)
+    n: bool = True  # several choices in one call
+
+    def names(self) -> frozenset[str]:
+        """The `caps` names a catalog entry would list for this kind."""
+        return frozenset(
+            name
+            for name, held in (
+                ("tools", self.tools),
+                ("vision", self.vision),
+                ("json_schema", self.json_schema),
+                ("json_object", self.json_object),
+                ("usage_in_stream", self.usage_in_stream),
+                ("n", self.n),
+            )
+            if held
+        )
+
+
 @dataclass(slots=True)
 class UpstreamCall:
     """One call to one provider model: the OpenAI-shaped body after rewrites and schema prep."""
@@ -123,6 +152,7 @@ class ProviderClient(Protocol):
     """What the cascade calls. One per configured provider, rebuilt on config reload."""
 
     settings: ProviderSettings
+    caps: KindCaps
     native_json_schema: bool
     json_mode: bool
 
@@ -152,7 +182,8 @@ class StreamDecoder(Protocol):
 class Adapter(Protocol):
     """Pure translation for one provider kind; never does I/O."""
 
-    native_json_schema: bool
+    caps: KindCaps
+    native_json_schema: bool  # caps.json_schema, unless the provider's config overrides it
     json_mode: bool
 
     def build_request(self, call: UpstreamCall) -> HttpRequest: ...

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from sidecar.errors import classify_http_failure
-from sidecar.providers.base import Completion, UpstreamCall, Usage
+from sidecar.providers.base import Completion, KindCaps, UpstreamCall, Usage
 from sidecar.settings.model import ProviderSettings
 
 DEFAULT_CONTENT = "Hello from the Ringside mock provider."
@@ -87,6 +87,8 @@ def _assistant_turns(messages: Any) -> int:
 class MockProvider:
     """A ProviderClient that answers in-process."""
 
+    # tools: answered with prose today (issue 21 gives the mock tool calls)
+    caps = KindCaps(tools=False, vision=False, json_schema=False, usage_in_stream=True)
     native_json_schema = False
     json_mode = True
 

@@ -13,7 +13,14 @@ from typing import Any
 import orjson
 
 from sidecar.errors import Outcome, UpstreamError, classify_http_failure
-from sidecar.providers.base import Completion, HttpRequest, StreamDecoder, UpstreamCall, Usage
+from sidecar.providers.base import (
+    Completion,
+    HttpRequest,
+    KindCaps,
+    StreamDecoder,
+    UpstreamCall,
+    Usage,
+)
 from sidecar.settings.model import ProviderSettings
 
 
@@ -25,9 +32,7 @@ class CompatKind:
     auth_prefix: str = "Bearer "
     drop_params: frozenset[str] = frozenset()
     rename_params: Mapping[str, str] = field(default_factory=dict)
-    native_json_schema: bool = True
-    json_mode: bool = True
-    usage_in_stream: bool = True  # honours stream_options.include_usage
+    caps: KindCaps = field(default_factory=KindCaps)
 
 
 COMPAT_KINDS: Mapping[str, CompatKind] = {
@@ -81,12 +86,13 @@ class OpenAICompatAdapter:
 
     def __init__(self, settings: ProviderSettings, row: CompatKind) -> None:
         self.row = row
+        self.caps = row.caps
         self.native_json_schema = (
-            row.native_json_schema
+            row.caps.json_schema
             if settings.native_json_schema is None
             else settings.native_json_schema
         )
-        self.json_mode = row.json_mode
+        self.json_mode = row.caps.json_object
         self.url = (settings.base_url or row.base_url).rstrip("/") + "/chat/completions"
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.api_key:
@@ -104,7 +110,7 @@ class OpenAICompatAdapter:
                 body[new] = body.pop(old)
         if call.stream:
             body["stream"] = True
-            if self.row.usage_in_stream:
+            if self.row.caps.usage_in_stream:
                 options = body.get("stream_options")
                 body["stream_options"] = {
                     **(options if isinstance(options, dict) else {}),

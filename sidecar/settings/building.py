@@ -222,6 +222,11 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
                 retry_after_cap=float,
                 catalog_only=None,
                 max_connections=int,
+                api_version=None,
+                deployments=dict,
+                project=None,
+                location=None,
+                region=None,
             ),
         )
 

@@ -89,6 +89,13 @@ class ProviderSettings:
     proxy: str | None = None  # None: from the environment (HTTPS_PROXY...); "": direct
     max_connections: int = 100  # per origin
     tls: ProviderTls | None = None
+    # kind-specific (SPEC 5): azure api_version / deployments; vertex project / location;
+    # bedrock region
+    api_version: str | None = None
+    deployments: Mapping[str, str] = field(default_factory=dict)
+    project: str | None = None
+    location: str | None = None
+    region: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
