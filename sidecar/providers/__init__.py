@@ -7,6 +7,7 @@ the provider's settings (once, at load); `mock` answers in-process.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from sidecar.providers.openai_compat import COMPAT_KINDS, OpenAICompatAdapter
@@ -21,9 +22,11 @@ def _compat(settings: ProviderSettings) -> Adapter:
     return OpenAICompatAdapter(settings, COMPAT_KINDS[settings.kind])
 
 
-ADAPTERS: Mapping[str, Callable[[ProviderSettings], Adapter]] = {
-    **dict.fromkeys(COMPAT_KINDS, _compat),
-}
+ADAPTERS: Mapping[str, Callable[[ProviderSettings], Adapter]] = MappingProxyType(
+    {
+        **dict.fromkeys(COMPAT_KINDS, _compat),
+    }
+)
 
 SUPPORTED_KINDS = frozenset({*ADAPTERS, "mock"})
 
