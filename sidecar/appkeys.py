@@ -25,7 +25,7 @@ class GatewayState:
         self.holder: RuntimeHolder | None = None
         self.draining = False  # SIGTERM: /readyz fails (sidecar/shutdown.py)
         # the shutdown's grace ran out: a request cancelled from now on is ended by the
-        # shutdown, and answers so (sidecar/api/chat.py), not by its client going away
+        # shutdown, and answers so (sidecar/api/request_path.py), not by its client going away
         self.grace_over = False
 
     @property

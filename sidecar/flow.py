@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from sidecar.addons.idempotency import HeldClaim
     from sidecar.errors import GatewayError, UpstreamError
     from sidecar.routing import Candidate, Route
-    from sidecar.runtime import Runtime
     from sidecar.stores.budget import Hold, Scope
     from sidecar.structured import SchemaPlan
 
@@ -61,7 +60,6 @@ class Attempt:
 @dataclass(slots=True)
 class Flow:
     id: str
-    runtime: Runtime
     headers: CIMultiDictProxy[str]
     client_ip: str
     body: dict[str, Any]

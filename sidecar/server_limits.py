@@ -306,7 +306,7 @@ class GuardedHandler(RequestHandler):
 
     def cut(self) -> bool:
         """Cancel the request in progress, if any (its handler ends its answer as it can:
-        sidecar/api/chat.py); the connection closes after it. Whether one was cancelled."""
+        sidecar/api/request_path.py); the connection closes after it. Whether one was cancelled."""
         self.close()
         task = self._task_handler
         if not self._request_in_progress or task is None or task.done():

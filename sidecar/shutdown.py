@@ -9,7 +9,7 @@
 3. Then the listening sockets close (a new connection is refused), an idle keep-alive
    connection is closed, a busy one after its answer; requests and streams in progress get up
    to `shutdown.grace_seconds` to finish.
-4. Whatever still runs then is ended (`GatewayState.grace_over`, sidecar/api/chat.py): a
+4. Whatever still runs then is ended (`GatewayState.grace_over`, sidecar/api/request_path.py): a
    stream with an SSE error event `server_shutting_down` and its end, a request whose answer
    has not started with a 503 of that code. Each is settled as a client disconnect is: the
    budget hold is charged what the upstream produced and released, the usage record written.

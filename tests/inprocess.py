@@ -21,7 +21,6 @@ from sidecar.app import create_apps
 from sidecar.appkeys import GatewayState
 from sidecar.flow import Flow
 from sidecar.ids import new_id
-from sidecar.runtime import Runtime
 from sidecar.settings import load_settings
 
 
@@ -41,7 +40,6 @@ async def api_client(
 
 
 def make_flow(
-    runtime: Runtime,
     body: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
     client_ip: str = "127.0.0.1",
@@ -50,7 +48,6 @@ def make_flow(
     body = body if body is not None else {}
     return Flow(
         id="req_" + new_id(),
-        runtime=runtime,
         headers=CIMultiDictProxy(CIMultiDict(headers or {})),
         client_ip=client_ip,
         body=body,

@@ -177,7 +177,6 @@ def test_misspelt_hook_is_refused_on_reload_and_the_old_config_keeps_serving(
 def make_flow(request_id: str = "req-1") -> Flow:
     return Flow(
         id=request_id,
-        runtime=cast(Any, None),
         headers=cast(Any, {}),
         client_ip="127.0.0.1",
         body={},

@@ -126,7 +126,7 @@ CONSTANTS = {
     "sidecar.addons.ratelimit": {"SCOPE_NOUNS", "_HEADER_NAMES"},
     "sidecar.client_tokens": {"_REQUIRED_CLAIMS", "_DEFAULT_PORTS"},
     "sidecar.api.admin": {"METRICS_CHALLENGE"},
-    "sidecar.api.chat": {"SSE_HEADERS"},
+    "sidecar.api.answers": {"SSE_HEADERS"},
     "sidecar.api.common": {"_METHODS"},
     "sidecar.api.validation": {"_PART_FIELDS"},
     "sidecar.errors": {"_TYPE_BY_STATUS"},

@@ -233,7 +233,7 @@ async def test_a_duplicate_still_waiting_after_the_bound_is_409_with_retry_after
     store = MemoryStore()
     addon = Idempotency(store.idempotency, wait=0.2)
     headers = CIMultiDictProxy(CIMultiDict({"Idempotency-Key": "order-1"}))
-    flow = Flow("req_1", None, headers, "127.0.0.1", chat(), 0)  # type: ignore[arg-type]
+    flow = Flow("req_1", headers, "127.0.0.1", chat(), 0)
     flow.principal = Principal(key_id="alice")
     await store.idempotency.begin("alice", "order-1", fingerprint(flow), 30.0)
     with pytest.raises(GatewayError) as caught:

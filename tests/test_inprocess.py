@@ -145,9 +145,7 @@ async def test_hooks_run_on_a_flow_built_in_the_test(tmp_path: Path) -> None:
     """make_flow: the built-in chain on a Flow without HTTP (open mode: anyone on loopback)."""
     async with api_client(tmp_path, MOCK) as (_client, state):
         runtime = state.runtime
-        flow = make_flow(
-            runtime, {"model": "fc:mock/echo", "messages": HELLO}, {"FC-Customer": "acme"}
-        )
+        flow = make_flow({"model": "fc:mock/echo", "messages": HELLO}, {"FC-Customer": "acme"})
         await runtime.pipeline.run("headers", flow)
         assert flow.response is None
         assert flow.principal.customer == "acme"

@@ -1,0 +1,152 @@
+"""The one request path every model endpoint takes: hooks, body, route, answer, accounting.
+
+headers hooks → body (size, JSON) → request hooks → the endpoint's own checks → Idempotency-Key
+→ route → routed hooks → the endpoint's answer (cascade, response hooks) → error hooks → done
+hooks. Auth, rate limits, budgets, idempotency, metrics and usage records are addons on these
+hooks, so an endpoint that takes this path is counted, limited and billed like chat. What differs
+between endpoints (chat completions; embeddings and the Responses API next) is an `Endpoint`:
+its request's validation and estimate, and how its answer is produced and sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from aiohttp import web
+
+from sidecar.addons.idempotency import well_formed
+from sidecar.api.answers import ringside_headers
+from sidecar.api.common import error_response, parse_json_object, read_body, request_id
+from sidecar.api.validation import header_error
+from sidecar.appkeys import STATE
+from sidecar.errors import GatewayError, internal_error, kept, server_shutting_down
+from sidecar.flow import Flow
+from sidecar.routing import Estimate
+from sidecar.runtime import Runtime
+
+log = logging.getLogger("ringside")
+
+
+class Endpoint(Protocol):
+    """What one request/answer shape adds to the shared path."""
+
+    def prepare(self, flow: Flow, runtime: Runtime, raw: bytes) -> Estimate:
+        """Check `flow.body` (a 400 GatewayError for the first malformed parameter), set what
+        the request asks for on the Flow (`stream`, the schema plan), and estimate its size
+        for routing and the budget's worst case."""
+        ...
+
+    async def answer(
+        self, flow: Flow, runtime: Runtime, request: web.Request
+    ) -> web.StreamResponse:
+        """Run the routed request (`runtime.cascade`) and answer it, the `response` hooks
+        included; a stream is sent from here, a JSON answer is returned unsent."""
+        ...
+
+
+async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    """Serve one request on `endpoint`: the answer, or its error in the OpenAI envelope; the
+    `error` and `done` hooks see every request, whatever ended it."""
+    runtime = request.app[STATE].runtime  # the one this request finishes with, reload or not
+    flow = Flow(
+        id=request_id(request),
+        headers=request.headers,
+        client_ip=request.remote or "",
+        body={},
+        body_bytes=0,
+    )
+    pipeline = runtime.pipeline
+    try:
+        response = await _process(flow, runtime, request, endpoint)
+        flow.answer = response
+        if flow.stream:
+            return response
+    except GatewayError as error:
+        flow.error, flow.status = kept(error), error.status
+        await pipeline.run("error", flow)
+        response = error_response(error, ringside_headers(flow))
+        flow.answer = response
+    except asyncio.CancelledError:
+        if request.writer.output_size or not ended_by_shutdown(request):
+            flow.status = 499  # client closed the connection
+            raise
+        shutting_down = server_shutting_down()
+        flow.error, flow.status = shutting_down, shutting_down.status
+        await pipeline.run("error", flow)
+        response = error_response(shutting_down, ringside_headers(flow))
+        flow.answer = response
+    except Exception:
+        log.exception("internal error in request %s", flow.id)
+        internal = internal_error(flow.id)
+        flow.error, flow.status = internal, 500
+        await pipeline.run("error", flow)  # observing hooks: they never raise (pipeline.py)
+        response = error_response(internal, ringside_headers(flow))
+    finally:
+        flow.finished = time.perf_counter()
+        await pipeline.run("done", flow)
+    return response
+
+
+def ended_by_shutdown(request: web.Request) -> bool:
+    """Whether the cancel being handled is the shutdown's, once its grace ran out (not the
+    client going away): then the task is un-cancelled, to answer (sidecar/shutdown.py)."""
+    if not request.app[STATE].grace_over or request.transport is None:
+        return False
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return True
+
+
+def _addon_answer(flow: Flow) -> web.StreamResponse:
+    """An addon answered: log and count it with its own status."""
+    assert flow.response is not None
+    flow.status = flow.response.status
+    if not flow.response.prepared:
+        flow.response.headers.setdefault("X-Request-Id", flow.id)
+    return flow.response
+
+
+async def _process(
+    flow: Flow, runtime: Runtime, request: web.Request, endpoint: Endpoint
+) -> web.StreamResponse:
+    pipeline = runtime.pipeline
+    await pipeline.run("headers", flow)
+    if flow.response is not None:
+        return _addon_answer(flow)
+    raw = await read_body(request, runtime.settings.limits.max_body_bytes)
+    flow.body_bytes = len(raw)
+    flow.body = parse_json_object(raw)
+    await pipeline.run("request", flow)
+    if flow.response is not None:
+        return _addon_answer(flow)
+    estimate = endpoint.prepare(flow, runtime, raw)
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key is not None and not well_formed(idempotency_key):
+        raise header_error("Idempotency-Key", "must be 1-255 printable characters")
+    flow.prompt_tokens_estimate = estimate.prompt_tokens
+    flow.route = runtime.router.resolve(
+        flow.body["model"], estimate, runtime.services.circuits.is_open
+    )
+    if flow.route.is_cascade:
+        if flow.stream:
+            raise GatewayError(
+                400,
+                "fallback_with_stream_unsupported",
+                "a cascade (model as an array, or a slot/match: with several models) cannot "
+                "stream: send one model ref, or set stream to false",
+                param="stream",
+            )
+        if idempotency_key is not None:
+            raise GatewayError(
+                400,
+                "fallback_with_idempotency_unsupported",
+                "a cascade (model as an array, or a slot/match: with several models) cannot "
+                "be combined with Idempotency-Key: send one model ref, or drop the header",
+                param="model",
+            )
+    await pipeline.run("routed", flow)
+    return await endpoint.answer(flow, runtime, request)
