@@ -41,7 +41,7 @@ def scope() -> Scope:
 
 @pytest.fixture
 async def store(redis_server: RedisProcess, tmp_path: Path) -> AsyncIterator[RedisBudgetStore]:
-    opened = RedisBudgetStore(redis_client(redis_server.url), str(tmp_path / "journal.db"))
+    opened = RedisBudgetStore(redis_client(redis_server.url, 8), str(tmp_path / "journal.db"))
     await opened.open()
     yield opened
     await opened.close()
@@ -117,7 +117,7 @@ async def test_a_reserve_that_failed_is_released_once_redis_answers(
 ) -> None:
     # redis is tried again once per minute, or as soon as the journal's replay reaches it
     store = RedisBudgetStore(
-        redis_client(stopped_redis.url), str(tmp_path / "journal.db"), probe_interval=60
+        redis_client(stopped_redis.url, 8), str(tmp_path / "journal.db"), probe_interval=60
     )
     await store.open()
     try:
@@ -144,7 +144,7 @@ async def test_releases_waiting_in_the_journal_are_no_spend(
 ) -> None:
     journal = str(tmp_path / "journal.db")
     store = RedisBudgetStore(
-        redis_client(stopped_redis.url), journal, fail_open=True, probe_interval=60
+        redis_client(stopped_redis.url, 8), journal, fail_open=True, probe_interval=60
     )
     await store.open()
     try:

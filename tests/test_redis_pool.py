@@ -82,3 +82,37 @@ async def test_the_limiter_waits_less_than_the_pool_for_a_silent_redis() -> None
         silent.close()
     assert verdict.admitted
     assert TIMEOUT_SECONDS <= waited < COMMAND_TIMEOUT
+
+
+@pytest.mark.redis
+async def test_a_burst_waits_for_the_capped_pool_instead_of_opening_a_connection_each(
+    redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    """storage.redis_max_connections bounds what one sidecar opens: 60 requests at once, each
+    with a budget, an idempotency key and rate limits, through 2 connections, all answered."""
+    config = redis_config(redis_server.url, tmp_path / "journal.db")
+    config["storage"]["redis_max_connections"] = 2
+    async with api_client(tmp_path, config) as (client, _state):
+
+        async def chat(n: int) -> int:
+            headers = {"FC-Customer": "acme", "Idempotency-Key": f"cap-{tmp_path.name}-{n}"}
+            body = {"model": "fc:mock/echo", "messages": HELLO}
+            answer = await client.post("/v1/chat/completions", json=body, headers=headers)
+            await answer.read()
+            return answer.status
+
+        most = 0
+
+        async def watch() -> None:
+            nonlocal most
+            while True:
+                most = max(most, len(ringside_connections(redis_server)))
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            assert await asyncio.gather(*(chat(n) for n in range(60))) == [200] * 60
+        finally:
+            watcher.cancel()
+        assert 0 < most <= 2
+        assert len(ringside_connections(redis_server)) <= 2

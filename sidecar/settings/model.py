@@ -27,6 +27,7 @@ class Storage:
     backend: str = "sqlite"
     sqlite_path: str = "./ringside.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_max_connections: int = 64  # per process: a burst waits for one (stores/redis_pool.py)
     fail_open: bool = False
     journal_path: str = "./ringside-journal.db"
     reservation_ttl: float = 600.0  # seconds a budget hold lives unless settled (crash safety)

@@ -74,7 +74,7 @@ async def open_stores(storage: Storage, workers: int = 1) -> Stores:
 
     from sidecar.stores.redis_pool import redis_pool
 
-    pool = redis_pool(storage.redis_url)
+    pool = redis_pool(storage.redis_url, storage.redis_max_connections)
     client = Redis(connection_pool=pool)  # closing it leaves the pool open: Stores.close does
     budgets = _redis_budgets(client, storage)
     try:
@@ -134,7 +134,7 @@ async def open_store(storage: Storage) -> Store:
     if storage.backend == "redis":
         from sidecar.stores.redis_pool import redis_client
 
-        return _redis_store(redis_client(storage.redis_url))
+        return _redis_store(redis_client(storage.redis_url, storage.redis_max_connections))
     raise ValueError(f"storage.backend: unknown backend {storage.backend!r}")
 
 
@@ -160,7 +160,8 @@ async def open_budget_store(storage: Storage, serve: bool = True) -> BudgetStore
     if storage.backend == "redis":
         from sidecar.stores.redis_pool import redis_client
 
-        shared = _redis_budgets(redis_client(storage.redis_url), storage)
+        client = redis_client(storage.redis_url, storage.redis_max_connections)
+        shared = _redis_budgets(client, storage)
         if serve:
             await shared.open()
         return shared
