@@ -9,17 +9,26 @@ counting off through startup and a warm-up; it is switched on (`callgrind_contro
 for a wrk run at fixed concurrency, then off, and the count is divided by the requests wrk
 saw answered. The requests in flight at the two switches make the figure uncertain by about
 concurrency / requests (±1–2 % here). Valgrind runs the proxy about 50× slower, so this is
-no measure of speed, only of work.
+no measure of speed, only of work. `measure_instructions` counts the floor's and the
+memory-store sidecar's for `bench.run`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+from bench.processes import free_port, wait_port, wait_ready
+from bench.workload import ADMIN_TOKEN, HEADERS, sidecar_config
+from bench.wrk import wrk_script
 
 CONCURRENCY = 16
 WARMUP_SECONDS = 3
@@ -88,3 +97,40 @@ def count(
             proc.wait()
     total = _total(dump)
     return {"instructions_per_req": total / max(1, answered), "requests": answered}
+
+
+def measure_instructions(
+    up_port: int, upstream_url: str, workdir: Path, seconds: float
+) -> dict[str, Any]:
+    """Instructions per request of the floor and of the memory-store sidecar, under callgrind
+    (count(), above): the machine-independent form of "CPU vs floor"."""
+    script = wrk_script(HEADERS, workdir / "instructions.lua")
+    floor_port = free_port()
+    floor = count(
+        [sys.executable, "-m", "bench.floor", "--port", str(floor_port),
+         "--upstream", upstream_url],
+        partial(wait_port, floor_port, 180.0),
+        f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+        script, seconds, workdir, "floor",
+    )  # fmt: skip
+    print(f"instructions floor            {floor['instructions_per_req']:9.0f} per request "
+          f"({floor['requests']:.0f} requests)", flush=True)  # fmt: skip
+    config = sidecar_config(up_port, "memory", workdir, "", name="instructions")
+    port, admin = free_port(), free_port()
+    sidecar = count(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(config),
+         "--port", str(port), "--admin-host", "127.0.0.1", "--admin-port", str(admin)],
+        partial(wait_ready, f"http://127.0.0.1:{admin}/readyz", 180.0),
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        script, seconds, workdir, "sidecar",
+        env={**os.environ, "RINGSIDE_ADMIN_TOKEN": ADMIN_TOKEN},
+    )  # fmt: skip
+    print(f"instructions sidecar (memory) {sidecar['instructions_per_req']:9.0f} per request "
+          f"({sidecar['requests']:.0f} requests)", flush=True)  # fmt: skip
+    return {
+        "floor": floor,
+        "sidecar (memory)": sidecar,
+        "ratio": sidecar["instructions_per_req"] / floor["instructions_per_req"],
+        "concurrency": CONCURRENCY,
+        "seconds": seconds,
+    }

@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,7 +36,12 @@ from typing import Any
 
 import yaml
 
-from bench import run
+from bench import BENCH
+from bench.processes import free_port, start_sidecar, start_upstream, stop_all
+from bench.procfs import rss_mib
+from bench.targets import Target
+from bench.workload import BODY, HEADERS, sidecar_config
+from bench.wrk import run_wrk, wrk_script
 
 HI = [{"role": "user", "content": "hi"}]
 BAD_REF = json.dumps({"model": "fc:bench/x\r\nX-Evil: 1", "messages": HI})
@@ -50,7 +54,7 @@ def hostile_config(path: Path) -> None:
     """The bench config plus a provider nobody listens on (for failing cascades)."""
     config = yaml.safe_load(path.read_text())
     config["providers"]["dead"] = {
-        "kind": "openai", "base_url": f"http://127.0.0.1:{run.free_port()}/v1",
+        "kind": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
         "timeout": {"connect": 1, "read": 5}, "circuit": {"failures": 1_000_000, "cooldown": 1},
     }  # fmt: skip
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -111,7 +115,7 @@ class Hostile:
         payload = body if isinstance(body, bytes) else body.encode()
         head = (
             "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in run.HEADERS.items())
+            + "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items())
             + f"Content-Length: {len(payload)}\r\n\r\n"
         ).encode()
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
@@ -164,7 +168,7 @@ class Hostile:
 
     async def _main(self) -> None:
         self._event_loop, self._stopped = asyncio.get_running_loop(), asyncio.Event()
-        stream = json.dumps({**json.loads(run.BODY), "stream": True})
+        stream = json.dumps({**json.loads(BODY), "stream": True})
         tasks = [
             *(self._idle(slow=False) for _ in range(self.args.idle_connections)),
             *(self._idle(slow=True) for _ in range(self.args.idle_connections)),
@@ -209,27 +213,24 @@ def main() -> int:
         "--no-pin", dest="pin", action="store_false",
         help="do not give the sidecar a core of its own (the load on the others)",
     )  # fmt: skip
-    parser.add_argument("--out", default=str(run.BENCH / "results" / "soak.json"))
+    parser.add_argument("--out", default=str(BENCH / "results" / "soak.json"))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ringside-soak-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        up_port = run.free_port()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "bench.upstream", "--port", str(up_port)], cwd=run.BENCH.parent
-        ))  # fmt: skip
-        run.wait_port(up_port)
-        config = run.sidecar_config(up_port, "memory", workdir, "", name="soak")
+        up_port = free_port()
+        procs.append(start_upstream(up_port))
+        config = sidecar_config(up_port, "memory", workdir, "", name="soak")
         hostile_config(config)
-        port, admin = run.free_port(), run.free_port()
-        proc, _ = run.start_sidecar(config, port, admin, 1, workdir / "sidecar.log")
+        port, admin = free_port(), free_port()
+        proc, _ = start_sidecar(config, port, admin, 1, workdir / "sidecar.log")
         procs.append(proc)
         pinned = pin(proc.pid, [procs[0].pid]) if args.pin else None
-        target = run.Target("sidecar", f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid)
-        script = run.wrk_script(run.HEADERS, workdir / "post.lua")
-        run.run_wrk(target, script, args.concurrency, 2)  # warm-up
-        rss_idle = run.rss_mib(proc.pid)
-        alone = run.run_wrk(target, script, args.concurrency, args.seconds)
+        target = Target("sidecar", f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid)
+        script = wrk_script(HEADERS, workdir / "post.lua")
+        run_wrk(target, script, args.concurrency, 2)  # warm-up
+        rss_idle = rss_mib(proc.pid)
+        alone = run_wrk(target, script, args.concurrency, args.seconds)
         target.rss_load = 0.0
         answered: dict[str, dict[str, int]] = {}
         phases = {}
@@ -240,7 +241,7 @@ def main() -> int:
             hostile = Hostile(port, args, big_bodies)
             hostile.thread.start()
             time.sleep(2)  # the hostile mix in full swing
-            phases[phase] = run.run_wrk(target, script, args.concurrency, args.seconds)
+            phases[phase] = run_wrk(target, script, args.concurrency, args.seconds)
             hostile.stop()
             hostile.thread.join(30)
             answered[phase] = hostile.answered
@@ -258,7 +259,7 @@ def main() -> int:
             "rss_mib": {
                 "idle": rss_idle,
                 "peak_under_mix": target.rss_load,
-                "after": run.rss_mib(proc.pid),
+                "after": rss_mib(proc.pid),
             },
             "sidecar_cpus": sorted(pinned[0]) if pinned else None,
             "load_cpus": sorted(pinned[1]) if pinned else None,
@@ -267,7 +268,7 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     finally:
-        run.stop_all(procs)
+        stop_all(procs)
     return 0
 
 
