@@ -4,6 +4,7 @@ builds is `sidecar.settings.building`."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -129,6 +130,8 @@ def _expand_env(value: Any, path: KeyPath, env: Mapping[str, str], missing: list
         return {k: _expand_env(v, (*path, k), env, missing) for k, v in value.items()}
     if isinstance(value, list):
         return [_expand_env(v, (*path, i), env, missing) for i, v in enumerate(value)]
+    if isinstance(value, dt.date):  # YAML reads `api_version: 2024-10-21` as a date: no field is
+        return value.isoformat()  # one, so it is the text the file holds (as if quoted)
     return value
 
 
