@@ -16,6 +16,10 @@ from sidecar.http1.dial import Dialer
 from sidecar.http1.pool import MAX_CONNECTIONS, Pool, Target
 from sidecar.http1.proxy import Proxy, ProxyEnv, ProxyRefused
 
+# Targets and request heads are cached per URL. A URL may hold a client's model id (azure's
+# deployment URLs, any kind that puts the model in its path): past this many, start afresh.
+MAX_CACHED_URLS = 1024
+
 
 class Egress:
     """How a provider's connections leave: through which proxy (None: as the environment
@@ -34,7 +38,7 @@ class Egress:
         wait_seconds: float | None,
     ) -> None:
         self._client = client
-        self._targets: dict[str, Target] = {}  # URLs come from the config: a bounded set
+        self._targets: dict[str, Target] = {}  # bounded by MAX_CACHED_URLS
         self.proxy = proxy
         self.tls = tls
         self.max_connections = max_connections
@@ -43,6 +47,8 @@ class Egress:
     def target(self, url: str) -> Target:
         found = self._targets.get(url)
         if found is None:
+            if len(self._targets) >= MAX_CACHED_URLS:
+                self._targets.clear()
             found = self._targets[url] = self._client._target(url, self)
         return found
 
@@ -198,6 +204,8 @@ class Http1Client:
         provider's headers are one dict for the life of its config."""
         cached = self._heads.get((method, target))
         if cached is None or cached[0] is not headers:
+            if cached is None and len(self._heads) >= 4 * MAX_CACHED_URLS:
+                self._heads.clear()
             cached = self._heads[(method, target)] = (headers, _fixed_head(method, target, headers))
         return cached[1] % length
 
