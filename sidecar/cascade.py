@@ -154,6 +154,41 @@ def interrupted() -> UpstreamError:
     return UpstreamError(Outcome.UNAVAILABLE, "the call was cancelled", reason="cancelled")
 
 
+async def _read_head(stream: ChunkStream, cascading: bool) -> list[bytes]:
+    """The chunks a stream starts with: its first batch, or for a cascade every batch up to
+    the first that delivers something (the role-only chunk OpenAI sends first does not)."""
+    head: list[bytes] = []
+    async for chunks in stream:
+        head.extend(chunks)
+        if not cascading or any(_delivers(chunk) for chunk in chunks):
+            break
+    return head
+
+
+def _delivers(chunk: bytes) -> bool:
+    """Whether an OpenAI chunk carries what a client shows or acts on: content, a refusal,
+    tool calls, a finish reason, or usage (read only for a cascade's first chunks)."""
+    try:
+        data = orjson.loads(chunk)
+    except orjson.JSONDecodeError:
+        return True  # not ours to judge: the client sees it as it is
+    if not isinstance(data, dict):
+        return True
+    if data.get("usage"):
+        return True
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            return True
+        if choice.get("finish_reason") is not None:
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(
+            delta.get(key) for key in ("content", "refusal", "tool_calls", "function_call")
+        ):
+            return True
+    return False
+
+
 class Cascade:
     """What a cascade needs of one Runtime: its addon chain, its provider clients, the
     rewrite rules, and whether a provider's circuit is open."""
@@ -323,22 +358,53 @@ class Cascade:
             return candidate, completion
         raise exhausted(failures, flow.route.skipped_open)
 
-    async def open_stream(self, flow: Flow) -> tuple[Attempt, ChunkStream]:
-        """Open the (single-candidate) stream; failures before the first byte raise here."""
-        assert flow.route is not None
+    async def open_stream(self, flow: Flow) -> tuple[Attempt, ChunkStream, list[bytes]]:
+        """Open the stream of the first candidate that answers, and read its head: the chunks
+        up to the first that delivers something (content, a tool call, a finish), which the
+        client has not seen yet. Until then a failure escalates to the next candidate as in
+        `run` (a slot or `match:` cascade streams, SPEC 2.2); a single candidate's head is its
+        first batch. Failures raise here, as the cascade's error."""
+        route = flow.route
+        assert route is not None
+        cascading = route.is_cascade
         failures: list[tuple[Candidate, UpstreamError]] = []
-        for candidate in flow.route.candidates:
+        previous: tuple[Candidate, UpstreamError] | None = None
+        for candidate in route.candidates:
             skipped = self._too_small(flow, candidate)
             if skipped is not None:
                 failures.append((candidate, skipped))
                 continue
+            if previous is not None and self.circuit_open(candidate.provider.name):
+                route.skipped_open.append(candidate.ref)
+                continue
+            if previous is not None:
+                flow.fallbacks.append(
+                    (previous[0].label, candidate.label, previous[1].outcome.value)
+                )
             flow.models_tried.append(candidate.ref)
             client = self.providers[candidate.provider.name]
             try:
-                return await self._tries(flow, candidate, flow.body, client.open_stream)
+                attempt, stream = await self._tries(flow, candidate, flow.body, client.open_stream)
             except UpstreamError as error:  # refused by a hook, or the last try failed
-                raise self.as_gateway_error(candidate, error, flow) from None
-        raise exhausted(failures, flow.route.skipped_open)
+                if not (cascading and error.outcome.escalates):
+                    raise self.as_gateway_error(candidate, error, flow) from None
+                failures.append((candidate, kept(error)))
+                previous = (candidate, error)
+                continue
+            try:
+                head = await _read_head(stream, cascading)
+            except UpstreamError as error:
+                await self.fail_stream(flow, attempt, stream, error)
+                if not (cascading and error.outcome.escalates):
+                    raise self.as_gateway_error(candidate, error, flow) from None
+                failures.append((candidate, kept(error)))
+                previous = (candidate, error)
+                continue
+            except BaseException:
+                await self.finish_stream(flow, attempt, stream)
+                raise
+            return attempt, stream, head
+        raise exhausted(failures, route.skipped_open)
 
     def as_gateway_error(
         self, candidate: Candidate, error: UpstreamError, flow: Flow

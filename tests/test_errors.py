@@ -201,7 +201,7 @@ def test_sdk_sees_an_unknown_model_as_not_found(
 
 
 def test_cascade_with_stream_is_400(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
-    answer = post_chat(gateway, chat(model="slot:chat", stream=True))
+    answer = post_chat(gateway, chat(model=["fc:openai/gpt-4o-mini", "slot:chat"], stream=True))
     assert answer.status == 400
     assert answer.error["code"] == "fallback_with_stream_unsupported"
 

@@ -39,7 +39,7 @@ def gateway(
     config["models"] = {
         CHEAP_IN: entry(0.1, 10.0, context=128000, caps=["tools"], tags=["hosted"]),
         CHEAP_OUT: entry(5.0, 0.5, context=128000, caps=["tools", "json_schema"], tags=["hosted"]),
-        LLAMA: entry(0.05, 0.05, context=8000, tags=["local"]),
+        LLAMA: entry(0.05, 0.05, context=8000, caps=[], tags=["local"]),  # an explicit none
         STRICT: entry(1.0, 1.0, context=32000, caps=["vision"], tags=["strict"]),
     }
     config["slots"] = {
@@ -206,10 +206,11 @@ def test_match_n_larger_than_the_matches_tries_them_all(
     assert tried(answer) == [CHEAP_IN, CHEAP_OUT]
 
 
-def test_match_n_with_stream_is_refused(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+def test_match_n_streams_as_a_cascade(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+    """SPEC 2.2: the operator's match: cascade streams (tests/test_stream_cascade.py)."""
     answer = post_chat(gateway, long_prompt("match:caps=tools,n=2", stream=True))
-    assert answer.status == 400
-    assert answer.error["code"] == "fallback_with_stream_unsupported"
+    assert answer.status == 200
+    assert answer.headers["Content-Type"].startswith("text/event-stream")
 
 
 @pytest.mark.parametrize(

@@ -69,17 +69,7 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
         assert flow.route is not None
         if flow.route.candidates and not cascade.native_schema(flow.route.candidates[0]):
             return await _stream_buffered(flow, runtime, request)
-    attempt, stream = await cascade.open_stream(flow)
-    try:
-        first = await stream.__anext__()
-    except StopAsyncIteration:
-        first = []
-    except UpstreamError as error:
-        await cascade.fail_stream(flow, attempt, stream, error)
-        raise cascade.as_gateway_error(attempt.candidate, error, flow) from None
-    except BaseException:
-        await cascade.finish_stream(flow, attempt, stream)
-        raise
+    attempt, stream, first = await cascade.open_stream(flow)
     flow.first_token_at = time.perf_counter()
     flow.model_used = attempt.candidate.ref
     response = sse_response(flow)

@@ -132,12 +132,15 @@ async def _process(
         flow.body["model"], estimate, runtime.services.circuits.is_open
     )
     if flow.route.is_cascade:
-        if flow.stream:
+        model = flow.body["model"]
+        if flow.stream and isinstance(model, list) and len(model) > 1:
+            # the client asked for both; a slot or match: cascade streams (the operator's
+            # choice: it escalates until the first chunk that delivers something)
             raise GatewayError(
                 400,
                 "fallback_with_stream_unsupported",
-                "a cascade (model as an array, or a slot/match: with several models) cannot "
-                "stream: send one model ref, or set stream to false",
+                "model as an array cannot stream: send one model ref (a slot: or match: "
+                "cascade streams), or set stream to false",
                 param="stream",
             )
         if idempotency_key is not None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from sidecar.providers import azure
 from sidecar.providers.openai_compat import COMPAT_KINDS, OpenAICompatAdapter
 from sidecar.settings.model import ProviderSettings
 
@@ -25,10 +26,29 @@ def _compat(settings: ProviderSettings) -> Adapter:
 ADAPTERS: Mapping[str, Callable[[ProviderSettings], Adapter]] = MappingProxyType(
     {
         **dict.fromkeys(COMPAT_KINDS, _compat),
+        "azure": azure.AzureAdapter,
     }
 )
 
 SUPPORTED_KINDS = frozenset({*ADAPTERS, "mock"})
+
+# per kind, what its settings need beyond the JSON Schema: (key, message) problems at load
+SETTINGS_CHECKS: Mapping[str, Callable[[ProviderSettings], list[tuple[str, str]]]] = (
+    MappingProxyType({"azure": azure.settings_problems})
+)
+TOKEN_KINDS = frozenset({"azure"})  # the kinds that send token_file / token_env as a bearer
+
+
+def provider_problems(settings: ProviderSettings) -> list[tuple[str, str]]:
+    """What is wrong with one provider's settings for its kind, as (key under the provider,
+    message); the key is "" for the provider as a whole. Checked at load."""
+    problems = [
+        (key, f"is read only by the kinds {', '.join(sorted(TOKEN_KINDS))}")
+        for key in ("token_file", "token_env")
+        if getattr(settings, key) and settings.kind not in TOKEN_KINDS
+    ]
+    check = SETTINGS_CHECKS.get(settings.kind)
+    return problems + check(settings) if check is not None else problems
 
 
 def build_client(settings: ProviderSettings, http1: Http1Client) -> ProviderClient:

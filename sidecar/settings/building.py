@@ -120,6 +120,39 @@ def _tls(
     return ProviderTls(ca_file, cert_file, key_file, context, tuple(files_key))
 
 
+def _bearer_token(
+    pdata: Mapping[str, Any],
+    at: tuple[str, ...],
+    where: Located,
+    env: Mapping[str, str],
+    problems: list[str],
+    warnings: list[str],
+) -> str | None:
+    """A provider's `token_env` value (a bearer token read once, here), after warning of a
+    `token_env` that is unset or a `token_file` that is not there yet (calls fail until it is);
+    a value no header can carry is refused."""
+    token_file = pdata.get("token_file")
+    if token_file and not os.path.isfile(token_file):
+        warnings.append(
+            where.problem((*at, "token_file"), f"{token_file} is not a file (yet): calls fail "
+                                               "until it holds a token")
+        )  # fmt: skip
+    name = pdata.get("token_env")
+    if not name:
+        return None
+    token = env.get(name, "").strip() or None
+    if token is None:
+        warnings.append(
+            where.problem((*at, "token_env"), f"{name} is not set: calls to this provider fail")
+        )
+    elif not _BEARER_TOKEN.fullmatch(token):
+        problems.append(
+            where.problem((*at, "token_env"), f"{name} holds characters a header cannot carry")
+        )
+        return None
+    return token
+
+
 def _price(data: Mapping[str, Any] | None) -> Price | None:
     if data is None:
         return None
@@ -169,7 +202,7 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
 
     storage = Storage(**data.get("storage", {}))
 
-    from sidecar.providers import SUPPORTED_KINDS
+    from sidecar.providers import SUPPORTED_KINDS, provider_problems
 
     providers: dict[str, ProviderSettings] = {}
     for name, pdata in data.get("providers", {}).items():
@@ -195,6 +228,7 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
                 )
         timeout = pdata.get("timeout", {})
         at = ("providers", name)
+        token = _bearer_token(pdata, at, where, env, problems, warnings)
         problems.extend(_header_problems(pdata.get("headers", {}), (*at, "headers"), where))
         proxy = _proxy(pdata.get("proxy"), (*at, "proxy"), where, problems)
         tls = _tls(pdata.get("tls"), (*at, "tls"), where, problems)
@@ -215,6 +249,7 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
             options=options,
             proxy=proxy,
             tls=tls,
+            token=token,
             **_given(
                 pdata,
                 retries=None,
@@ -224,11 +259,15 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
                 max_connections=int,
                 api_version=None,
                 deployments=dict,
+                token_file=None,
+                token_env=None,
                 project=None,
                 location=None,
                 region=None,
             ),
         )
+        for key, message in provider_problems(providers[name]):
+            problems.append(where.problem((*at, key) if key else at, message))
 
     models: dict[str, ModelEntry] = {}
     for ref, mdata in data.get("models", {}).items():

@@ -94,6 +94,9 @@ class ProviderSettings:
     # bedrock region
     api_version: str | None = None
     deployments: Mapping[str, str] = field(default_factory=dict)
+    token_file: str | None = None  # a bearer token (azure: Entra ID), re-read when it changes
+    token_env: str | None = None  # a bearer token in the environment, read at load
+    token: str | None = field(default=None, repr=False)  # token_env's value: never logged
     project: str | None = None
     location: str | None = None
     region: str | None = None
