@@ -110,8 +110,10 @@ class SchemaPlan:
 
     def request_body(self, body: dict[str, Any], native: bool, json_mode: bool) -> dict[str, Any]:
         """The body to send a provider: untouched for native support, else with the instruction
-        as a system message and the provider's JSON mode (json_object) where it has one."""
-        if native or (self.kind == "json_object" and json_mode):
+        as a system message and the provider's JSON mode (json_object) where it has one.
+        `native` is native json_schema: a json_object request goes native only with a JSON mode
+        (a kind can have json_schema and not json_object)."""
+        if json_mode if self.kind == "json_object" else native:
             return body
         prepared = dict(body)
         messages = list(body["messages"])

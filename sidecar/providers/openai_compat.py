@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -26,20 +27,159 @@ from sidecar.settings.model import ProviderSettings
 
 @dataclass(frozen=True, slots=True)
 class CompatKind:
+    """One OpenAI-compatible kind, from its provider's published API reference: where it lives,
+    how it authenticates, what of an OpenAI request it does not take (dropped, never an error:
+    SPEC 2) or takes under another name, and what it can do (`caps`)."""
+
     kind: str
-    base_url: str
+    base_url: str  # what the provider's own SDK / OpenAI-compatibility page calls its base URL
+    caps: KindCaps = field(default_factory=KindCaps)
     auth_header: str = "Authorization"
     auth_prefix: str = "Bearer "
-    drop_params: frozenset[str] = frozenset()
+    drop_params: frozenset[str] = frozenset()  # "stream_options" here: never sent
     rename_params: Mapping[str, str] = field(default_factory=dict)
-    caps: KindCaps = field(default_factory=KindCaps)
+    drop_message_fields: frozenset[str] = frozenset()  # fields of a message it rejects
+    app_headers: Mapping[str, str] = field(default_factory=dict)  # header → settings field
+    usage_extension: str | None = None  # a chunk object whose `usage` a stream reports in
 
+
+def _params(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+# The output cap the cascade adds is OpenAI's `max_completion_tokens`; a kind whose reference
+# documents only `max_tokens` gets it renamed, or the cap (and the budget it protects) is lost.
+AS_MAX_TOKENS = MappingProxyType({"max_completion_tokens": "max_tokens"})
+# OpenAI request fields that providers without them most often reject (a 400 / 422 for an
+# unknown field) rather than ignore
+OPENAI_ONLY = _params("store", "metadata", "modalities", "audio")
 
 COMPAT_KINDS: Mapping[str, CompatKind] = {
     row.kind: row
     for row in (
+        # platform.openai.com/docs/api-reference/chat: the reference every other row differs from
         CompatKind("openai", "https://api.openai.com/v1"),
+        # docs.vllm.ai OpenAI-compatible server: json_schema via guided decoding, n, stream usage,
+        # max_completion_tokens; a key only when started with --api-key (none sent without one)
         CompatKind("vllm", "http://127.0.0.1:8000/v1"),
+        # mistralai/client-python ChatCompletionRequest: random_seed, max_tokens, n, response
+        # format text|json_object|json_schema; no stream_options (its schema forbids unknown
+        # fields) yet every stream ends with usage; no user, logit_bias, logprobs
+        CompatKind(
+            "mistral",
+            "https://api.mistral.ai/v1",
+            drop_params=OPENAI_ONLY
+            | _params("stream_options", "user", "logit_bias", "logprobs", "top_logprobs"),
+            rename_params={"seed": "random_seed", **AS_MAX_TOKENS},
+        ),
+        # console.groq.com/docs/openai: logprobs, logit_bias, top_logprobs and messages[].name
+        # are a 400; "if N is supplied, it must be equal to 1"; groq-python ResponseFormat is
+        # text|json_object (json_schema only on a few models: a provider may set
+        # native_json_schema); stream usage comes in `x_groq.usage`
+        CompatKind(
+            "groq",
+            "https://api.groq.com/openai/v1",
+            caps=KindCaps(json_schema=False, n=False),
+            drop_params=OPENAI_ONLY | _params("logprobs", "logit_bias", "top_logprobs"),
+            drop_message_fields=_params("name"),
+            usage_extension="x_groq",
+        ),
+        # docs.together.ai chat completions: max_tokens, n, json_object / json_schema response
+        # formats; the last chunk of a stream carries usage (stream_options accepted)
+        CompatKind(
+            "together",
+            "https://api.together.xyz/v1",
+            drop_params=OPENAI_ONLY,
+            rename_params=AS_MAX_TOKENS,
+        ),
+        # docs.fireworks.ai OpenAI compatibility: "streaming responses include usage in the
+        # final chunk" (no stream_options needed), max_tokens, n, json_object / json_schema
+        CompatKind(
+            "fireworks",
+            "https://api.fireworks.ai/inference/v1",
+            drop_params=OPENAI_ONLY | _params("stream_options"),
+            rename_params=AS_MAX_TOKENS,
+        ),
+        # api-docs.deepseek.com: base_url https://api.deepseek.com (the /v1 form is an alias);
+        # max_tokens, stream_options.include_usage, response_format json_object only; no n;
+        # text-only models
+        CompatKind(
+            "deepseek",
+            "https://api.deepseek.com",
+            caps=KindCaps(vision=False, json_schema=False, n=False),
+            drop_params=OPENAI_ONLY,
+            rename_params=AS_MAX_TOKENS,
+        ),
+        # docs.x.ai chat completions (OpenAI-compatible): structured outputs (json_schema),
+        # max_completion_tokens, n, stream_options, image inputs on vision models
+        CompatKind("xai", "https://api.x.ai/v1", drop_params=OPENAI_ONLY),
+        # docs.perplexity.ai OpenAI compatibility / ApiChatCompletionsRequest: max_tokens,
+        # response_format json_schema (and regex), no json_object, no tools, one choice; usage
+        # rides on the stream's chunks
+        CompatKind(
+            "perplexity",
+            "https://api.perplexity.ai",
+            caps=KindCaps(tools=False, json_object=False, n=False),
+            drop_params=OPENAI_ONLY
+            | _params(
+                "tools",
+                "tool_choice",
+                "parallel_tool_calls",
+                "stream_options",
+                "logit_bias",
+                "logprobs",
+                "top_logprobs",
+                "seed",
+                "user",
+            ),
+            rename_params=AS_MAX_TOKENS,
+        ),
+        # openrouter.ai/docs/api-reference: max_tokens, json_object / json_schema where the
+        # routed model has them, one choice per request; HTTP-Referer and X-Title name the
+        # calling app (settings app_url / app_name)
+        CompatKind(
+            "openrouter",
+            "https://openrouter.ai/api/v1",
+            caps=KindCaps(n=False),
+            rename_params=AS_MAX_TOKENS,
+            app_headers={"HTTP-Referer": "app_url", "X-Title": "app_name"},
+        ),
+        # inference-docs.cerebras.ai/resources/openai: frequency_penalty, presence_penalty,
+        # logit_bias, parallel_tool_calls and service_tier are a 400; structured outputs
+        # (json_schema, strict) and json_object; max_completion_tokens; text-only models; no n
+        CompatKind(
+            "cerebras",
+            "https://api.cerebras.ai/v1",
+            caps=KindCaps(vision=False, n=False),
+            drop_params=OPENAI_ONLY
+            | _params(
+                "frequency_penalty",
+                "presence_penalty",
+                "logit_bias",
+                "parallel_tool_calls",
+                "service_tier",
+            ),
+        ),
+        # deepinfra.com/docs/advanced/openai_api: api_base https://api.deepinfra.com/v1/openai;
+        # max_tokens, n, JSON mode (json_object); stream_options.include_usage
+        CompatKind(
+            "deepinfra",
+            "https://api.deepinfra.com/v1/openai",
+            caps=KindCaps(json_schema=False),
+            drop_params=OPENAI_ONLY,
+            rename_params=AS_MAX_TOKENS,
+        ),
+        # docs.ollama.com/api/openai-compatibility: local, no key ("required but ignored": none
+        # is sent without one); supported fields include max_tokens (not
+        # max_completion_tokens), stream_options.include_usage, response_format; not n,
+        # logit_bias or user
+        CompatKind(
+            "ollama",
+            "http://127.0.0.1:11434/v1",
+            caps=KindCaps(n=False),
+            drop_params=OPENAI_ONLY | _params("logit_bias", "user"),
+            rename_params=AS_MAX_TOKENS,
+        ),
     )
 }
 
@@ -95,22 +235,39 @@ class OpenAICompatAdapter:
         self.json_mode = row.caps.json_object
         self.url = (settings.base_url or row.base_url).rstrip("/") + "/chat/completions"
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if settings.api_key:
+        if settings.api_key:  # none configured (a local ollama or vllm): no auth header at all
             headers[row.auth_header] = row.auth_prefix + settings.api_key
-        headers.update(settings.headers)
+        for header, setting in row.app_headers.items():
+            value = getattr(settings, setting)
+            if value:
+                headers[header] = value
+        headers.update(settings.headers)  # the provider's own `headers:` win
         self.headers = headers
+        drop = set(row.drop_params)
+        if not row.caps.n:
+            drop.add("n")  # n > 1 is refused before the call (cascade); n = 1 is the default
+        self.drop = tuple(sorted(drop))
+        self.stream_options = row.caps.usage_in_stream and "stream_options" not in drop
 
     def build_request(self, call: UpstreamCall) -> HttpRequest:
         body: dict[str, Any] = dict(call.body)
         body["model"] = call.model_id
-        for name in self.row.drop_params:
+        for name in self.drop:
             body.pop(name, None)
         for old, new in self.row.rename_params.items():
             if old in body:
-                body[new] = body.pop(old)
+                value = body.pop(old)
+                kept = body.get(new)
+                if isinstance(value, int) and isinstance(kept, int):
+                    value = min(value, kept)  # both caps were asked for: both hold
+                body[new] = value
+        if not self.json_mode and _format_type(body) == "json_object":
+            del body["response_format"]  # no JSON mode: the schema instruction has to do
+        if self.row.drop_message_fields:
+            body["messages"] = without_fields(body.get("messages"), self.row.drop_message_fields)
         if call.stream:
             body["stream"] = True
-            if self.row.caps.usage_in_stream:
+            if self.stream_options:
                 options = body.get("stream_options")
                 body["stream_options"] = {
                     **(options if isinstance(options, dict) else {}),
@@ -142,17 +299,46 @@ class OpenAICompatAdapter:
     def stream_decoder(self, call: UpstreamCall) -> StreamDecoder:
         options = call.body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return OpenAIStreamDecoder(wants_usage, call.keep_content)
+        return OpenAIStreamDecoder(wants_usage, call.keep_content, self.row.usage_extension)
+
+
+def _format_type(body: dict[str, Any]) -> object:
+    response_format = body.get("response_format")
+    return response_format.get("type") if isinstance(response_format, dict) else None
+
+
+def usage_chunk(chunk: dict[str, Any], usage: Usage) -> bytes:
+    """The chunk OpenAI ends a stream with when asked to (`stream_options.include_usage`)."""
+    head = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
+    return orjson.dumps({**head, "choices": [], "usage": usage.as_openai()})
+
+
+def without_fields(messages: Any, fields: frozenset[str]) -> Any:
+    """`messages` with `fields` left out of each message (copied only when one has them)."""
+    if not isinstance(messages, list) or not any(
+        isinstance(m, dict) and not fields.isdisjoint(m) for m in messages
+    ):
+        return messages
+    return [
+        {k: v for k, v in m.items() if k not in fields} if isinstance(m, dict) else m
+        for m in messages
+    ]
 
 
 class OpenAIStreamDecoder:
     """Passes OpenAI chunks through byte for byte; reads usage and content on the way."""
 
-    __slots__ = ("_content", "finished", "keep_content", "produced", "usage", "wants_usage")
+    __slots__ = (
+        "_content", "finished", "keep_content", "produced", "usage", "usage_extension",
+        "wants_usage",
+    )  # fmt: skip
 
-    def __init__(self, wants_usage: bool, keep_content: bool = False) -> None:
+    def __init__(
+        self, wants_usage: bool, keep_content: bool = False, usage_extension: str | None = None
+    ) -> None:
         self.wants_usage = wants_usage
         self.keep_content = keep_content
+        self.usage_extension = usage_extension
         self.usage: Usage | None = None
         self._content: list[str] = []
         self.produced = 0
@@ -187,10 +373,23 @@ class OpenAIStreamDecoder:
                     if self.keep_content:
                         self._content.append(piece)
         usage = chunk.get("usage")
+        if self.usage_extension is not None and not usage:
+            extension = chunk.get(self.usage_extension)
+            found = (
+                Usage.from_openai(extension.get("usage")) if isinstance(extension, dict) else None
+            )
+            if found is not None:
+                self.usage = found
+                if self.wants_usage:  # the client asked: OpenAI's own usage chunk follows
+                    return [data, usage_chunk(chunk, found)]
         if usage:
             self.usage = Usage.from_openai(usage)
-            if not self.wants_usage and not choices:
-                return []  # the usage chunk we asked for on our own
+            if not self.wants_usage:
+                if not choices:
+                    return []  # the usage chunk we asked for on our own
+                # a kind that reports usage on its content chunks whether asked or not
+                del chunk["usage"]
+                return [orjson.dumps(chunk)]
         elif "usage" in chunk and not self.wants_usage:
             # `"usage": null` is there only because we asked for usage: OpenAI omits it otherwise
             del chunk["usage"]

@@ -264,6 +264,8 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
                 project=None,
                 location=None,
                 region=None,
+                app_url=None,
+                app_name=None,
             ),
         )
         for key, message in provider_problems(providers[name]):

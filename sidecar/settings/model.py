@@ -100,6 +100,10 @@ class ProviderSettings:
     project: str | None = None
     location: str | None = None
     region: str | None = None
+    # the calling application, for kinds that have headers naming it (openrouter HTTP-Referer,
+    # X-Title)
+    app_url: str | None = None
+    app_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,10 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     tool_calls: list[dict[str, Any]] | None = None
     finish_reason: str = "stop"
+    # where a stream reports usage: "asked" (OpenAI: a last chunk without choices, only when
+    # stream_options.include_usage asks), "final" (on the finishing chunk, asked or not: e.g.
+    # mistral, together, fireworks), "x_groq" (groq: in the finishing chunk's x_groq), "none"
+    stream_usage: str = "asked"
 
 
 @dataclass
@@ -214,13 +218,19 @@ class FakeOpenAI:
             if reply.chunk_delay:
                 await asyncio.sleep(reply.chunk_delay)
             await send([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
-        await send([{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}])
-        if include_usage:
-            usage = {
-                "prompt_tokens": reply.prompt_tokens,
-                "completion_tokens": reply.completion_tokens,
-                "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-            }
+        usage = {
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+        }
+        finishing = [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]
+        if reply.stream_usage == "final":
+            await send(finishing, usage=usage)
+        elif reply.stream_usage == "x_groq":
+            await send(finishing, x_groq={"id": "req_fake", "usage": usage})
+        else:
+            await send(finishing)
+        if include_usage and reply.stream_usage == "asked":
             await response.write(
                 b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"
             )
