@@ -98,6 +98,8 @@ def exhausted(
         )
     if outcomes and not skipped_open and outcomes <= {Outcome.CONTEXT_LENGTH, Outcome.BUDGET}:
         return _no_fit(failures, Outcome.BUDGET in outcomes)
+    if Outcome.UNSUPPORTED in outcomes and not skipped_open and outcomes <= _REFUSALS:
+        return _unsupported(failures)
     parts = [f"{c.ref}: {e.message}" for c, e in failures]
     parts.extend(f"{ref}: skipped, provider circuit open" for ref in skipped_open)
     count = len(failures) + len(skipped_open)
@@ -125,6 +127,24 @@ def _no_fit(failures: list[tuple[Candidate, UpstreamError]], budget: bool) -> Ga
         f"the prompt is longer than the context window of every candidate model: {detail}. "
         "Shorten the messages or use a model with a larger context window",
         param="messages",
+    )
+
+
+_REFUSALS = frozenset({Outcome.UNSUPPORTED, Outcome.CONTEXT_LENGTH, Outcome.BUDGET})
+
+
+def _unsupported(failures: list[tuple[Candidate, UpstreamError]]) -> GatewayError:
+    """Every candidate refused before a call, some for a parameter their kind cannot take: the
+    400 of that parameter (the change that lets a candidate answer), naming each refusal."""
+    refusals = [e.client_error for _, e in failures if e.outcome is Outcome.UNSUPPORTED]
+    if len(failures) == 1 and refusals[0] is not None:
+        return refusals[0]
+    detail = "; ".join(f"{c.ref}: {e.message}" for c, e in failures)
+    return GatewayError(
+        400,
+        "invalid_request",
+        f"no candidate model can take this request: {detail}",
+        param=refusals[0].param if refusals[0] is not None else None,
     )
 
 
@@ -230,6 +250,8 @@ class Cascade:
         )  # fmt: skip
 
     def _too_small(self, flow: Flow, candidate: Candidate) -> UpstreamError | None:
+        """Why `candidate` is passed over before any call: an estimated prompt larger than its
+        context window, or a parameter its kind cannot take (`_unsupported`); None to call it."""
         context = candidate.context
         estimate = flow.prompt_tokens_estimate
         if context is not None and estimate > context:
@@ -239,7 +261,29 @@ class Cascade:
                 f"{context}-token window",
                 reason="context_length",
             )
-        return None
+        return self._unsupported(flow, candidate)
+
+    def _unsupported(self, flow: Flow, candidate: Candidate) -> UpstreamError | None:
+        """Several choices (`n > 1`) asked of a kind that answers one per call: refused before
+        any call (such a kind would answer one choice, or a 400), so that a cascade moves on
+        to a candidate that takes `n`; with none left, the client gets a 400 naming the
+        provider and `param: "n"`."""
+        choices = flow.body.get("n")
+        if not isinstance(choices, int) or choices <= 1:
+            return None
+        provider = candidate.provider
+        if self.providers[provider.name].caps.n:
+            return None
+        message = (
+            f"provider {provider.name!r} (kind {provider.kind}) answers one choice per request: "
+            f"n={choices} is not supported there; send n=1, or use a model whose provider takes n"
+        )
+        return UpstreamError(
+            Outcome.UNSUPPORTED,
+            message,
+            reason=Outcome.UNSUPPORTED.value,
+            client_error=GatewayError(400, "invalid_request", message, param="n"),
+        )
 
     async def call(self, flow: Flow, candidate: Candidate, body: dict[str, Any]) -> Completion:
         """Call a candidate, retrying it as its provider's `retries` allow; the answer's

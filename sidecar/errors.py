@@ -115,6 +115,7 @@ class Outcome(enum.Enum):
     CONTEXT_LENGTH = "context_length"  # the prompt does not fit this model: try a bigger one
     SCHEMA_FAILURE = "response_schema_validation_failed"  # content never matched the schema
     BUDGET = "budget"  # the caller's budget cannot cover this candidate: try a cheaper one
+    UNSUPPORTED = "unsupported_param"  # a parameter this candidate's kind cannot take (n > 1)
 
     @property
     def escalates(self) -> bool:

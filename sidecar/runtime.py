@@ -101,7 +101,9 @@ class Runtime:
         self.cascade = Cascade(
             self.pipeline, self.providers, settings.rewrite, services.circuits.is_open
         )
-        self.models_body = orjson.dumps(_models_listing(settings))
+        entries = _model_entries(settings)
+        self.models_body = orjson.dumps({"object": "list", "data": entries})
+        self.model_bodies = {str(entry["id"]): orjson.dumps(entry) for entry in entries}
 
     def activate(self) -> None:
         """Put this config in force on the long-lived Services (circuit breaker settings,
@@ -113,7 +115,8 @@ class Runtime:
         self.budget.activate()
 
 
-def _models_listing(settings: Settings) -> dict[str, object]:
+def _model_entries(settings: Settings) -> list[dict[str, object]]:
+    """GET /v1/models' entries: the catalog, then the slots."""
     data: list[dict[str, object]] = []
     for ref, entry in settings.models.items():
         data.append(
@@ -139,7 +142,7 @@ def _models_listing(settings: Settings) -> dict[str, object]:
             {"id": f"slot:{name}", "object": "model", "created": 0, "owned_by": "ringside",
              "refs": list(refs)}
         )  # fmt: skip
-    return {"object": "list", "data": data}
+    return data
 
 
 class RuntimeHolder:

@@ -132,6 +132,39 @@ def test_models_listing_with_a_key(gateway: SidecarProcess) -> None:
     assert MINI in ids
 
 
+def test_one_model_needs_a_key_too(gateway: SidecarProcess) -> None:
+    answer = request(gateway.url, "GET", "/v1/models/slot:small")
+    assert answer.status == 401
+    assert answer.error["code"] == "invalid_api_key"
+
+
+def test_one_model_is_retrieved_by_its_ref(gateway: SidecarProcess) -> None:
+    """GET /v1/models/{ref} (SPEC 2.6): the SDK percent-encodes the `/` of an fc: ref; the
+    entry is the list's own, parsed by the SDK as a Model."""
+    client = sdk(gateway, api_key=ALICE)
+    listed = {model.id: model for model in client.models.list()}
+    model = client.models.retrieve(MINI)
+    assert model.id == MINI
+    assert model.object == "model"
+    assert model.model_dump() == listed[MINI].model_dump()
+    slot = client.models.retrieve("slot:small")
+    assert slot.model_dump() == listed["slot:small"].model_dump()
+
+
+def test_an_unknown_model_is_404_model_not_found(gateway: SidecarProcess) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk(gateway, api_key=ALICE).models.retrieve("fc:openai/not-in-the-catalog")
+    assert caught.value.code == "model_not_found"
+    assert "fc:openai/not-in-the-catalog" in caught.value.message
+
+
+def test_one_model_answers_only_get(gateway: SidecarProcess) -> None:
+    answer = request(gateway.url, "POST", "/v1/models/slot:small", {})
+    assert answer.status == 405
+    assert answer.headers["Allow"] == "GET, OPTIONS"
+    assert answer.error["code"] == "method_not_allowed"
+
+
 def test_key_names_the_caller_in_the_access_log(
     gateway: SidecarProcess, fake_openai: FakeOpenAI
 ) -> None:

@@ -148,6 +148,7 @@ def error_response(error: GatewayError, headers: dict[str, str]) -> web.Response
 _METHODS = {
     "/v1/chat/completions": "POST, OPTIONS",
     "/v1/models": "GET, OPTIONS",
+    "/v1/models/{ref}": "GET, OPTIONS",
     "/v1/client_tokens": "POST",
 }
 
@@ -155,7 +156,8 @@ _METHODS = {
 async def unknown_route(request: web.Request) -> web.Response:
     """Anything the API does not serve, answered in the OpenAI envelope (never aiohttp's text)."""
     headers = {"X-Request-Id": request_id(request)}
-    allowed = _METHODS.get(request.path)
+    path = request.path
+    allowed = _METHODS.get("/v1/models/{ref}" if path.startswith("/v1/models/") else path)
     if allowed is not None:
         error = GatewayError(
             405,
@@ -168,6 +170,7 @@ async def unknown_route(request: web.Request) -> web.Response:
             404,
             "not_found",
             f"no such endpoint: {request.method} {request.path} "
-            "(the API serves POST /v1/chat/completions and GET /v1/models)",
+            "(the API serves POST /v1/chat/completions, GET /v1/models and "
+            "GET /v1/models/{ref})",
         )
     return error_response(error, headers)

@@ -75,7 +75,7 @@ def allowed_headers(requested: str) -> str:
 async def preflight(request: web.Request) -> web.Response:
     """CORS preflight of the endpoints a browser may call with a client token."""
     runtime = request.app[STATE].runtime
-    methods = "GET, OPTIONS" if request.path == "/v1/models" else "POST, OPTIONS"
+    methods = "GET, OPTIONS" if request.path.startswith("/v1/models") else "POST, OPTIONS"
     headers = {"Allow": methods}
     origin = request.headers.get("Origin")
     if origin is None or runtime.auth.tokens is None or normalize_origin(origin) is None:

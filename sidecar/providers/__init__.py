@@ -51,6 +51,27 @@ def provider_problems(settings: ProviderSettings) -> list[tuple[str, str]]:
     return problems + check(settings) if check is not None else problems
 
 
+def catalog_caps(settings: ProviderSettings) -> frozenset[str]:
+    """The `caps` of a catalog entry of this provider that lists none: its kind's capability
+    flags (json_schema as the provider's `native_json_schema` says, when it says), and `stream`,
+    which every kind does. An explicit `caps:` list in the catalog wins over these."""
+    if settings.kind == "mock":
+        from sidecar.providers.mock import MockProvider
+
+        caps, native = MockProvider.caps, MockProvider.native_json_schema
+    else:
+        try:
+            adapter = ADAPTERS[settings.kind](settings)
+        except Exception:  # settings its kind refuses: reported at load by provider_problems
+            return frozenset({"stream"})
+        caps, native = adapter.caps, adapter.native_json_schema
+    names = set(caps.names())
+    names.discard("json_schema")
+    if native:
+        names.add("json_schema")
+    return frozenset({*names, "stream"})
+
+
 def build_client(settings: ProviderSettings, http1: Http1Client) -> ProviderClient:
     """A client for one configured provider; kinds are checked at config load."""
     if settings.kind == "mock":

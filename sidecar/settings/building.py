@@ -202,7 +202,7 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
 
     storage = Storage(**data.get("storage", {}))
 
-    from sidecar.providers import SUPPORTED_KINDS, provider_problems
+    from sidecar.providers import SUPPORTED_KINDS, catalog_caps, provider_problems
 
     providers: dict[str, ProviderSettings] = {}
     for name, pdata in data.get("providers", {}).items():
@@ -271,6 +271,8 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
         for key, message in provider_problems(providers[name]):
             problems.append(where.problem((*at, key) if key else at, message))
 
+    # an entry without its own `caps:` list has its provider kind's
+    kind_caps = {name: catalog_caps(provider) for name, provider in providers.items()}
     models: dict[str, ModelEntry] = {}
     for ref, mdata in data.get("models", {}).items():
         parts = split_fc_ref(ref)
@@ -290,7 +292,7 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
             price=_price(mdata),
             context=mdata.get("context"),
             max_output=mdata.get("max_output"),
-            caps=frozenset(mdata.get("caps", ())),
+            caps=frozenset(mdata["caps"]) if "caps" in mdata else kind_caps[provider],
             tags=frozenset(mdata.get("tags", ())),
         )
 
