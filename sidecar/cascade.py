@@ -247,6 +247,7 @@ class Cascade:
         return UpstreamCall(
             candidate.provider, candidate.model_id, body, stream, headers, flow.id,
             keep_content=stream and flow.schema_plan is not None,  # validated at the end
+            max_output=candidate.entry.max_output if candidate.entry else None,
         )  # fmt: skip
 
     def _too_small(self, flow: Flow, candidate: Candidate) -> UpstreamError | None:

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from sidecar.providers import azure
+from sidecar.providers.anthropic import AnthropicAdapter
 from sidecar.providers.openai_compat import COMPAT_KINDS, OpenAICompatAdapter
 from sidecar.settings.model import ProviderSettings
 
@@ -26,6 +27,7 @@ def _compat(settings: ProviderSettings) -> Adapter:
 ADAPTERS: Mapping[str, Callable[[ProviderSettings], Adapter]] = MappingProxyType(
     {
         **dict.fromkeys(COMPAT_KINDS, _compat),
+        "anthropic": AnthropicAdapter,
         "azure": azure.AzureAdapter,
     }
 )

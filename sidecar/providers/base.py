@@ -88,6 +88,7 @@ class UpstreamCall:
     headers: Mapping[str, str] = field(default_factory=dict)  # added by rewrite rules
     request_id: str = ""
     keep_content: bool = False  # a stream keeps its content only for validation at its end
+    max_output: int | None = None  # the catalog's output cap (for kinds that must send one)
 
 
 @dataclass(slots=True)

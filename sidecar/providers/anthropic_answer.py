@@ -1,0 +1,299 @@
+"""Anthropic Messages answers → OpenAI `chat.completion` and `chat.completion.chunk` (pure).
+
+Text blocks become the message's content, `tool_use` blocks its `tool_calls` (arguments as a
+JSON string), except the output tool of a json_schema request, whose input becomes the content
+(finish_reason `stop`). Thinking blocks are not shown. Usage: prompt tokens are
+`input_tokens` + `cache_read_input_tokens` + `cache_creation_input_tokens` (all priced as
+input), the cache reads also reported as `prompt_tokens_details.cached_tokens`.
+"""
+
+from __future__ import annotations
+
+import time
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+from sidecar.errors import Outcome, UpstreamError
+from sidecar.providers.anthropic_request import OutputTool
+from sidecar.providers.base import MAX_TOKENS, Completion, Usage
+from sidecar.providers.openai_compat import bad_body
+
+FINISH_REASONS = MappingProxyType(
+    {
+        "end_turn": "stop",
+        "stop_sequence": "stop",
+        "pause_turn": "stop",
+        "max_tokens": "length",
+        "model_context_window_exceeded": "length",
+        "tool_use": "tool_calls",
+        "refusal": "content_filter",
+    }
+)
+
+
+def _count(value: Any) -> int:
+    return min(value, MAX_TOKENS) if isinstance(value, int) and value > 0 else 0
+
+
+class TokenCount:
+    """Anthropic's usage fields as they arrive (a stream sends them in two events)."""
+
+    __slots__ = ("cache_creation", "cache_read", "input", "output")
+
+    def __init__(self) -> None:
+        self.input = self.cache_read = self.cache_creation = self.output = 0
+
+    def update(self, usage: Any) -> bool:
+        """Take the fields `usage` has; whether it was a usage object."""
+        if not isinstance(usage, dict):
+            return False
+        if "input_tokens" in usage and usage["input_tokens"] is not None:
+            self.input = _count(usage["input_tokens"])
+        if usage.get("cache_read_input_tokens") is not None:
+            self.cache_read = _count(usage["cache_read_input_tokens"])
+        if usage.get("cache_creation_input_tokens") is not None:
+            self.cache_creation = _count(usage["cache_creation_input_tokens"])
+        if usage.get("output_tokens") is not None:
+            self.output = _count(usage["output_tokens"])
+        return True
+
+    def usage(self) -> Usage:
+        prompt = self.input + self.cache_read + self.cache_creation
+        return Usage(min(prompt, MAX_TOKENS), self.output)
+
+    def as_openai(self) -> dict[str, Any]:
+        usage = self.usage()
+        return {
+            **usage.as_openai(),
+            "prompt_tokens_details": {"cached_tokens": self.cache_read},
+        }
+
+
+def finish_reason(stop_reason: Any) -> str:
+    return FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+def completion(body: bytes, answer_tool: OutputTool | None) -> Completion:
+    """A Messages answer as an OpenAI chat.completion."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise bad_body("not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("content"), list):
+        raise bad_body("no content blocks")
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    answered = False
+    for block in data["content"]:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "tool_use":
+            if answer_tool is not None and block.get("name") == answer_tool.name:
+                texts = [answer_tool.answer(block.get("input"))]
+                answered = True
+                continue
+            calls.append(
+                {"id": str(block.get("id")), "type": "function",
+                 "function": {"name": str(block.get("name")),
+                              "arguments": orjson.dumps(block.get("input") or {}).decode()}}
+            )  # fmt: skip
+    reason = finish_reason(data.get("stop_reason"))
+    if answered and not calls and reason == "tool_calls":
+        reason = "stop"
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) if texts or not calls else None,
+        "refusal": None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    tokens = TokenCount()
+    has_usage = tokens.update(data.get("usage"))
+    answer = {
+        "id": str(data.get("id") or "msg"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": str(data.get("model") or ""),
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
+    }
+    if has_usage:
+        answer["usage"] = tokens.as_openai()
+    return Completion(answer, tokens.usage() if has_usage else None)
+
+
+class AnthropicStreamDecoder:
+    """Messages stream events → OpenAI chunks.
+
+    The opening chunk (role) waits for the first content or tool call, so that a failure
+    right after `message_start` still counts as one before the first chunk (the cascade may
+    escalate from it). Each `tool_use` block is a tool call with its own OpenAI index, its
+    `input_json_delta`s the call's argument deltas; the output tool's deltas are content
+    (held back until the block ends when its answer is wrapped). The finish_reason chunk goes
+    out with `message_delta`, the usage chunk at `message_stop` when the client asked for it.
+    """
+
+    __slots__ = (
+        "_base",
+        "_blocks",
+        "_content",
+        "_held",
+        "_opened",
+        "_tokens",
+        "answer_tool",
+        "finished",
+        "keep_content",
+        "produced",
+        "usage",
+        "wants_usage",
+    )
+
+    def __init__(
+        self, wants_usage: bool, keep_content: bool, answer_tool: OutputTool | None
+    ) -> None:
+        self.wants_usage = wants_usage
+        self.keep_content = keep_content
+        self.answer_tool = answer_tool
+        self.usage: Usage | None = None
+        self.produced = 0
+        self.finished = False
+        self._content: list[str] = []
+        self._tokens = TokenCount()
+        self._base: dict[str, Any] = {
+            "id": "msg", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": "",
+        }  # fmt: skip
+        self._blocks: dict[int, int | None] = {}  # block index → tool call index (None: answer)
+        self._held: list[str] = []  # the wrapped answer tool's input, until its block ends
+        self._opened = False
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return orjson.dumps({**self._base, "choices": [choice]})
+
+    def _emit(self, delta: dict[str, Any], finish: str | None = None) -> list[bytes]:
+        out = []
+        if not self._opened:
+            self._opened = True
+            out.append(self._chunk({"role": "assistant", "content": ""}))
+        out.append(self._chunk(delta, finish))
+        return out
+
+    def _text(self, text: str) -> list[bytes]:
+        if not text:
+            return []
+        self.produced += len(text)
+        if self.keep_content:
+            self._content.append(text)
+        return self._emit({"content": text})
+
+    def feed(self, event: str | None, data: bytes) -> list[bytes]:
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise bad_body("a stream event is not JSON") from None
+        if not isinstance(payload, dict):
+            raise bad_body("a stream event is not an object")
+        kind = payload.get("type") or event
+        if kind == "content_block_delta":
+            return self._delta(payload)
+        if kind == "content_block_start":
+            return self._start(payload)
+        if kind == "message_start":
+            message = payload.get("message")
+            if isinstance(message, dict):
+                self._base["id"] = str(message.get("id") or "msg")
+                self._base["model"] = str(message.get("model") or "")
+                if self._tokens.update(message.get("usage")):
+                    self.usage = self._tokens.usage()
+            return []
+        if kind == "content_block_stop":
+            return self._stop(payload)
+        if kind == "message_delta":
+            if self._tokens.update(payload.get("usage")):
+                self.usage = self._tokens.usage()
+            delta = payload.get("delta")
+            stop = delta.get("stop_reason") if isinstance(delta, dict) else None
+            reason = finish_reason(stop)
+            if reason == "tool_calls" and not any(i is not None for i in self._blocks.values()):
+                reason = "stop"  # only the answer tool was called
+            return self._emit({}, reason)
+        if kind == "message_stop":
+            self.finished = True
+            if not self.wants_usage:
+                return []
+            return [orjson.dumps({**self._base, "choices": [], "usage": self._tokens.as_openai()})]
+        if kind == "error":
+            error = payload.get("error")
+            message = error.get("message") if isinstance(error, dict) else None
+            raise UpstreamError(
+                Outcome.UNAVAILABLE,
+                f"upstream failed mid-stream: {message or 'error event'}",
+                reason="stream_error",
+            )
+        return []  # ping, and event types added later (Anthropic's versioning policy)
+
+    def _start(self, payload: dict[str, Any]) -> list[bytes]:
+        block = payload.get("content_block")
+        index = payload.get("index")
+        if not isinstance(block, dict) or not isinstance(index, int):
+            return []
+        if block.get("type") == "text":
+            return self._text(block.get("text") or "")
+        if block.get("type") != "tool_use":
+            return []
+        tool = self.answer_tool
+        if tool is not None and block.get("name") == tool.name:
+            self._blocks[index] = None
+            return []
+        call = sum(1 for i in self._blocks.values() if i is not None)
+        self._blocks[index] = call
+        self.produced += 1
+        return self._emit(
+            {"tool_calls": [{"index": call, "id": str(block.get("id")), "type": "function",
+                             "function": {"name": str(block.get("name")), "arguments": ""}}]}
+        )  # fmt: skip
+
+    def _delta(self, payload: dict[str, Any]) -> list[bytes]:
+        delta = payload.get("delta")
+        if not isinstance(delta, dict):
+            return []
+        kind = delta.get("type")
+        if kind == "text_delta":
+            return self._text(str(delta.get("text") or ""))
+        if kind != "input_json_delta":
+            return []  # thinking, signatures, citations
+        piece = str(delta.get("partial_json") or "")
+        index = payload.get("index")
+        if not piece or index not in self._blocks:
+            return []
+        call = self._blocks[index]
+        if call is None:  # the answer tool: its input is the content
+            if self.answer_tool is not None and self.answer_tool.wrapped:
+                self._held.append(piece)
+                return []
+            return self._text(piece)
+        self.produced += len(piece)
+        return self._emit({"tool_calls": [{"index": call, "function": {"arguments": piece}}]})
+
+    def _stop(self, payload: dict[str, Any]) -> list[bytes]:
+        index = payload.get("index")
+        if (
+            not self._held
+            or not isinstance(index, int)
+            or self._blocks.get(index, 0) is not None
+            or self.answer_tool is None
+        ):
+            return []
+        held, self._held = "".join(self._held), []
+        try:
+            tool_input = orjson.loads(held)
+        except orjson.JSONDecodeError:
+            return self._text(held)  # validation at the end says what is wrong with it
+        return self._text(self.answer_tool.answer(tool_input))
