@@ -305,6 +305,17 @@ def test_a_prompt_the_content_filter_refuses_is_a_400_content_filter(
     assert answer.headers["X-Ringside-Fallback-Triggered"] == "false"
 
 
+def test_a_streamed_prompt_the_content_filter_refuses_is_the_same_400_before_any_chunk(
+    sidecar: SidecarProcess, fake: FakeAzure
+) -> None:
+    fake.script(content_filter_error("self_harm"))
+    body = {"model": "fc:azv1/gpt-4o", "messages": HELLO, "stream": True}
+    answer = post_chat(sidecar, body)
+    assert answer.status == 400
+    assert answer.error["code"] == "content_filter"
+    assert "self_harm (medium)" in answer.error["message"]
+
+
 def test_an_answer_the_output_filter_cut_keeps_finish_reason_content_filter(
     sidecar: SidecarProcess, fake: FakeAzure
 ) -> None:
