@@ -356,9 +356,11 @@ class Cascade:
         flow.usage.add(attempt.usage)
         flow.cost_usd += attempt.cost_usd
 
-    def native_schema(self, candidate: Candidate) -> bool:
-        """Whether the candidate's provider takes `response_format: json_schema` natively."""
-        return self.providers[candidate.provider.name].native_json_schema
+    def native_schema(self, candidate: Candidate, kind: str = "json_schema") -> bool:
+        """Whether the candidate's provider takes a `response_format` of this kind natively:
+        json_schema as its native_json_schema says, json_object where it has a JSON mode."""
+        client = self.providers[candidate.provider.name]
+        return client.json_mode if kind == "json_object" else client.native_json_schema
 
     async def answer(self, flow: Flow, candidate: Candidate) -> Completion:
         """A candidate's final answer; schema enforcement wraps the call when asked for."""

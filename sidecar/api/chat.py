@@ -63,11 +63,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.StreamResponse:
     cascade = runtime.cascade
-    watch = flow.schema_plan is not None  # validate the streamed answer at its end
-    if watch:
+    plan = flow.schema_plan
+    watch = plan is not None  # validate the streamed answer at its end
+    if plan is not None:
         flow.schema_enforced = True
         assert flow.route is not None
-        if flow.route.candidates and not cascade.native_schema(flow.route.candidates[0]):
+        if flow.route.candidates and not cascade.native_schema(flow.route.candidates[0], plan.kind):
             return await _stream_buffered(flow, runtime, request)
     attempt, stream, first = await cascade.open_stream(flow)
     flow.first_token_at = time.perf_counter()
