@@ -384,6 +384,28 @@ def test_tool_call_arguments_that_are_no_json_object_are_refused() -> None:
     assert error.client_error.param == "messages[1].tool_calls[0].function.arguments"  # type: ignore[union-attr]
 
 
+def test_a_history_of_tool_calls_without_tools_gets_them_declared_and_not_callable() -> None:
+    call_ = {"id": "call:1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    sent = translate(
+        {
+            "messages": [
+                *HELLO,
+                {"role": "assistant", "content": None, "tool_calls": [call_]},
+                {"role": "tool", "tool_call_id": "call:1", "content": "done"},
+            ]
+        }
+    )
+    assert sent["tools"] == [{"name": "f", "input_schema": {"type": "object"}}]
+    assert sent["tool_choice"] == {"type": "none"}
+    # ids as Anthropic takes them, the call and its result alike
+    assert sent["messages"][1]["content"][0]["id"] == "call_1"
+    assert sent["messages"][2]["content"][0]["tool_use_id"] == "call_1"
+
+
+def test_a_user_longer_than_anthropics_user_id_is_dropped() -> None:
+    assert "metadata" not in translate({"messages": HELLO, "user": "u" * 257})
+
+
 def test_n_above_one_is_a_400_naming_the_provider() -> None:
     error = refusal({"messages": HELLO, "n": 2})
     assert error.client_error.param == "n" and "n=2" in error.message  # type: ignore[union-attr]
@@ -641,6 +663,15 @@ def test_a_streamed_json_schema_answer_is_streamed_as_content() -> None:
     assert decoder.content == '{"name": "Ada", "age": 36}'
     assert all("tool_calls" not in c["choices"][0]["delta"] for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_the_finish_reason_goes_out_once_even_without_a_stop_reason() -> None:
+    text = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x"}}
+    usage_only = {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 2}}
+    stream = events(START, text, usage_only, usage_only, {"type": "message_stop"})
+    decoder, chunks = decode({"messages": HELLO}, stream)
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes == [None, None, "stop"] and decoder.usage.completion_tokens == 2
 
 
 def test_an_error_event_fails_the_stream_and_waits_for_no_opening_chunk() -> None:

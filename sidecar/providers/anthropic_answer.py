@@ -139,6 +139,7 @@ class AnthropicStreamDecoder:
         "_base",
         "_blocks",
         "_content",
+        "_finish_sent",
         "_held",
         "_opened",
         "_tokens",
@@ -168,6 +169,7 @@ class AnthropicStreamDecoder:
         self._blocks: dict[int, int | None] = {}  # block index → tool call index (None: answer)
         self._held: list[str] = []  # the wrapped answer tool's input, until its block ends
         self._opened = False
+        self._finish_sent = False
 
     @property
     def content(self) -> str:
@@ -220,15 +222,14 @@ class AnthropicStreamDecoder:
                 self.usage = self._tokens.usage()
             delta = payload.get("delta")
             stop = delta.get("stop_reason") if isinstance(delta, dict) else None
-            reason = finish_reason(stop)
-            if reason == "tool_calls" and not any(i is not None for i in self._blocks.values()):
-                reason = "stop"  # only the answer tool was called
-            return self._emit({}, reason)
+            return self._finish(stop) if stop is not None else []
         if kind == "message_stop":
             self.finished = True
-            if not self.wants_usage:
-                return []
-            return [orjson.dumps({**self._base, "choices": [], "usage": self._tokens.as_openai()})]
+            out = [] if self._finish_sent else self._finish(None)
+            if self.wants_usage:
+                usage = self._tokens.as_openai()
+                out.append(orjson.dumps({**self._base, "choices": [], "usage": usage}))
+            return out
         if kind == "error":
             error = payload.get("error")
             message = error.get("message") if isinstance(error, dict) else None
@@ -238,6 +239,16 @@ class AnthropicStreamDecoder:
                 reason="stream_error",
             )
         return []  # ping, and event types added later (Anthropic's versioning policy)
+
+    def _finish(self, stop_reason: Any) -> list[bytes]:
+        """The finish_reason chunk, once per stream."""
+        if self._finish_sent:
+            return []
+        self._finish_sent = True
+        reason = finish_reason(stop_reason)
+        if reason == "tool_calls" and not any(i is not None for i in self._blocks.values()):
+            reason = "stop"  # only the answer tool was called
+        return self._emit({}, reason)
 
     def _start(self, payload: dict[str, Any]) -> list[bytes]:
         block = payload.get("content_block")

@@ -31,6 +31,7 @@ import orjson
 from sidecar.errors import GatewayError, Outcome, UpstreamError
 
 DEFAULT_MAX_TOKENS = 4096  # when neither the request nor the catalog gives an output cap
+MAX_USER_ID = 256  # metadata.user_id's longest; a longer `user` is dropped
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 _TOOL_NAME = re.compile(r"[^a-zA-Z0-9_-]")
 _DEFS = ("$defs", "definitions")
@@ -141,9 +142,11 @@ def messages_body(
     if isinstance(stop, list) and stop:
         out["stop_sequences"] = stop
     user = body.get("user")
-    if isinstance(user, str) and user:
+    if isinstance(user, str) and 0 < len(user) <= MAX_USER_ID:
         out["metadata"] = {"user_id": user}
     _tools(body, out, provider)
+    if "tools" not in out:
+        _history_tools(turns, out)
     if stream:
         out["stream"] = True
     return out
@@ -194,6 +197,24 @@ def _tools(body: dict[str, Any], out: dict[str, Any], provider: str) -> None:
     if body.get("parallel_tool_calls") is False and choice["type"] != "none":
         choice["disable_parallel_tool_use"] = True
     out["tool_choice"] = choice
+
+
+def _history_tools(turns: list[dict[str, Any]], out: dict[str, Any]) -> None:
+    """Tools for a conversation whose history has tool calls but whose request lists no
+    tools (OpenAI takes that; Anthropic refuses tool_use blocks without tool definitions):
+    each called tool by name, open schema, and `tool_choice: none`, so none is called."""
+    names = {
+        block["name"]
+        for turn in turns
+        if turn["role"] == "assistant" and isinstance(turn["content"], list)
+        for block in turn["content"]
+        if block["type"] == "tool_use"
+    }
+    if names:
+        out["tools"] = [
+            {"name": name, "input_schema": {"type": "object"}} for name in sorted(names)
+        ]
+        out["tool_choice"] = {"type": "none"}
 
 
 def _tool_choice(choice: Any, provider: str) -> dict[str, Any] | None:
@@ -345,14 +366,23 @@ def _assistant_blocks(message: dict[str, Any], provider: str, where: str) -> lis
                 f"{where}.tool_calls[{index}].function.arguments",
             )  # fmt: skip
         blocks.append(
-            {"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
+            {"type": "tool_use", "id": _tool_id(call.get("id")), "name": function.get("name"),
              "input": tool_input}
         )  # fmt: skip
     return blocks
 
 
+def _tool_id(given: Any) -> str:
+    """A tool call id as Anthropic takes it (`^[a-zA-Z0-9_-]+$`): other providers' ids may hold
+    other characters; a call and its result are mapped alike."""
+    return _TOOL_NAME.sub("_", given) if isinstance(given, str) and given else "call"
+
+
 def _tool_result(message: dict[str, Any]) -> dict[str, Any]:
-    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": message["tool_call_id"]}
+    block: dict[str, Any] = {
+        "type": "tool_result",
+        "tool_use_id": _tool_id(message["tool_call_id"]),
+    }
     text = _text(message.get("content"))
     if text:
         block["content"] = text
