@@ -8,6 +8,10 @@ Per model id (`mock.models.<id>`, falling back to `mock.default`):
   chunk_delay_ms       wait between stream chunks;  chunks: how many content chunks
   fail_status          answer this HTTP status as an OpenAI-style error instead
   prompt_tokens / completion_tokens   usage to report (estimated from text when omitted)
+A request with `tools` is answered with a call of one of them (`tool_choice` honoured: none,
+auto, required, a named function), its arguments built from the tool's parameter schema
+(mock_arguments.py) — unless the conversation ends with a tool result, which gets the reply: so
+a client's agent loop ends.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import orjson
 
 from sidecar.errors import classify_http_failure
 from sidecar.providers.base import Completion, KindCaps, UpstreamCall, Usage
+from sidecar.providers.mock_arguments import example_arguments
 from sidecar.settings.model import ProviderSettings
 
 DEFAULT_CONTENT = "Hello from the Ringside mock provider."
@@ -78,6 +83,38 @@ def _prompt_text(messages: Any) -> str:
     return " ".join(parts)
 
 
+def tool_call(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The tool call the mock answers `body` with, in OpenAI's shape; None for a reply."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None
+    choice = body.get("tool_choice", "auto")
+    functions = [
+        t["function"]
+        for t in tools
+        if isinstance(t, dict) and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str)
+    ]  # fmt: skip
+    if not functions or choice == "none":
+        return None
+    chosen = functions[0]
+    if isinstance(choice, dict):
+        named = choice.get("function")
+        name = named.get("name") if isinstance(named, dict) else None
+        chosen = next((f for f in functions if f["name"] == name), chosen)
+    elif choice != "required":  # auto: a tool result just came back, so answer it
+        messages = body.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        if isinstance(last, dict) and last.get("role") == "tool":
+            return None
+    arguments = orjson.dumps(example_arguments(chosen.get("parameters", {}))).decode()
+    return {
+        "id": "call_mock_" + os.urandom(6).hex(),
+        "type": "function",
+        "function": {"name": chosen["name"], "arguments": arguments},
+    }
+
+
 def _assistant_turns(messages: Any) -> int:
     if not isinstance(messages, list):
         return 0
@@ -87,8 +124,7 @@ def _assistant_turns(messages: Any) -> int:
 class MockProvider:
     """A ProviderClient that answers in-process."""
 
-    # tools: answered with prose today (issue 21 gives the mock tool calls)
-    caps = KindCaps(tools=False, vision=False, json_schema=False, usage_in_stream=True)
+    caps = KindCaps(tools=True, vision=False, json_schema=False, usage_in_stream=True)
     native_json_schema = False
     json_mode = True
 
@@ -101,9 +137,16 @@ class MockProvider:
             for model, data in config.get("models", {}).items()
         }
 
-    def _plan(self, call: UpstreamCall) -> tuple[MockReply, str, Usage, str]:
+    def _plan(self, call: UpstreamCall) -> tuple[MockReply, str, Usage, str, dict[str, Any] | None]:
         reply = self.replies.get(call.model_id, self.default)
         messages = call.body.get("messages")
+        prompt = reply.prompt_tokens or estimate_tokens(_prompt_text(messages))
+        called = tool_call(call.body)
+        if called is not None:
+            produced = reply.completion_tokens or estimate_tokens(
+                called["function"]["name"] + called["function"]["arguments"]
+            )
+            return reply, "", Usage(prompt, produced), "tool_calls", called
         turn = min(_assistant_turns(messages), len(reply.contents) - 1)
         content = reply.contents[turn]
         finish = reply.finish_reason
@@ -112,8 +155,7 @@ class MockProvider:
         if isinstance(cap, int) and completion > cap:
             content = content[: cap * 4]
             completion, finish = cap, "length"
-        prompt = reply.prompt_tokens or estimate_tokens(_prompt_text(messages))
-        return reply, content, Usage(prompt, completion), finish
+        return reply, content, Usage(prompt, completion), finish, None
 
     async def _fail_or_wait(self, reply: MockReply) -> None:
         if reply.latency:
@@ -122,8 +164,12 @@ class MockProvider:
             raise classify_http_failure(reply.fail_status, reply.fail_message, code="mock_failure")
 
     async def complete(self, call: UpstreamCall) -> Completion:
-        reply, content, usage, finish = self._plan(call)
+        reply, content, usage, finish, called = self._plan(call)
         await self._fail_or_wait(reply)
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if called is not None:
+            message = {"role": "assistant", "content": None, "refusal": None,
+                       "tool_calls": [called]}  # fmt: skip
         body = {
             "id": "chatcmpl-mock-" + os.urandom(8).hex(),
             "object": "chat.completion",
@@ -132,7 +178,7 @@ class MockProvider:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": finish,
                 }
@@ -143,11 +189,11 @@ class MockProvider:
         return Completion(body, usage)
 
     async def open_stream(self, call: UpstreamCall) -> MockChunkStream:
-        reply, content, usage, finish = self._plan(call)
+        reply, content, usage, finish, called = self._plan(call)
         await self._fail_or_wait(reply)
         options = call.body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return MockChunkStream(call.model_id, reply, content, usage, finish, wants_usage)
+        return MockChunkStream(call.model_id, reply, content, usage, finish, wants_usage, called)
 
 
 class MockChunkStream:
@@ -159,8 +205,10 @@ class MockChunkStream:
         usage: Usage,
         finish: str,
         wants_usage: bool,
+        called: dict[str, Any] | None = None,
     ) -> None:
         self.usage: Usage | None = None
+        self._called = called
         self.content = ""
         self._delay = reply.chunk_delay
         self._final_usage = usage
@@ -175,6 +223,8 @@ class MockChunkStream:
         }
         size = max(1, -(-len(content) // max(1, reply.chunks)))
         self._pieces = [content[i : i + size] for i in range(0, len(content), size)] or [""]
+        if called is not None:  # one step, the call's
+            self._pieces = [""]
         self._step = 0
 
     def _chunk(self, delta: dict[str, Any], finish: str | None) -> bytes:
@@ -189,6 +239,8 @@ class MockChunkStream:
         self._step += 1
         if step == 0:
             return [self._chunk({"role": "assistant", "content": "", "refusal": None}, None)]
+        if self._called is not None and step == 1:  # the call, in one delta, as OpenAI may
+            return [self._chunk({"tool_calls": [{"index": 0, **self._called}]}, None)]
         if step <= len(self._pieces):
             if self._delay:
                 await asyncio.sleep(self._delay)
@@ -207,6 +259,8 @@ class MockChunkStream:
 
     @property
     def produced(self) -> int:
+        if self._called is not None and self._step > 1:
+            return len(self._called["function"]["arguments"])
         return len(self.content)  # the configured reply: bounded, kept whole
 
     async def aclose(self) -> None:
