@@ -790,6 +790,9 @@ def test_plain_chat_through_the_openai_sdk(proc: SidecarProcess, claude: FakeAnt
     answer = sdk(proc).chat.completions.with_raw_response.create(
         model=HAIKU,
         messages=[{"role": "system", "content": "Answer in French."}, *HELLO],
+        temperature=1.5,
+        top_p=0.9,
+        seed=7,
     )
     completion = ChatCompletion.model_validate(json.loads(answer.content))
     assert completion.choices[0].message.content == "Bonjour!"
@@ -797,6 +800,7 @@ def test_plain_chat_through_the_openai_sdk(proc: SidecarProcess, claude: FakeAnt
     assert answer.headers["X-Ringside-Model-Used"] == HAIKU
     sent = claude.last
     assert sent.body["system"] == "Answer in French." and sent.body["max_tokens"] == 8192
+    assert sent.body["temperature"] == 1 and "top_p" not in sent.body and "seed" not in sent.body
     assert sent.headers["x-api-key"] == KEY and "Authorization" not in sent.headers
 
 
@@ -991,6 +995,25 @@ def test_structured_output_through_the_forced_tool_with_one_reprompt(
     assert first.body["tools"][0]["input_schema"] == PERSON["json_schema"]["schema"]
     assert second.body["messages"][1] == {"role": "assistant", "content": '{"name":"Ada"}'}
     assert "age" in second.body["messages"][2]["content"]
+
+
+def test_a_streamed_structured_answer_streams_the_tools_input_as_content(
+    proc: SidecarProcess, claude: FakeAnthropic
+) -> None:
+    claude.script(Reply(text="", tool_uses=[ToolUse("person", {"name": "Ada", "age": 36})]))
+    answer = chat(proc, stream=True, response_format=PERSON)
+    payloads = sse_events(answer.body)
+    assert payloads[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(p) for p in payloads[:-1]]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert json.loads(text) == {"name": "Ada", "age": 36}
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(not c.choices[0].delta.tool_calls for c in chunks if c.choices)
+
+    claude.script(Reply(text="", tool_uses=[ToolUse("person", {"name": "Ada"})]))
+    failed = chat(proc, stream=True, response_format=PERSON)
+    last = json.loads(sse_events(failed.body)[-1])
+    assert last["error"]["code"] == "response_schema_validation_failed"
 
 
 def test_json_object_takes_the_instruction_path(
