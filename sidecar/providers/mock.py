@@ -124,7 +124,7 @@ def _assistant_turns(messages: Any) -> int:
 class MockProvider:
     """A ProviderClient that answers in-process."""
 
-    caps = KindCaps(tools=True, vision=False, json_schema=False, usage_in_stream=True)
+    caps = KindCaps(tools=True, vision=False, json_schema=False, n=False)  # one choice a call
     native_json_schema = False
     json_mode = True
 
