@@ -176,6 +176,9 @@ def test_max_tokens_is_the_requests_else_the_catalogs_else_the_default() -> None
     body = {"messages": HELLO, "max_completion_tokens": 70, "max_tokens": 50}
     assert translate(body)["max_tokens"] == 70
     assert translate({"messages": HELLO}, max_output=8192)["max_tokens"] == 8192
+    assert (
+        translate({"messages": HELLO, "max_tokens": 10**6}, max_output=8192)["max_tokens"] == 8192
+    )
     assert translate({"messages": HELLO})["max_tokens"] == DEFAULT_MAX_TOKENS
 
 

@@ -6,8 +6,9 @@ What is translated, what is dropped and what is refused:
   turns: consecutive `role: tool` messages become one user turn of `tool_result` blocks, first);
 - content parts: text; images (data URLs → a base64 source, http(s) URLs → a url source); PDF
   `file` parts given as data → a base64 document; audio and file ids are refused (400);
-- `max_tokens` is always sent: the request's `max_completion_tokens` / `max_tokens`, else the
-  catalog's `max_output`, else DEFAULT_MAX_TOKENS;
+- `max_tokens` is always sent: the request's `max_completion_tokens` / `max_tokens` (at most the
+  catalog's `max_output`, which is the model's own limit), else the catalog's `max_output`, else
+  DEFAULT_MAX_TOKENS (the output cap budgets assume for a model the catalog gives none);
 - `temperature` is clamped to Anthropic's 0–1 (OpenAI's 0–1 is sent unchanged, 1–2 as 1);
   `top_p` is sent only without a temperature (Anthropic's newer models refuse both at once);
   `top_k`, `stop` (→ `stop_sequences`), `user` (→ `metadata.user_id`), `tools`, `tool_choice`,
@@ -160,7 +161,7 @@ def _max_tokens(body: dict[str, Any], max_output: int | None) -> int:
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+            return min(value, max_output) if max_output else value
     return max_output or DEFAULT_MAX_TOKENS
 
 
