@@ -355,6 +355,17 @@ def _compile(response_format: dict[str, Any], size: int) -> CompiledSchema | Gat
     return CompiledSchema("json_schema", validator, _instruction(spec, schema), cost)
 
 
+def format_instruction(response_format: dict[str, Any]) -> str:
+    """The system instruction that asks for a json_object / json_schema `response_format` in
+    words: for an adapter whose provider cannot take that format in this request (Cohere's
+    beside tools)."""
+    if response_format.get("type") != "json_schema":
+        return _OBJECT_INSTRUCTION
+    spec = response_format.get("json_schema")
+    spec = spec if isinstance(spec, dict) else {}
+    return _instruction(spec, spec.get("schema", {}))
+
+
 def _instruction(spec: dict[str, Any], schema: Any) -> str:
     name = spec.get("name", "response")
     description = spec.get("description")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.providers import azure
 from sidecar.providers.anthropic import AnthropicAdapter
+from sidecar.providers.cohere import CohereAdapter
 from sidecar.providers.openai_compat import COMPAT_KINDS, OpenAICompatAdapter
 from sidecar.settings.model import ProviderSettings
 
@@ -29,6 +30,7 @@ ADAPTERS: Mapping[str, Callable[[ProviderSettings], Adapter]] = MappingProxyType
         **dict.fromkeys(COMPAT_KINDS, _compat),
         "anthropic": AnthropicAdapter,
         "azure": azure.AzureAdapter,
+        "cohere": CohereAdapter,
     }
 )
 
