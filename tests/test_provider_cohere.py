@@ -663,3 +663,27 @@ def test_a_cohere_provider_passes_check_config(tmp_path: Path) -> None:
     )
     result = ringside("check-config", str(path), env={"CO_KEY": "k"})
     assert result.returncode == 0, result.stderr
+
+
+def test_a_streamed_structured_answer_streams_through_and_is_validated_at_the_end(
+    sidecar: SidecarProcess, fake: FakeCohere
+) -> None:
+    fake.script(Reply(content='{"name": "Ada", "age": 36}', chunks=4))
+    body = {"model": f"fc:co2/{MODEL}", "messages": HELLO, "response_format": PERSON}
+    chunks = raw_chunks(sidecar, body)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert json.loads(text) == {"name": "Ada", "age": 36}
+    assert (
+        fake.received[0].body["response_format"]["json_schema"] == (PERSON["json_schema"]["schema"])
+    )
+
+
+def test_a_streamed_answer_that_misses_the_schema_ends_with_an_sse_error(
+    sidecar: SidecarProcess, fake: FakeCohere
+) -> None:
+    fake.script(Reply(content='{"name": "Ada"}'))
+    body = {"model": f"fc:co2/{MODEL}", "messages": HELLO, "response_format": PERSON,
+            "stream": True}  # fmt: skip
+    payloads = sse_events(post_chat(sidecar, body).body)
+    last = json.loads(payloads[-1])
+    assert last["error"]["code"] == "response_schema_validation_failed"

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from sidecar.providers import azure
+from sidecar.providers import azure, bedrock
 from sidecar.providers.anthropic import AnthropicAdapter
 from sidecar.providers.cohere import CohereAdapter
 from sidecar.providers.openai_compat import COMPAT_KINDS, OpenAICompatAdapter
@@ -30,6 +30,7 @@ ADAPTERS: Mapping[str, Callable[[ProviderSettings], Adapter]] = MappingProxyType
         **dict.fromkeys(COMPAT_KINDS, _compat),
         "anthropic": AnthropicAdapter,
         "azure": azure.AzureAdapter,
+        "bedrock": bedrock.BedrockAdapter,
         "cohere": CohereAdapter,
     }
 )
@@ -38,7 +39,7 @@ SUPPORTED_KINDS = frozenset({*ADAPTERS, "mock"})
 
 # per kind, what its settings need beyond the JSON Schema: (key, message) problems at load
 SETTINGS_CHECKS: Mapping[str, Callable[[ProviderSettings], list[tuple[str, str]]]] = (
-    MappingProxyType({"azure": azure.settings_problems})
+    MappingProxyType({"azure": azure.settings_problems, "bedrock": bedrock.settings_problems})
 )
 TOKEN_KINDS = frozenset({"azure"})  # the kinds that send token_file / token_env as a bearer
 
@@ -84,4 +85,10 @@ def build_client(settings: ProviderSettings, http1: Http1Client) -> ProviderClie
         return MockProvider(settings)
     from sidecar.upstream import HttpProvider
 
-    return HttpProvider(settings, ADAPTERS[settings.kind](settings), http1)
+    adapter = ADAPTERS[settings.kind](settings)
+    if isinstance(adapter, bedrock.BedrockAdapter):  # each call signed with AWS credentials
+        from sidecar.providers.bedrock_auth import AwsCredentials, SigV4Signer
+
+        signer = SigV4Signer(AwsCredentials(settings.name), adapter.region, bedrock.SERVICE)
+        return HttpProvider(settings, adapter, http1, signer)
+    return HttpProvider(settings, adapter, http1)

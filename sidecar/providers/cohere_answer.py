@@ -216,6 +216,9 @@ class CohereStreamDecoder:
         if kind == "content-delta":
             content = message.get("content")
             return self._text(content.get("text")) if isinstance(content, dict) else []
+        if kind == "content-start":  # its text is "" as v2 sends it; any other is content
+            content = message.get("content")
+            return self._text(content.get("text")) if isinstance(content, dict) else []
         if kind == "tool-call-delta":
             return self._call_delta(payload.get("index"), message)
         if kind == "tool-plan-delta":
@@ -228,7 +231,7 @@ class CohereStreamDecoder:
             return []
         if kind == "message-end":
             return self._end(payload)
-        return []  # content-start/-end (their text comes as deltas), citations, debug, new types
+        return []  # content-end, tool-call-end, citations, debug, event types added later
 
     def _call_start(self, index: Any, message: dict[str, Any]) -> list[bytes]:
         call = message.get("tool_calls")
