@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from sidecar.providers import azure, bedrock
+from sidecar.providers import azure, bedrock, gemini
 from sidecar.providers.anthropic import AnthropicAdapter
 from sidecar.providers.cohere import CohereAdapter
 from sidecar.providers.openai_compat import COMPAT_KINDS, OpenAICompatAdapter
@@ -32,6 +32,7 @@ ADAPTERS: Mapping[str, Callable[[ProviderSettings], Adapter]] = MappingProxyType
         "azure": azure.AzureAdapter,
         "bedrock": bedrock.BedrockAdapter,
         "cohere": CohereAdapter,
+        "gemini": gemini.GeminiAdapter,
     }
 )
 
@@ -39,7 +40,13 @@ SUPPORTED_KINDS = frozenset({*ADAPTERS, "mock"})
 
 # per kind, what its settings need beyond the JSON Schema: (key, message) problems at load
 SETTINGS_CHECKS: Mapping[str, Callable[[ProviderSettings], list[tuple[str, str]]]] = (
-    MappingProxyType({"azure": azure.settings_problems, "bedrock": bedrock.settings_problems})
+    MappingProxyType(
+        {
+            "azure": azure.settings_problems,
+            "bedrock": bedrock.settings_problems,
+            "gemini": gemini.settings_problems,
+        }
+    )
 )
 TOKEN_KINDS = frozenset({"azure"})  # the kinds that send token_file / token_env as a bearer
 
