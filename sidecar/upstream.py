@@ -13,7 +13,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 from sidecar import sse
 from sidecar.errors import Outcome, UpstreamError
@@ -22,7 +22,9 @@ from sidecar.providers.base import (
     Adapter,
     ChunkStream,
     Completion,
+    HttpRequest,
     StreamDecoder,
+    StreamParser,
     UpstreamCall,
     Usage,
 )
@@ -39,6 +41,9 @@ def transport_error(exc: BaseException) -> UpstreamError:
 
 
 R = TypeVar("R")
+# signs a built request (a kind whose credentials sign each call: bedrock's SigV4); may raise
+# an UpstreamError when it cannot
+Authorize: TypeAlias = Callable[[HttpRequest], Awaitable[HttpRequest]]
 BATCH_BYTES = 64 * 1024  # of events in one list of chunks: aiohttp's writer drains every 64 KiB
 END_WAIT_SECONDS = 1.0  # after the last event, for the rest of the body (see aclose)
 DETAIL_LOG_SECONDS = 60.0  # one log line per provider per minute for its rejections of our key
@@ -63,10 +68,16 @@ class HttpProvider:
         settings: ProviderSettings,
         adapter: Adapter,
         http1: Http1Client,
+        authorize: Authorize | None = None,
     ) -> None:
         self.settings = settings
         self.adapter = adapter
         self.http1 = http1
+        self.authorize = authorize
+        # how the adapter's streams are framed: SSE unless it names its own parser
+        self.stream_parser: Callable[[], StreamParser] = getattr(
+            adapter, "stream_parser", sse.EventParser
+        )
         tls = settings.tls
         self.egress = http1.egress(
             settings.proxy,
@@ -118,12 +129,14 @@ class HttpProvider:
             finally:
                 response.close()
             raise self._failure(response.status, body, response.headers)
-        return HttpChunkStream(response, self.adapter.stream_decoder(call))
+        return HttpChunkStream(response, self.adapter.stream_decoder(call), self.stream_parser())
 
     async def _send(self, send: Callable[..., Awaitable[R]], call: UpstreamCall) -> R:
         """The adapter's request through `send` (whole or streamed), with this provider's
         timeouts; a transport failure leaves as an UpstreamError."""
         request = self.adapter.build_request(call)
+        if self.authorize is not None:
+            request = await self.authorize(request)
         timeouts = self.settings.timeout
         try:
             return await send(
@@ -140,7 +153,8 @@ class HttpProvider:
 
 
 class HttpChunkStream:
-    """Iterates an upstream SSE response as lists of OpenAI chunk bytes.
+    """Iterates an upstream stream (SSE, or the framing its adapter's parser reads) as lists
+    of OpenAI chunk bytes.
 
     The first list goes out as soon as one event yields chunks (time to first token); after
     that each list holds every chunk of the events that have arrived (up to BATCH_BYTES of
@@ -148,10 +162,12 @@ class HttpChunkStream:
     the client, not one per event. An error event after some chunks is raised on the call
     after the one that returns them."""
 
-    def __init__(self, response: Streamed, decoder: StreamDecoder) -> None:
+    def __init__(
+        self, response: Streamed, decoder: StreamDecoder, parser: StreamParser | None = None
+    ) -> None:
         self.response = response
         self.decoder = decoder
-        self._parser = sse.EventParser()
+        self._parser = parser if parser is not None else sse.EventParser()
         self._events: deque[sse.Event] = deque()
         self._first = True
         self._failure: UpstreamError | None = None

@@ -163,7 +163,8 @@ class ProviderClient(Protocol):
 
 
 class StreamDecoder(Protocol):
-    """Turns one provider's SSE events into OpenAI chunk bytes, tracking usage and content."""
+    """Turns one provider's stream events (SSE events, or what its StreamParser yields) into
+    OpenAI chunk bytes, tracking usage and content."""
 
     @property
     def usage(self) -> Usage | None: ...
@@ -180,8 +181,19 @@ class StreamDecoder(Protocol):
     def feed(self, event: str | None, data: bytes) -> list[bytes]: ...
 
 
+class StreamParser(Protocol):
+    """Splits a streamed body into (event name, data) pieces for a StreamDecoder: SSE
+    (`sidecar.sse.EventParser`) unless the adapter names another class as `stream_parser`
+    (bedrock's binary event stream)."""
+
+    def feed(self, piece: bytes) -> list[tuple[str | None, bytes]]: ...
+
+    def end(self) -> list[tuple[str | None, bytes]]: ...
+
+
 class Adapter(Protocol):
-    """Pure translation for one provider kind; never does I/O."""
+    """Pure translation for one provider kind; never does I/O. An adapter whose streams are
+    not SSE has a `stream_parser` attribute as well: the StreamParser class that reads them."""
 
     caps: KindCaps
     native_json_schema: bool  # caps.json_schema, unless the provider's config overrides it

@@ -1,0 +1,309 @@
+"""OpenAI chat request → Amazon Bedrock Converse request (pure translation).
+
+What is translated, what is dropped and what is refused:
+- system/developer messages → the top-level `system` text blocks, in order; user, assistant and
+  tool turns → `messages`, consecutive turns of one role merged into one (Converse wants the
+  roles to alternate): consecutive `role: tool` messages become one user turn of `toolResult`
+  blocks, first;
+- content parts: text; images as base64 data URLs (png, jpeg, gif, webp) → `image` blocks with
+  their bytes; PDF `file` parts given as data → `document` blocks. Converse cannot fetch an
+  image by URL (only bytes or S3): an http(s) image URL is refused (400, naming the provider);
+- assistant `tool_calls` → `toolUse` blocks, `tool` messages → `toolResult` blocks; the ids are
+  kept (characters Converse does not take in an id become `_`, on both sides alike);
+- `inferenceConfig`: `maxTokens` (the smaller of `max_completion_tokens` and `max_tokens`),
+  `temperature` (clamped to Converse's 0–1), `topP`, `stopSequences` (`stop`);
+- `tools` → `toolConfig.tools[].toolSpec` (the parameters as `inputSchema.json`), `tool_choice`
+  auto / required / a named function → `auto` / `any` / `tool`; `none` leaves the tools out
+  (Converse has no "none"), unless the conversation already holds tool calls or results, which
+  Converse accepts only with a `toolConfig`: then the tools go with `auto`;
+- `response_format: json_schema` → a tool whose input schema is the schema, forced with
+  `toolChoice.tool` (the answer side turns its call back into content; the same `OutputTool`
+  as the anthropic kind's);
+- `n > 1` is refused (400, naming the provider); every other OpenAI parameter (seed,
+  penalties, logprobs, logit_bias, user, metadata, parallel_tool_calls, json_object, …) is
+  dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+from sidecar.errors import GatewayError, Outcome, UpstreamError
+from sidecar.providers.anthropic_request import _data_url as data_url
+from sidecar.providers.anthropic_request import output_tool
+
+IMAGE_FORMATS = MappingProxyType(
+    {"image/png": "png", "image/jpeg": "jpeg", "image/gif": "gif", "image/webp": "webp"}
+)
+_TOOL_ID = re.compile(r"[^a-zA-Z0-9_.:-]")
+
+
+def refused(provider: str, message: str, param: str) -> UpstreamError:
+    """A request this provider cannot take: the client's fault, answered as a 400 at once."""
+    text = f"provider {provider!r} (Amazon Bedrock Converse API) {message}"
+    error = GatewayError(400, "invalid_request", text, param=param)
+    return UpstreamError(
+        Outcome.CLIENT_FAULT, text, status=400, reason="unsupported", client_error=error
+    )
+
+
+def tool_use_id(value: Any) -> str:
+    """An OpenAI tool call id as Converse takes one (`[a-zA-Z0-9_.:-]{1,64}`)."""
+    return _TOOL_ID.sub("_", str(value or "call"))[:64] or "call"
+
+
+def converse_body(body: dict[str, Any], provider: str) -> dict[str, Any]:
+    """The Converse (and ConverseStream) body for an OpenAI chat body; see the module's
+    docstring. The model id travels in the URL, not here."""
+    n = body.get("n")
+    if isinstance(n, int) and n > 1:
+        raise refused(
+            provider, f"returns one choice per call: n={n} is not supported; send n=1 (or "
+            "leave it out) and make several calls, or route to a provider that takes n", "n",
+        )  # fmt: skip
+    system, turns = _turns(body.get("messages") or [], provider)
+    if not turns and system:  # only system text: Converse needs a user turn
+        turns = [{"role": "user", "content": system}]
+        system = []
+    if not turns:
+        raise refused(provider, "needs at least one message with content", "messages")
+    out: dict[str, Any] = {"messages": turns}
+    if system:
+        out["system"] = system
+    inference = _inference(body)
+    if inference:
+        out["inferenceConfig"] = inference
+    tool_config = _tool_config(body, turns, provider)
+    if tool_config is not None:
+        out["toolConfig"] = tool_config
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _inference(body: dict[str, Any]) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    caps = [
+        value
+        for value in (body.get("max_completion_tokens"), body.get("max_tokens"))
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0
+    ]
+    if caps:
+        config["maxTokens"] = min(caps)
+    for name, field in (("temperature", "temperature"), ("top_p", "topP")):
+        value: Any = body.get(name)
+        if _number(value):
+            config[field] = min(max(value, 0), 1)  # Converse takes 0-1; OpenAI's 1-2 is 1
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if isinstance(stop, list):
+        sequences = [s for s in stop if isinstance(s, str) and s]
+        if sequences:
+            config["stopSequences"] = sequences
+    return config
+
+
+def _tool_config(
+    body: dict[str, Any], turns: list[dict[str, Any]], provider: str
+) -> dict[str, Any] | None:
+    """`toolConfig` for the client's tools and `tool_choice`, the output tool of json_schema
+    included; None for a request that has neither."""
+    tools: list[dict[str, Any]] = []
+    given = body.get("tools")
+    for index, tool in enumerate(given if isinstance(given, list) else ()):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise refused(provider, "takes only function tools", f"tools[{index}]")
+        parameters = function.get("parameters")
+        schema = dict(parameters) if isinstance(parameters, dict) else {"properties": {}}
+        schema.setdefault("type", "object")
+        spec: dict[str, Any] = {"name": function.get("name"), "inputSchema": {"json": schema}}
+        description = function.get("description")
+        if isinstance(description, str) and description:
+            spec["description"] = description
+        tools.append({"toolSpec": spec})
+    choice = _tool_choice(body.get("tool_choice"), provider) if tools else None
+    if choice == "none":
+        if not _holds_tool_blocks(turns):
+            tools = []
+        choice = None
+    answer = output_tool(body)
+    if answer is not None and (choice is None or "tool" not in choice):
+        spec = {
+            "name": answer.name,
+            "description": answer.description,
+            "inputSchema": {"json": answer.input_schema},
+        }
+        tools.append({"toolSpec": spec})
+        # with tools of the client's own to call, the model may call those or answer
+        free = len(tools) > 1 and (choice is None or "auto" in choice or "any" in choice)
+        choice = {"any": {}} if free else {"tool": {"name": answer.name}}
+    if not tools:
+        return None
+    return {"tools": tools, "toolChoice": choice or {"auto": {}}}
+
+
+def _tool_choice(choice: Any, provider: str) -> Any:
+    """A Converse `toolChoice`, None for the default (auto), or "none"."""
+    if choice is None or choice == "auto":
+        return None
+    if choice == "required":
+        return {"any": {}}
+    if choice == "none":
+        return "none"
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return {"tool": {"name": function["name"]}}
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        mode = (choice.get("allowed_tools") or {}).get("mode")
+        return {"any": {}} if mode == "required" else None
+    raise refused(provider, f"cannot translate tool_choice {choice!r}", "tool_choice")
+
+
+def _holds_tool_blocks(turns: list[dict[str, Any]]) -> bool:
+    return any(
+        "toolUse" in block or "toolResult" in block for turn in turns for block in turn["content"]
+    )
+
+
+def _turns(messages: list[Any], provider: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(system blocks, Converse turns): consecutive turns of one role merged, each user turn's
+    tool results first."""
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        role = message.get("role")
+        where = f"messages[{index}]"
+        if role in ("system", "developer"):
+            text = _text(message.get("content"))
+            if text:
+                system.append({"text": text})
+            continue
+        if role == "user":
+            blocks = _user_blocks(message.get("content"), provider, where)
+        elif role == "assistant":
+            blocks = _assistant_blocks(message, provider, where)
+        elif role == "tool":
+            role, blocks = "user", [_tool_result(message)]
+        else:
+            raise refused(
+                provider, f"cannot translate role {role!r}: send tool results as role tool",
+                f"{where}.role",
+            )  # fmt: skip
+        if not blocks:
+            continue
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": role, "content": blocks})
+    for turn in turns:
+        if turn["role"] == "user" and len(turn["content"]) > 1:
+            turn["content"].sort(key=lambda block: "toolResult" not in block)  # stable
+    return system, turns
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def _user_blocks(content: Any, provider: str, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    blocks: list[dict[str, Any]] = []
+    documents = 0
+    for index, part in enumerate(content if isinstance(content, list) else ()):
+        kind = part.get("type")
+        at = f"{where}.content[{index}]"
+        if kind == "text":
+            if part["text"]:
+                blocks.append({"text": part["text"]})
+        elif kind == "image_url":
+            blocks.append(_image(part["image_url"]["url"], provider, at))
+        elif kind == "file":
+            documents += 1
+            blocks.append(_document(part["file"], documents, provider, at))
+        else:
+            raise refused(provider, f"does not take {kind!r} content parts", at)
+    return blocks
+
+
+def _image(url: str, provider: str, where: str) -> dict[str, Any]:
+    parsed = data_url(url) if url.startswith("data:") else None
+    image_format = IMAGE_FORMATS.get(parsed[0]) if parsed is not None else None
+    if parsed is None or image_format is None:
+        fetched = " (Converse does not fetch URLs)" if url.startswith(("https:", "http:")) else ""
+        raise refused(
+            provider, "takes images only as base64 data URLs of image/png, image/jpeg, "
+            f"image/gif or image/webp{fetched}: send data:image/png;base64,...",
+            f"{where}.image_url",
+        )  # fmt: skip
+    return {"image": {"format": image_format, "source": {"bytes": parsed[1]}}}
+
+
+def _document(file: dict[str, Any], number: int, provider: str, where: str) -> dict[str, Any]:
+    data = file.get("file_data")
+    parsed = data_url(data) if isinstance(data, str) else None
+    if parsed is None or parsed[0] != "application/pdf":
+        raise refused(
+            provider, "takes file parts only as PDF data (file_data: a data:application/pdf;"
+            "base64 URL), not file ids", f"{where}.file",
+        )  # fmt: skip
+    source = {"bytes": parsed[1]}
+    return {"document": {"format": "pdf", "name": f"document {number}", "source": source}}
+
+
+def _assistant_blocks(message: dict[str, Any], provider: str, where: str) -> list[dict[str, Any]]:
+    content = message.get("content")
+    if isinstance(content, list):  # text and refusal parts
+        content = "".join(
+            str(part.get("text") or part.get("refusal") or "")
+            for part in content
+            if isinstance(part, dict)
+        )
+    blocks: list[dict[str, Any]] = []
+    if isinstance(content, str) and content:
+        blocks.append({"text": content})
+    calls = message.get("tool_calls")
+    for index, call in enumerate(calls if isinstance(calls, list) else ()):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise refused(provider, "needs tool calls with a function", f"{where}.tool_calls")
+        arguments = function.get("arguments") or "{}"
+        try:
+            tool_input = orjson.loads(arguments)
+        except (orjson.JSONDecodeError, TypeError):
+            tool_input = None
+        if not isinstance(tool_input, dict):
+            raise refused(
+                provider, "needs each tool call's arguments to be a JSON object",
+                f"{where}.tool_calls[{index}].function.arguments",
+            )  # fmt: skip
+        use = {"toolUseId": tool_use_id(call.get("id")), "name": function.get("name"),
+               "input": tool_input}  # fmt: skip
+        blocks.append({"toolUse": use})
+    return blocks
+
+
+def _tool_result(message: dict[str, Any]) -> dict[str, Any]:
+    text = _text(message.get("content"))
+    result = {
+        "toolUseId": tool_use_id(message.get("tool_call_id")),
+        "content": [{"text": text}] if text else [],
+    }
+    return {"toolResult": result}
