@@ -154,6 +154,15 @@ def test_sampling_parameters_are_translated_into_v2_ranges() -> None:
     }  # fmt: skip
 
 
+def test_max_tokens_above_the_catalogs_max_output_is_sent_as_that_limit() -> None:
+    call = UpstreamCall(ProviderSettings("co", "cohere", None, None), MODEL,
+                        {"messages": HELLO, "max_tokens": 9000}, max_output=4096)  # fmt: skip
+    sent = orjson.loads(adapter().build_request(call).body)
+    assert sent["max_tokens"] == 4096
+    call.body = {"messages": HELLO}
+    assert "max_tokens" not in orjson.loads(adapter().build_request(call).body)  # v2's default
+
+
 def test_tool_calls_and_results_round_trip_with_their_ids() -> None:
     call = {"id": "get_weather_1", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}  # fmt: skip

@@ -68,7 +68,7 @@ class CohereAdapter:
         self.stream_headers = {**headers, "Accept": "text/event-stream"}
 
     def build_request(self, call: UpstreamCall) -> HttpRequest:
-        body = chat_body(call.body, call.model_id, call.stream, self.name)
+        body = chat_body(call.body, call.model_id, call.stream, self.name, call.max_output)
         headers = self.stream_headers if call.stream else self.headers
         if call.headers:
             headers = {**headers, **call.headers}

@@ -13,7 +13,8 @@ What is translated, what is dropped and what is refused:
 - `response_format` json_schema → `{type: json_object, json_schema: <schema>}` (a schema whose
   top level is no object, which v2 cannot take, and any format beside `tools`, which v2 refuses,
   go as a system instruction instead); json_object → `{type: json_object}`;
-- `max_completion_tokens` / `max_tokens` → `max_tokens` (the smaller when both); `stop` →
+- `max_completion_tokens` / `max_tokens` → `max_tokens` (the smaller when both, and at most the
+  catalog's `max_output` for the model: v2 refuses more than the model's limit); `stop` →
   `stop_sequences`; `temperature` and `seed` as they are; `top_p` → `p` (v2 takes 0.01–0.99:
   1 goes as 0.99); `top_k` → `k`; `frequency_penalty` / `presence_penalty` above 0 → the same,
   at most 1 (v2's range is 0–1; OpenAI's negative values, which favour repetition, have no v2
@@ -46,7 +47,9 @@ def refused(provider: str, message: str, param: str) -> UpstreamError:
     )
 
 
-def chat_body(body: dict[str, Any], model_id: str, stream: bool, provider: str) -> dict[str, Any]:
+def chat_body(
+    body: dict[str, Any], model_id: str, stream: bool, provider: str, max_output: int | None = None
+) -> dict[str, Any]:
     """The v2 Chat body for an OpenAI chat body (see the module's docstring)."""
     n = body.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > 1:
@@ -56,7 +59,7 @@ def chat_body(body: dict[str, Any], model_id: str, stream: bool, provider: str) 
         )  # fmt: skip
     messages = _messages(body.get("messages"), provider)
     out: dict[str, Any] = {"model": model_id, "messages": messages, "stream": stream}
-    _sampling(body, out)
+    _sampling(body, out, max_output)
     tools = _tools(body, out, provider)
     _response_format(body.get("response_format"), out, tools)
     return out
@@ -66,12 +69,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _sampling(body: dict[str, Any], out: dict[str, Any]) -> None:
+def _sampling(body: dict[str, Any], out: dict[str, Any], max_output: int | None) -> None:
     caps = [
         body[name]
         for name in ("max_completion_tokens", "max_tokens")
         if isinstance(body.get(name), int) and not isinstance(body[name], bool) and body[name] > 0
     ]
+    if caps and max_output:  # the model's own limit: v2 refuses more ("too many tokens")
+        caps.append(max_output)
     if caps:
         out["max_tokens"] = min(caps)
     stop = body.get("stop")
