@@ -13,7 +13,9 @@ import base64
 import json
 import sys
 import time
+import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +37,7 @@ from tests.support import (
     metric_samples,
     module_sidecar,
     post_chat,
+    ringside,
     sdk,
     sse_events,
     without_circuit_breakers,
@@ -52,6 +55,7 @@ from tests.upstreams.server import ThreadedServer
 
 ACCESS_KEY = "AKIAFAKEBEDROCK00001"
 SECRET_KEY = "fake-secret-access-key-for-the-bedrock-tests"
+API_KEY = "ABSKQmVkcm9ja0FQSUtleS1mYWtl"  # a Bedrock API key
 MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
 NOVA = "amazon.nova-lite-v1:0"
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n fake image bytes").decode()
@@ -336,6 +340,29 @@ def test_an_exception_event_mid_stream_fails_the_attempt_as_its_http_answer_woul
     assert caught.value.outcome is Outcome.CLIENT_FAULT
 
 
+def test_an_error_message_of_the_framing_fails_the_attempt() -> None:
+    headers = b"".join(
+        bytes([len(name)]) + name + b"\x07" + len(value).to_bytes(2, "big") + value
+        for name, value in (
+            (b":message-type", b"error"),
+            (b":error-code", b"InternalFailure"),
+            (b":error-message", b"the stream broke"),
+        )
+    )
+    total = 12 + len(headers) + 4
+    prelude = total.to_bytes(4, "big") + len(headers).to_bytes(4, "big")
+    message = prelude + zlib.crc32(prelude).to_bytes(4, "big") + headers
+    ((event, payload),) = EventStreamParser().feed(message + zlib.crc32(message).to_bytes(4, "big"))
+    assert event == "error:InternalFailure"
+    adapter = BedrockAdapter(settings())
+    decoder = adapter.stream_decoder(call({"messages": HELLO}, stream=True))
+    with pytest.raises(UpstreamError) as caught:
+        decoder.feed(event, payload)
+    assert (
+        caught.value.outcome is Outcome.UNAVAILABLE and "the stream broke" in caught.value.message
+    )
+
+
 def test_a_frame_with_a_wrong_crc_is_an_unparseable_body() -> None:
     data = bytearray(frame("messageStart", {"role": "assistant"}))
     data[-1] ^= 0xFF
@@ -363,6 +390,21 @@ def test_without_botocore_the_config_error_names_the_extra(monkeypatch: pytest.M
     monkeypatch.setitem(sys.modules, "botocore.auth", None)
     problems = settings_problems(settings())
     assert any(bedrock.INSTALL_HINT in message for _, message in problems)
+
+
+def test_check_config_takes_a_bedrock_provider_and_refuses_one_without_a_region(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ringside.yaml"
+    path.write_text(
+        "providers:\n  bedrock:\n    kind: bedrock\n    region: eu-central-1\n"
+        f"models:\n  fc:bedrock/{MODEL}: {{input_per_mtok: 0.8, output_per_mtok: 4}}\n"
+    )
+    assert ringside("check-config", str(path)).returncode == 0
+    path.write_text("providers:\n  bedrock: {kind: bedrock}\n")
+    result = ringside("check-config", str(path))
+    assert result.returncode != 0 and "providers.bedrock: bedrock needs a region" in result.stderr
+    assert ringside("check-config", str(path), env={"AWS_REGION": "us-east-2"}).returncode == 0
 
 
 class Chain:
@@ -410,7 +452,7 @@ async def test_no_credentials_at_all_is_an_unavailable_provider() -> None:
 
 @pytest.fixture(scope="module")
 def bedrock_server() -> Iterator[FakeBedrock]:
-    fake = FakeBedrock(ACCESS_KEY, SECRET_KEY, region="us-east-1")
+    fake = FakeBedrock(ACCESS_KEY, SECRET_KEY, region="us-east-1", api_keys=frozenset({API_KEY}))
     fake.server.start()
     yield fake
     fake.server.stop()
@@ -439,6 +481,7 @@ def sidecar(
             "bed": provider(url),
             "bed2": provider(url),
             "bedwest": provider(url, region="us-west-2"),  # signed for a region the fake is not
+            "bedkey": {**provider(url), "api_key_env": "AWS_BEARER_TOKEN_BEDROCK"},
         },
         "models": {
             f"fc:bed/{MODEL}": {"input_per_mtok": 1.0, "output_per_mtok": 5.0, "context": 200000},
@@ -450,7 +493,8 @@ def sidecar(
         },
     }
     workdir = tmp_path_factory.mktemp("bedrock")
-    yield from module_sidecar(workdir, without_circuit_breakers(config), AWS_ENV)
+    env = {**AWS_ENV, "AWS_BEARER_TOKEN_BEDROCK": API_KEY}
+    yield from module_sidecar(workdir, without_circuit_breakers(config), env)
 
 
 def completion(proc: SidecarProcess, body: dict[str, Any]) -> tuple[ChatCompletion, Any]:
@@ -484,6 +528,32 @@ def test_plain_answer_through_the_sdk(sidecar: SidecarProcess, fake: FakeBedrock
     assert seen["body"]["system"] == [{"text": "Be nice."}]
     assert seen["body"]["inferenceConfig"] == {"maxTokens": 50, "temperature": 0.2}
     assert seen["headers"]["Authorization"].startswith(f"AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/")
+
+
+def test_a_bedrock_api_key_is_sent_as_a_bearer_instead_of_a_signature(
+    sidecar: SidecarProcess, fake: FakeBedrock
+) -> None:
+    answer, _ = completion(sidecar, {"model": f"fc:bedkey/{MODEL}", "messages": HELLO})
+    assert answer.choices[0].message.content == "Hello from the fake Bedrock model."
+    (seen,) = fake.requests
+    assert seen["headers"]["Authorization"] == f"Bearer {API_KEY}"
+    assert "X-Amz-Date" not in seen["headers"]
+
+
+def test_a_cascade_that_streams_escalates_from_throttling_before_the_first_chunk(
+    sidecar: SidecarProcess, fake: FakeBedrock
+) -> None:
+    fake.script(throttled())
+    answer = post_chat(sidecar, {"model": "slot:chat", "messages": HELLO, "stream": True})
+    assert answer.status == 200, answer.body
+    assert answer.headers["X-Ringside-Model-Used"] == f"fc:bed2/{NOVA}"
+    data = sse_events(answer.body)
+    assert data[-1] == "[DONE]"
+    text = "".join(
+        ChatCompletionChunk.model_validate_json(event).choices[0].delta.content or ""
+        for event in data[:-1]
+    )
+    assert text == "Hello from the fake Bedrock model."
 
 
 def test_stream_through_the_sdk_with_usage(sidecar: SidecarProcess, fake: FakeBedrock) -> None:

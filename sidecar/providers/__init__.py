@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from sidecar.providers import azure, bedrock, gemini
+from sidecar.providers import azure, bedrock, bedrock_auth, gemini
 from sidecar.providers.anthropic import AnthropicAdapter
 from sidecar.providers.cohere import CohereAdapter
 from sidecar.providers.openai_compat import COMPAT_KINDS, OpenAICompatAdapter
@@ -19,6 +19,7 @@ from sidecar.settings.model import ProviderSettings
 if TYPE_CHECKING:
     from sidecar.http1 import Http1Client
     from sidecar.providers.base import Adapter, ProviderClient
+    from sidecar.upstream import Authorize
 
 
 def _compat(settings: ProviderSettings) -> Adapter:
@@ -47,6 +48,11 @@ SETTINGS_CHECKS: Mapping[str, Callable[[ProviderSettings], list[tuple[str, str]]
             "gemini": gemini.settings_problems,
         }
     )
+)
+# per kind whose credentials sign (or authorize) each call, what builds that hook for a provider
+# (None: it has a static credential in its headers); credentials resolved off the request path
+AUTHORIZERS: Mapping[str, Callable[[ProviderSettings], Authorize | None]] = MappingProxyType(
+    {"bedrock": bedrock_auth.signer}
 )
 TOKEN_KINDS = frozenset({"azure"})  # the kinds that send token_file / token_env as a bearer
 
@@ -92,10 +98,6 @@ def build_client(settings: ProviderSettings, http1: Http1Client) -> ProviderClie
         return MockProvider(settings)
     from sidecar.upstream import HttpProvider
 
-    adapter = ADAPTERS[settings.kind](settings)
-    if isinstance(adapter, bedrock.BedrockAdapter):  # each call signed with AWS credentials
-        from sidecar.providers.bedrock_auth import AwsCredentials, SigV4Signer
-
-        signer = SigV4Signer(AwsCredentials(settings.name), adapter.region, bedrock.SERVICE)
-        return HttpProvider(settings, adapter, http1, signer)
-    return HttpProvider(settings, adapter, http1)
+    authorizer = AUTHORIZERS.get(settings.kind)
+    authorize = authorizer(settings) if authorizer is not None else None
+    return HttpProvider(settings, ADAPTERS[settings.kind](settings), http1, authorize)

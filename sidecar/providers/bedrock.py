@@ -6,7 +6,8 @@ an inference profile id or an ARN) URL-encoded into the path; `base_url` default
 `AWS_REGION` / `AWS_DEFAULT_REGION` as the AWS SDKs read them; a provider with none is refused
 at load. The request side is `bedrock_request`, the answer side `bedrock_answer`, the binary
 stream framing `bedrock_eventstream`. Requests leave here unsigned: `bedrock_auth` signs each
-with SigV4 from the AWS credential chain (botocore, the `bedrock` extra).
+with SigV4 from the AWS credential chain (botocore, the `bedrock` extra). A provider with
+`api_key_env` uses a Bedrock API key instead, sent as `Authorization: Bearer` (no signature).
 
 Errors are AWS's: the type in the `x-amzn-ErrorType` header (or `__type` in the body), the text
 in `message`. ThrottlingException (429), ModelNotReadyException, ServiceUnavailableException,
@@ -85,6 +86,12 @@ def region_of(settings: ProviderSettings) -> str | None:
     )
 
 
+def signs_calls(settings: ProviderSettings) -> bool:
+    """Whether the provider's calls are signed with AWS credentials (SigV4): unless it names
+    a Bedrock API key (`api_key_env`, e.g. AWS_BEARER_TOKEN_BEDROCK)."""
+    return not settings.api_key_env
+
+
 def settings_problems(settings: ProviderSettings) -> list[tuple[str, str]]:
     """(key, message) for what the JSON Schema cannot check about a bedrock provider."""
     problems: list[tuple[str, str]] = []
@@ -92,12 +99,6 @@ def settings_problems(settings: ProviderSettings) -> list[tuple[str, str]]:
         problems.append(
             ("", "bedrock needs a region: set region (us-east-1, ...), or AWS_REGION in the "
                  "sidecar's environment")
-        )  # fmt: skip
-    if settings.api_key_env:
-        problems.append(
-            ("api_key_env", "bedrock signs its calls with AWS credentials from the AWS chain "
-                            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, IRSA web identity, EKS "
-                            "pod identity, instance metadata), not an API key: remove it")
         )  # fmt: skip
     try:
         import botocore.auth  # noqa: F401
@@ -124,6 +125,8 @@ class BedrockAdapter:
         base = settings.base_url or f"https://bedrock-runtime.{self.region}.amazonaws.com"
         self.base = base.rstrip("/") + "/model/"
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if settings.api_key:  # a Bedrock API key: no SigV4 signature then (see signs_calls)
+            headers["Authorization"] = f"Bearer {settings.api_key}"
         headers.update(settings.headers)
         self.headers = headers
         self.stream_headers = {**headers, "Accept": "application/vnd.amazon.eventstream"}

@@ -28,11 +28,22 @@ from typing import Any
 
 from sidecar.errors import Outcome, UpstreamError
 from sidecar.providers.base import HttpRequest
+from sidecar.providers.bedrock import SERVICE, region_of, signs_calls
+from sidecar.settings.model import ProviderSettings
 
 log = logging.getLogger("ringside")
 
 REREAD_SECONDS = 60.0  # the credentials held are taken from botocore again after this long
 RETRY_SECONDS = 5.0  # after a failed read, the next is not tried before this long
+
+
+def signer(settings: ProviderSettings) -> SigV4Signer | None:
+    """The signing hook of one bedrock provider's calls; None for one with a Bedrock API key
+    (`api_key_env`: a bearer header, no signature)."""
+    if not signs_calls(settings):
+        return None
+    region = region_of(settings) or "us-east-1"  # none is refused at load
+    return SigV4Signer(AwsCredentials(settings.name), region, SERVICE)
 
 
 class AwsCredentials:

@@ -7,11 +7,12 @@ Every request's SigV4 signature is recomputed with botocore's `SigV4Auth` from t
 credentials over the request as received (path, signed headers, body): a wrong signature is
 answered as AWS does (403 `InvalidSignatureException`), an unknown access key with 403
 `UnrecognizedClientException`, a missing or wrong session token, a scope of another region or
-service, or a date more than 5 minutes off likewise. Every body is validated against botocore's
-`bedrock-runtime` service model (`ConverseRequest` / `ConverseStreamRequest`, with the model id
-of the path) by botocore's `ParamValidator`, blobs base64-decoded on the way as AWS's JSON
-protocol carries them; what is wrong is kept in `problems` for the test to assert empty, and
-answered 400 `ValidationException`.
+service, or a date more than 5 minutes off likewise. A Bedrock API key (`Authorization:
+Bearer`) is taken instead of a signature when it is one of `api_keys`. Every body is validated
+against botocore's `bedrock-runtime` service model (`ConverseRequest` / `ConverseStreamRequest`,
+with the model id of the path) by botocore's `ParamValidator`, blobs base64-decoded on the way
+as AWS's JSON protocol carries them; what is wrong is kept in `problems` for the test to assert
+empty, and answered 400 `ValidationException`.
 
 Stream frames are built by hand from the public format (prelude: total length, headers length,
 prelude CRC32; headers `:event-type`, `:content-type`, `:message-type`; payload; message CRC32),
@@ -142,8 +143,10 @@ class FakeBedrock:
         secret_key: str,
         region: str = "us-east-1",
         session_token: str | None = None,
+        api_keys: frozenset[str] = frozenset(),
     ) -> None:
         self.credentials = {access_key: ReadOnlyCredentials(access_key, secret_key, session_token)}
+        self.api_keys = api_keys  # Bedrock API keys, taken as `Authorization: Bearer`
         self.region = region
         self.problems: list[str] = []
         self.requests: list[dict[str, Any]] = []  # {model, op, body, headers}
@@ -217,6 +220,11 @@ class FakeBedrock:
     ) -> web.Response | None:
         """None when the request is signed as AWS checks it, else AWS's 403."""
         authorization = request.headers.get("Authorization", "")
+        if authorization.startswith("Bearer "):
+            if authorization.removeprefix("Bearer ") in self.api_keys:
+                return None
+            return _error(403, "AccessDeniedException", "Invalid API Key format: Must start "
+                          "with pre-defined prefix")  # fmt: skip
         parsed = _AUTH.fullmatch(authorization)
         if parsed is None:
             return _error(
