@@ -482,6 +482,7 @@ def sidecar(
             "bed2": provider(url),
             "bedwest": provider(url, region="us-west-2"),  # signed for a region the fake is not
             "bedkey": {**provider(url), "api_key_env": "AWS_BEARER_TOKEN_BEDROCK"},
+            "bedretry": {**provider(url), "retries": 1, "retry_backoff": 0.01},
         },
         "models": {
             f"fc:bed/{MODEL}": {"input_per_mtok": 1.0, "output_per_mtok": 5.0, "context": 200000},
@@ -658,6 +659,15 @@ def test_throttling_escalates_to_the_next_candidate(
     assert answer.model == NOVA
     assert headers["X-Ringside-Model-Used"] == f"fc:bed2/{NOVA}"
     assert headers["X-Ringside-Fallback-Triggered"] == "true"
+
+
+def test_throttling_is_retried_on_the_same_model_when_the_provider_retries(
+    sidecar: SidecarProcess, fake: FakeBedrock
+) -> None:
+    fake.script(throttled())
+    _, headers = completion(sidecar, {"model": f"fc:bedretry/{MODEL}", "messages": HELLO})
+    assert headers["X-Ringside-Model-Used"] == f"fc:bedretry/{MODEL}"
+    assert len(fake.requests) == 2  # signed afresh each time: both pass the signature check
 
 
 def test_a_too_long_prompt_escalates_and_alone_is_context_length_exceeded(
