@@ -197,6 +197,31 @@ def test_tool_choice_none_leaves_the_tools_out() -> None:
     assert "toolConfig" not in body
 
 
+def test_tool_choice_none_keeps_the_tools_a_conversation_with_tool_calls_needs() -> None:
+    messages = [
+        *HELLO,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]  # fmt: skip
+    body = converse_body(
+        {"messages": messages, "tools": [WEATHER_TOOL], "tool_choice": "none"}, "b"
+    )
+    assert converse_problems(body, MODEL) is None
+    assert body["toolConfig"]["toolChoice"] == {"auto": {}}  # Converse refuses tool blocks without
+
+
+def test_json_schema_with_the_clients_tools_lets_the_model_call_either() -> None:
+    body = converse_body(
+        {"messages": HELLO, "tools": [WEATHER_TOOL], "response_format": PERSON}, "b"
+    )
+    names = [tool["toolSpec"]["name"] for tool in body["toolConfig"]["tools"]]
+    assert names == ["get_weather", "person"]
+    assert body["toolConfig"]["toolChoice"] == {"any": {}}
+
+
 def test_json_schema_is_a_forced_tool_with_the_schema_as_input() -> None:
     body = converse_body({"messages": HELLO, "response_format": PERSON}, "b")
     assert converse_problems(body, MODEL) is None
