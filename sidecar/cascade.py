@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import orjson
 
 from sidecar.errors import CandidateRefused, GatewayError, Outcome, UpstreamError, kept
-from sidecar.flow import Attempt, Flow
+from sidecar.flow import EMBEDDINGS, Attempt, Flow
 from sidecar.pipeline import Pipeline
 from sidecar.pricing import usage_cost
 from sidecar.providers.base import ChunkStream, Completion, ProviderClient, UpstreamCall, Usage
@@ -165,6 +165,8 @@ def retry_hint(failures: list[tuple[Candidate, UpstreamError]]) -> dict[str, str
 def unreported_usage(flow: Flow, completion: Completion) -> Usage:
     """Usage of an answer whose upstream reported none (or nonsense): estimated on the high
     side, never free — the prompt estimate, and a token per 4 bytes of the whole answer."""
+    if flow.endpoint == EMBEDDINGS:  # vectors are not tokens: the input is all there is
+        return Usage(flow.prompt_tokens_estimate, 0)
     size = len(completion.raw) if completion.raw is not None else len(orjson.dumps(completion.body))
     return Usage(flow.prompt_tokens_estimate, max(1, size // 4))
 
@@ -265,10 +267,12 @@ class Cascade:
         return self._unsupported(flow, candidate)
 
     def _unsupported(self, flow: Flow, candidate: Candidate) -> UpstreamError | None:
-        """Several choices (`n > 1`) asked of a kind that answers one per call: refused before
-        any call (such a kind would answer one choice, or a 400), so that a cascade moves on
-        to a candidate that takes `n`; with none left, the client gets a 400 naming the
-        provider and `param: "n"`."""
+        """Several choices (`n > 1`) asked of a kind that answers one per call, or embeddings
+        of a kind that has none: refused before any call (such a kind would answer one choice,
+        or a 400), so that a cascade moves on to a candidate that can; with none left, the
+        client gets a 400 naming the provider and the parameter."""
+        if flow.endpoint == EMBEDDINGS:
+            return self._no_embeddings(candidate)
         choices = flow.body.get("n")
         if not isinstance(choices, int) or choices <= 1:
             return None
@@ -286,11 +290,27 @@ class Cascade:
             client_error=GatewayError(400, "invalid_request", message, param="n"),
         )
 
+    def _no_embeddings(self, candidate: Candidate) -> UpstreamError | None:
+        provider = candidate.provider
+        if self.providers[provider.name].caps.embeddings:
+            return None
+        message = (
+            f"provider {provider.name!r} (kind {provider.kind}) has no embeddings API: use a "
+            "model of a provider that embeds (match:caps=embeddings picks one)"
+        )
+        return UpstreamError(
+            Outcome.UNSUPPORTED,
+            message,
+            reason=Outcome.UNSUPPORTED.value,
+            client_error=GatewayError(400, "invalid_request", message, param="model"),
+        )
+
     async def call(self, flow: Flow, candidate: Candidate, body: dict[str, Any]) -> Completion:
         """Call a candidate, retrying it as its provider's `retries` allow; the answer's
         usage and cost are recorded on its Attempt."""
         provider = self.providers[candidate.provider.name]
-        attempt, completion = await self._tries(flow, candidate, body, provider.complete)
+        send = provider.embed if flow.endpoint == EMBEDDINGS else provider.complete
+        attempt, completion = await self._tries(flow, candidate, body, send)
         self._settle(flow, attempt, completion.usage or unreported_usage(flow, completion))
         await self.pipeline.run("attempt_done", flow, attempt)
         return completion

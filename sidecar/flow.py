@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from sidecar.stores.budget import Hold, Scope
     from sidecar.structured import SchemaPlan
 
+# what a Flow asks of its providers (`Flow.endpoint`): a chat completion (also the Responses
+# API translated onto chat), or embeddings
+CHAT = "chat"
+EMBEDDINGS = "embeddings"
+
 # a customer id, wherever one comes in: the FC-Customer header, a client token's claim, the
 # usage endpoint's path
 CUSTOMER_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -64,6 +69,7 @@ class Flow:
     client_ip: str
     body: dict[str, Any]
     body_bytes: int
+    endpoint: str = CHAT  # set by the endpoint that serves the request
     started: float = field(default_factory=time.perf_counter)
     started_wall: float = field(default_factory=time.time)
     stream: bool = False

@@ -13,7 +13,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeAlias, TypeVar
+from typing import TypeAlias, TypeVar, cast
 
 from sidecar import sse
 from sidecar.errors import Outcome, UpstreamError
@@ -22,6 +22,7 @@ from sidecar.providers.base import (
     Adapter,
     ChunkStream,
     Completion,
+    EmbeddingsAdapter,
     HttpRequest,
     StreamDecoder,
     StreamParser,
@@ -118,6 +119,15 @@ class HttpProvider:
                 )  # fmt: skip
         return error
 
+    async def embed(self, call: UpstreamCall) -> Completion:
+        adapter = cast(EmbeddingsAdapter, self.adapter)  # caps.embeddings: checked by the cascade
+        request = adapter.build_embeddings_request(call)
+        response = await self._send(self.http1.request, call, request)
+        body, status, headers = response.body, response.status, response.headers
+        if not 200 <= status < 300:
+            raise self._failure(status, body, headers)
+        return adapter.parse_embeddings_response(body, call)
+
     async def open_stream(self, call: UpstreamCall) -> ChunkStream:
         """Open the stream; an upstream failure before the first byte raises here."""
         response = await self._send(self.http1.stream, call)
@@ -131,10 +141,16 @@ class HttpProvider:
             raise self._failure(response.status, body, response.headers)
         return HttpChunkStream(response, self.adapter.stream_decoder(call), self.stream_parser())
 
-    async def _send(self, send: Callable[..., Awaitable[R]], call: UpstreamCall) -> R:
+    async def _send(
+        self,
+        send: Callable[..., Awaitable[R]],
+        call: UpstreamCall,
+        request: HttpRequest | None = None,
+    ) -> R:
         """The adapter's request through `send` (whole or streamed), with this provider's
         timeouts; a transport failure leaves as an UpstreamError."""
-        request = self.adapter.build_request(call)
+        if request is None:
+            request = self.adapter.build_request(call)
         if self.authorize is not None:
             request = await self.authorize(request)
         timeouts = self.settings.timeout

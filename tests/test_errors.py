@@ -340,10 +340,11 @@ def test_sdk_raw_response_of_an_error_has_the_headers(
 
 
 def test_unknown_path_is_404_in_the_openai_envelope(gateway: SidecarProcess) -> None:
-    answer = request(gateway.url, "POST", "/v1/embeddings", {"input": "x"})
+    answer = request(gateway.url, "POST", "/v1/fine_tuning/jobs", {"training_file": "x"})
     assert answer.status == 404
     assert answer.error["code"] == "not_found"
-    assert "/v1/embeddings" in answer.error["message"]
+    assert "/v1/fine_tuning/jobs" in answer.error["message"]
+    assert "POST /v1/embeddings" in answer.error["message"]  # what is served
     assert answer.headers["X-Request-Id"]
 
 

@@ -18,7 +18,7 @@ from sidecar.addons.metrics import Metrics, customer_label
 from sidecar.addons.usage import note_charged, usage_id
 from sidecar.api.validation import requested_max_output
 from sidecar.errors import CandidateRefused, GatewayError, Outcome
-from sidecar.flow import Attempt, Flow
+from sidecar.flow import EMBEDDINGS, Attempt, Flow
 from sidecar.outage import Outage
 from sidecar.pricing import worst_case_cost
 from sidecar.providers.base import Usage
@@ -179,8 +179,12 @@ class BudgetAddon:
         scopes = flow.budget_scopes
         if not scopes:
             return None
-        # the upstream is sent the cap the hold covers, even when the client asked for none
-        cap = attempt.output_cap = attempt.candidate.output_cap(requested_max_output(flow.body))
+        if flow.endpoint == EMBEDDINGS:
+            cap = 0  # input tokens only (SPEC 2.6): nothing to cap
+        else:
+            # the upstream is sent the cap the hold covers, even when the client asked for none
+            requested = requested_max_output(flow.body)
+            cap = attempt.output_cap = attempt.candidate.output_cap(requested)
         amount = ceil_nano(worst_case(flow, attempt, cap))
         now = time.time()
         windows = [(scope, self.window(scope.period, now)) for scope in scopes]

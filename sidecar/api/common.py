@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import Sequence
 
 import orjson
 from aiohttp import web
@@ -147,14 +148,16 @@ def error_response(error: GatewayError, headers: dict[str, str]) -> web.Response
 
 _METHODS = {
     "/v1/chat/completions": "POST, OPTIONS",
+    "/v1/embeddings": "POST, OPTIONS",
     "/v1/models": "GET, OPTIONS",
     "/v1/models/{ref}": "GET, OPTIONS",
     "/v1/client_tokens": "POST",
 }
 
 
-async def unknown_route(request: web.Request) -> web.Response:
-    """Anything the API does not serve, answered in the OpenAI envelope (never aiohttp's text)."""
+async def unknown_route(request: web.Request, passthrough: Sequence[str] = ()) -> web.Response:
+    """Anything the API does not serve, answered in the OpenAI envelope (never aiohttp's text);
+    a 404 names the configured pass-through prefixes too."""
     headers = {"X-Request-Id": request_id(request)}
     path = request.path
     allowed = _METHODS.get("/v1/models/{ref}" if path.startswith("/v1/models/") else path)
@@ -170,7 +173,9 @@ async def unknown_route(request: web.Request) -> web.Response:
             404,
             "not_found",
             f"no such endpoint: {request.method} {request.path} "
-            "(the API serves POST /v1/chat/completions, GET /v1/models and "
-            "GET /v1/models/{ref})",
+            "(the API serves POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models "
+            "and GET /v1/models/{ref}"
+            + "".join(f", {prefix}/…" for prefix in passthrough)
+            + ")",
         )
     return error_response(error, headers)

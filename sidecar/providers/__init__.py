@@ -71,8 +71,9 @@ def provider_problems(settings: ProviderSettings) -> list[tuple[str, str]]:
 
 def catalog_caps(settings: ProviderSettings) -> frozenset[str]:
     """The `caps` of a catalog entry of this provider that lists none: its kind's capability
-    flags (json_schema as the provider's `native_json_schema` says, when it says), and `stream`,
-    which every kind does. An explicit `caps:` list in the catalog wins over these."""
+    flags (json_schema as the provider's `native_json_schema` says, when it says; never
+    `embeddings`, a model's own), and `stream`, which every kind does. An explicit `caps:` list
+    in the catalog wins over these."""
     if settings.kind == "mock":
         from sidecar.providers.mock import MockProvider
 
@@ -85,6 +86,8 @@ def catalog_caps(settings: ProviderSettings) -> frozenset[str]:
         caps, native = adapter.caps, adapter.native_json_schema
     names = set(caps.names())
     names.discard("json_schema")
+    # a kind that embeds serves chat models too: only the catalog can say which model embeds
+    names.discard("embeddings")
     if native:
         names.add("json_schema")
     return frozenset({*names, "stream"})

@@ -30,6 +30,7 @@ from sidecar.providers.base import Completion, HttpRequest, KindCaps, UpstreamCa
 from sidecar.providers.openai_compat import (
     OpenAIStreamDecoder,
     bad_body,
+    parse_embeddings,
     parse_error_envelope,
     retry_after_seconds,
 )
@@ -38,7 +39,8 @@ from sidecar.settings.watch import file_signature
 
 log = logging.getLogger("ringside")
 
-AZURE_CAPS = KindCaps()  # as OpenAI: tools, vision, json_schema, json_object, usage, n
+# as OpenAI: tools, vision, json_schema, json_object, usage, n, embeddings
+AZURE_CAPS = KindCaps(embeddings=True)
 V1_PREVIEW_VERSIONS = frozenset({"preview", "latest"})
 DATED_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?")
 TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # what an Authorization header carries as is
@@ -145,13 +147,16 @@ class AzureAdapter:
         endpoint = (settings.base_url or "").rstrip("/")
         version = settings.api_version
         self.v1_url: str | None = None
-        self._prefix = self._suffix = ""
+        self.v1_embeddings_url: str | None = None
+        self._prefix = self._suffix = self._embeddings_suffix = ""
         if version is None or version in V1_PREVIEW_VERSIONS:
             query = f"?api-version={version}" if version else ""
             self.v1_url = f"{endpoint}/openai/v1/chat/completions{query}"
+            self.v1_embeddings_url = f"{endpoint}/openai/v1/embeddings{query}"
         else:
             self._prefix = f"{endpoint}/openai/deployments/"
             self._suffix = f"/chat/completions?api-version={version}"
+            self._embeddings_suffix = f"/embeddings?api-version={version}"
         self._urls = {name: self._deployment_url(name) for name in self.deployments.values()}
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.api_key:
@@ -196,6 +201,23 @@ class AzureAdapter:
         if call.headers:
             headers = {**headers, **call.headers}
         return HttpRequest(url, headers, orjson.dumps(body))
+
+    def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest:
+        """`/openai/deployments/{deployment}/embeddings?api-version=…`, or the v1 API's
+        `/openai/v1/embeddings` with the deployment as `model`; base64 as the client asks."""
+        deployment = self.deployments.get(call.model_id, call.model_id)
+        body: dict[str, Any] = dict(call.body)
+        body["model"] = deployment
+        url = self.v1_embeddings_url or (
+            self._prefix + quote(deployment, safe="") + self._embeddings_suffix
+        )
+        headers = self._auth_headers()
+        if call.headers:
+            headers = {**headers, **call.headers}
+        return HttpRequest(url, headers, orjson.dumps(body))
+
+    def parse_embeddings_response(self, body: bytes, call: UpstreamCall) -> Completion:
+        return parse_embeddings(body)
 
     def parse_response(self, body: bytes, call: UpstreamCall) -> Completion:
         try:

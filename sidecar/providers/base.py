@@ -60,6 +60,7 @@ class KindCaps:
     json_object: bool = True  # response_format json_object
     usage_in_stream: bool = True  # usage at the end of a stream (stream_options.include_usage)
     n: bool = True  # several choices in one call
+    embeddings: bool = False  # POST /v1/embeddings (the adapter is an EmbeddingsAdapter too)
 
     def names(self) -> frozenset[str]:
         """The `caps` names a catalog entry would list for this kind."""
@@ -72,6 +73,7 @@ class KindCaps:
                 ("json_object", self.json_object),
                 ("usage_in_stream", self.usage_in_stream),
                 ("n", self.n),
+                ("embeddings", self.embeddings),
             )
             if held
         )
@@ -160,6 +162,22 @@ class ProviderClient(Protocol):
     async def complete(self, call: UpstreamCall) -> Completion: ...
 
     async def open_stream(self, call: UpstreamCall) -> ChunkStream: ...
+
+    async def embed(self, call: UpstreamCall) -> Completion:
+        """An embeddings answer in OpenAI shape (`body` a `list` of `embedding` objects);
+        called only when `caps.embeddings`."""
+        ...
+
+
+class EmbeddingsAdapter(Protocol):
+    """What an adapter whose kind embeds adds (`caps.embeddings`): pure translation of an
+    OpenAI embeddings request and answer. `call.body` is the client's request, `model` still
+    the client's value; a float answer is turned to base64 by the endpoint when the client
+    asked for base64 and the kind cannot send it."""
+
+    def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest: ...
+
+    def parse_embeddings_response(self, body: bytes, call: UpstreamCall) -> Completion: ...
 
 
 class StreamDecoder(Protocol):

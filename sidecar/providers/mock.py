@@ -11,7 +11,8 @@ Per model id (`mock.models.<id>`, falling back to `mock.default`):
 A request with `tools` is answered with a call of one of them (`tool_choice` honoured: none,
 auto, required, a named function), its arguments built from the tool's parameter schema
 (mock_arguments.py) — unless the conversation ends with a tool result, which gets the reply: so
-a client's agent loop ends.
+a client's agent loop ends. Embeddings are deterministic unit vectors of each input
+(mock_embeddings.py): the same text, model and dimensions give the same vector.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import orjson
 from sidecar.errors import classify_http_failure
 from sidecar.providers.base import Completion, KindCaps, UpstreamCall, Usage
 from sidecar.providers.mock_arguments import example_arguments
+from sidecar.providers.mock_embeddings import TooManyValues, embeddings_answer
 from sidecar.settings.model import ProviderSettings
 
 DEFAULT_CONTENT = "Hello from the Ringside mock provider."
@@ -124,7 +126,8 @@ def _assistant_turns(messages: Any) -> int:
 class MockProvider:
     """A ProviderClient that answers in-process."""
 
-    caps = KindCaps(tools=True, vision=False, json_schema=False, n=False)  # one choice a call
+    # one choice a call; embeddings: deterministic vectors (mock_embeddings.py)
+    caps = KindCaps(tools=True, vision=False, json_schema=False, n=False, embeddings=True)
     native_json_schema = False
     json_mode = True
 
@@ -186,6 +189,15 @@ class MockProvider:
             "usage": usage.as_openai(),
             "system_fingerprint": "ringside-mock",
         }
+        return Completion(body, usage)
+
+    async def embed(self, call: UpstreamCall) -> Completion:
+        reply = self.replies.get(call.model_id, self.default)
+        await self._fail_or_wait(reply)
+        try:
+            body, usage = embeddings_answer(call.body, call.model_id)
+        except TooManyValues as refused:
+            raise classify_http_failure(400, str(refused), code="invalid_value") from None
         return Completion(body, usage)
 
     async def open_stream(self, call: UpstreamCall) -> MockChunkStream:

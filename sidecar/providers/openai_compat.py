@@ -15,6 +15,7 @@ import orjson
 
 from sidecar.errors import Outcome, UpstreamError, classify_http_failure
 from sidecar.providers.base import (
+    MAX_TOKENS,
     Completion,
     HttpRequest,
     KindCaps,
@@ -41,6 +42,9 @@ class CompatKind:
     drop_message_fields: frozenset[str] = frozenset()  # fields of a message it rejects
     app_headers: Mapping[str, str] = field(default_factory=dict)  # header → settings field
     usage_extension: str | None = None  # a chunk object whose `usage` a stream reports in
+    # `encoding_format: base64` on /embeddings; without it floats are asked for and the sidecar
+    # encodes them (api/embeddings.py)
+    embeddings_base64: bool = False
 
 
 def _params(*names: str) -> frozenset[str]:
@@ -53,21 +57,23 @@ AS_MAX_TOKENS = MappingProxyType({"max_completion_tokens": "max_tokens"})
 # OpenAI request fields that providers without them most often reject (a 400 / 422 for an
 # unknown field) rather than ignore
 OPENAI_ONLY = _params("store", "metadata", "modalities", "audio")
+EMBEDS = KindCaps(embeddings=True)  # OpenAI's /embeddings, under the same base URL
 
 COMPAT_KINDS: Mapping[str, CompatKind] = {
     row.kind: row
     for row in (
         # platform.openai.com/docs/api-reference/chat: the reference every other row differs from
-        CompatKind("openai", "https://api.openai.com/v1"),
+        CompatKind("openai", "https://api.openai.com/v1", EMBEDS, embeddings_base64=True),
         # docs.vllm.ai OpenAI-compatible server: json_schema via guided decoding, n, stream usage,
         # max_completion_tokens; a key only when started with --api-key (none sent without one)
-        CompatKind("vllm", "http://127.0.0.1:8000/v1"),
+        CompatKind("vllm", "http://127.0.0.1:8000/v1", EMBEDS, embeddings_base64=True),
         # mistralai/client-python ChatCompletionRequest: random_seed, max_tokens, n, response
         # format text|json_object|json_schema; no stream_options (its schema forbids unknown
         # fields) yet every stream ends with usage; no user, logit_bias, logprobs
         CompatKind(
             "mistral",
             "https://api.mistral.ai/v1",
+            EMBEDS,  # /v1/embeddings (mistral-embed), floats
             drop_params=OPENAI_ONLY
             | _params("stream_options", "user", "logit_bias", "logprobs", "top_logprobs"),
             rename_params={"seed": "random_seed", **AS_MAX_TOKENS},
@@ -89,6 +95,7 @@ COMPAT_KINDS: Mapping[str, CompatKind] = {
         CompatKind(
             "together",
             "https://api.together.xyz/v1",
+            EMBEDS,
             drop_params=OPENAI_ONLY,
             rename_params=AS_MAX_TOKENS,
         ),
@@ -97,6 +104,7 @@ COMPAT_KINDS: Mapping[str, CompatKind] = {
         CompatKind(
             "fireworks",
             "https://api.fireworks.ai/inference/v1",
+            EMBEDS,
             drop_params=OPENAI_ONLY | _params("stream_options"),
             rename_params=AS_MAX_TOKENS,
         ),
@@ -165,7 +173,7 @@ COMPAT_KINDS: Mapping[str, CompatKind] = {
         CompatKind(
             "deepinfra",
             "https://api.deepinfra.com/v1/openai",
-            caps=KindCaps(json_schema=False),
+            caps=KindCaps(json_schema=False, embeddings=True),
             drop_params=OPENAI_ONLY,
             rename_params=AS_MAX_TOKENS,
         ),
@@ -176,7 +184,7 @@ COMPAT_KINDS: Mapping[str, CompatKind] = {
         CompatKind(
             "ollama",
             "http://127.0.0.1:11434/v1",
-            caps=KindCaps(n=False),
+            caps=KindCaps(n=False, embeddings=True),  # /v1/embeddings, floats
             drop_params=OPENAI_ONLY | _params("logit_bias", "user"),
             rename_params=AS_MAX_TOKENS,
         ),
@@ -233,7 +241,9 @@ class OpenAICompatAdapter:
             else settings.native_json_schema
         )
         self.json_mode = row.caps.json_object
-        self.url = (settings.base_url or row.base_url).rstrip("/") + "/chat/completions"
+        base = (settings.base_url or row.base_url).rstrip("/")
+        self.url = base + "/chat/completions"
+        self.embeddings_url = base + "/embeddings"
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.api_key:  # none configured (a local ollama or vllm): no auth header at all
             headers[row.auth_header] = row.auth_prefix + settings.api_key
@@ -285,6 +295,19 @@ class OpenAICompatAdapter:
             raise bad_body("no choices")
         return Completion(data, Usage.from_openai(data.get("usage")), raw=body)
 
+    def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest:
+        body: dict[str, Any] = dict(call.body)
+        body["model"] = call.model_id
+        for name in self.drop:
+            body.pop(name, None)
+        if not self.row.embeddings_base64:
+            body.pop("encoding_format", None)  # floats: the endpoint encodes them if asked
+        headers = {**self.headers, **call.headers} if call.headers else self.headers
+        return HttpRequest(self.embeddings_url, headers, orjson.dumps(body))
+
+    def parse_embeddings_response(self, body: bytes, call: UpstreamCall) -> Completion:
+        return parse_embeddings(body)
+
     def classify_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
         message, code, error_type, param = parse_error_envelope(body)
         return classify_http_failure(
@@ -300,6 +323,25 @@ class OpenAICompatAdapter:
         options = call.body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         return OpenAIStreamDecoder(wants_usage, call.keep_content, self.row.usage_extension)
+
+
+def parse_embeddings(body: bytes) -> Completion:
+    """An OpenAI embeddings answer; its usage is input tokens only."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise bad_body("not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise bad_body("no data")
+    return Completion(data, embeddings_usage(data.get("usage")), raw=body)
+
+
+def embeddings_usage(data: Any) -> Usage | None:
+    """`{"prompt_tokens": N, "total_tokens": N}` → Usage(N, 0); None when absent or not sane."""
+    prompt = data.get("prompt_tokens") if isinstance(data, dict) else None
+    if not isinstance(prompt, int) or isinstance(prompt, bool) or prompt < 0:
+        return None
+    return Usage(min(prompt, MAX_TOKENS), 0)
 
 
 def _format_type(body: dict[str, Any]) -> object:

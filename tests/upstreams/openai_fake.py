@@ -11,6 +11,8 @@ a connection reset, or a raw body. Replies are picked, in order, from
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 import threading
 import time
 from collections import deque
@@ -20,8 +22,12 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from openai.types.embedding_create_params import EmbeddingCreateParams
+from pydantic import TypeAdapter
 
 from tests.upstreams.server import ThreadedServer
+
+EMBEDDING_PARAMS = TypeAdapter(EmbeddingCreateParams)
 
 
 @dataclass
@@ -59,6 +65,35 @@ class Received:
     disconnected_at: float | None = None  # time.monotonic() when that was noticed
 
 
+def fake_vector(text: str, dimensions: int) -> list[float]:
+    """A stable float32-exact vector per input (what a test can compare after base64)."""
+    seed = sum(text.encode()) % 97
+    return [float((seed + i) % 13 - 6) / 8 for i in range(dimensions)]
+
+
+def embeddings_answer(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+    """OpenAI's embeddings answer (platform.openai.com/docs/api-reference/embeddings): a
+    `list` of `embedding` objects, floats or base64 of little-endian float32 as asked."""
+    EMBEDDING_PARAMS.validate_python(body)  # what the sidecar sent is an OpenAI request
+    given = body["input"]
+    if isinstance(given, str) or (given and isinstance(given[0], int)):
+        given = [given]
+    texts = [item if isinstance(item, str) else ",".join(map(str, item)) for item in given]
+    dimensions = body.get("dimensions", 8)
+    data = []
+    for index, text in enumerate(texts):
+        vector: Any = fake_vector(text, dimensions)
+        if body.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    return {
+        "object": "list",
+        "data": data,
+        "model": body["model"],
+        "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
+    }
+
+
 class FakeOpenAI:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -94,6 +129,7 @@ class FakeOpenAI:
     def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_post("/v1/embeddings", self._handle)
         return app
 
     def _pick(self, model: str) -> Reply:
@@ -139,6 +175,8 @@ class FakeOpenAI:
                 }
             }
             return web.json_response(envelope, status=reply.status, headers=reply.headers)
+        if request.path.endswith("/embeddings"):
+            return web.json_response(embeddings_answer(body, reply), headers=reply.headers)
         if body.get("stream"):
             return await self._stream(request, body, reply)
         message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
