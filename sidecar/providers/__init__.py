@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from sidecar.providers import azure, bedrock, bedrock_auth, gemini
+from sidecar.providers import azure, bedrock, bedrock_auth, gemini, vertex, vertex_auth
 from sidecar.providers.anthropic import AnthropicAdapter
 from sidecar.providers.cohere import CohereAdapter
 from sidecar.providers.openai_compat import COMPAT_KINDS, OpenAICompatAdapter
@@ -34,6 +34,7 @@ ADAPTERS: Mapping[str, Callable[[ProviderSettings], Adapter]] = MappingProxyType
         "bedrock": bedrock.BedrockAdapter,
         "cohere": CohereAdapter,
         "gemini": gemini.GeminiAdapter,
+        "vertex": vertex.VertexAdapter,
     }
 )
 
@@ -46,13 +47,14 @@ SETTINGS_CHECKS: Mapping[str, Callable[[ProviderSettings], list[tuple[str, str]]
             "azure": azure.settings_problems,
             "bedrock": bedrock.settings_problems,
             "gemini": gemini.settings_problems,
+            "vertex": vertex.settings_problems,
         }
     )
 )
 # per kind whose credentials sign (or authorize) each call, what builds that hook for a provider
 # (None: it has a static credential in its headers); credentials resolved off the request path
 AUTHORIZERS: Mapping[str, Callable[[ProviderSettings], Authorize | None]] = MappingProxyType(
-    {"bedrock": bedrock_auth.signer}
+    {"bedrock": bedrock_auth.signer, "vertex": vertex_auth.authorizer}
 )
 TOKEN_KINDS = frozenset({"azure"})  # the kinds that send token_file / token_env as a bearer
 
