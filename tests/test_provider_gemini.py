@@ -41,7 +41,10 @@ KEY = "AIza-test-gemini-provider-key"
 FLASH = "fc:gemini/gemini-2.5-flash"
 MINI = "fc:openai/gpt-4o-mini"
 HELLO = [{"role": "user", "content": "hi"}]
-PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
+PIXEL = (  # a 1x1 PNG
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4"
+    "nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
+)
 SIGNATURE = base64.b64encode(b"an opaque thought signature").decode()
 WEATHER = {
     "type": "function",

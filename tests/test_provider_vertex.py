@@ -6,7 +6,8 @@ token kept fresh in the background, off the request path), with fake credentials
 google-auth itself reading a service-account key file whose token_uri is a fake token endpoint
 (tests/upstreams/google_token_fake.py). End to end: a sidecar process whose
 GOOGLE_APPLICATION_CREDENTIALS names such a key file, in front of the fake Gemini server in its
-Vertex mode (tests/upstreams/gemini_fake.py), which takes only tokens the endpoint issued.
+Vertex mode (tests/upstreams/gemini_fake.py), which takes only tokens the endpoint issued; and
+one with no key file, whose tokens come from a fake metadata server (as on GKE).
 """
 
 from __future__ import annotations
@@ -37,10 +38,15 @@ from tests.support import (
     ringside,
     sdk,
     sse_events,
+    start_sidecar,
     without_circuit_breakers,
 )
 from tests.upstreams.gemini_fake import FakeGemini, Reply, request_problems
-from tests.upstreams.google_token_fake import FakeTokenEndpoint, service_account_file
+from tests.upstreams.google_token_fake import (
+    FakeMetadataServer,
+    FakeTokenEndpoint,
+    service_account_file,
+)
 from tests.upstreams.openai_fake import FakeOpenAI
 
 PROJECT, LOCATION = "test-project", "europe-west4"
@@ -370,3 +376,35 @@ def test_a_rejected_token_escalates_to_the_next_provider(
     google.script(Reply(status=429, error_status="RESOURCE_EXHAUSTED", retry_delay="3s"))
     limited = post_chat(proc, {"model": FLASH, "messages": HELLO})
     assert limited.status == 503 and limited.headers["Retry-After"] == "3"
+
+
+def test_without_a_key_file_the_token_comes_from_the_metadata_server(
+    fake_vertex: FakeGemini, tokens: set[str], tmp_path: Path
+) -> None:
+    metadata = FakeMetadataServer(tokens)
+    metadata.server.start()
+    config = {
+        "storage": {"backend": "memory"},
+        "providers": {
+            "vertex": {"kind": "vertex", "base_url": fake_vertex.url, "project": PROJECT,
+                       "location": LOCATION, "timeout": {"connect": 2, "read": 5}},
+        },
+    }  # fmt: skip
+    gcloud = tmp_path / "gcloud"  # no gcloud user credentials either
+    gcloud.mkdir()
+    env = {
+        "GOOGLE_APPLICATION_CREDENTIALS": "", "CLOUDSDK_CONFIG": str(gcloud),
+        "GCE_METADATA_HOST": metadata.host, "GCE_METADATA_IP": metadata.host,
+        "NO_PROXY": "127.0.0.1,localhost",
+    }  # fmt: skip
+    proc = start_sidecar(tmp_path, config, env).start()
+    try:
+        fake_vertex.reset()
+        answer = post_chat(proc, {"model": FLASH, "messages": HELLO})
+        assert answer.status == 200, answer.body
+        assert bearer(fake_vertex.last) == metadata.issued[-1]
+        assert fake_vertex.problems() == [] and metadata.problems == []
+        assert "https://www.googleapis.com/auth/cloud-platform" in metadata.token_scopes[-1]
+    finally:
+        proc.stop()
+        metadata.server.stop()

@@ -1,4 +1,5 @@
-"""A fake Google OAuth 2.0 token endpoint, and service-account key files that point at it.
+"""A fake Google OAuth 2.0 token endpoint, and service-account key files that point at it; a
+fake metadata server (GKE workload identity, any Google Cloud runtime).
 
 A key file made by `service_account_file` is the JSON Google issues for a service account (a
 fresh RSA key from `cryptography`), its `token_uri` this fake's `/token`: google-auth reads
@@ -7,6 +8,10 @@ fetch their access tokens here. Each request is checked as Google's endpoint doe
 bearer grant, the assertion signed by the key file's key for its service account, its audience
 Google's token endpoint, the scope asked for. Each token issued is added to the `tokens` set a
 fake Vertex server accepts; its lifetime is the next of `script_lifetimes(...)`, else `lifetime`.
+
+`FakeMetadataServer` answers what google-auth asks the metadata server when no key file is
+configured (GCE_METADATA_HOST / GCE_METADATA_IP point it here): the ping, the project id, the
+default service account and its access token, each only with `Metadata-Flavor: Google`.
 """
 
 from __future__ import annotations
@@ -119,3 +124,54 @@ def service_account_file(directory: Path, endpoint: FakeTokenEndpoint) -> Path:
     path = directory / "service-account.json"
     path.write_text(json.dumps(info))
     return path
+
+
+class FakeMetadataServer:
+    """The metadata server of a Google Cloud runtime (on GKE: the workload identity one)."""
+
+    ROOT = "/computeMetadata/v1/"
+
+    def __init__(self, tokens: set[str], lifetime: int = 3600) -> None:
+        self.tokens = tokens
+        self.lifetime = lifetime
+        self.paths: list[str] = []
+        self.problems: list[str] = []
+        self.token_scopes: list[str] = []
+        self.issued: list[str] = []
+        self.server = ThreadedServer(self._app)
+
+    @property
+    def host(self) -> str:
+        """What GCE_METADATA_HOST and GCE_METADATA_IP name."""
+        return self.server.url.removeprefix("http://")
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/{path:.*}", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.paths.append(request.path)
+        flavor = {"Metadata-Flavor": "Google"}
+        if request.headers.get("Metadata-Flavor") != "Google":
+            self.problems.append(f"{request.path} without Metadata-Flavor: Google")
+            return web.Response(status=403, text="Missing Metadata-Flavor:Google header.")
+        path = request.path.removeprefix(self.ROOT)
+        if request.path in ("", "/"):
+            return web.Response(text="", headers=flavor)  # the ping
+        if path == "project/project-id":
+            return web.Response(text="test-project", headers=flavor)
+        if path == "universe/universe-domain":
+            return web.Response(text="googleapis.com", headers=flavor)
+        if path == "instance/service-accounts/default/":
+            info = {"email": EMAIL, "aliases": ["default"],
+                    "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}  # fmt: skip
+            return web.json_response(info, headers=flavor)
+        if path == "instance/service-accounts/default/token":
+            self.token_scopes.append(request.query.get("scopes", ""))
+            token = f"ya29.metadata-token-{len(self.issued) + 1}"
+            self.tokens.add(token)
+            self.issued.append(token)
+            answer = {"access_token": token, "expires_in": self.lifetime, "token_type": "Bearer"}
+            return web.json_response(answer, headers=flavor)
+        return web.Response(status=404, text="not found", headers=flavor)
