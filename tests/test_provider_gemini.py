@@ -80,10 +80,13 @@ def adapter(**given: Any) -> GeminiAdapter:
     return GeminiAdapter(settings(**given))
 
 
-def call(body: dict[str, Any], *, stream: bool = False, keep: bool = False) -> UpstreamCall:
+def call(
+    body: dict[str, Any], *, stream: bool = False, keep: bool = False, max_output: int | None = None
+) -> UpstreamCall:
     return UpstreamCall(
-        settings(), "gemini-2.5-flash", {"model": FLASH, **body}, stream, keep_content=keep
-    )
+        settings(), "gemini-2.5-flash", {"model": FLASH, **body}, stream, keep_content=keep,
+        max_output=max_output,
+    )  # fmt: skip
 
 
 def translate(body: dict[str, Any], **options: Any) -> dict[str, Any]:
@@ -191,6 +194,13 @@ def test_generation_parameters_are_translated_and_the_rest_dropped() -> None:
         "stopSequences": ["a", "b"]
     }
     assert "generationConfig" not in translate({"messages": HELLO, "n": 1})
+
+
+def test_max_tokens_is_at_most_the_catalogs_max_output_and_not_sent_unasked() -> None:
+    body = {"messages": HELLO, "max_tokens": 100000}
+    assert translate(body, max_output=65536)["generationConfig"]["maxOutputTokens"] == 65536
+    assert translate(body)["generationConfig"]["maxOutputTokens"] == 100000
+    assert "generationConfig" not in translate({"messages": HELLO}, max_output=65536)
 
 
 def test_a_seed_beyond_32_bits_is_refused_naming_the_parameter() -> None:

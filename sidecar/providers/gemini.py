@@ -155,7 +155,7 @@ class GeminiAdapter:
         return f"{self.root}/{quote(self.model_path(model_id), safe='/@')}:{method}"
 
     def build_request(self, call: UpstreamCall) -> HttpRequest:
-        body = generate_body(call.body, self.name)
+        body = generate_body(call.body, self.name, call.max_output)
         headers = {**self.headers, **call.headers} if call.headers else self.headers
         return HttpRequest(self.url(call.model_id, call.stream), headers, orjson.dumps(body))
 

@@ -16,7 +16,8 @@ What is translated, dropped and refused:
   in a user turn, named after the assistant call their `tool_call_id` answers (a JSON object
   result is sent as is, anything else as `{"output": text}`);
 - generationConfig: temperature, top_p → topP, top_k → topK, max_completion_tokens /
-  max_tokens → maxOutputTokens (the smaller when both), stop → stopSequences, n →
+  max_tokens → maxOutputTokens (the smaller when both; at most the catalog's max_output, the
+  model's own limit, which Gemini would refuse to exceed), stop → stopSequences, n →
   candidateCount, seed (a 32-bit integer: a larger one is a 400), presence_penalty /
   frequency_penalty; response_format json_schema → responseMimeType application/json and
   responseJsonSchema, json_object → responseMimeType application/json;
@@ -59,7 +60,9 @@ def refused(provider: str, message: str, param: str) -> UpstreamError:
     )
 
 
-def generate_body(body: Mapping[str, Any], provider: str) -> dict[str, Any]:
+def generate_body(
+    body: Mapping[str, Any], provider: str, max_output: int | None = None
+) -> dict[str, Any]:
     """The generateContent body for an OpenAI chat body (see the module's docstring)."""
     system, contents = _contents(body.get("messages") or [], provider)
     if not contents and system:  # only system text: Gemini needs a turn to answer
@@ -74,7 +77,7 @@ def generate_body(body: Mapping[str, Any], provider: str) -> dict[str, Any]:
         out["tools"] = tools
     if tool_config:
         out["toolConfig"] = tool_config
-    config = _generation_config(body, provider)
+    config = _generation_config(body, provider, max_output)
     if config:
         out["generationConfig"] = config
     return out
@@ -88,7 +91,9 @@ def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _generation_config(body: Mapping[str, Any], provider: str) -> dict[str, Any]:
+def _generation_config(
+    body: Mapping[str, Any], provider: str, max_output: int | None
+) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for name, field in (
         ("temperature", "temperature"),
@@ -100,6 +105,8 @@ def _generation_config(body: Mapping[str, Any], provider: str) -> dict[str, Any]
         if _is_number(body.get(name)):
             config[field] = body[name]
     caps = [body[n] for n in ("max_completion_tokens", "max_tokens") if _is_int(body.get(n))]
+    if caps and max_output:
+        caps.append(max_output)
     if caps:
         config["maxOutputTokens"] = min(caps)  # both asked for: both hold
     stop = body.get("stop")
