@@ -28,9 +28,10 @@ EXTRA_HINT = "pip install 'ringside[vertex]'"
 
 
 def has_google_auth() -> bool:
-    """Whether Google's google-auth library is installed (found, not imported)."""
+    """Whether Google's google-auth library and the HTTP transport it fetches tokens with
+    (requests) are installed: found, not imported."""
     try:
-        return importlib.util.find_spec("google.auth") is not None
+        return all(importlib.util.find_spec(name) for name in ("google.auth", "requests"))
     except ModuleNotFoundError:  # no `google` namespace package at all
         return False
 
@@ -56,8 +57,9 @@ def settings_problems(settings: ProviderSettings) -> list[tuple[str, str]]:
         )  # fmt: skip
     if not has_google_auth():
         problems.append(
-            ("", f"vertex needs Google's google-auth library for its credentials: {EXTRA_HINT}")
-        )
+            ("", "vertex needs Google's google-auth library (with requests) for its "
+                 f"credentials: {EXTRA_HINT}")
+        )  # fmt: skip
     return problems
 
 
