@@ -290,6 +290,9 @@ def test_allowed_tools_in_auto_mode_offers_only_those_functions() -> None:
     sent = translate({"messages": HELLO, "tools": [WEATHER, other], "tool_choice": choice})
     assert sent["tools"] == [{"functionDeclarations": [{"name": "get_time"}]}]
     assert "toolConfig" not in sent
+    none_known = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}
+    sent = translate({"messages": HELLO, "tools": [WEATHER], "tool_choice": none_known})
+    assert "tools" not in sent and "toolConfig" not in sent
 
 
 def test_tool_calls_and_results_become_function_calls_and_named_responses() -> None:

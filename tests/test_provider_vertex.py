@@ -180,7 +180,7 @@ async def test_the_first_call_waits_for_the_first_token_and_later_ones_do_not() 
     started = time.perf_counter()
     for _ in range(100):
         await token(REQUEST)
-    assert time.perf_counter() - started < 0.05 and credentials.refreshes == 1
+    assert time.perf_counter() - started < 0.5 and credentials.refreshes == 1  # no waiting
 
 
 async def test_a_token_near_expiry_is_refreshed_in_the_background() -> None:

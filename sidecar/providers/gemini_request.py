@@ -159,6 +159,8 @@ def _tools(
     config: dict[str, Any] | None = None
     if mode == "AUTO" and names is not None:  # allowed_tools, auto: only those are offered
         declarations = [d for d in declarations if d["name"] in names]
+        if not declarations:
+            return [], None
         names = None
     if mode != "AUTO" or names:
         config = {"functionCallingConfig": {"mode": mode}}
