@@ -41,7 +41,7 @@ from tests.support import (
     start_sidecar,
     without_circuit_breakers,
 )
-from tests.upstreams.gemini_fake import FakeGemini, Reply, request_problems
+from tests.upstreams.gemini_fake import Call, FakeGemini, Reply, request_problems
 from tests.upstreams.google_token_fake import (
     FakeMetadataServer,
     FakeTokenEndpoint,
@@ -349,6 +349,56 @@ def test_a_stream_through_vertex(proc: SidecarProcess, google: FakeGemini) -> No
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one two three"
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 12
     assert google.last.method == "streamGenerateContent" and google.last.query == {"alt": "sse"}
+
+
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+}  # fmt: skip
+
+
+def test_a_tool_round_trip_and_a_streamed_tool_call_through_vertex(
+    proc: SidecarProcess, google: FakeGemini
+) -> None:
+    google.script(Reply(text="", calls=[Call("get_weather", {"city": "Oslo"})]))
+    client = sdk(proc)
+    messages: list[Any] = [{"role": "user", "content": "Weather in Oslo?"}]
+    first = client.chat.completions.create(model=FLASH, messages=messages, tools=[WEATHER])  # type: ignore[list-item]
+    (call,) = first.choices[0].message.tool_calls or []
+    google.script(Reply(text="Snow."))
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "snow, -3 C"},
+    ]
+    second = client.chat.completions.create(model=FLASH, messages=messages, tools=[WEATHER])  # type: ignore[list-item]
+    assert second.choices[0].message.content == "Snow."
+    result = google.last.body["contents"][2]["parts"][0]["functionResponse"]
+    assert result == {"id": call.id, "name": "get_weather", "response": {"output": "snow, -3 C"}}
+
+    google.script(Reply(text="", calls=[Call("get_weather", {"city": "Rome"}, "fc-9")]))
+    answer = post_chat(
+        proc, {"model": FLASH, "messages": HELLO, "stream": True, "tools": [WEATHER]}
+    )
+    chunks = [ChatCompletionChunk.model_validate_json(p) for p in sse_events(answer.body)[:-1]]
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert [(d.id, d.function.arguments) for d in deltas] == [("fc-9", '{"city":"Rome"}')]  # type: ignore[union-attr]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_structured_output_through_vertex_with_one_reprompt(
+    proc: SidecarProcess, google: FakeGemini
+) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    google.script(Reply(text="{}"), Reply(text='{"city": "Oslo"}'))
+    answer = post_chat(
+        proc, {"model": FLASH, "messages": HELLO, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "place", "schema": schema}}},
+    )  # fmt: skip
+    assert answer.status == 200, answer.body
+    assert json.loads(answer.json()["choices"][0]["message"]["content"]) == {"city": "Oslo"}
+    assert answer.headers["X-Ringside-Schema-Reprompts"] == "1"
+    assert google.received[0].body["generationConfig"]["responseJsonSchema"] == schema
 
 
 def test_a_token_near_expiry_is_refreshed_in_the_background_and_used(
