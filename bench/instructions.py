@@ -10,7 +10,7 @@ for a wrk run at fixed concurrency, then off, and the count is divided by the re
 saw answered. The requests in flight at the two switches make the figure uncertain by about
 concurrency / requests (±1–2 % here). Valgrind runs the proxy about 50× slower, so this is
 no measure of speed, only of work. `measure_instructions` counts the floor's and the
-memory-store sidecar's for `bench.run`.
+memory-store sidecar's for `bench.run`, and the same sidecar's on the Anthropic path.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.processes import free_port, wait_port, wait_ready
-from bench.workload import ADMIN_TOKEN, HEADERS, sidecar_config
+from bench.targets import ANTHROPIC_PATH
+from bench.workload import ADMIN_TOKEN, ANTHROPIC_BODY, HEADERS, sidecar_config
 from bench.wrk import wrk_script
 
 CONCURRENCY = 16
@@ -100,10 +101,16 @@ def count(
 
 
 def measure_instructions(
-    up_port: int, upstream_url: str, workdir: Path, seconds: float
+    up_port: int,
+    upstream_url: str,
+    workdir: Path,
+    seconds: float,
+    anthropic_port: int | None = None,
 ) -> dict[str, Any]:
     """Instructions per request of the floor and of the memory-store sidecar, under callgrind
-    (count(), above): the machine-independent form of "CPU vs floor"."""
+    (count(), above): the machine-independent form of "CPU vs floor". With `anthropic_port`
+    (bench/upstream_anthropic.py's), also the memory sidecar answering through an `anthropic`
+    provider (ANTHROPIC_PATH), over the same floor (a forwarder to the OpenAI upstream)."""
     script = wrk_script(HEADERS, workdir / "instructions.lua")
     floor_port = free_port()
     floor = count(
@@ -113,24 +120,48 @@ def measure_instructions(
         f"http://127.0.0.1:{floor_port}/v1/chat/completions",
         script, seconds, workdir, "floor",
     )  # fmt: skip
-    print(f"instructions floor            {floor['instructions_per_req']:9.0f} per request "
-          f"({floor['requests']:.0f} requests)", flush=True)  # fmt: skip
+    _say("floor", floor)
     config = sidecar_config(up_port, "memory", workdir, "", name="instructions")
-    port, admin = free_port(), free_port()
-    sidecar = count(
-        [sys.executable, "-m", "sidecar", "serve", "--config", str(config),
-         "--port", str(port), "--admin-host", "127.0.0.1", "--admin-port", str(admin)],
-        partial(wait_ready, f"http://127.0.0.1:{admin}/readyz", 180.0),
-        f"http://127.0.0.1:{port}/v1/chat/completions",
-        script, seconds, workdir, "sidecar",
-        env={**os.environ, "RINGSIDE_ADMIN_TOKEN": ADMIN_TOKEN},
-    )  # fmt: skip
-    print(f"instructions sidecar (memory) {sidecar['instructions_per_req']:9.0f} per request "
-          f"({sidecar['requests']:.0f} requests)", flush=True)  # fmt: skip
-    return {
+    sidecar = _count_sidecar(config, script, seconds, workdir, "sidecar")
+    _say("sidecar (memory)", sidecar)
+    counted: dict[str, Any] = {
         "floor": floor,
         "sidecar (memory)": sidecar,
         "ratio": sidecar["instructions_per_req"] / floor["instructions_per_req"],
         "concurrency": CONCURRENCY,
         "seconds": seconds,
     }
+    if anthropic_port is not None:
+        config = sidecar_config(
+            up_port, "memory", workdir, "", "instructions-anthropic", anthropic_port
+        )
+        script = wrk_script(HEADERS, workdir / "instructions-anthropic.lua", ANTHROPIC_BODY)
+        anthropic = _count_sidecar(config, script, seconds, workdir, "sidecar-anthropic")
+        _say(ANTHROPIC_PATH, anthropic)
+        counted[ANTHROPIC_PATH] = anthropic
+        counted["anthropic_ratio"] = (
+            anthropic["instructions_per_req"] / floor["instructions_per_req"]
+        )
+        counted["anthropic_vs_openai_path"] = (
+            anthropic["instructions_per_req"] / sidecar["instructions_per_req"]
+        )
+    return counted
+
+
+def _count_sidecar(
+    config: Path, script: Path, seconds: float, workdir: Path, name: str
+) -> dict[str, float]:
+    port, admin = free_port(), free_port()
+    return count(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(config),
+         "--port", str(port), "--admin-host", "127.0.0.1", "--admin-port", str(admin)],
+        partial(wait_ready, f"http://127.0.0.1:{admin}/readyz", 180.0),
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        script, seconds, workdir, name,
+        env={**os.environ, "RINGSIDE_ADMIN_TOKEN": ADMIN_TOKEN},
+    )  # fmt: skip
+
+
+def _say(name: str, counted: dict[str, float]) -> None:
+    print(f"instructions {name:<28} {counted['instructions_per_req']:9.0f} per request "
+          f"({counted['requests']:.0f} requests)", flush=True)  # fmt: skip

@@ -62,11 +62,10 @@ def start_redis(port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def start_upstream(port: int) -> subprocess.Popen[bytes]:
-    """The zero-latency OpenAI-shaped upstream (bench/upstream.py); returns once it listens."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.upstream", "--port", str(port)], cwd=BENCH.parent
-    )
+def start_upstream(port: int, module: str = "bench.upstream") -> subprocess.Popen[bytes]:
+    """A zero-latency upstream: the OpenAI-shaped one (bench/upstream.py), or the Anthropic
+    one (`module="bench.upstream_anthropic"`); returns once it listens."""
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port)], cwd=BENCH.parent)
     try:
         wait_port(port)
     except BaseException:

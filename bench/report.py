@@ -1,5 +1,5 @@
-"""The markdown tables of a run (all paths, streams, the books, peers, instructions, the
---workers scaling run) and their place in bench/README.md."""
+"""The markdown tables of a run (all paths, streams, the Anthropic path, the books, peers,
+instructions, the --workers scaling run) and their place in bench/README.md."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from bench import BENCH
 from bench.rounds import STREAM_CONCURRENCY
+from bench.targets import ANTHROPIC_PATH
 
 
 def markdown(results: dict[str, Any], meta: dict[str, Any], concurrencies: list[int]) -> str:
@@ -39,7 +40,12 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], concurrencies: list[
             "—" if entry["startup_s"] is None else f"{entry['startup_s']:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    tables = stream_lines(results) + ledger_lines(results) + peer_lines(results, meta, top)
+    tables = (
+        stream_lines(results)
+        + anthropic_lines(results, top)
+        + ledger_lines(results)
+        + peer_lines(results, meta, top)
+    )
     return "\n".join(lines + tables) + "\n"
 
 
@@ -69,6 +75,32 @@ def stream_lines(results: dict[str, Any]) -> list[str]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def anthropic_lines(results: dict[str, Any], top: int) -> list[str]:
+    """What the Anthropic path's row is, and its CPU beside the OpenAI path's."""
+    entry = results.get(ANTHROPIC_PATH)
+    if entry is None or "vs_openai_path" not in entry:
+        return []
+    vs = entry["vs_openai_path"]
+    openai = results["sidecar (memory)"]
+    per_stream = ""
+    if "cpu_us_per_stream" in vs:
+        per_stream = (
+            f"; per stream {entry['stream']['cpu_us_per_req']:.0f} µs vs "
+            f"{openai['stream']['cpu_us_per_req']:.0f} µs: **{times(vs['cpu_us_per_stream'])}**"
+        )
+    return [
+        "",
+        f"{ANTHROPIC_PATH}: the memory sidecar with its model on an `anthropic` provider "
+        "(requests translated to the Messages API of `bench/upstream_anthropic.py`, which "
+        "gives the same answer, and its answers translated back); its added latency, TTFB and "
+        "CPU vs floor are over the OpenAI upstream's direct and floor. Beside the OpenAI path "
+        f"(sidecar (memory)), CPU per request at c={top} "
+        f"{entry[f'c{top}']['cpu_us_per_req']:.0f} µs vs "
+        f"{openai[f'c{top}']['cpu_us_per_req']:.0f} µs: **{times(vs['cpu_us_per_req'])}**"
+        f"{per_stream}.",
+    ]
 
 
 def ledger_lines(results: dict[str, Any]) -> list[str]:
@@ -175,9 +207,17 @@ def instruction_lines(counted: dict[str, Any]) -> str:
         return ""
     floor = counted["floor"]["instructions_per_req"]
     sidecar = counted["sidecar (memory)"]["instructions_per_req"]
+    anthropic = ""
+    if ANTHROPIC_PATH in counted:
+        anthropic = (
+            f"; {ANTHROPIC_PATH} "
+            f"{counted[ANTHROPIC_PATH]['instructions_per_req'] / 1000:.0f}k: "
+            f"**{counted['anthropic_ratio']:.2f}×** the floor, "
+            f"{counted['anthropic_vs_openai_path']:.2f}× the OpenAI path"
+        )
     return (
         "\nInstructions per non-stream request (callgrind, user space, wrk at "
         f"c={counted['concurrency']} for {counted['seconds']:g} s; the same for the same code "
         f"on any machine): floor {floor / 1000:.0f}k, sidecar (memory) {sidecar / 1000:.0f}k: "
-        f"**{counted['ratio']:.2f}×** the floor.\n"
+        f"**{counted['ratio']:.2f}×** the floor{anthropic}.\n"
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 from bench.procfs import rss_mib
 from bench.targets import Target
 from bench.ttfb import measure_ttfb
-from bench.workload import STREAM_BODY
+from bench.workload import stream_body
 from bench.wrk import run_wrk, wrk_script
 
 STREAM_CONCURRENCY = 16  # streamed wrk runs: 20-chunk SSE answers, at one concurrency
@@ -31,11 +31,13 @@ def run_rounds(
             target.rss_idle = rss_mib(target.pid)
 
     scripts = {
-        target.name: wrk_script(target.headers, workdir / f"post-{index}.lua")
+        target.name: wrk_script(target.headers, workdir / f"post-{index}.lua", target.body)
         for index, target in enumerate(targets)
     }
     stream_scripts = {
-        target.name: wrk_script(target.headers, workdir / f"stream-{index}.lua", STREAM_BODY)
+        target.name: wrk_script(
+            target.headers, workdir / f"stream-{index}.lua", stream_body(target.body)
+        )
         for index, target in enumerate(targets)
     }
     for target in targets:  # warm up connection pools and caches
@@ -45,14 +47,14 @@ def run_rounds(
             for target in targets:
                 result = run_wrk(target, scripts[target.name], c, seconds)
                 target.runs.setdefault(c, []).append(result)
-                print(f"round {round_index + 1} c={c:<3} {target.name:<18} "
+                print(f"round {round_index + 1} c={c:<3} {target.name:<27} "
                       f"{result['rps']:8.0f} rps  p50 {result['p50_ms']:.3f} ms  "
                       f"p99 {result['p99_ms']:.3f} ms  cpu {result['cpu_us_per_req']:.0f} µs"
                       f"  errors {result['errors']:.0f}", flush=True)  # fmt: skip
         for target in targets:
             result = run_wrk(target, stream_scripts[target.name], STREAM_CONCURRENCY, seconds)
             target.stream_runs.append(result)
-            print(f"round {round_index + 1} stream {target.name:<18} "
+            print(f"round {round_index + 1} stream {target.name:<27} "
                   f"{result['rps']:8.0f} streams/s  p50 {result['p50_ms']:.3f} ms  "
                   f"cpu {result['cpu_us_per_req']:.0f} µs  errors {result['errors']:.0f}",
                   flush=True)  # fmt: skip

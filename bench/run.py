@@ -5,6 +5,8 @@ config (key auth, a budgeted customer with a rate limit, metrics, usage records)
 drives each with wrk at several concurrencies in interleaved rounds, and reports medians:
 requests/s, p50/p99 latency, latency added over direct, CPU µs per request of the proxy's
 process tree, stream time-to-first-byte, RSS idle and under load, startup time to /readyz.
+The memory-store sidecar is measured on two paths: OpenAI's, and Anthropic's (its model on an
+`anthropic` provider, against bench/upstream_anthropic.py; --no-anthropic leaves it out).
 With --peer, the LiteLLM proxy and/or the Portkey gateway on the same upstream (bench/peers.py).
 """
 
@@ -72,6 +74,13 @@ def main() -> int:
         default=20.0,
         help="length of the callgrind run of the floor and the memory sidecar (0 to skip)",
     )
+    parser.add_argument(
+        "--anthropic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the memory sidecar's Anthropic path (an `anthropic` provider, "
+        "bench/upstream_anthropic.py), in the rounds and under callgrind",
+    )
     parser.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -99,9 +108,14 @@ def main() -> int:
         up_port = free_port()
         procs.append(start_upstream(up_port))
         upstream_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+        anthropic_port = None
+        if args.anthropic and "memory" in stores:
+            anthropic_port = free_port()
+            procs.append(start_upstream(anthropic_port, "bench.upstream_anthropic"))
         targets, described = start_targets(
-            procs, up_port, upstream_url, stores, args.workers, wanted_peers, workdir, redis_url
-        )
+            procs, up_port, upstream_url, stores, args.workers, wanted_peers, workdir, redis_url,
+            anthropic_port,
+        )  # fmt: skip
         run_rounds(targets, concurrencies, args.rounds, args.seconds, args.ttfb_samples, workdir)
         ledgers = {target.name: ledger(target) for target in targets if target.store}
         stop_proxies(targets)
@@ -118,7 +132,7 @@ def main() -> int:
         if args.instructions_seconds > 0 and "memory" in stores:
             if instructions.available():
                 counted = instructions.measure_instructions(
-                    up_port, upstream_url, workdir, args.instructions_seconds
+                    up_port, upstream_url, workdir, args.instructions_seconds, anthropic_port
                 )
             else:
                 print("valgrind not found: no instruction counts (apt-get install valgrind)")

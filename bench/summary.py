@@ -1,12 +1,13 @@
 """From the samples to the figures: medians per path, latency added over direct, CPU per
-request over the floor's, and each peer over the sidecar (the shape of latest.json's results)."""
+request over the floor's, the Anthropic path over the OpenAI path, and each peer over the
+sidecar (the shape of latest.json's results)."""
 
 from __future__ import annotations
 
 import statistics
 from typing import Any
 
-from bench.targets import Target
+from bench.targets import ANTHROPIC_PATH, Target
 
 
 def median(values: list[float]) -> float:
@@ -56,8 +57,24 @@ def summarize(targets: list[Target], concurrencies: list[int]) -> dict[str, Any]
                     out["floor"]["stream"]["cpu_us_per_req"],
                 )
     del floor
+    add_vs_openai_path(out, concurrencies[-1])
     add_vs_sidecar(out, concurrencies)
     return out
+
+
+def add_vs_openai_path(out: dict[str, Any], top: int) -> None:
+    """The Anthropic path's CPU per request (at the highest concurrency) and per stream over
+    the OpenAI path's, both through the memory-store sidecar in the same run."""
+    anthropic, openai = out.get(ANTHROPIC_PATH), out.get("sidecar (memory)")
+    if anthropic is None or openai is None:
+        return
+    per_req = ratio(anthropic[f"c{top}"]["cpu_us_per_req"], openai[f"c{top}"]["cpu_us_per_req"])
+    vs = {"cpu_us_per_req": per_req}
+    if "stream" in anthropic and "stream" in openai:
+        vs["cpu_us_per_stream"] = ratio(
+            anthropic["stream"]["cpu_us_per_req"], openai["stream"]["cpu_us_per_req"]
+        )
+    anthropic["vs_openai_path"] = vs
 
 
 def ratio(value: float | None, base: float | None) -> float | None:

@@ -1,5 +1,6 @@
 """The paths under test: `Target` holds one path's process and samples; `start_targets` starts
-the main run's set (direct, the floor, a sidecar per store, the peers), and after the load
+the main run's set (direct, the floor, a sidecar per store, the memory sidecar's Anthropic
+path, the peers), and after the load
 `stop_proxies` and `measure_startups` stop them and time more starts of each."""
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from functools import partial
 from pathlib import Path
 
 from bench.processes import free_port, start_floor, start_peer, start_sidecar, stop_all
-from bench.workload import HEADERS, sidecar_config
+from bench.workload import ANTHROPIC_BODY, BODY, HEADERS, sidecar_config
 
 STARTUP_SAMPLES = 5  # starts of the floor and of each sidecar; the median is reported
+ANTHROPIC_PATH = "sidecar (memory, anthropic)"  # the memory sidecar, its model on `anthropic`
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Target:
     stream_runs: list[dict[str, float]] = field(default_factory=list)
     rss_load: float = 0.0
     headers: dict[str, str] = field(default_factory=lambda: dict(HEADERS))
+    body: str = BODY  # what wrk and the TTFB client send (streamed: workload.stream_body)
     store: str | None = None  # a sidecar's store backend
     admin_url: str | None = None  # the sidecar's admin listener, for the ledger check
     restart: Callable[[], tuple[subprocess.Popen[bytes], float]] | None = None  # another copy
@@ -47,10 +50,13 @@ def start_targets(
     wanted_peers: list[str],
     workdir: Path,
     redis_url: str,
+    anthropic_port: int | None = None,
 ) -> tuple[list[Target], dict[str, str]]:
     """Direct (first), the floor, a sidecar per store and each peer that can be had, and the
-    peers' one-line descriptions. Every process started is appended to `procs` at once, so
-    that the caller stops it whatever fails later."""
+    peers' one-line descriptions. With `anthropic_port` (bench/upstream_anthropic.py's) and
+    the memory store, one more memory sidecar, right after the first, whose requests name a
+    model on an `anthropic` provider: the Anthropic path (ANTHROPIC_PATH). Every process
+    started is appended to `procs` at once, so that the caller stops it whatever fails later."""
     described: dict[str, str] = {}
     targets = [Target("direct", upstream_url, None)]
 
@@ -69,25 +75,14 @@ def start_targets(
     )
     for store in stores:
         config = sidecar_config(up_port, store, workdir, redis_url)
-        port, admin = free_port(), free_port()
-        log = workdir / f"sidecar-{store}.log"
-        proc, startup = start_sidecar(config, port, admin, workers, log)
-        procs.append(proc)
-        restart_log = workdir / f"sidecar-{store}-restart.log"
-        targets.append(
-            Target(
-                f"sidecar ({store})",
-                f"http://127.0.0.1:{port}/v1/chat/completions",
-                proc.pid,
-                proc,
-                startup,
-                store=store,
-                admin_url=f"http://127.0.0.1:{admin}",
-                restart=partial(
-                    start_sidecar, config, free_port(), free_port(), workers, restart_log
-                ),
+        targets.append(_sidecar(procs, f"sidecar ({store})", store, config, workers, workdir))
+        if store == "memory" and anthropic_port is not None:
+            config = sidecar_config(
+                up_port, store, workdir, redis_url, "memory-anthropic", anthropic_port
             )
-        )
+            sidecar = _sidecar(procs, ANTHROPIC_PATH, store, config, workers, workdir)
+            sidecar.body = ANTHROPIC_BODY
+            targets.append(sidecar)
     for name in wanted_peers:
         if peer := start_peer(name, up_port, workdir):
             procs.append(peer.proc)
@@ -103,6 +98,31 @@ def start_targets(
                 )
             )
     return targets, described
+
+
+def _sidecar(
+    procs: list[subprocess.Popen[bytes]],
+    name: str,
+    store: str,
+    config: Path,
+    workers: int,
+    workdir: Path,
+) -> Target:
+    """A sidecar on `config`, started (and appended to `procs`), as a Target."""
+    port, admin = free_port(), free_port()
+    proc, startup = start_sidecar(config, port, admin, workers, workdir / f"{config.stem}.log")
+    procs.append(proc)
+    restart_log = workdir / f"{config.stem}-restart.log"
+    return Target(
+        name,
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        proc.pid,
+        proc,
+        startup,
+        store=store,
+        admin_url=f"http://127.0.0.1:{admin}",
+        restart=partial(start_sidecar, config, free_port(), free_port(), workers, restart_log),
+    )
 
 
 def stop_proxies(targets: list[Target]) -> None:

@@ -6,7 +6,7 @@ import json
 import time
 
 from bench.targets import Target
-from bench.workload import BODY
+from bench.workload import stream_body
 
 TTFB_WARMUP = 5  # streamed requests per target before TTFB samples are kept
 
@@ -20,11 +20,11 @@ async def measure_ttfb(targets: list[Target], count: int) -> None:
     machine as much as itself). The first few pairs warm connections and are dropped."""
     import aiohttp
 
-    body = json.loads(BODY)
-    body["stream"] = True
     direct, proxies = targets[0], targets[1:]
+    bodies = {target.name: json.loads(stream_body(target.body)) for target in targets}
 
     async def sample(session: aiohttp.ClientSession, target: Target) -> float | None:
+        body = bodies[target.name]
         started = time.perf_counter()
         async with session.post(target.url, json=body, headers=target.headers) as reply:
             await reply.content.readany()

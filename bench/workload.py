@@ -22,24 +22,40 @@ BODY = json.dumps(
         "max_tokens": 64,
     }
 )
-STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True})
+ANTHROPIC_MODEL = "fc:bench-anthropic/bench-model"  # the same model on an `anthropic` provider
+ANTHROPIC_BODY = json.dumps({**json.loads(BODY), "model": ANTHROPIC_MODEL})
+
+
+def stream_body(body: str) -> str:
+    """`body` asking for a streamed answer."""
+    return json.dumps({**json.loads(body), "stream": True})
+
+
+STREAM_BODY = stream_body(BODY)
 CUSTOMER = "acme"
 ADMIN_TOKEN = "bench-admin-token"
 HEADERS = {"Authorization": f"Bearer {KEY}", "FC-Customer": CUSTOMER}  # the sidecar's, and direct's
 
 
 def sidecar_config(
-    upstream_port: int, store: str, workdir: Path, redis_url: str, name: str = ""
+    upstream_port: int,
+    store: str,
+    workdir: Path,
+    redis_url: str,
+    name: str = "",
+    anthropic_port: int | None = None,
 ) -> Path:
     """The sidecar's config; `name` (default: the store) names its files, so that several
-    sidecars on one store kind keep separate books."""
+    sidecars on one store kind keep separate books. With `anthropic_port`, the config also
+    has an `anthropic` provider on bench/upstream_anthropic.py and ANTHROPIC_MODEL on it, at
+    the same prices: a request naming that model takes the Anthropic path."""
     name = name or store
     storage: dict[str, Any] = {"backend": store}
     if store == "sqlite":
         storage["sqlite_path"] = str(workdir / f"{name}.db")
     if store == "redis":
         storage["redis_url"] = redis_url
-    config = {
+    config: dict[str, Any] = {
         "storage": storage,
         "providers": {
             "bench": {
@@ -67,6 +83,13 @@ def sidecar_config(
         },
         "access_log": {"enabled": False},
     }
+    if anthropic_port is not None:
+        config["providers"]["bench-anthropic"] = {
+            "kind": "anthropic",
+            "base_url": f"http://127.0.0.1:{anthropic_port}",
+            "timeout": {"connect": 2, "read": 30},
+        }
+        config["models"][ANTHROPIC_MODEL] = dict(config["models"]["fc:bench/bench-model"])
     path = workdir / f"sidecar-{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
