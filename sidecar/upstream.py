@@ -13,6 +13,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import TypeAlias, TypeVar, cast
 
 from sidecar import sse
@@ -29,6 +30,7 @@ from sidecar.providers.base import (
     UpstreamCall,
     Usage,
 )
+from sidecar.providers.native_embeddings import batches, joined
 from sidecar.settings.model import ProviderSettings
 
 
@@ -47,6 +49,7 @@ R = TypeVar("R")
 Authorize: TypeAlias = Callable[[HttpRequest], Awaitable[HttpRequest]]
 BATCH_BYTES = 64 * 1024  # of events in one list of chunks: aiohttp's writer drains every 64 KiB
 END_WAIT_SECONDS = 1.0  # after the last event, for the rest of the body (see aclose)
+EMBED_CONCURRENCY = 4  # calls of one embeddings request in flight at once (batched APIs)
 DETAIL_LOG_SECONDS = 60.0  # one log line per provider per minute for its rejections of our key
 _KEY_LIKE = re.compile(r"(?:sk|pk|rk)-[\w\-*.\u2026]{4,}|AIza[\w\-]{10,}")
 
@@ -120,13 +123,46 @@ class HttpProvider:
         return error
 
     async def embed(self, call: UpstreamCall) -> Completion:
+        """The embeddings answer; an API that takes fewer inputs per call than the request
+        has (its adapter's `embeddings_batch`) is sent one call per batch, at most
+        EMBED_CONCURRENCY at a time, every request built (and any refused) before the first
+        is sent; the first failure fails the whole and cancels the calls still running."""
         adapter = cast(EmbeddingsAdapter, self.adapter)  # caps.embeddings: checked by the cascade
-        request = adapter.build_embeddings_request(call)
+        batch = getattr(adapter, "embeddings_batch", None)
+        bodies = batches(call.body, batch(call.model_id)) if batch is not None else [call.body]
+        calls = [call] if len(bodies) == 1 else [replace(call, body=body) for body in bodies]
+        requests = [adapter.build_embeddings_request(each) for each in calls]
+        if len(calls) == 1:
+            return await self._embed_once(adapter, call, requests[0])
+        gate = asyncio.Semaphore(EMBED_CONCURRENCY)
+
+        async def one(each: UpstreamCall, request: HttpRequest) -> Completion:
+            async with gate:
+                return await self._embed_once(adapter, each, request)
+
+        pairs = zip(calls, requests, strict=True)
+        tasks = [asyncio.ensure_future(one(each, request)) for each, request in pairs]
+        for task in tasks:  # a second failure, after the first has been raised, is not logged
+            task.add_done_callback(_retrieved)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+        for task in tasks:
+            failure = task.exception() if task.done() and not task.cancelled() else None
+            if failure is not None:
+                raise failure
+        return joined([task.result() for task in tasks])
+
+    async def _embed_once(
+        self, adapter: EmbeddingsAdapter, call: UpstreamCall, request: HttpRequest
+    ) -> Completion:
         response = await self._send(self.http1.request, call, request)
         body, status, headers = response.body, response.status, response.headers
         if not 200 <= status < 300:
             raise self._failure(status, body, headers)
-        return adapter.parse_embeddings_response(body, call)
+        return adapter.parse_embeddings_response(body, call, headers)
 
     async def open_stream(self, call: UpstreamCall) -> ChunkStream:
         """Open the stream; an upstream failure before the first byte raises here."""
@@ -166,6 +202,11 @@ class HttpProvider:
             )
         except (TimeoutError, OSError) as exc:
             raise transport_error(exc) from None
+
+
+def _retrieved(task: asyncio.Future[Completion]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class HttpChunkStream:

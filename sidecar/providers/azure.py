@@ -216,7 +216,9 @@ class AzureAdapter:
             headers = {**headers, **call.headers}
         return HttpRequest(url, headers, orjson.dumps(body))
 
-    def parse_embeddings_response(self, body: bytes, call: UpstreamCall) -> Completion:
+    def parse_embeddings_response(
+        self, body: bytes, call: UpstreamCall, headers: Mapping[str, str]
+    ) -> Completion:
         return parse_embeddings(body)
 
     def parse_response(self, body: bytes, call: UpstreamCall) -> Completion:

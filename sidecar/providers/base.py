@@ -61,9 +61,6 @@ class KindCaps:
     usage_in_stream: bool = True  # usage at the end of a stream (stream_options.include_usage)
     n: bool = True  # several choices in one call
     embeddings: bool = False  # POST /v1/embeddings (the adapter is an EmbeddingsAdapter too)
-    # POST /v1/responses natively (the adapter is a ResponsesAdapter too); the other kinds are
-    # sent a Responses request translated onto chat
-    responses: bool = False
 
     def names(self) -> frozenset[str]:
         """The `caps` names a catalog entry would list for this kind."""
@@ -172,39 +169,21 @@ class ProviderClient(Protocol):
         ...
 
 
-class ResponsesClient(Protocol):
-    """What a client whose kind has the native Responses API adds (`caps.responses`)."""
-
-    async def respond(self, call: UpstreamCall) -> Completion:
-        """The provider's `response` object as it is (`usage` read from its usage)."""
-        ...
-
-    async def open_response_stream(self, call: UpstreamCall) -> ChunkStream:
-        """The provider's Responses events, each the JSON of one event's data."""
-        ...
-
-
-class ResponsesAdapter(Protocol):
-    """What an adapter whose kind has the native Responses API adds (`caps.responses`): the
-    client's Responses request (`call.body`, `model` still the client's value) at the
-    provider's URL, and its answer and events read for usage."""
-
-    def build_responses_request(self, call: UpstreamCall) -> HttpRequest: ...
-
-    def parse_responses_response(self, body: bytes, call: UpstreamCall) -> Completion: ...
-
-    def responses_stream_decoder(self, call: UpstreamCall) -> StreamDecoder: ...
-
-
 class EmbeddingsAdapter(Protocol):
     """What an adapter whose kind embeds adds (`caps.embeddings`): pure translation of an
     OpenAI embeddings request and answer. `call.body` is the client's request, `model` still
     the client's value; a float answer is turned to base64 by the endpoint when the client
-    asked for base64 and the kind cannot send it."""
+    asked for base64 and the kind cannot send it. The answer's headers are there for an API
+    that reports its usage in them (Bedrock's InvokeModel). An adapter whose API takes fewer
+    inputs per call than OpenAI's 2048 has an `embeddings_batch(model_id) -> int` method as
+    well: the request is then sent as calls of at most that many inputs, their answers joined
+    (sidecar/providers/native_embeddings.py)."""
 
     def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest: ...
 
-    def parse_embeddings_response(self, body: bytes, call: UpstreamCall) -> Completion: ...
+    def parse_embeddings_response(
+        self, body: bytes, call: UpstreamCall, headers: Mapping[str, str]
+    ) -> Completion: ...
 
 
 class StreamDecoder(Protocol):

@@ -1,4 +1,5 @@
-"""The `cohere` kind: Cohere's v2 Chat API (`POST {base_url}/v2/chat`), translated both ways.
+"""The `cohere` kind: Cohere's v2 Chat API (`POST {base_url}/v2/chat`), translated both ways,
+and its Embed API (`POST {base_url}/v2/embed`) for `/v1/embeddings` (cohere_embed).
 
 The request side is `cohere_request` (what is translated, dropped and refused), the answer
 side `cohere_answer` (content, tool calls, finish reasons, billed usage, stream events). Here:
@@ -24,14 +25,19 @@ import orjson
 from sidecar.errors import GatewayError, Outcome, UpstreamError, classify_http_failure
 from sidecar.providers.base import Completion, HttpRequest, KindCaps, StreamDecoder, UpstreamCall
 from sidecar.providers.cohere_answer import CohereStreamDecoder, completion
+from sidecar.providers.cohere_embed import BATCH as EMBED_BATCH
+from sidecar.providers.cohere_embed import embed_answer, embed_body
 from sidecar.providers.cohere_request import chat_body
 from sidecar.providers.openai_compat import parse_error_envelope, retry_after_seconds
 from sidecar.settings.model import ProviderSettings
 
 BASE_URL = "https://api.cohere.com"  # the cohere SDK's ClientEnvironment.PRODUCTION
 # tools, images (Command A Vision), json_object with or without a schema, usage at the end of a
-# stream; one generation per call
-CAPS = KindCaps(tools=True, vision=True, json_schema=True, json_object=True, n=False)
+# stream; one generation per call; embeddings (/v2/embed)
+CAPS = KindCaps(
+    tools=True, vision=True, json_schema=True, json_object=True, n=False, embeddings=True
+)
+EMBED_API = "Cohere Embed API"
 _CREDENTIALS = MappingProxyType({401: "key", 498: "key", 402: "account's billing"})
 _TOO_MANY_TOKENS = "too many tokens"
 _OUTPUT_LIMIT_WORDS = ("max tokens", "max_tokens", "maximum output")
@@ -59,7 +65,9 @@ class CohereAdapter:
             CAPS.json_schema if settings.native_json_schema is None else settings.native_json_schema
         )
         self.json_mode = CAPS.json_object
-        self.url = (settings.base_url or BASE_URL).rstrip("/") + "/v2/chat"
+        base = (settings.base_url or BASE_URL).rstrip("/")
+        self.url = base + "/v2/chat"
+        self.embed_url = base + "/v2/embed"
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.api_key:
             headers["Authorization"] = "Bearer " + settings.api_key
@@ -76,6 +84,19 @@ class CohereAdapter:
 
     def parse_response(self, body: bytes, call: UpstreamCall) -> Completion:
         return completion(body, call.model_id)
+
+    def embeddings_batch(self, model_id: str) -> int:
+        return EMBED_BATCH
+
+    def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest:
+        body, _count = embed_body(call.body, self.name, EMBED_API)
+        headers = {**self.headers, **call.headers} if call.headers else self.headers
+        return HttpRequest(self.embed_url, headers, orjson.dumps({"model": call.model_id, **body}))
+
+    def parse_embeddings_response(
+        self, body: bytes, call: UpstreamCall, headers: Mapping[str, str]
+    ) -> Completion:
+        return embed_answer(body, call.model_id, call.body, None)
 
     def classify_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
         message = error_message(body)

@@ -305,7 +305,9 @@ class OpenAICompatAdapter:
         headers = {**self.headers, **call.headers} if call.headers else self.headers
         return HttpRequest(self.embeddings_url, headers, orjson.dumps(body))
 
-    def parse_embeddings_response(self, body: bytes, call: UpstreamCall) -> Completion:
+    def parse_embeddings_response(
+        self, body: bytes, call: UpstreamCall, headers: Mapping[str, str]
+    ) -> Completion:
         return parse_embeddings(body)
 
     def classify_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:

@@ -1,4 +1,5 @@
-"""A fake Cohere v2 Chat API (`POST /v2/chat`), built from Cohere's public API reference.
+"""A fake Cohere v2 Chat API (`POST /v2/chat`) and Embed API (`POST /v2/embed`), built from
+Cohere's public API reference.
 
 Every request is checked as the real API would: the path, `Authorization: Bearer <key>` (else
 a 401 `invalid api token`), and the body against the official `cohere` SDK's own types: the
@@ -12,6 +13,10 @@ the SDK's response and stream event types (`V2ChatResponse`, `ContentDeltaV2Chat
 …) and sent as Cohere sends them: a JSON body, or SSE events named by `event:`.
 
 Replies are scripted: the queue given to `script(...)`, then the default (a short answer).
+Embed requests are checked against the parameters of the SDK's `V2Client.embed` (at most 96
+texts, `output_dimension` one of 256, 512, 1024, 1536) and answered with an
+`EmbedByTypeResponse`: a stable vector per text (`embed_vector`), billed tokens a token per 4
+characters of each text, or the scripted `EmbedReply`.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ RANGES = {
 }
 
 
-def _request_type(method: Any, stream: bool) -> type[BaseModel]:
+def _request_type(method: Any, stream: bool | None) -> type[BaseModel]:
     """The body the SDK's `method` sends, as a pydantic model refusing unknown fields."""
     hints = typing.get_type_hints(method)
     fields: dict[str, Any] = {}
@@ -52,7 +57,8 @@ def _request_type(method: Any, stream: bool) -> type[BaseModel]:
             continue
         required = parameter.default is inspect.Parameter.empty
         fields[name] = (hints[name], ... if required else None)
-    fields["stream"] = (Literal[True] if stream else Literal[False], ...)
+    if stream is not None:
+        fields["stream"] = (Literal[True] if stream else Literal[False], ...)
     config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     return create_model(f"ChatRequest{'Stream' if stream else ''}", __config__=config, **fields)
 
@@ -61,6 +67,33 @@ REQUESTS = {
     False: _request_type(V2Client.chat, stream=False),
     True: _request_type(V2Client.chat_stream, stream=True),
 }
+EMBED_REQUEST = _request_type(V2Client.embed, stream=None)
+EMBED_BATCH = 96  # texts per call
+OUTPUT_DIMENSIONS = (256, 512, 1024, 1536)  # Embed v4's
+
+
+def embed_vector(text: str, dimensions: int = 8) -> list[float]:
+    """A stable float32-exact vector per text (what a test can compare after base64)."""
+    seed = sum(text.encode()) % 89
+    return [float((seed + 3 * i) % 11 - 5) / 4 for i in range(dimensions)]
+
+
+def embed_problems(body: dict[str, Any]) -> list[str]:
+    """Why the v2 Embed API would refuse `body` ([] when it is valid)."""
+    try:
+        request = EMBED_REQUEST.model_validate(body)
+    except ValidationError as exc:
+        return [
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        ]
+    problems = _unknown_fields(request)
+    texts = body.get("texts") or []
+    if not texts or len(texts) > EMBED_BATCH:
+        problems.append(f"texts: between 1 and {EMBED_BATCH} texts")
+    dimension = body.get("output_dimension")
+    if dimension is not None and dimension not in OUTPUT_DIMENSIONS:
+        problems.append(f"output_dimension: one of {OUTPUT_DIMENSIONS}")
+    return problems
 
 
 def _unknown_fields(value: Any, where: str = "") -> list[str]:
@@ -134,6 +167,15 @@ class Reply:
 
 
 @dataclass
+class EmbedReply:
+    vectors: list[list[float]] | None = None  # default: embed_vector of each text
+    billed_input: int | None = None  # default: a token per 4 characters; -1: no meta at all
+    status: int = 200
+    message: str = "fake Cohere error"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Received:
     path: str
     headers: dict[str, str]
@@ -146,6 +188,7 @@ class FakeCohere:
         self.api_key = api_key
         self._lock = threading.Lock()
         self._queue: deque[Reply] = deque()
+        self._embed_queue: deque[EmbedReply] = deque()
         self.received: list[Received] = []
         self.server = ThreadedServer(self._app)
 
@@ -158,11 +201,16 @@ class FakeCohere:
     def reset(self) -> None:
         with self._lock:
             self._queue.clear()
+            self._embed_queue.clear()
             self.received.clear()
 
     def script(self, *replies: Reply) -> None:
         with self._lock:
             self._queue.extend(replies)
+
+    def script_embed(self, *replies: EmbedReply) -> None:
+        with self._lock:
+            self._embed_queue.extend(replies)
 
     @property
     def problems(self) -> list[str]:
@@ -173,7 +221,46 @@ class FakeCohere:
     def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v2/chat", self._chat)
+        app.router.add_post("/v2/embed", self._embed)
         return app
+
+    async def _embed(self, request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            return _error(400, "invalid json syntax: the body is not a JSON object")
+        problems = embed_problems(body)
+        with self._lock:
+            self.received.append(Received(request.path, dict(request.headers), body, problems))
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return _error(401, "invalid api token")
+        if problems:
+            return _error(400, "invalid request: " + "; ".join(problems))
+        with self._lock:
+            reply = self._embed_queue.popleft() if self._embed_queue else EmbedReply()
+        if reply.status != 200:
+            return _error(reply.status, reply.message, reply.headers)
+        texts = body["texts"]
+        dimensions = body.get("output_dimension") or 8
+        vectors = reply.vectors or [embed_vector(text, dimensions) for text in texts]
+        billed = reply.billed_input
+        if billed is None:
+            billed = sum(-(-len(text) // 4) for text in texts)
+        meta = None
+        if billed >= 0:
+            meta = co.ApiMeta(billed_units=co.ApiMetaBilledUnits(input_tokens=billed))
+        answer = co.EmbedByTypeResponse(
+            response_type="embeddings_by_type",
+            id=str(uuid.uuid4()),
+            embeddings=co.EmbedByTypeResponseEmbeddings(float_=vectors),
+            texts=texts,
+            meta=meta,
+        )
+        data = _wire(answer)
+        assert data["embeddings"]["float"] == vectors  # the wire name, not the SDK's `float_`
+        return web.json_response(data, headers=reply.headers)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
