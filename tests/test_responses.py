@@ -1,0 +1,544 @@
+"""POST /v1/responses (SPEC 2.6) through a real sidecar with the official SDK: translated onto
+the chat call of a provider without the native Responses API (an OpenAI-compatible kind in front
+of the fake's chat endpoint, and the mock), stream and not, with a function tool round trip,
+`text.format` json_schema and its re-prompt, usage, cost, budget and usage records; server-side
+state refused where the API is not native; errors in the envelope."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from tests.conftest import openai_config
+from tests.procs import SidecarProcess
+from tests.support import metric_samples, module_sidecar, request, sdk, without_circuit_breakers
+from tests.upstreams.openai_fake import FakeOpenAI, Reply
+
+TRANSLATED = "fc:compat/llama-3.1-8b"  # an OpenAI-compatible kind without the native API
+ADMIN = "admin-token-for-responses"
+EVENTS = TypeAdapter(ResponseStreamEvent)
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+CITY_FORMAT = {
+    "type": "json_schema",
+    "name": "city",
+    "schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    _openai_server: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SidecarProcess]:
+    config = without_circuit_breakers(openai_config(_openai_server.url))
+    config["providers"]["compat"] = {
+        "kind": "vllm",
+        "base_url": _openai_server.url,
+        "api_key_env": "TEST_OPENAI_KEY",
+    }
+    config["providers"]["mock"] = {
+        "kind": "mock",
+        "mock": {
+            "models": {
+                "json-learner": {
+                    "contents": ["Sure! Paris", '{"city": "Paris", "country": "France"}']
+                },
+                "flaky": {"fail_status": 503},
+            }
+        },
+    }
+    config["models"].update(
+        {
+            TRANSLATED: {"input_per_mtok": 1.0, "output_per_mtok": 2.0, "max_output": 4096},
+            "fc:mock/echo": {"input_per_mtok": 0.15, "output_per_mtok": 0.6},
+            "fc:mock/json-learner": {"input_per_mtok": 0.3, "output_per_mtok": 1.2},
+            "fc:mock/flaky": {"input_per_mtok": 0.1, "output_per_mtok": 0.4},
+        }
+    )
+    config["slots"] = {"chat": ["fc:mock/flaky", "fc:mock/echo"]}
+    config["customers"] = {"acme": {"budget": {"usd": 1.0, "period": "day"}}}
+    config["admin"] = {"token": ADMIN}
+    yield from module_sidecar(tmp_path_factory.mktemp("responses"), config)
+
+
+def post(gateway: SidecarProcess, body: dict[str, Any], **headers: str) -> Any:
+    return request(gateway.url, "POST", "/v1/responses", body, headers)
+
+
+def events_of(body: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of each SSE event, every data validated as the SDK's event type."""
+    found = []
+    for block in body.decode().split("\n\n"):
+        lines = block.splitlines()
+        names = [line[6:].strip() for line in lines if line.startswith("event:")]
+        data = [line[5:].strip() for line in lines if line.startswith("data:")]
+        if not data:
+            continue
+        event = json.loads("\n".join(data))
+        EVENTS.validate_python(event)
+        assert names == [event["type"]], (names, event)
+        found.append((event["type"], event))
+    assert [e["sequence_number"] for _, e in found] == list(range(len(found)))
+    return found
+
+
+# -- translated, not streamed ---------------------------------------------------------------------
+
+
+def test_create_on_a_translated_provider(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Reply(content="Bonjour!", prompt_tokens=20, completion_tokens=5))
+    raw = sdk(gateway).responses.with_raw_response.create(
+        model=TRANSLATED,
+        instructions="Answer in French.",
+        input="Say hello",
+        max_output_tokens=50,
+        temperature=0.2,
+        metadata={"ticket": "42"},
+    )
+    answer = raw.parse()
+    Response.model_validate(json.loads(raw.content))
+    assert answer.output_text == "Bonjour!"
+    assert answer.object == "response" and answer.id.startswith("resp_")
+    assert answer.status == "completed"
+    assert answer.model == "llama-3.1-8b"
+    assert answer.instructions == "Answer in French."
+    assert answer.metadata == {"ticket": "42"}
+    assert answer.usage is not None
+    assert (answer.usage.input_tokens, answer.usage.output_tokens) == (20, 5)
+    assert answer.usage.total_tokens == 25
+    assert raw.headers["X-Ringside-Model-Used"] == TRANSLATED
+    assert raw.headers["X-Ringside-Cost-USD"] == "0.00003"  # 20 × $1/M + 5 × $2/M
+    sent = fake_openai.received[0]
+    assert sent.path == "/v1/chat/completions"
+    assert sent.body == {
+        "model": "llama-3.1-8b",
+        "messages": [
+            {"role": "system", "content": "Answer in French."},
+            {"role": "user", "content": "Say hello"},
+        ],
+        "temperature": 0.2,
+        "max_completion_tokens": 50,
+    }
+
+
+def test_input_items_become_messages(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+    sdk(gateway).responses.create(
+        model=TRANSLATED,
+        input=[
+            {"role": "developer", "content": "Be brief."},
+            {
+                "type": "message",
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "What is this?"},
+                    {"type": "input_image", "image_url": "https://example.com/a.png"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "output_text", "text": "A cat."}]},
+            {"role": "user", "content": "Sure?"},
+        ],
+    )
+    assert fake_openai.received[0].body["messages"] == [
+        {"role": "developer", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+            ],
+        },
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Sure?"},
+    ]
+
+
+def test_function_tool_round_trip(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+    """A function_call comes back as an output item; sent back with its function_call_output
+    in the next request, it reaches the provider as the chat turn of a tool call and its result."""
+    function = {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    call = {"id": "call_1", "type": "function", "function": function}
+    fake_openai.script(Reply(tool_calls=[call], finish_reason="tool_calls"))
+    client = sdk(gateway)
+    first = client.responses.create(
+        model=TRANSLATED,
+        input="Weather in Paris?",
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tool_choice="required",
+    )
+    assert first.status == "completed"
+    [item] = first.output
+    assert item.type == "function_call"
+    assert (item.call_id, item.name) == ("call_1", "get_weather")
+    assert item.arguments == '{"city":"Paris"}'
+    assert item.id is not None and item.id.startswith("fc_")
+    sent = fake_openai.received[0].body
+    assert sent["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "The weather in a city",
+                "parameters": WEATHER_TOOL["parameters"],
+                "strict": True,
+            },
+        }
+    ]
+    assert sent["tool_choice"] == "required"
+
+    fake_openai.script(Reply(content="It is sunny in Paris."))
+    second = client.responses.create(
+        model=TRANSLATED,
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            item.model_dump(exclude_none=True),  # type: ignore[list-item]
+            {"type": "function_call_output", "call_id": "call_1", "output": '{"sky":"sunny"}'},
+        ],
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+    )
+    assert second.output_text == "It is sunny in Paris."
+    assert fake_openai.received[1].body["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky":"sunny"}'},
+    ]
+
+
+def test_json_schema_is_enforced_with_a_reprompt(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(
+        Reply(content='{"city": "Paris"}'),
+        Reply(content='{"city": "Paris", "country": "France"}'),
+    )
+    raw = sdk(gateway).responses.with_raw_response.create(
+        model=TRANSLATED,
+        input="Where is the Eiffel tower?",
+        text={"format": CITY_FORMAT},  # type: ignore[typeddict-item]
+    )
+    answer = raw.parse()
+    assert json.loads(answer.output_text) == {"city": "Paris", "country": "France"}
+    assert answer.text is not None and answer.text.format is not None
+    assert answer.text.format.type == "json_schema"
+    assert raw.headers["X-Ringside-Schema-Reprompts"] == "1"
+    first, second = (r.body for r in fake_openai.received)
+    assert first["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "city", "schema": CITY_FORMAT["schema"], "strict": True},
+    }
+    assert "does not match the required JSON Schema" in second["messages"][-1]["content"]
+
+
+def test_json_schema_never_met_is_a_422_naming_text_format(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(*[Reply(content="not json")] * 3)
+    answer = post(gateway, {"model": TRANSLATED, "input": "x", "text": {"format": CITY_FORMAT}})
+    assert answer.status == 422
+    assert answer.error["code"] == "response_schema_validation_failed"
+    assert answer.error["param"] == "text.format"
+
+
+def test_a_length_finish_is_incomplete(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Reply(content="Once upon", finish_reason="length"))
+    answer = sdk(gateway).responses.create(model=TRANSLATED, input="story", max_output_tokens=2)
+    assert answer.status == "incomplete"
+    assert answer.incomplete_details is not None
+    assert answer.incomplete_details.reason == "max_output_tokens"
+    assert answer.output_text == "Once upon"
+
+
+def test_the_mock_answers_the_demo_call(gateway: SidecarProcess) -> None:
+    answer = sdk(gateway).responses.create(model="fc:mock/echo", input="hi")
+    assert answer.output_text == "Hello from the Ringside mock provider."
+
+
+def test_the_mock_answers_function_tools_with_a_call(gateway: SidecarProcess) -> None:
+    answer = sdk(gateway).responses.create(
+        model="fc:mock/echo",
+        input="Weather?",
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+    )
+    [item] = answer.output
+    assert item.type == "function_call" and item.name == "get_weather"
+    assert set(json.loads(item.arguments)) == {"city"}
+
+
+def test_a_cascade_escalates(gateway: SidecarProcess) -> None:
+    raw = sdk(gateway).responses.with_raw_response.create(model="slot:chat", input="hi")
+    assert raw.parse().output_text == "Hello from the Ringside mock provider."
+    assert raw.headers["X-Ringside-Models-Tried"] == "fc:mock/flaky,fc:mock/echo"
+    assert raw.headers["X-Ringside-Fallback-Triggered"] == "true"
+
+
+def test_the_mock_json_learner_is_reprompted(gateway: SidecarProcess) -> None:
+    answer = sdk(gateway).responses.create(
+        model="fc:mock/json-learner",
+        input="city?",
+        text={"format": CITY_FORMAT},  # type: ignore[typeddict-item]
+    )
+    assert json.loads(answer.output_text) == {"city": "Paris", "country": "France"}
+
+
+def test_cost_budget_and_usage_record(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Reply(prompt_tokens=10_000, completion_tokens=2_000))
+    raw = sdk(gateway).responses.with_raw_response.create(
+        model=TRANSLATED, input="hi", extra_headers={"FC-Customer": "acme"}
+    )
+    assert raw.headers["X-Ringside-Cost-USD"] == "0.014"  # 10k × $1/M + 2k × $2/M
+    assert float(raw.headers["X-Ringside-Budget-Remaining-USD"]) == pytest.approx(0.986)
+    # the budget's worst case was sent as the output cap (the catalog's max_output)
+    assert fake_openai.received[0].body["max_completion_tokens"] == 4096
+    usage = request(
+        gateway.admin_url,
+        "GET",
+        "/v1/customers/acme/usage",
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    ).json()
+    assert usage["tokens"]["input"] >= 10_000
+    assert usage["tokens"]["output"] >= 2_000
+    samples = metric_samples(gateway)
+    assert any(
+        name == "ringside_tokens_total" and dict(labels).get("model") == TRANSLATED and value > 0
+        for (name, labels), value in samples.items()
+    )
+
+
+# -- refusals and errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"previous_response_id": "resp_123"}, "previous_response_id"),
+        ({"store": True}, "store"),
+        ({"background": True}, "background"),
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+            "input[0].content[0]",
+        ),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
+    ],
+)
+def test_server_side_state_is_refused_where_not_native(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI, extra: dict[str, Any], param: str
+) -> None:
+    answer = post(gateway, {"model": TRANSLATED, "input": "hi", **extra})
+    assert answer.status == 400, answer.body
+    assert answer.error["code"] == "invalid_request"
+    assert answer.error["param"] == param
+    assert "native Responses API" in answer.error["message"]
+    assert fake_openai.received == []
+
+
+def test_the_sdk_raises_the_refusal(gateway: SidecarProcess) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(gateway).responses.create(
+            model="fc:mock/echo", input="more", previous_response_id="resp_1"
+        )
+    assert "previous_response_id" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "hi"}, "model"),
+        ({"model": TRANSLATED}, "input"),
+        ({"model": TRANSLATED, "input": 3}, "input"),
+        ({"model": TRANSLATED, "input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"model": TRANSLATED, "input": "x", "instructions": 1}, "instructions"),
+        ({"model": TRANSLATED, "input": "x", "temperature": 3}, "temperature"),
+        ({"model": TRANSLATED, "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"model": TRANSLATED, "input": "x", "tools": [{"type": "function"}]}, "tools[0].name"),
+        ({"model": TRANSLATED, "input": "x", "tool_choice": 5}, "tool_choice"),
+        ({"model": TRANSLATED, "input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
+        (
+            {"model": TRANSLATED, "input": "x", "text": {"format": {"type": "json_schema"}}},
+            "text.format.name",
+        ),
+        ({"model": TRANSLATED, "input": "x", "stream": "yes"}, "stream"),
+        ({"model": TRANSLATED, "input": "x", "metadata": {"a": 1}}, "metadata"),
+    ],
+)
+def test_malformed_requests_are_400_naming_the_parameter(
+    gateway: SidecarProcess, body: dict[str, Any], param: str
+) -> None:
+    answer = post(gateway, body)
+    assert answer.status == 400
+    assert answer.error["param"] == param
+
+
+def test_an_invalid_schema_is_a_400_naming_text_format(gateway: SidecarProcess) -> None:
+    bad = {**CITY_FORMAT, "schema": {"type": "object", "properties": {"a": {"type": 5}}}}
+    answer = post(gateway, {"model": TRANSLATED, "input": "x", "text": {"format": bad}})
+    assert answer.status == 400
+    assert answer.error["param"] == "text.format"
+
+
+def test_an_upstream_failure_is_a_503_in_the_envelope(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(Reply(status=500))
+    answer = post(gateway, {"model": TRANSLATED, "input": "x"})
+    assert answer.status == 503
+    assert answer.error["code"] == "upstream_unavailable"
+
+
+# -- translated, streamed -------------------------------------------------------------------------
+
+
+def test_a_translated_stream_is_rebuilt_as_responses_events(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(Reply(content="Hello there, friend.", chunks=4, prompt_tokens=9,
+                             completion_tokens=4))  # fmt: skip
+    answer = post(gateway, {"model": TRANSLATED, "input": "hi", "stream": True})
+    assert answer.status == 200
+    assert answer.headers["Content-Type"].startswith("text/event-stream")
+    events = events_of(answer.body)
+    names = [name for name, _ in events]
+    assert names[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert names[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    deltas = [e["delta"] for name, e in events if name == "response.output_text.delta"]
+    assert len(deltas) == 4 and "".join(deltas) == "Hello there, friend."
+    final = Response.model_validate(events[-1][1]["response"])
+    assert final.output_text == "Hello there, friend."
+    assert final.usage is not None and (final.usage.input_tokens, final.usage.output_tokens) == (
+        9,
+        4,
+    )
+    assert len({e["response"]["id"] for name, e in events if "response" in e}) == 1
+    assert fake_openai.received[0].body["stream_options"] == {"include_usage": True}
+
+
+def test_the_sdk_stream_helper_consumes_it(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(Reply(content="Streamed through the helper.", chunks=3))
+    with sdk(gateway).responses.stream(model=TRANSLATED, input="hi") as stream:
+        texts = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(texts) == "Streamed through the helper."
+    assert final.output_text == "Streamed through the helper."
+    assert final.status == "completed"
+
+
+def test_a_streamed_tool_call(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+    function = {"name": "get_weather", "arguments": '{"city":"Oslo"}'}
+    fake_openai.script(
+        Reply(
+            tool_calls=[{"id": "call_9", "type": "function", "function": function}],
+            finish_reason="tool_calls",
+        )
+    )
+    stream = sdk(gateway).responses.create(
+        model=TRANSLATED,
+        input="Weather in Oslo?",
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        stream=True,
+    )
+    events = list(stream)
+    names = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in names
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert done.arguments == '{"city":"Oslo"}'
+    final = events[-1]
+    assert final.type == "response.completed"
+    [item] = final.response.output
+    assert item.type == "function_call" and item.call_id == "call_9"
+
+
+def test_a_mid_stream_failure_ends_with_response_failed(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(Reply(content="abcdefghij", chunks=5, error_after_chunks=2))
+    answer = post(gateway, {"model": TRANSLATED, "input": "hi", "stream": True})
+    events = events_of(answer.body)
+    names = [name for name, _ in events]
+    assert names[-2:] == ["error", "response.failed"]
+    assert events[-2][1]["code"] == "upstream_unavailable"
+    failed = Response.model_validate(events[-1][1]["response"])
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.output_text == "abcd"  # what was produced before the failure
+
+
+def test_a_failure_before_the_first_event_is_a_json_error(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(Reply(status=500))
+    answer = post(gateway, {"model": TRANSLATED, "input": "hi", "stream": True})
+    assert answer.status == 503
+    assert answer.error["code"] == "upstream_unavailable"
+
+
+def test_a_slot_cascade_streams_with_fallback(gateway: SidecarProcess) -> None:
+    answer = post(gateway, {"model": "slot:chat", "input": "hi", "stream": True})
+    assert answer.status == 200
+    assert answer.headers["X-Ringside-Models-Tried"] == "fc:mock/flaky,fc:mock/echo"
+    final = Response.model_validate(events_of(answer.body)[-1][1]["response"])
+    assert final.output_text == "Hello from the Ringside mock provider."
+
+
+def test_a_streamed_json_schema_is_validated_at_its_end(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    """A kind with native json_schema streams through; an answer that misses the schema ends
+    with the error event and response.failed."""
+    fake_openai.script(Reply(content='{"city": "Paris"}'))
+    body = {"model": TRANSLATED, "input": "x", "stream": True, "text": {"format": CITY_FORMAT}}
+    events = events_of(post(gateway, body).body)
+    assert [name for name, _ in events][-2:] == ["error", "response.failed"]
+    assert events[-2][1]["code"] == "response_schema_validation_failed"
+    assert "text.format" in events[-2][1]["message"]
+
+    fake_openai.script(Reply(content='{"city": "Paris", "country": "France"}'))
+    events = events_of(post(gateway, body).body)
+    assert events[-1][0] == "response.completed"
+
+
+def test_a_streamed_json_schema_on_the_mock_runs_the_reprompt_loop(gateway: SidecarProcess) -> None:
+    """Without native json_schema the loop runs buffered and the validated answer is streamed."""
+    stream = sdk(gateway).responses.create(
+        model="fc:mock/json-learner",
+        input="city?",
+        text={"format": CITY_FORMAT},  # type: ignore[typeddict-item]
+        stream=True,
+    )
+    events = list(stream)
+    assert events[0].type == "response.created"
+    final = events[-1]
+    assert final.type == "response.completed"
+    assert json.loads(final.response.output_text) == {"city": "Paris", "country": "France"}
