@@ -1,4 +1,5 @@
-"""The `bedrock` kind: Amazon Bedrock's Converse / ConverseStream API, translated both ways.
+"""The `bedrock` kind: Amazon Bedrock's Converse / ConverseStream API, translated both ways;
+embeddings through InvokeModel (`/model/{modelId}/invoke`) with each family's body (bedrock_embed).
 
 `POST {base_url}/model/{modelId}/converse` (and `/converse-stream`), the model id (a model id,
 an inference profile id or an ARN) URL-encoded into the path; `base_url` defaults to
@@ -31,6 +32,8 @@ from sidecar.errors import Outcome, UpstreamError, classify_http_failure, looks_
 from sidecar.providers.anthropic_request import output_tool
 from sidecar.providers.base import Completion, HttpRequest, KindCaps, StreamDecoder, UpstreamCall
 from sidecar.providers.bedrock_answer import BedrockStreamDecoder, completion
+from sidecar.providers.bedrock_embed import batch_size as embed_batch_size
+from sidecar.providers.bedrock_embed import invoke_answer, invoke_body
 from sidecar.providers.bedrock_eventstream import EventStreamParser
 from sidecar.providers.bedrock_request import converse_body
 from sidecar.providers.openai_compat import retry_after_seconds
@@ -39,8 +42,11 @@ from sidecar.settings.model import ProviderSettings
 SERVICE = "bedrock"  # the SigV4 signing name of bedrock-runtime
 INSTALL_HINT = "pip install 'ringside[bedrock]'"
 # json_schema natively through a forced tool; no JSON mode: json_object takes the instruction
-# path; one choice per call; usage ends every stream (the `metadata` event)
-CAPS = KindCaps(tools=True, vision=True, json_schema=True, json_object=False, n=False)
+# path; one choice per call; usage ends every stream (the `metadata` event); embeddings
+# (Titan Text Embeddings and Cohere Embed through InvokeModel)
+CAPS = KindCaps(
+    tools=True, vision=True, json_schema=True, json_object=False, n=False, embeddings=True
+)
 # the exceptions that are the service's or the model's trouble, not the request's: escalate
 ESCALATING = frozenset(
     {
@@ -144,6 +150,20 @@ class BedrockAdapter:
 
     def parse_response(self, body: bytes, call: UpstreamCall) -> Completion:
         return completion(body, call.model_id, output_tool(call.body))
+
+    def embeddings_batch(self, model_id: str) -> int:
+        return embed_batch_size(model_id)
+
+    def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest:
+        body = invoke_body(call.body, call.model_id, self.name)
+        headers = {**self.headers, **call.headers} if call.headers else self.headers
+        url = self.base + quote(call.model_id, safe="") + "/invoke"
+        return HttpRequest(url, headers, orjson.dumps(body))
+
+    def parse_embeddings_response(
+        self, body: bytes, call: UpstreamCall, headers: Mapping[str, str]
+    ) -> Completion:
+        return invoke_answer(body, call.body, call.model_id, headers)
 
     def classify_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
         error_type, message = aws_error(body, headers)

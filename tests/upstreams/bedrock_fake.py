@@ -2,6 +2,8 @@
 
   POST /model/{modelId}/converse          → a Converse JSON answer
   POST /model/{modelId}/converse-stream   → `application/vnd.amazon.eventstream` frames
+  POST /model/{modelId}/invoke            → an embedding model's answer (Titan Text Embeddings
+                                            v1 / v2, Cohere Embed), tokens in its headers
 
 Every request's SigV4 signature is recomputed with botocore's `SigV4Auth` from the fake's own
 credentials over the request as received (path, signed headers, body): a wrong signature is
@@ -18,6 +20,10 @@ Stream frames are built by hand from the public format (prelude: total length, h
 prelude CRC32; headers `:event-type`, `:content-type`, `:message-type`; payload; message CRC32),
 each checked to decode with botocore's `EventStreamBuffer`. Event payloads carry AWS's `p`
 padding field. Replies are scripted: the queue of `script(...)`, else the default reply.
+InvokeModel bodies, which the service model carries as an opaque blob, are checked against each
+embedding family's documented body (`invoke_problems`: fields, values, Titan's one text,
+Cohere's 96); the vectors are `invoke_vector(text, dimensions)`, the input tokens a token per 4
+characters of each text (`X-Amzn-Bedrock-Input-Token-Count`, and Titan's `inputTextTokenCount`).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from botocore.validate import ParamValidator
 from tests.upstreams.server import ThreadedServer
 
 SERVICE_MODEL = get_session().get_service_model("bedrock-runtime")
-_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<op>converse|converse-stream)")
+_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<op>converse|converse-stream|invoke)")
 _AUTH = re.compile(
     r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/"
     r"(?P<service>[^/]+)/aws4_request, ?SignedHeaders=(?P<signed>[^,]+), ?"
@@ -199,7 +205,11 @@ class FakeBedrock:
             {"model": model_id, "op": matched["op"], "body": params,
              "headers": dict(request.headers)}
         )  # fmt: skip
-        problem = self._check_body(params, model_id, stream)
+        invoke = matched["op"] == "invoke"
+        if invoke:
+            problem = invoke_problems(params, model_id)
+        else:
+            problem = self._check_body(params, model_id, stream)
         if problem:
             return self._invalid(problem)
         reply = self._next()
@@ -207,6 +217,12 @@ class FakeBedrock:
             return _error(
                 reply.status, reply.error_type or "InternalServerException", reply.message
             )
+        if invoke:
+            answer, tokens = _invoke_answer(params, model_id)
+            return web.json_response(
+                answer, headers={"X-Amzn-Bedrock-Input-Token-Count": str(tokens),
+                                 "x-amzn-RequestId": "fake-request-id"},
+            )  # fmt: skip
         if stream:
             return await self._stream(request, reply)
         return web.json_response(_converse_answer(reply), dumps=lambda v: orjson.dumps(v).decode())
@@ -407,3 +423,93 @@ def _from_json(value: Any, shape: Shape, where: str, problems: list[str]) -> Any
             key: _from_json(item, inner, f"{where}.{key}", problems) for key, item in value.items()
         }
     return value
+
+
+# -- InvokeModel: the embedding families (their bodies as Bedrock's model pages document them) --
+TITAN_V2 = {"inputText", "dimensions", "normalize", "embeddingTypes"}
+COHERE_FIELDS = {"texts", "images", "input_type", "truncate", "embedding_types"}
+COHERE_V4_FIELDS = COHERE_FIELDS | {"inputs", "output_dimension", "max_tokens"}
+COHERE_INPUT_TYPES = {"search_document", "search_query", "classification", "clustering", "image"}
+COHERE_TYPES = {"float", "int8", "uint8", "binary", "ubinary"}
+
+
+def _family(model_id: str) -> str | None:
+    if "amazon.titan-embed-text-v2" in model_id:
+        return "titan-v2"
+    if "amazon.titan-embed-text-v1" in model_id or "amazon.titan-embed-g1-text" in model_id:
+        return "titan-v1"
+    if "cohere.embed-v4" in model_id:
+        return "cohere-v4"
+    if "cohere.embed-" in model_id:
+        return "cohere-v3"
+    return None
+
+
+def invoke_problems(params: Any, model_id: str) -> str | None:
+    """What Bedrock would refuse in an InvokeModel body for an embedding model, None if nothing."""
+    family = _family(model_id)
+    if family is None:
+        return f"the fake embeds with Titan Text Embeddings and Cohere Embed only, not {model_id}"
+    if not isinstance(params, dict):
+        return "the body is not an object"
+    allowed = {
+        "titan-v2": TITAN_V2, "titan-v1": {"inputText"},
+        "cohere-v4": COHERE_V4_FIELDS, "cohere-v3": COHERE_FIELDS,
+    }[family]  # fmt: skip
+    extraneous = sorted(set(params) - allowed)
+    if extraneous:
+        return f"extraneous key [{extraneous[0]}] is not permitted"
+    problems: list[str] = []
+    if family.startswith("titan"):
+        text = params.get("inputText")
+        if not isinstance(text, str) or not text or len(text) > 50_000:
+            problems.append("inputText: a string of 1 to 50000 characters is required")
+        if params.get("dimensions", 1024) not in (256, 512, 1024):
+            problems.append("dimensions: one of 256, 512, 1024")
+        if not isinstance(params.get("normalize", True), bool):
+            problems.append("normalize: a boolean")
+        if not set(params.get("embeddingTypes", ["float"])) <= {"float", "binary"}:
+            problems.append("embeddingTypes: float, binary")
+        return "; ".join(problems) or None
+    texts = params.get("texts")
+    if not isinstance(texts, list) or not 1 <= len(texts) <= 96:
+        problems.append("texts: 1 to 96 texts")
+    elif not all(isinstance(text, str) and 0 < len(text) <= 2048 for text in texts):
+        problems.append("texts: strings of 1 to 2048 characters")
+    if params.get("input_type") not in COHERE_INPUT_TYPES:
+        problems.append("input_type: required, one of " + ", ".join(sorted(COHERE_INPUT_TYPES)))
+    if params.get("truncate", "END") not in ("NONE", "START", "END"):
+        problems.append("truncate: NONE, START or END")
+    if not set(params.get("embedding_types", ["float"])) <= COHERE_TYPES:
+        problems.append("embedding_types: " + ", ".join(sorted(COHERE_TYPES)))
+    if params.get("output_dimension", 256) not in (256, 512, 1024, 1536):
+        problems.append("output_dimension: one of 256, 512, 1024, 1536")
+    return "; ".join(problems) or None
+
+
+def invoke_vector(text: str, dimensions: int) -> list[float]:
+    """A stable float32-exact vector per text."""
+    seed = sum(text.encode()) % 83
+    return [float((seed + 5 * i) % 9 - 4) / 16 for i in range(dimensions)]
+
+
+def _tokens(text: str) -> int:
+    return -(-len(text) // 4)
+
+
+def _invoke_answer(params: dict[str, Any], model_id: str) -> tuple[dict[str, Any], int]:
+    family = _family(model_id)
+    if family in ("titan-v1", "titan-v2"):
+        text = params["inputText"]
+        size = params.get("dimensions", 1024) if family == "titan-v2" else 1536
+        tokens = _tokens(text)
+        return {"embedding": invoke_vector(text, size), "inputTextTokenCount": tokens}, tokens
+    texts = params["texts"]
+    size = params.get("output_dimension", 1536 if family == "cohere-v4" else 1024)
+    vectors = [invoke_vector(text, size) for text in texts]
+    answer: dict[str, Any] = {"id": "fake-embed-id", "texts": texts}
+    if "embedding_types" in params:
+        answer |= {"embeddings": {"float": vectors}, "response_type": "embeddings_by_type"}
+    else:
+        answer |= {"embeddings": vectors, "response_type": "embeddings_floats"}
+    return answer, sum(_tokens(text) for text in texts)
