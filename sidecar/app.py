@@ -15,9 +15,9 @@ from sidecar.addons.metrics import Metrics, flush_periodically
 from sidecar.addons.usage import UsageWriter
 from sidecar.api.admin import add_admin_routes
 from sidecar.api.chat import chat_completions
-from sidecar.api.common import unknown_route
 from sidecar.api.embeddings import create_embeddings
 from sidecar.api.models import list_models, retrieve_model
+from sidecar.api.passthrough import passthrough_or_unknown
 from sidecar.api.tokens import create_client_token, preflight
 from sidecar.appkeys import STATE, GatewayState
 from sidecar.runtime import Runtime, RuntimeHolder, Services
@@ -91,7 +91,8 @@ def create_apps(state: GatewayState) -> tuple[web.Application, web.Application]:
     api.router.add_route("OPTIONS", "/v1/embeddings", preflight)
     api.router.add_route("OPTIONS", "/v1/models", preflight)
     api.router.add_route("OPTIONS", "/v1/models/{ref:.+}", preflight)
-    api.router.add_route("*", "/{path:.*}", unknown_route)  # last: only what nothing else serves
+    # last: what nothing else serves, a configured pass-through path or the 404
+    api.router.add_route("*", "/{path:.*}", passthrough_or_unknown)
 
     admin = web.Application()
     admin[STATE] = state

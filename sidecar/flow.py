@@ -110,6 +110,7 @@ class Flow:
     # user addons' own: the core and the built-in addons never read it (typed fields above)
     metadata: dict[str, Any] = field(default_factory=dict)
     extra_headers: dict[str, str] = field(default_factory=dict)  # addons' headers for the answer
+    path: str = ""  # the request's path, for the access log (which endpoint, which pass-through)
 
     @property
     def fallback_triggered(self) -> bool:

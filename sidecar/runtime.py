@@ -24,6 +24,7 @@ from sidecar.addons.usage import UsageAddon, UsageWriter
 from sidecar.cascade import Cascade
 from sidecar.http1 import Http1Client
 from sidecar.outage import Outage
+from sidecar.passthrough import PassthroughTable
 from sidecar.pipeline import Pipeline, load_addon
 from sidecar.providers import build_client
 from sidecar.providers.base import ProviderClient
@@ -101,6 +102,7 @@ class Runtime:
         self.cascade = Cascade(
             self.pipeline, self.providers, settings.rewrite, services.circuits.is_open
         )
+        self.passthrough = PassthroughTable(settings.passthrough, self.providers)
         entries = _model_entries(settings)
         self.models_body = orjson.dumps({"object": "list", "data": entries})
         self.model_bodies = {str(entry["id"]): orjson.dumps(entry) for entry in entries}

@@ -29,6 +29,7 @@ class AccessLog:
             "dev": principal.developer,
             "customer": principal.customer,
             "client_ip": flow.client_ip,
+            "path": flow.path,
             "stream": flow.stream,
             "refs_tried": flow.models_tried,
             "ref_used": flow.model_used,

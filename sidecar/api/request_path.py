@@ -57,6 +57,7 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         client_ip=request.remote or "",
         body={},
         body_bytes=0,
+        path=request.path,
     )
     pipeline = runtime.pipeline
     try:

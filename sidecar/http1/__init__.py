@@ -15,7 +15,7 @@ response. This package does only that, in six modules:
   behind, and bounding the kernel's receive buffer from then on (what a stalled stream holds
   is small on both sides).
 `request` returns the whole body (capped at MAX_BODY_BYTES); `stream` returns at the response
-head.
+head; `forward` too, for a pass-through request whose body may arrive in pieces (an `Upload`).
 
 Timeouts follow the provider's: `connect` for the TCP (and TLS) handshake, `read` from the
 request written to the response complete (streamed: to the head, then between two pieces of
@@ -24,7 +24,7 @@ the body), `total` over everything, a stream's body included.
 
 from sidecar.http1.body import MAX_BODY_BYTES, BodyReader, Streamed, UpstreamProtocolError
 from sidecar.http1.client import Egress, Http1Client
-from sidecar.http1.connection import Connection, Response
+from sidecar.http1.connection import Connection, Response, Upload
 from sidecar.http1.pool import Origin, Pool, Target
 
 __all__ = [
@@ -38,5 +38,6 @@ __all__ = [
     "Response",
     "Streamed",
     "Target",
+    "Upload",
     "UpstreamProtocolError",
 ]

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sidecar.http1.body import MAX_BODY_BYTES, Streamed, UpstreamProtocolError
-from sidecar.http1.connection import Connection, Response
+from sidecar.http1.connection import Connection, Response, Upload
 from sidecar.http1.dial import Dialer
 from sidecar.http1.pool import MAX_CONNECTIONS, Pool, Target
 from sidecar.http1.proxy import Proxy, ProxyEnv, ProxyRefused
@@ -51,6 +51,10 @@ class Egress:
                 self._targets.clear()
             found = self._targets[url] = self._client._target(url, self)
         return found
+
+    def target_once(self, url: str) -> Target:
+        """A target for one request, not cached: a pass-through URL holds the client's path."""
+        return self._client._target(url, self)
 
 
 class Http1Client:
@@ -152,6 +156,36 @@ class Http1Client:
             raise
         return streamed
 
+    async def forward(
+        self,
+        target: Target,
+        headers: Mapping[str, str],
+        body: bytes | Upload,
+        connect: float,
+        read: float,
+        total: float | None = None,
+        method: str = "POST",
+    ) -> Streamed:
+        """`stream` for a pass-through request: the body may arrive in pieces (an Upload),
+        and the head is built for this request alone (its headers are the client's, its URL
+        the client's path: neither is worth a place in the caches of provider calls)."""
+        length = len(body) if isinstance(body, bytes) else body.length
+        head = _fixed_head(method, target, headers) % length
+        deadline = None if total is None else asyncio.get_running_loop().time() + total
+        if total is None:
+            connection, streamed = await self._exchange(target, head, body, connect, read, True)
+        else:
+            async with asyncio.timeout(total):
+                connection, streamed = await self._exchange(target, head, body, connect, read, True)
+        streamed._pool = target.pool
+        try:
+            encoding = streamed.headers.get("Content-Encoding", "identity").lower()
+            streamed.body.configure(read, deadline, encoding)
+        except UpstreamProtocolError:
+            connection._abort()
+            raise
+        return streamed
+
     async def _send(
         self,
         method: str,
@@ -174,7 +208,7 @@ class Http1Client:
         self,
         target: Target,
         head: bytes,
-        body: bytes,
+        body: bytes | Upload,
         connect: float,
         read: float,
         streaming: bool,
@@ -186,7 +220,10 @@ class Http1Client:
         if connection is None:
             connection = await pool.acquire(connect)
         try:
-            answer = await connection.send(head, body, read, streaming)
+            if isinstance(body, bytes):
+                answer = await connection.send(head, body, read, streaming)
+            else:
+                answer = await (await connection.upload(head, body, read))
         except BaseException:
             connection._abort()
             raise

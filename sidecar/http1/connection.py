@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,15 @@ class Response:
     body: bytes
 
 
+@dataclass(slots=True)
+class Upload:
+    """A request body that arrives in pieces (a pass-through upload), `length` bytes in all:
+    sent as it comes, never held whole."""
+
+    pieces: AsyncIterable[bytes]
+    length: int
+
+
 class Connection(asyncio.Protocol):
     """One TCP connection, one request at a time; httptools calls back as bytes arrive. The
     waiter is answered with the whole Response, or, for a streamed request, with a Streamed
@@ -54,6 +64,9 @@ class Connection(asyncio.Protocol):
         self._headers_done = False
         self._head_bytes = 0
         self._keep_alive = False
+        self._write_paused = False  # the transport's buffer is full (asyncio flow control)
+        self._drained: asyncio.Future[None] | None = None  # an upload waiting for room
+        self._unfinished = False  # an upload ended before its body was all sent
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,8 +88,16 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamProtocolError(f"unparseable response: {exc}"))
             self._abort()
 
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer(None)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed()
+        self._wake_writer(exc or ConnectionResetError("connection closed"))
         if self._waiter is None or self._done:
             return
         if self._headers_done and not {"Content-Length", "Transfer-Encoding"} & set(self._headers):
@@ -144,9 +165,67 @@ class Connection(asyncio.Protocol):
         self.transport.write(head + body)
         return waiter
 
+    async def upload(self, head: bytes, body: Upload, read: float) -> asyncio.Future[Any]:
+        """`send` for a streamed request (an `Upload`): the head at once, then each piece as
+        it arrives, waiting while the transport's buffer is full (up to `read` seconds for the
+        upstream to take more); the read timeout of the answer starts once the body is sent.
+        An answer before then (an upstream refusing the body early) ends the upload, and the
+        connection is not reused."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        self._streaming = True
+        self._reader = None
+        self._headers = CIMultiDict()
+        self._body = []
+        self._size = 0
+        self._done = False
+        self._headers_done = False
+        self._head_bytes = 0
+        self._unfinished = True
+        self.transport.write(head)
+        sent = 0
+        async for piece in body.pieces:
+            if waiter.done() or self.closed:
+                return waiter
+            sent += len(piece)
+            if sent > body.length:
+                raise UpstreamProtocolError(f"the upload is over its {body.length} bytes")
+            self.transport.write(piece)
+            if self._write_paused:
+                async with asyncio.timeout(read):
+                    await self._room(loop)
+        if sent != body.length:
+            raise UpstreamProtocolError(f"the upload ended after {sent} of {body.length} bytes")
+        self._unfinished = False
+        if not waiter.done():
+            self._timer = loop.call_later(read, self._time_out, read)
+        return waiter
+
+    async def _room(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self._write_paused:
+            if self.closed:
+                raise ConnectionResetError("connection closed during the upload")
+            self._drained = loop.create_future()
+            await self._drained
+
+    def _wake_writer(self, exc: Exception | None) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            if exc is None:
+                drained.set_result(None)
+            else:
+                drained.set_exception(exc)
+
     def reusable(self) -> bool:
         """After a complete response: whether the connection may carry another request."""
-        return self._done and not self.closed and self._keep_alive and not self._rcvbuf_bounded
+        return (
+            self._done
+            and not self.closed
+            and self._keep_alive
+            and not self._rcvbuf_bounded
+            and not self._unfinished
+        )
 
     def release(self) -> None:
         self._waiter = None

@@ -34,6 +34,7 @@ from sidecar.settings.model import (
     Timeouts,
     TokenSettings,
 )
+from sidecar.settings.passthrough import build_passthrough
 from sidecar.settings.reading import ConfigError, KeyPath, Located
 
 ADMIN_TOKEN_ENV = "RINGSIDE_ADMIN_TOKEN"  # admin.token when the config does not set one
@@ -382,6 +383,7 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
             addons.append(AddonSpec(item["path"], dict(item.get("options", {}))))
 
     shutdown = _shutdown(data, where, env, warnings)
+    passthrough = build_passthrough(data, providers, where, problems)
 
     if problems:
         raise ConfigError(problems)
@@ -416,6 +418,7 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
         tokens=tokens,
         admin=admin,
         shutdown=shutdown,
+        passthrough=passthrough,
     )
 
 

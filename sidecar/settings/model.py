@@ -241,6 +241,8 @@ class Settings:
     tokens: TokenSettings = TokenSettings()
     admin: AdminSettings = AdminSettings()
     shutdown: Shutdown = Shutdown()
+    # path prefix → provider name (sidecar/settings/passthrough.py), the longest prefix first
+    passthrough: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def open_mode(self) -> bool:

@@ -1,0 +1,45 @@
+"""Which provider kinds a `passthrough:` path may name, and how a request reaches them.
+
+Only the OpenAI-compatible kinds (the rows of COMPAT_KINDS): their APIs have OpenAI's paths
+under their base URL, so `/v1/<rest>` from a client goes to `{base_url}/<rest>`, as the
+provider's own OpenAI SDK would send it. The other kinds' APIs have other paths and other
+bodies: a pass-through to them would be a translation, which is an endpoint's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sidecar.providers.openai_compat import COMPAT_KINDS, OpenAICompatAdapter
+from sidecar.settings.model import ProviderSettings
+
+PASSTHROUGH_KINDS = frozenset(COMPAT_KINDS)
+_CHAT_PATH = "/chat/completions"
+# the chat adapter's own headers that the client's own replace
+_JSON_DEFAULTS = frozenset({"content-type", "accept"})
+
+
+@dataclass(frozen=True, slots=True)
+class PassthroughUpstream:
+    """Where one provider's pass-through requests go, and the headers they carry."""
+
+    base_url: str  # without a trailing slash: `/v1/<rest>` goes to `{base_url}/<rest>`
+    headers: Mapping[str, str]  # the provider's credentials and its own `headers:`
+
+
+def passthrough_upstream(settings: ProviderSettings) -> PassthroughUpstream | None:
+    """The upstream of a provider whose kind passes through, else None. Its credentials are
+    added exactly as its chat adapter adds them (same header, same scheme), and its configured
+    `headers:` too; the adapter's JSON Content-Type and Accept are left to the client's."""
+    row = COMPAT_KINDS.get(settings.kind)
+    if row is None:
+        return None
+    adapter = OpenAICompatAdapter(settings, row)
+    own = {name.lower() for name in settings.headers}
+    headers = {
+        name: value
+        for name, value in adapter.headers.items()
+        if name.lower() not in _JSON_DEFAULTS or name.lower() in own
+    }
+    return PassthroughUpstream(adapter.url.removesuffix(_CHAT_PATH), headers)
