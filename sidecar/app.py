@@ -18,6 +18,7 @@ from sidecar.api.chat import chat_completions
 from sidecar.api.embeddings import create_embeddings
 from sidecar.api.models import list_models, retrieve_model
 from sidecar.api.passthrough import passthrough_or_unknown
+from sidecar.api.responses import create_response
 from sidecar.api.tokens import create_client_token, preflight
 from sidecar.appkeys import STATE, GatewayState
 from sidecar.runtime import Runtime, RuntimeHolder, Services
@@ -84,11 +85,13 @@ def create_apps(state: GatewayState) -> tuple[web.Application, web.Application]:
     api.cleanup_ctx.append(_lifecycle)
     api.router.add_post("/v1/chat/completions", chat_completions)
     api.router.add_post("/v1/embeddings", create_embeddings)
+    api.router.add_post("/v1/responses", create_response)
     api.router.add_get("/v1/models", list_models)
     api.router.add_get("/v1/models/{ref:.+}", retrieve_model)
     api.router.add_post("/v1/client_tokens", create_client_token)
     api.router.add_route("OPTIONS", "/v1/chat/completions", preflight)
     api.router.add_route("OPTIONS", "/v1/embeddings", preflight)
+    api.router.add_route("OPTIONS", "/v1/responses", preflight)
     api.router.add_route("OPTIONS", "/v1/models", preflight)
     api.router.add_route("OPTIONS", "/v1/models/{ref:.+}", preflight)
     # last: what nothing else serves, a configured pass-through path or the 404

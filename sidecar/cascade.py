@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 
@@ -20,7 +20,14 @@ from sidecar.errors import CandidateRefused, GatewayError, Outcome, UpstreamErro
 from sidecar.flow import EMBEDDINGS, Attempt, Flow
 from sidecar.pipeline import Pipeline
 from sidecar.pricing import usage_cost
-from sidecar.providers.base import ChunkStream, Completion, ProviderClient, UpstreamCall, Usage
+from sidecar.providers.base import (
+    ChunkStream,
+    Completion,
+    ProviderClient,
+    ResponsesClient,
+    UpstreamCall,
+    Usage,
+)
 from sidecar.routing import Candidate
 from sidecar.settings.model import ProviderSettings, Rewrite
 from sidecar.structured import enforce
@@ -46,14 +53,17 @@ def _apply_rewrites(
 
 
 OUTPUT_CAP_PARAMS = ("max_completion_tokens", "max_tokens")
+RESPONSES_CAP_PARAMS = ("max_output_tokens",)  # a Responses API request's, sent natively
 
 
-def with_output_cap(body: dict[str, Any], cap: int) -> dict[str, Any]:
+def with_output_cap(
+    body: dict[str, Any], cap: int, names: tuple[str, ...] = OUTPUT_CAP_PARAMS
+) -> dict[str, Any]:
     """`body` asking for at most `cap` output tokens per choice: the client's own parameter
     lowered to the cap when over it, else `max_completion_tokens` added (OpenAI's name; each
-    adapter sends it in its provider's own parameter)."""
+    adapter sends it in its provider's own parameter; `names[0]` for another request shape)."""
     capped, asked_for = body, False
-    for name in OUTPUT_CAP_PARAMS:
+    for name in names:
         asked = body.get(name)
         if isinstance(asked, int) and not isinstance(asked, bool):
             asked_for = True
@@ -61,7 +71,7 @@ def with_output_cap(body: dict[str, Any], cap: int) -> dict[str, Any]:
                 if capped is body:
                     capped = dict(body)
                 capped[name] = cap
-    return capped if asked_for else {**body, "max_completion_tokens": cap}
+    return capped if asked_for else {**body, names[0]: cap}
 
 
 def retry_delay(provider: ProviderSettings, tries: int, error: UpstreamError) -> float | None:
@@ -198,6 +208,9 @@ def _delivers(chunk: bytes) -> bool:
         return True
     if data.get("usage"):
         return True
+    kind = data.get("type")
+    if isinstance(kind, str) and "choices" not in data:  # a native Responses API event
+        return kind not in _RESPONSES_PREAMBLE
     for choice in data.get("choices") or ():
         if not isinstance(choice, dict):
             return True
@@ -209,6 +222,18 @@ def _delivers(chunk: bytes) -> bool:
         ):
             return True
     return False
+
+
+# the events a Responses API stream starts with before it delivers anything
+_RESPONSES_PREAMBLE = frozenset(
+    {
+        "response.created",
+        "response.queued",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    }
+)
 
 
 class Cascade:
@@ -245,7 +270,12 @@ class Cascade:
         if rules:
             body, headers = _apply_rewrites(body, rules)
         if attempt.output_cap is not None:
-            body = with_output_cap(body, attempt.output_cap)
+            names = (
+                RESPONSES_CAP_PARAMS
+                if self.native_responses(flow, candidate)
+                else OUTPUT_CAP_PARAMS
+            )
+            body = with_output_cap(body, attempt.output_cap, names)
         return UpstreamCall(
             candidate.provider, candidate.model_id, body, stream, headers, flow.id,
             keep_content=stream and flow.schema_plan is not None,  # validated at the end
@@ -273,6 +303,13 @@ class Cascade:
         client gets a 400 naming the provider and the parameter."""
         if flow.endpoint == EMBEDDINGS:
             return self._no_embeddings(candidate)
+        responses = flow.responses
+        if (
+            responses is not None
+            and responses.native_only is not None
+            and not self.native_responses(flow, candidate)
+        ):
+            return self._not_native(responses.native_only, candidate)
         choices = flow.body.get("n")
         if not isinstance(choices, int) or choices <= 1:
             return None
@@ -305,11 +342,48 @@ class Cascade:
             client_error=GatewayError(400, "invalid_request", message, param="model"),
         )
 
+    def _not_native(self, native_only: tuple[str, str], candidate: Candidate) -> UpstreamError:
+        """A Responses API request that only a provider with the native API can answer (server-
+        side state, built-in tools), to a candidate that is sent it translated onto chat."""
+        param, why = native_only
+        provider = candidate.provider
+        native = sorted(name for name, client in self.providers.items() if client.caps.responses)
+        where = (
+            f"use a model of a provider that has it ({', '.join(native)})"
+            if native
+            else "no configured provider has it"
+        )
+        message = (
+            f"{param} {why}, and provider {provider.name!r} (kind {provider.kind}) has no "
+            f"native Responses API (a Responses request is translated onto its chat API): "
+            f"{where}, or leave {param} out"
+        )
+        return UpstreamError(
+            Outcome.UNSUPPORTED,
+            message,
+            reason=Outcome.UNSUPPORTED.value,
+            client_error=GatewayError(400, "invalid_request", message, param=param),
+        )
+
+    def native_responses(self, flow: Flow, candidate: Candidate) -> bool:
+        """Whether a Responses API request goes to `candidate` as the client sent it (its kind
+        has the native API), rather than translated onto chat (`flow.body`)."""
+        return flow.responses is not None and self.providers[candidate.provider.name].caps.responses
+
+    def _sender(
+        self, flow: Flow, candidate: Candidate
+    ) -> Callable[[UpstreamCall], Awaitable[Completion]]:
+        client = self.providers[candidate.provider.name]
+        if flow.endpoint == EMBEDDINGS:
+            return client.embed
+        if self.native_responses(flow, candidate):
+            return cast(ResponsesClient, client).respond  # caps.responses
+        return client.complete
+
     async def call(self, flow: Flow, candidate: Candidate, body: dict[str, Any]) -> Completion:
         """Call a candidate, retrying it as its provider's `retries` allow; the answer's
         usage and cost are recorded on its Attempt."""
-        provider = self.providers[candidate.provider.name]
-        send = provider.embed if flow.endpoint == EMBEDDINGS else provider.complete
+        send = self._sender(flow, candidate)
         attempt, completion = await self._tries(flow, candidate, body, send)
         self._settle(flow, attempt, completion.usage or unreported_usage(flow, completion))
         await self.pipeline.run("attempt_done", flow, attempt)
@@ -385,6 +459,9 @@ class Cascade:
     async def answer(self, flow: Flow, candidate: Candidate) -> Completion:
         """A candidate's final answer; schema enforcement wraps the call when asked for."""
         plan = flow.schema_plan
+        if flow.responses is not None and self.native_responses(flow, candidate):
+            # as the client sent it: the provider applies text.format itself
+            return await self.call(flow, candidate, flow.responses.request)
         if plan is None:
             return await self.call(flow, candidate, flow.body)
         client = self.providers[candidate.provider.name]
@@ -450,8 +527,12 @@ class Cascade:
                 )
             flow.models_tried.append(candidate.ref)
             client = self.providers[candidate.provider.name]
+            body, opener = flow.body, client.open_stream
+            if flow.responses is not None and self.native_responses(flow, candidate):
+                body = flow.responses.request
+                opener = cast(ResponsesClient, client).open_response_stream  # caps.responses
             try:
-                attempt, stream = await self._tries(flow, candidate, flow.body, client.open_stream)
+                attempt, stream = await self._tries(flow, candidate, body, opener)
             except UpstreamError as error:  # refused by a hook, or the last try failed
                 if not (cascading and error.outcome.escalates):
                     raise self.as_gateway_error(candidate, error, flow) from None

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from sidecar.addons.idempotency import HeldClaim
     from sidecar.errors import GatewayError, UpstreamError
+    from sidecar.responses_request import ResponsesCall
     from sidecar.routing import Candidate, Route
     from sidecar.stores.budget import Hold, Scope
     from sidecar.structured import SchemaPlan
@@ -86,6 +87,9 @@ class Flow:
     reprompts: int = 0
     schema_enforced: bool = False
     schema_plan: SchemaPlan | None = None  # the compiled response_format, when it asks for JSON
+    # POST /v1/responses: the client's request for providers with the native Responses API
+    # (`body` is its translation onto chat, what every other provider is sent)
+    responses: ResponsesCall | None = None
     schema_checks: list[tuple[str, str]] = field(default_factory=list)  # model label, result
     schema_reprompts: list[str] = field(default_factory=list)  # model label of each re-prompt
     status: int = 200

@@ -25,6 +25,7 @@ from sidecar.providers.base import (
     Completion,
     EmbeddingsAdapter,
     HttpRequest,
+    ResponsesAdapter,
     StreamDecoder,
     StreamParser,
     UpstreamCall,
@@ -164,9 +165,34 @@ class HttpProvider:
             raise self._failure(status, body, headers)
         return adapter.parse_embeddings_response(body, call, headers)
 
+    async def respond(self, call: UpstreamCall) -> Completion:
+        """A Responses API request to a kind that has it natively (`caps.responses`: checked
+        by the cascade), read whole: a call made for a streamed request the schema loop
+        buffers asks for no stream."""
+        adapter = cast(ResponsesAdapter, self.adapter)
+        request = adapter.build_responses_request(replace(call, stream=False))
+        response = await self._send(self.http1.request, call, request)
+        if not 200 <= response.status < 300:
+            raise self._failure(response.status, response.body, response.headers)
+        return adapter.parse_responses_response(response.body, call)
+
+    async def open_response_stream(self, call: UpstreamCall) -> ChunkStream:
+        """A streamed Responses API request to a kind that has it natively: its events."""
+        adapter = cast(ResponsesAdapter, self.adapter)
+        request = adapter.build_responses_request(call)
+        return await self._open(call, request, adapter.responses_stream_decoder)
+
     async def open_stream(self, call: UpstreamCall) -> ChunkStream:
         """Open the stream; an upstream failure before the first byte raises here."""
-        response = await self._send(self.http1.stream, call)
+        return await self._open(call, None, self.adapter.stream_decoder)
+
+    async def _open(
+        self,
+        call: UpstreamCall,
+        request: HttpRequest | None,
+        decoder: Callable[[UpstreamCall], StreamDecoder],
+    ) -> ChunkStream:
+        response = await self._send(self.http1.stream, call, request)
         if not 200 <= response.status < 300:
             try:
                 body = await response.body.read()
@@ -175,7 +201,7 @@ class HttpProvider:
             finally:
                 response.close()
             raise self._failure(response.status, body, response.headers)
-        return HttpChunkStream(response, self.adapter.stream_decoder(call), self.stream_parser())
+        return HttpChunkStream(response, decoder(call), self.stream_parser())
 
     async def _send(
         self,

@@ -413,8 +413,9 @@ def test_an_upstream_failure_is_a_503_in_the_envelope(
 def test_a_translated_stream_is_rebuilt_as_responses_events(
     gateway: SidecarProcess, fake_openai: FakeOpenAI
 ) -> None:
-    fake_openai.script(Reply(content="Hello there, friend.", chunks=4, prompt_tokens=9,
-                             completion_tokens=4))  # fmt: skip
+    fake_openai.script(
+        Reply(content="Hello there, friend.", chunks=4, prompt_tokens=9, completion_tokens=4)
+    )
     answer = post(gateway, {"model": TRANSLATED, "input": "hi", "stream": True})
     assert answer.status == 200
     assert answer.headers["Content-Type"].startswith("text/event-stream")
@@ -542,3 +543,190 @@ def test_a_streamed_json_schema_on_the_mock_runs_the_reprompt_loop(gateway: Side
     final = events[-1]
     assert final.type == "response.completed"
     assert json.loads(final.response.output_text) == {"city": "Paris", "country": "France"}
+
+
+# -- native (openai, azure) -----------------------------------------------------------------------
+
+NATIVE = "fc:openai/gpt-4o-mini"
+
+
+def test_native_create_forwards_the_request_as_sent(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    """Server-side state, reasoning, built-in tools: the native API takes them all."""
+    raw = sdk(gateway).responses.with_raw_response.create(
+        model=NATIVE,
+        input="Go on",
+        instructions="Be brief.",
+        previous_response_id="resp_earlier",
+        store=True,
+        reasoning={"effort": "low"},
+        tools=[{"type": "web_search"}],
+    )
+    answer = raw.parse()
+    Response.model_validate(json.loads(raw.content))
+    assert answer.output_text == "Hello from the fake upstream."
+    assert answer.id == "resp_fake"  # the provider's own object, untouched
+    assert raw.headers["X-Ringside-Model-Used"] == NATIVE
+    assert raw.headers["X-Ringside-Cost-USD"] == "0.00000585"  # 11 × $0.15/M + 7 × $0.60/M
+    [sent] = fake_openai.received
+    assert sent.path == "/v1/responses"
+    assert sent.body == {
+        "model": "gpt-4o-mini",
+        "input": "Go on",
+        "instructions": "Be brief.",
+        "previous_response_id": "resp_earlier",
+        "store": True,
+        "reasoning": {"effort": "low"},
+        "tools": [{"type": "web_search"}],
+    }
+    assert sent.headers["Authorization"] != "Bearer unused-in-open-mode"  # the provider's key
+
+
+def test_native_stream_passes_the_events_through(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(Reply(content="one two three", chunks=3))
+    answer = post(gateway, {"model": NATIVE, "input": "count", "stream": True})
+    events = events_of(answer.body)
+    names = [name for name, _ in events]
+    assert names[0] == "response.created" and names[-1] == "response.completed"
+    assert names.count("response.output_text.delta") == 3
+    assert events[-1][1]["response"]["id"] == "resp_fake"
+    assert fake_openai.received[0].body == {
+        "model": "gpt-4o-mini",
+        "input": "count",
+        "stream": True,
+    }
+
+    fake_openai.script(Reply(content="through the SDK"))
+    with sdk(gateway).responses.stream(model=NATIVE, input="hi") as stream:
+        for _event in stream:
+            pass
+        assert stream.get_final_response().output_text == "through the SDK"
+
+
+def test_native_mid_stream_failure_ends_with_response_failed(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(Reply(content="abcdefgh", chunks=4, error_after_chunks=1))
+    events = events_of(post(gateway, {"model": NATIVE, "input": "x", "stream": True}).body)
+    assert [name for name, _ in events][-2:] == ["error", "response.failed"]
+    assert events[-2][1]["code"] == "upstream_unavailable"
+    assert events[-1][1]["response"]["id"] == "resp_fake"  # the same response, failed
+
+
+def test_native_calls_carry_the_budget_cap_and_are_billed(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    def spent() -> tuple[float, int, int]:
+        usage = request(
+            gateway.admin_url,
+            "GET",
+            "/v1/customers/acme/usage",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        ).json()
+        return usage["spent_usd"], usage["tokens"]["input"], usage["tokens"]["output"]
+
+    before = spent()
+    fake_openai.script(Reply(prompt_tokens=1000, completion_tokens=100))
+    customer = {"FC-Customer": "acme"}
+    sdk(gateway).responses.create(model=NATIVE, input="hi", extra_headers=customer)
+    assert fake_openai.received[0].body["max_output_tokens"] == 16384  # the catalog's max_output
+    sdk(gateway).responses.create(
+        model=NATIVE, input="hi", max_output_tokens=100, extra_headers=customer
+    )
+    assert fake_openai.received[1].body["max_output_tokens"] == 100
+    fake_openai.script(Reply(prompt_tokens=500, completion_tokens=50))
+    stream = post(gateway, {"model": NATIVE, "input": "x", "stream": True}, **customer)
+    assert events_of(stream.body)[-1][0] == "response.completed"
+    after = spent()
+    assert after[1] - before[1] == 1000 + 11 + 500
+    assert after[2] - before[2] == 100 + 7 + 50
+    assert after[0] > before[0]
+
+
+def test_a_cascade_moves_from_a_translated_to_a_native_candidate(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(Reply(status=500), Reply(content="native answer"))
+    raw = sdk(gateway).responses.with_raw_response.create(
+        model=[TRANSLATED, NATIVE],  # type: ignore[arg-type]
+        input="hi",
+    )
+    assert raw.parse().output_text == "native answer"
+    assert raw.headers["X-Ringside-Models-Tried"] == f"{TRANSLATED},{NATIVE}"
+    assert [r.path for r in fake_openai.received] == ["/v1/chat/completions", "/v1/responses"]
+
+
+def test_state_skips_the_translated_candidates_of_a_cascade(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    answer = post(
+        gateway,
+        {"model": [TRANSLATED, NATIVE], "input": "hi", "previous_response_id": "resp_1"},
+    )
+    assert answer.status == 200
+    assert [r.path for r in fake_openai.received] == ["/v1/responses"]
+
+
+def test_a_native_client_error_is_passed_through(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(
+        Reply(
+            status=400,
+            error_code="previous_response_not_found",
+            error_message="Previous response not found.",
+            error_type="invalid_request_error",
+        )
+    )
+    answer = post(gateway, {"model": NATIVE, "input": "x", "previous_response_id": "resp_x"})
+    assert answer.status == 400
+    assert "Previous response not found" in answer.error["message"]
+
+
+def _settings(kind: str, **fields: Any) -> Any:
+    from sidecar.settings.model import ProviderSettings
+
+    return ProviderSettings(
+        name=kind, kind=kind, **{"base_url": None, "api_key_env": None, **fields}
+    )
+
+
+def test_native_urls_of_openai_and_azure() -> None:
+    from sidecar.providers.azure import AzureAdapter
+    from sidecar.providers.base import UpstreamCall
+    from sidecar.providers.openai_compat import COMPAT_KINDS, OpenAICompatAdapter
+
+    body = {"model": "fc:az/mini", "input": "x", "stream": True}
+    openai_settings = _settings("openai", api_key="k")
+    built = OpenAICompatAdapter(openai_settings, COMPAT_KINDS["openai"]).build_responses_request(
+        UpstreamCall(openai_settings, "gpt-4o-mini", body, stream=True)
+    )
+    assert built.url == "https://api.openai.com/v1/responses"
+    assert json.loads(built.body) == {"model": "gpt-4o-mini", "input": "x", "stream": True}
+    dated = _settings(
+        "azure",
+        base_url="https://res.openai.azure.com",
+        api_key="k",
+        api_version="2025-04-01-preview",
+        deployments={"mini": "mini-prod"},
+    )
+    built = AzureAdapter(dated).build_responses_request(UpstreamCall(dated, "mini", body))
+    assert (
+        built.url == "https://res.openai.azure.com/openai/responses?api-version=2025-04-01-preview"
+    )
+    assert built.headers["api-key"] == "k"
+    assert json.loads(built.body) == {"model": "mini-prod", "input": "x"}  # not a streamed call
+    v1 = _settings("azure", base_url="https://res.openai.azure.com", api_key="k")
+    built = AzureAdapter(v1).build_responses_request(UpstreamCall(v1, "mini", body))
+    assert built.url == "https://res.openai.azure.com/openai/v1/responses"
+
+
+def test_only_openai_and_azure_are_native() -> None:
+    from sidecar.providers.azure import AZURE_CAPS
+    from sidecar.providers.openai_compat import COMPAT_KINDS
+
+    native = {kind for kind, row in COMPAT_KINDS.items() if row.caps.responses}
+    assert native == {"openai"} and AZURE_CAPS.responses

@@ -63,7 +63,10 @@ def duration(seconds: float) -> str:
 
 def tokens_estimate(flow: Flow) -> int:
     body = flow.body
-    requested = body.get("max_completion_tokens") or body.get("max_tokens")
+    # chat's output cap, or a Responses API request's (this hook sees the client's body)
+    requested = (
+        body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    )
     output = requested if isinstance(requested, int) and not isinstance(requested, bool) else 0
     return flow.body_bytes // 4 + max(0, output)
 

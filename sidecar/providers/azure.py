@@ -34,13 +34,18 @@ from sidecar.providers.openai_compat import (
     parse_error_envelope,
     retry_after_seconds,
 )
+from sidecar.providers.openai_responses import (
+    ResponsesStreamDecoder,
+    parse_response_object,
+    responses_body,
+)
 from sidecar.settings.model import ProviderSettings
 from sidecar.settings.watch import file_signature
 
 log = logging.getLogger("ringside")
 
-# as OpenAI: tools, vision, json_schema, json_object, usage, n, embeddings
-AZURE_CAPS = KindCaps(embeddings=True)
+# as OpenAI: tools, vision, json_schema, json_object, usage, n, embeddings, the Responses API
+AZURE_CAPS = KindCaps(embeddings=True, responses=True)
 V1_PREVIEW_VERSIONS = frozenset({"preview", "latest"})
 DATED_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?")
 TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # what an Authorization header carries as is
@@ -153,10 +158,13 @@ class AzureAdapter:
             query = f"?api-version={version}" if version else ""
             self.v1_url = f"{endpoint}/openai/v1/chat/completions{query}"
             self.v1_embeddings_url = f"{endpoint}/openai/v1/embeddings{query}"
+            self.responses_url = f"{endpoint}/openai/v1/responses{query}"
         else:
             self._prefix = f"{endpoint}/openai/deployments/"
             self._suffix = f"/chat/completions?api-version={version}"
             self._embeddings_suffix = f"/embeddings?api-version={version}"
+            # the Responses API has no deployment URL: the deployment goes in `model`
+            self.responses_url = f"{endpoint}/openai/responses?api-version={version}"
         self._urls = {name: self._deployment_url(name) for name in self.deployments.values()}
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.api_key:
@@ -220,6 +228,21 @@ class AzureAdapter:
         self, body: bytes, call: UpstreamCall, headers: Mapping[str, str]
     ) -> Completion:
         return parse_embeddings(body)
+
+    def build_responses_request(self, call: UpstreamCall) -> HttpRequest:
+        """`/openai/v1/responses` (the v1 API), or `/openai/responses?api-version=…` (a dated
+        version), the deployment as `model` (caps.responses)."""
+        deployment = self.deployments.get(call.model_id, call.model_id)
+        headers = self._auth_headers()
+        if call.headers:
+            headers = {**headers, **call.headers}
+        return HttpRequest(self.responses_url, headers, responses_body(call, deployment))
+
+    def parse_responses_response(self, body: bytes, call: UpstreamCall) -> Completion:
+        return parse_response_object(body)
+
+    def responses_stream_decoder(self, call: UpstreamCall) -> ResponsesStreamDecoder:
+        return ResponsesStreamDecoder()
 
     def parse_response(self, body: bytes, call: UpstreamCall) -> Completion:
         try:

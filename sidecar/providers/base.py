@@ -61,6 +61,9 @@ class KindCaps:
     usage_in_stream: bool = True  # usage at the end of a stream (stream_options.include_usage)
     n: bool = True  # several choices in one call
     embeddings: bool = False  # POST /v1/embeddings (the adapter is an EmbeddingsAdapter too)
+    # POST /v1/responses natively (the adapter is a ResponsesAdapter too); the other kinds are
+    # sent a Responses request translated onto chat
+    responses: bool = False
 
     def names(self) -> frozenset[str]:
         """The `caps` names a catalog entry would list for this kind."""
@@ -167,6 +170,30 @@ class ProviderClient(Protocol):
         """An embeddings answer in OpenAI shape (`body` a `list` of `embedding` objects);
         called only when `caps.embeddings`."""
         ...
+
+
+class ResponsesClient(Protocol):
+    """What a client whose kind has the native Responses API adds (`caps.responses`)."""
+
+    async def respond(self, call: UpstreamCall) -> Completion:
+        """The provider's `response` object as it is (`usage` read from its usage)."""
+        ...
+
+    async def open_response_stream(self, call: UpstreamCall) -> ChunkStream:
+        """The provider's Responses events, each the JSON of one event's data."""
+        ...
+
+
+class ResponsesAdapter(Protocol):
+    """What an adapter whose kind has the native Responses API adds (`caps.responses`): the
+    client's Responses request (`call.body`, `model` still the client's value) at the
+    provider's URL, and its answer and events read for usage."""
+
+    def build_responses_request(self, call: UpstreamCall) -> HttpRequest: ...
+
+    def parse_responses_response(self, body: bytes, call: UpstreamCall) -> Completion: ...
+
+    def responses_stream_decoder(self, call: UpstreamCall) -> StreamDecoder: ...
 
 
 class EmbeddingsAdapter(Protocol):

@@ -23,6 +23,11 @@ from sidecar.providers.base import (
     UpstreamCall,
     Usage,
 )
+from sidecar.providers.openai_responses import (
+    ResponsesStreamDecoder,
+    parse_response_object,
+    responses_body,
+)
 from sidecar.settings.model import ProviderSettings
 
 
@@ -63,7 +68,13 @@ COMPAT_KINDS: Mapping[str, CompatKind] = {
     row.kind: row
     for row in (
         # platform.openai.com/docs/api-reference/chat: the reference every other row differs from
-        CompatKind("openai", "https://api.openai.com/v1", EMBEDS, embeddings_base64=True),
+        # …/responses: the Responses API, sent natively (the other rows get it translated)
+        CompatKind(
+            "openai",
+            "https://api.openai.com/v1",
+            KindCaps(embeddings=True, responses=True),
+            embeddings_base64=True,
+        ),
         # docs.vllm.ai OpenAI-compatible server: json_schema via guided decoding, n, stream usage,
         # max_completion_tokens; a key only when started with --api-key (none sent without one)
         CompatKind("vllm", "http://127.0.0.1:8000/v1", EMBEDS, embeddings_base64=True),
@@ -244,6 +255,7 @@ class OpenAICompatAdapter:
         base = (settings.base_url or row.base_url).rstrip("/")
         self.url = base + "/chat/completions"
         self.embeddings_url = base + "/embeddings"
+        self.responses_url = base + "/responses"
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.api_key:  # none configured (a local ollama or vllm): no auth header at all
             headers[row.auth_header] = row.auth_prefix + settings.api_key
@@ -294,6 +306,17 @@ class OpenAICompatAdapter:
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
             raise bad_body("no choices")
         return Completion(data, Usage.from_openai(data.get("usage")), raw=body)
+
+    def build_responses_request(self, call: UpstreamCall) -> HttpRequest:
+        """The client's Responses request, as it is, to `{base_url}/responses` (caps.responses)."""
+        headers = {**self.headers, **call.headers} if call.headers else self.headers
+        return HttpRequest(self.responses_url, headers, responses_body(call, call.model_id))
+
+    def parse_responses_response(self, body: bytes, call: UpstreamCall) -> Completion:
+        return parse_response_object(body)
+
+    def responses_stream_decoder(self, call: UpstreamCall) -> StreamDecoder:
+        return ResponsesStreamDecoder()
 
     def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest:
         body: dict[str, Any] = dict(call.body)

@@ -25,6 +25,7 @@ from aiohttp import web
 from openai.types.embedding_create_params import EmbeddingCreateParams
 from pydantic import TypeAdapter
 
+from tests.upstreams import openai_responses_fake
 from tests.upstreams.server import ThreadedServer
 
 EMBEDDING_PARAMS = TypeAdapter(EmbeddingCreateParams)
@@ -130,6 +131,7 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
         app.router.add_post("/v1/embeddings", self._handle)
+        app.router.add_post("/v1/responses", self._handle)
         return app
 
     def _pick(self, model: str) -> Reply:
@@ -175,6 +177,8 @@ class FakeOpenAI:
                 }
             }
             return web.json_response(envelope, status=reply.status, headers=reply.headers)
+        if request.path.endswith("/responses"):
+            return await openai_responses_fake.answer(request, body, reply)
         if request.path.endswith("/embeddings"):
             return web.json_response(embeddings_answer(body, reply), headers=reply.headers)
         if body.get("stream"):
