@@ -730,3 +730,14 @@ def test_only_openai_and_azure_are_native() -> None:
 
     native = {kind for kind, row in COMPAT_KINDS.items() if row.caps.responses}
     assert native == {"openai"} and AZURE_CAPS.responses
+
+
+def test_an_idempotent_repeat_is_replayed(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+    body = {"model": TRANSLATED, "input": "once"}
+    first = post(gateway, body, **{"Idempotency-Key": "resp-key-1"})
+    again = post(gateway, body, **{"Idempotency-Key": "resp-key-1"})
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert len(fake_openai.received) == 1
+    changed = post(gateway, {**body, "input": "twice"}, **{"Idempotency-Key": "resp-key-1"})
+    assert changed.status == 409
