@@ -27,6 +27,7 @@ from sidecar.providers.base import Completion
 from sidecar.providers.cohere_embed import BATCH as COHERE_BATCH
 from sidecar.providers.cohere_embed import embed_answer, embed_body
 from sidecar.providers.native_embeddings import (
+    BatchLimit,
     answer,
     estimated_tokens,
     input_texts,
@@ -56,9 +57,9 @@ def family(model_id: str) -> str | None:
     return None
 
 
-def batch_size(model_id: str) -> int:
+def batch_size(model_id: str) -> BatchLimit:
     """Inputs per InvokeModel call: one for Titan, Cohere's 96."""
-    return COHERE_BATCH if family(model_id) == "cohere" else 1
+    return BatchLimit(COHERE_BATCH if family(model_id) == "cohere" else 1)
 
 
 def invoke_body(body: dict[str, Any], model_id: str, provider: str) -> dict[str, Any]:
