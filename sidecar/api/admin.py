@@ -1,10 +1,15 @@
-"""The admin listener: health, readiness, Prometheus metrics, customer usage.
+"""The admin listener: health, readiness, Prometheus metrics, customer usage, the API's
+OpenAPI document.
 
-/healthz and /readyz are always open (the kubelet probes them). /metrics names customers and
+/healthz, /readyz and /openapi.yaml are always open (the kubelet probes the first two; the
+third describes the api listener and holds nothing of the config). /metrics names customers and
 their spend: with `admin.metrics_token` set it answers only a request that carries that token
 as `Authorization: Bearer <token>` (what Prometheus' `authorization` scrape setting sends)."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from importlib import resources
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -51,7 +56,21 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+OPENAPI_CONTENT_TYPE = "application/yaml"
+
+
+def openapi_handler(document: bytes) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """GET /openapi.yaml: the api listener as OpenAPI 3.1 (sidecar/openapi.yaml, read once)."""
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=document, headers={"Content-Type": OPENAPI_CONTENT_TYPE})
+
+    return openapi
+
+
 def add_admin_routes(app: web.Application) -> None:
+    document = resources.files("sidecar").joinpath("openapi.yaml").read_bytes()
+    app.router.add_get("/openapi.yaml", openapi_handler(document))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

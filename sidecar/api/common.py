@@ -175,7 +175,7 @@ async def unknown_route(request: web.Request, passthrough: Sequence[str] = ()) -
             f"no such endpoint: {request.method} {request.path} "
             "(the API serves POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models "
             "and GET /v1/models/{ref}"
-            + "".join(f", {prefix}/…" for prefix in passthrough)
+            + (f"; passed through to providers: {', '.join(passthrough)}" if passthrough else "")
             + ")",
         )
     return error_response(error, headers)

@@ -27,7 +27,6 @@ from sidecar.providers.base import Completion
 from sidecar.providers.cohere_embed import BATCH as COHERE_BATCH
 from sidecar.providers.cohere_embed import embed_answer, embed_body
 from sidecar.providers.native_embeddings import (
-    BatchLimit,
     answer,
     estimated_tokens,
     input_texts,
@@ -57,9 +56,9 @@ def family(model_id: str) -> str | None:
     return None
 
 
-def batch_size(model_id: str) -> BatchLimit:
+def batch_size(model_id: str) -> int:
     """Inputs per InvokeModel call: one for Titan, Cohere's 96."""
-    return BatchLimit(COHERE_BATCH if family(model_id) == "cohere" else 1)
+    return COHERE_BATCH if family(model_id) == "cohere" else 1
 
 
 def invoke_body(body: dict[str, Any], model_id: str, provider: str) -> dict[str, Any]:
