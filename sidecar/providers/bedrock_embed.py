@@ -27,6 +27,7 @@ from sidecar.providers.base import Completion
 from sidecar.providers.cohere_embed import BATCH as COHERE_BATCH
 from sidecar.providers.cohere_embed import embed_answer, embed_body
 from sidecar.providers.native_embeddings import (
+    BatchLimit,
     answer,
     estimated_tokens,
     input_texts,
@@ -56,9 +57,9 @@ def family(model_id: str) -> str | None:
     return None
 
 
-def batch_size(model_id: str) -> int:
+def batch_size(model_id: str) -> BatchLimit:
     """Inputs per InvokeModel call: one for Titan, Cohere's 96."""
-    return COHERE_BATCH if family(model_id) == "cohere" else 1
+    return BatchLimit(COHERE_BATCH if family(model_id) == "cohere" else 1)
 
 
 def invoke_body(body: dict[str, Any], model_id: str, provider: str) -> dict[str, Any]:
@@ -68,12 +69,11 @@ def invoke_body(body: dict[str, Any], model_id: str, provider: str) -> dict[str,
     if kind is None:
         raise _unknown_family(model_id, provider)
     if kind == "cohere":
-        out, _count = embed_body(body, provider, API)
-        return out
+        return embed_body(body, provider, API)
     texts = input_texts(body, provider, API)
     if len(texts) != 1:  # HttpProvider.embed splits by batch_size: never more here
         raise ValueError(f"Titan embeds one text per call, not {len(texts)}")
-    out = {"inputText": texts[0]}
+    out: dict[str, Any] = {"inputText": texts[0]}
     dimensions = requested_dimensions(body)
     if kind == "titan-v2":
         if dimensions is not None:

@@ -28,6 +28,7 @@ from sidecar.providers.cohere_answer import CohereStreamDecoder, completion
 from sidecar.providers.cohere_embed import BATCH as EMBED_BATCH
 from sidecar.providers.cohere_embed import embed_answer, embed_body
 from sidecar.providers.cohere_request import chat_body
+from sidecar.providers.native_embeddings import BatchLimit
 from sidecar.providers.openai_compat import parse_error_envelope, retry_after_seconds
 from sidecar.settings.model import ProviderSettings
 
@@ -85,11 +86,11 @@ class CohereAdapter:
     def parse_response(self, body: bytes, call: UpstreamCall) -> Completion:
         return completion(body, call.model_id)
 
-    def embeddings_batch(self, model_id: str) -> int:
-        return EMBED_BATCH
+    def embeddings_batch(self, model_id: str) -> BatchLimit:
+        return BatchLimit(EMBED_BATCH)
 
     def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest:
-        body, _count = embed_body(call.body, self.name, EMBED_API)
+        body = embed_body(call.body, self.name, EMBED_API)
         headers = {**self.headers, **call.headers} if call.headers else self.headers
         return HttpRequest(self.embed_url, headers, orjson.dumps({"model": call.model_id, **body}))
 

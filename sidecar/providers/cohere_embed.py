@@ -39,8 +39,8 @@ TRUNCATE = ("NONE", "START", "END")
 BATCH = 96  # texts per call, Cohere's limit (on Bedrock too)
 
 
-def embed_body(body: dict[str, Any], provider: str, api: str) -> tuple[dict[str, Any], int]:
-    """(The Cohere Embed body without `model`, the number of texts) for an OpenAI body."""
+def embed_body(body: dict[str, Any], provider: str, api: str) -> dict[str, Any]:
+    """The Cohere Embed body, without `model`, for an OpenAI embeddings body."""
     texts = input_texts(body, provider, api)
     out: dict[str, Any] = {
         "texts": texts,
@@ -53,7 +53,7 @@ def embed_body(body: dict[str, Any], provider: str, api: str) -> tuple[dict[str,
     dimensions = requested_dimensions(body)
     if dimensions is not None:
         out["output_dimension"] = dimensions
-    return out, len(texts)
+    return out
 
 
 def embed_answer(body: bytes, model: str, call_body: dict[str, Any], tokens: Any) -> Completion:
