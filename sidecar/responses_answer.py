@@ -38,10 +38,12 @@ def response_object(
     incomplete: str | None = None,
     error: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The `response` object, in any state of its life (the snapshots of a stream too)."""
+    """The `response` object, in any state of its life (the snapshots of a stream too);
+    `usage` and `user` are left out while there are none (OpenAI's schema has them as non-null
+    when present)."""
     text = request.get("text")
     spec = text.get("format") if isinstance(text, dict) else None
-    return {
+    data = {
         "id": rid,
         "object": "response",
         "created_at": created_at,
@@ -67,6 +69,10 @@ def response_object(
         "usage": usage,
         "user": request.get("user"),
     }
+    for name in ("usage", "user"):
+        if data[name] is None:
+            del data[name]
+    return data
 
 
 def _echoed_tool(tool: dict[str, Any]) -> dict[str, Any]:

@@ -202,6 +202,7 @@ class ChatEvents:
                     self._event(
                         "response.function_call_arguments.done",
                         item_id=done["id"],
+                        name=done["name"],
                         arguments=done["arguments"],
                         **at,
                     )
@@ -300,7 +301,8 @@ def replay(final: dict[str, Any]) -> list[bytes]:
     buffered): its lifecycle, each output item with its text or arguments as one delta, and
     its final state."""
     events: list[dict[str, Any]] = []
-    start = {**final, "status": "in_progress", "output": [], "usage": None}
+    start = {key: value for key, value in final.items() if key != "usage"}
+    start.update(status="in_progress", output=[])
     events.append({"type": "response.created", "response": start})
     events.append({"type": "response.in_progress", "response": start})
     for index, item in enumerate(final.get("output") or ()):
@@ -353,8 +355,14 @@ def replay(final: dict[str, Any]) -> list[bytes]:
             events.append(
                 {"type": "response.function_call_arguments.delta", "delta": arguments, **where}
             )
+            name = item.get("name", "")
             events.append(
-                {"type": "response.function_call_arguments.done", "arguments": arguments, **where}
+                {
+                    "type": "response.function_call_arguments.done",
+                    "name": name,
+                    "arguments": arguments,
+                    **where,
+                }
             )
         else:
             events.append({"type": "response.output_item.added", "item": item, **at})

@@ -17,6 +17,7 @@ from pydantic import TypeAdapter
 
 from tests.conftest import openai_config
 from tests.procs import SidecarProcess
+from tests.responses_schemas import check_event, check_response
 from tests.support import metric_samples, module_sidecar, request, sdk, without_circuit_breakers
 from tests.upstreams.openai_fake import FakeOpenAI, Reply
 
@@ -87,8 +88,9 @@ def post(gateway: SidecarProcess, body: dict[str, Any], **headers: str) -> Any:
     return request(gateway.url, "POST", "/v1/responses", body, headers)
 
 
-def events_of(body: bytes) -> list[tuple[str, dict[str, Any]]]:
-    """(event name, data) of each SSE event, every data validated as the SDK's event type."""
+def events_of(body: bytes, openapi: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of each SSE event, every data validated as the SDK's event type and
+    (`openapi`: for events the sidecar made, not a native provider's) OpenAI's schema."""
     found = []
     for block in body.decode().split("\n\n"):
         lines = block.splitlines()
@@ -98,6 +100,8 @@ def events_of(body: bytes) -> list[tuple[str, dict[str, Any]]]:
             continue
         event = json.loads("\n".join(data))
         EVENTS.validate_python(event)
+        if openapi:
+            check_event(event)
         assert names == [event["type"]], (names, event)
         found.append((event["type"], event))
     assert [e["sequence_number"] for _, e in found] == list(range(len(found)))
@@ -119,6 +123,7 @@ def test_create_on_a_translated_provider(gateway: SidecarProcess, fake_openai: F
     )
     answer = raw.parse()
     Response.model_validate(json.loads(raw.content))
+    check_response(json.loads(raw.content))
     assert answer.output_text == "Bonjour!"
     assert answer.object == "response" and answer.id.startswith("resp_")
     assert answer.status == "completed"
@@ -588,7 +593,7 @@ def test_native_stream_passes_the_events_through(
 ) -> None:
     fake_openai.script(Reply(content="one two three", chunks=3))
     answer = post(gateway, {"model": NATIVE, "input": "count", "stream": True})
-    events = events_of(answer.body)
+    events = events_of(answer.body, openapi=False)  # the fake's, passed through
     names = [name for name, _ in events]
     assert names[0] == "response.created" and names[-1] == "response.completed"
     assert names.count("response.output_text.delta") == 3
@@ -610,7 +615,9 @@ def test_native_mid_stream_failure_ends_with_response_failed(
     gateway: SidecarProcess, fake_openai: FakeOpenAI
 ) -> None:
     fake_openai.script(Reply(content="abcdefgh", chunks=4, error_after_chunks=1))
-    events = events_of(post(gateway, {"model": NATIVE, "input": "x", "stream": True}).body)
+    events = events_of(
+        post(gateway, {"model": NATIVE, "input": "x", "stream": True}).body, openapi=False
+    )
     assert [name for name, _ in events][-2:] == ["error", "response.failed"]
     assert events[-2][1]["code"] == "upstream_unavailable"
     assert events[-1][1]["response"]["id"] == "resp_fake"  # the same response, failed
@@ -639,7 +646,7 @@ def test_native_calls_carry_the_budget_cap_and_are_billed(
     assert fake_openai.received[1].body["max_output_tokens"] == 100
     fake_openai.script(Reply(prompt_tokens=500, completion_tokens=50))
     stream = post(gateway, {"model": NATIVE, "input": "x", "stream": True}, **customer)
-    assert events_of(stream.body)[-1][0] == "response.completed"
+    assert events_of(stream.body, openapi=False)[-1][0] == "response.completed"
     after = spent()
     assert after[1] - before[1] == 1000 + 11 + 500
     assert after[2] - before[2] == 100 + 7 + 50

@@ -17,6 +17,7 @@ from sidecar.providers.base import Completion, Usage
 from sidecar.responses_answer import from_completion
 from sidecar.responses_request import check, to_chat
 from sidecar.responses_stream import ChatEvents, NativeEvents, replay
+from tests.responses_schemas import check_event, check_response
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
 
@@ -29,6 +30,7 @@ def decoded(frames: list[bytes]) -> list[dict[str, Any]]:
         event = json.loads(data.removeprefix("data: "))
         assert head == f"event: {event['type']}"
         EVENTS.validate_python(event)
+        check_event(event)  # OpenAI's own schema too
         events.append(event)
     return events
 
@@ -160,6 +162,7 @@ def test_an_answer_with_text_and_calls_becomes_items() -> None:
         request, completion(message, "tool_calls", prompt_tokens_details={"cached_tokens": 2})
     )
     answer = Response.model_validate(data)
+    check_response(data)
     assert [item.type for item in answer.output] == ["message", "function_call"]
     assert answer.output_text == "Looking."
     assert answer.model == "m-1" and answer.created_at == 1700000000
@@ -173,6 +176,7 @@ def test_an_answer_with_text_and_calls_becomes_items() -> None:
 def test_a_cut_answer_is_incomplete(finish: str, reason: str) -> None:
     data = from_completion({"model": "m"}, completion({"content": "par"}, finish))
     answer = Response.model_validate(data)
+    check_response(data)
     assert answer.status == "incomplete"
     assert answer.incomplete_details is not None and answer.incomplete_details.reason == reason
 

@@ -62,6 +62,8 @@ def response(
         else None,
         **{name: body[name] for name in PARAMS if name in body and name not in ("tools",)},
     }
+    if data["usage"] is None:
+        del data["usage"]  # OpenAI's schema: an object when present
     return Response.model_validate(data).model_dump(mode="json", exclude_unset=True)
 
 
