@@ -10,8 +10,11 @@ cost, batches split and joined in order, token-id input refused (and passed over
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -21,11 +24,22 @@ from sidecar.errors import Outcome, UpstreamError
 from sidecar.providers.base import UpstreamCall
 from sidecar.providers.bedrock import BedrockAdapter
 from sidecar.providers.cohere import CohereAdapter
+from sidecar.providers.gemini import GeminiAdapter
+from sidecar.providers.native_embeddings import BatchLimit, batches, unit
+from sidecar.providers.vertex import VertexAdapter
 from sidecar.settings.model import ProviderSettings
 from tests.procs import SidecarProcess
-from tests.support import module_sidecar, sdk, without_circuit_breakers
+from tests.support import module_sidecar, request, sdk, without_circuit_breakers
 from tests.upstreams.bedrock_fake import BedrockReply, FakeBedrock, invoke_problems, invoke_vector
 from tests.upstreams.cohere_fake import EmbedReply, FakeCohere, embed_problems, embed_vector
+from tests.upstreams.gemini_fake import (
+    FakeGemini,
+    Reply,
+    batch_embed_problems,
+    google_vector,
+    predict_problems,
+)
+from tests.upstreams.google_token_fake import FakeTokenEndpoint, service_account_file
 
 COHERE_KEY = "cohere-embed-test-key-0123456789"
 COHERE_MODEL = "embed-v4.0"
@@ -34,6 +48,13 @@ TITAN = "amazon.titan-embed-text-v2:0"
 TITAN_REF = f"fc:bed/{TITAN}"
 BEDROCK_COHERE = "cohere.embed-v4:0"
 BEDROCK_COHERE_REF = f"fc:bed/{BEDROCK_COHERE}"
+GEMINI_KEY = "AIzaFakeGeminiEmbeddingsKey0123456789"
+GEMINI_MODEL = "gemini-embedding-001"
+GEMINI_REF = f"fc:gem/{GEMINI_MODEL}"
+PROJECT, LOCATION = "embed-project", "us-central1"
+VERTEX_GEMINI_REF = f"fc:vtx/{GEMINI_MODEL}"
+VERTEX_TEXT_MODEL = "text-embedding-005"
+VERTEX_TEXT_REF = f"fc:vtx/{VERTEX_TEXT_MODEL}"
 AWS_ACCESS_KEY = "AKIAFAKEEMBEDDINGS01"
 AWS_SECRET_KEY = "fake-secret-access-key-for-the-embeddings-tests"
 AWS_ENV = {
@@ -50,6 +71,9 @@ def catalog() -> dict[str, Any]:
         COHERE_REF: {"input_per_mtok": 0.12, "output_per_mtok": 0, "caps": ["embeddings"]},
         TITAN_REF: {"input_per_mtok": 0.02, "output_per_mtok": 0, "caps": ["embeddings"]},
         BEDROCK_COHERE_REF: {"input_per_mtok": 0.12, "output_per_mtok": 0, "caps": ["embeddings"]},
+        GEMINI_REF: {"input_per_mtok": 0.15, "output_per_mtok": 0, "caps": ["embeddings"]},
+        VERTEX_GEMINI_REF: {"input_per_mtok": 0.15, "output_per_mtok": 0, "caps": ["embeddings"]},
+        VERTEX_TEXT_REF: {"input_per_mtok": 0.1, "output_per_mtok": 0, "caps": ["embeddings"]},
         "fc:mock/embed": {"input_per_mtok": 0.01, "output_per_mtok": 0, "caps": ["embeddings"]},
     }
 
@@ -177,8 +201,8 @@ def test_titan_v2_is_invoked_with_its_own_body() -> None:
 
 
 def test_titan_takes_one_text_per_call() -> None:
-    assert bedrock_adapter().embeddings_batch(TITAN) == 1
-    assert bedrock_adapter().embeddings_batch("us.cohere.embed-v4:0") == 96
+    assert bedrock_adapter().embeddings_batch(TITAN) == BatchLimit(1)
+    assert bedrock_adapter().embeddings_batch("us.cohere.embed-v4:0") == BatchLimit(96)
 
 
 def test_titan_v1_refuses_dimensions() -> None:
@@ -251,6 +275,109 @@ def test_titan_answer_tokens_from_the_body_cohere_from_the_header() -> None:
     assert floats.usage is not None and floats.usage.prompt_tokens == 2  # estimated
 
 
+# -- in process: gemini and vertex -------------------------------------------------------------
+
+
+def gemini_adapter() -> GeminiAdapter:
+    settings = ProviderSettings(
+        name="gem", kind="gemini", api_key_env="GEMINI_KEY", api_key=GEMINI_KEY, base_url=None
+    )
+    return GeminiAdapter(settings)
+
+
+def vertex_adapter() -> VertexAdapter:
+    settings = ProviderSettings(
+        name="vtx", kind="vertex", api_key_env=None, base_url=None, project=PROJECT,
+        location=LOCATION,
+    )  # fmt: skip
+    return VertexAdapter(settings)
+
+
+def google_call(model: str, body: dict[str, Any]) -> UpstreamCall:
+    return UpstreamCall(ProviderSettings("g", "gemini", None, None), model, body)
+
+
+def test_gemini_embeds_with_batch_embed_contents() -> None:
+    body = {"input": ["a", "b"], "dimensions": 8, "task_type": "RETRIEVAL_QUERY", "user": "u"}
+    built = gemini_adapter().build_embeddings_request(google_call(GEMINI_MODEL, body))
+    assert built.url == (
+        "https://generativelanguage.googleapis.com/v1beta/models/gemini-embedding-001"
+        ":batchEmbedContents"
+    )
+    assert built.headers["x-goog-api-key"] == GEMINI_KEY
+    assert batch_embed_problems(built.body, GEMINI_MODEL) == []
+    assert json.loads(built.body) == {
+        "requests": [
+            {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": text}]},
+             "taskType": "RETRIEVAL_QUERY", "outputDimensionality": 8}
+            for text in ("a", "b")
+        ]
+    }  # fmt: skip
+
+
+def test_gemini_answer_is_estimated_and_shortened_vectors_unit() -> None:
+    raw = json.dumps({"embeddings": [{"values": [3.0, 4.0]}, {"values": [0.0, 2.0]}]}).encode()
+    call = google_call(GEMINI_MODEL, {"input": ["12345678", "x"], "dimensions": 2})
+    done = gemini_adapter().parse_embeddings_response(raw, call, {})
+    assert [item["embedding"] for item in done.body["data"]] == [[0.6, 0.8], [0.0, 1.0]]
+    assert done.usage is not None and done.usage.prompt_tokens == 2 + 1  # a token per 4 chars
+    full = google_call(GEMINI_MODEL, {"input": ["x", "y"]})
+    kept = gemini_adapter().parse_embeddings_response(raw, full, {})
+    assert kept.body["data"][0]["embedding"] == [3.0, 4.0]  # full size: as Google sends it
+
+
+def test_vertex_embeds_with_predict_on_the_publisher_model() -> None:
+    body = {"input": ["a", "b"], "dimensions": 256, "task_type": "CLUSTERING"}
+    built = vertex_adapter().build_embeddings_request(google_call(VERTEX_TEXT_MODEL, body))
+    assert built.url == (
+        f"https://us-central1-aiplatform.googleapis.com/v1/projects/{PROJECT}/locations/"
+        f"{LOCATION}/publishers/google/models/text-embedding-005:predict"
+    )
+    assert "Authorization" not in built.headers  # set per call by the token hook
+    assert predict_problems(built.body, VERTEX_TEXT_MODEL) == []
+    assert json.loads(built.body) == {
+        "instances": [
+            {"content": "a", "task_type": "CLUSTERING"},
+            {"content": "b", "task_type": "CLUSTERING"},
+        ],
+        "parameters": {"outputDimensionality": 256},
+    }
+
+
+def test_vertex_batches_gemini_models_one_text_a_call() -> None:
+    assert vertex_adapter().embeddings_batch(GEMINI_MODEL) == BatchLimit(1)
+    assert vertex_adapter().embeddings_batch(VERTEX_TEXT_MODEL) == BatchLimit(250, 60_000)
+    assert gemini_adapter().embeddings_batch(GEMINI_MODEL) == BatchLimit(100)
+
+
+def test_vertex_answer_tokens_from_the_statistics() -> None:
+    raw = json.dumps(
+        {"predictions": [
+            {"embeddings": {"values": [1.0, 0.0], "statistics": {"token_count": 5.0,
+                                                                 "truncated": False}}},
+            {"embeddings": {"values": [0.0, 1.0], "statistics": {"token_count": 2}}},
+        ], "metadata": {"billableCharacterCount": 20}}
+    ).encode()  # fmt: skip
+    call = google_call(VERTEX_TEXT_MODEL, {"input": ["a", "b"]})
+    done = vertex_adapter().parse_embeddings_response(raw, call, {})
+    assert done.usage is not None and done.usage.prompt_tokens == 7
+    assert done.body["data"][1] == {"object": "embedding", "index": 1, "embedding": [0.0, 1.0]}
+
+
+@pytest.mark.parametrize("adapter", [gemini_adapter, vertex_adapter])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"input": [[1, 2]]}, "input"), ({"input": "x", "task_type": "retrieval"}, "task_type")],
+)
+def test_google_refuses_token_ids_and_unknown_task_types(
+    adapter: Any, body: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(UpstreamError) as raised:
+        adapter().build_embeddings_request(google_call(GEMINI_MODEL, body))
+    assert raised.value.outcome is Outcome.UNSUPPORTED
+    assert raised.value.client_error is not None and raised.value.client_error.param == param
+
+
 # -- end to end: a sidecar, the openai SDK, the fakes -----------------------------------------
 
 
@@ -285,8 +412,57 @@ def bedrock(bedrock_api: FakeBedrock) -> Iterator[FakeBedrock]:
 
 
 @pytest.fixture(scope="module")
+def gemini_api() -> Iterator[FakeGemini]:
+    fake = FakeGemini(GEMINI_KEY)
+    fake.server.start()
+    yield fake
+    fake.server.stop()
+
+
+@pytest.fixture
+def gemini(gemini_api: FakeGemini) -> Iterator[FakeGemini]:
+    gemini_api.reset()
+    yield gemini_api
+    assert gemini_api.problems() == []
+
+
+@pytest.fixture(scope="module")
+def google_tokens() -> set[str]:
+    return set()
+
+
+@pytest.fixture(scope="module")
+def token_endpoint(google_tokens: set[str]) -> Iterator[FakeTokenEndpoint]:
+    fake = FakeTokenEndpoint(google_tokens)
+    fake.server.start()
+    yield fake
+    fake.server.stop()
+
+
+@pytest.fixture(scope="module")
+def vertex_api(google_tokens: set[str]) -> Iterator[FakeGemini]:
+    fake = FakeGemini(vertex=(PROJECT, LOCATION), tokens=google_tokens)
+    fake.server.start()
+    yield fake
+    fake.server.stop()
+
+
+@pytest.fixture
+def vertex(vertex_api: FakeGemini, token_endpoint: FakeTokenEndpoint) -> Iterator[FakeGemini]:
+    vertex_api.reset()
+    yield vertex_api
+    assert vertex_api.problems() == []
+    assert token_endpoint.problems() == []
+
+
+@pytest.fixture(scope="module")
 def sidecar(
-    cohere_api: FakeCohere, bedrock_api: FakeBedrock, tmp_path_factory: pytest.TempPathFactory
+    cohere_api: FakeCohere,
+    bedrock_api: FakeBedrock,
+    gemini_api: FakeGemini,
+    vertex_api: FakeGemini,
+    token_endpoint: FakeTokenEndpoint,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SidecarProcess]:
     timeout = {"connect": 2, "read": 5}
     config = {
@@ -304,13 +480,33 @@ def sidecar(
                 "region": "us-east-1",
                 "timeout": timeout,
             },
+            "gem": {
+                "kind": "gemini",
+                "base_url": gemini_api.url,
+                "api_key_env": "GEMINI_KEY",
+                "timeout": timeout,
+            },
+            "vtx": {
+                "kind": "vertex",
+                "base_url": vertex_api.url,
+                "project": PROJECT,
+                "location": LOCATION,
+                "timeout": timeout,
+            },
             "mock": {"kind": "mock"},
         },
         "models": catalog(),
         "slots": {"co_then_mock": [COHERE_REF, "fc:mock/embed"]},
     }
-    env = {"CO_KEY": COHERE_KEY, **AWS_ENV}
     workdir = tmp_path_factory.mktemp("embeddings-native")
+    key_file: Path = service_account_file(workdir, token_endpoint)
+    env = {
+        "CO_KEY": COHERE_KEY,
+        "GEMINI_KEY": GEMINI_KEY,
+        "GOOGLE_APPLICATION_CREDENTIALS": str(key_file),
+        "NO_PROXY": "127.0.0.1,localhost",
+        **AWS_ENV,
+    }
     yield from module_sidecar(workdir, without_circuit_breakers(config), env)
 
 
@@ -463,3 +659,113 @@ def test_bedrock_validation_error_is_the_clients(
     with pytest.raises(openai.BadRequestError) as caught:
         sdk(sidecar).embeddings.create(model=TITAN_REF, input="x")
     assert "bad dimensions" in caught.value.message
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+
+def test_batches_hold_at_most_the_inputs_and_characters_a_call_takes() -> None:
+    body = {"model": "m", "input": ["aaaa", "bb", "cccccc", "d", "eeeeeeeeeeee"]}
+    split = [part["input"] for part in batches(body, BatchLimit(2, chars=8))]
+    assert split == [["aaaa", "bb"], ["cccccc", "d"], ["eeeeeeeeeeee"]]  # too long: alone
+    assert batches(body, BatchLimit(5)) == [body]
+    assert [part["input"] for part in batches(body, BatchLimit(3))] == [
+        ["aaaa", "bb", "cccccc"], ["d", "eeeeeeeeeeee"]
+    ]  # fmt: skip
+    tokens = {"input": [[1, 2], [3]]}
+    assert batches(tokens, BatchLimit(1)) == [tokens]  # refused by the adapter, unsplit
+
+
+# -- end to end: gemini and vertex ------------------------------------------------------------
+
+
+def test_gemini_float_embeddings_through_the_sdk(
+    sidecar: SidecarProcess, gemini: FakeGemini
+) -> None:
+    raw = sdk(sidecar).embeddings.with_raw_response.create(
+        model=GEMINI_REF, input=["alpha", "beta"], encoding_format="float", dimensions=16
+    )
+    answer = raw.parse()
+    assert [item.embedding for item in answer.data] == [
+        unit(google_vector("alpha", 16)), unit(google_vector("beta", 16))
+    ]  # fmt: skip
+    assert answer.usage.prompt_tokens == 2 + 1  # estimated: a token per 4 characters
+    assert raw.headers["X-Ringside-Cost-USD"] == "0.00000045"  # 3 × $0.15 / M
+    (seen,) = gemini.received
+    assert seen.method == "batchEmbedContents" and seen.model == GEMINI_MODEL
+    assert seen.headers["x-goog-api-key"] == GEMINI_KEY
+    assert [r["outputDimensionality"] for r in seen.body["requests"]] == [16, 16]
+
+
+def test_gemini_base64_full_size(sidecar: SidecarProcess, gemini: FakeGemini) -> None:
+    answer = sdk(sidecar).embeddings.create(model=GEMINI_REF, input="alpha")
+    assert answer.data[0].embedding == google_vector("alpha", 3072)  # float32-exact eighths
+
+
+def test_gemini_batches_of_100(sidecar: SidecarProcess, gemini: FakeGemini) -> None:
+    texts = [f"passage {i}" for i in range(150)]
+    answer = sdk(sidecar).embeddings.create(model=GEMINI_REF, input=texts, dimensions=4)
+    assert sorted(len(seen.body["requests"]) for seen in gemini.received) == [50, 100]
+    assert [item.index for item in answer.data] == list(range(150))
+    for item, text in zip(answer.data, texts, strict=True):
+        assert item.embedding == pytest.approx(unit(google_vector(text, 4)), abs=1e-6)
+
+
+def test_gemini_quota_error_escalates_as_a_429(sidecar: SidecarProcess, gemini: FakeGemini) -> None:
+    gemini.script(Reply(status=429, error_status="RESOURCE_EXHAUSTED", error_message="quota"))
+    answer = request(sidecar.url, "POST", "/v1/embeddings", {"model": GEMINI_REF, "input": "x"})
+    assert answer.status == 503  # escalated from, as for chat: no candidate left
+    assert "quota" in answer.error["message"]
+
+
+def test_vertex_gemini_model_one_call_per_text_with_token_counts(
+    sidecar: SidecarProcess, vertex: FakeGemini
+) -> None:
+    raw = sdk(sidecar).embeddings.with_raw_response.create(
+        model=VERTEX_GEMINI_REF, input=["alpha", "beta", "gamma"], encoding_format="float"
+    )
+    answer = raw.parse()
+    assert [item.embedding for item in answer.data] == [
+        google_vector(text, 3072) for text in ("alpha", "beta", "gamma")
+    ]
+    assert answer.usage.prompt_tokens == 2 + 1 + 2  # statistics.token_count of each
+    assert len(vertex.received) == 3
+    for seen in vertex.received:
+        assert seen.method == "predict" and seen.model == GEMINI_MODEL
+        assert seen.headers["Authorization"].startswith("Bearer ")
+        assert len(seen.body["instances"]) == 1
+
+
+def test_vertex_text_model_base64_in_one_call(sidecar: SidecarProcess, vertex: FakeGemini) -> None:
+    answer = sdk(sidecar).embeddings.create(
+        model=VERTEX_TEXT_REF, input=["alpha", "beta"], dimensions=64
+    )
+    for item, text in zip(answer.data, ("alpha", "beta"), strict=True):
+        assert item.embedding == pytest.approx(unit(google_vector(text, 64)), abs=1e-6)
+    (seen,) = vertex.received
+    assert seen.body == {
+        "instances": [{"content": "alpha"}, {"content": "beta"}],
+        "parameters": {"outputDimensionality": 64},
+    }
+
+
+def test_vertex_base64_is_little_endian_float32(
+    sidecar: SidecarProcess, vertex: FakeGemini
+) -> None:
+    answer = request(
+        sidecar.url, "POST", "/v1/embeddings",
+        {"model": VERTEX_TEXT_REF, "input": "alpha", "encoding_format": "base64"},
+    )  # fmt: skip
+    assert answer.status == 200
+    packed = base64.b64decode(answer.json()["data"][0]["embedding"])
+    assert list(struct.unpack("<768f", packed)) == google_vector("alpha", 768)
+
+
+def test_google_kinds_refuse_token_ids(
+    sidecar: SidecarProcess, gemini: FakeGemini, vertex: FakeGemini
+) -> None:
+    for ref, name in ((GEMINI_REF, "'gem'"), (VERTEX_TEXT_REF, "'vtx'")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk(sidecar).embeddings.create(model=ref, input=[[1, 2, 3]])
+        assert name in caught.value.message and caught.value.param == "input"
+    assert gemini.received == [] and vertex.received == []

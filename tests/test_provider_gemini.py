@@ -108,7 +108,7 @@ def refusal(body: dict[str, Any]) -> UpstreamError:
 def test_the_kind_is_registered_with_its_capabilities() -> None:
     built = ADAPTERS["gemini"](settings())
     assert built.caps.names() == {
-        "tools", "vision", "json_schema", "json_object", "usage_in_stream", "n",
+        "tools", "vision", "json_schema", "json_object", "usage_in_stream", "n", "embeddings",
     }  # fmt: skip
     assert built.native_json_schema and built.json_mode
 

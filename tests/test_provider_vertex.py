@@ -74,7 +74,7 @@ def test_the_kind_is_registered_with_the_gemini_capabilities() -> None:
     built = ADAPTERS["vertex"](settings())
     assert isinstance(built, VertexAdapter)
     assert built.caps.names() == {
-        "tools", "vision", "json_schema", "json_object", "usage_in_stream", "n",
+        "tools", "vision", "json_schema", "json_object", "usage_in_stream", "n", "embeddings",
     }  # fmt: skip
 
 

@@ -202,9 +202,9 @@ class EmbeddingsAdapter(Protocol):
     the client's value; a float answer is turned to base64 by the endpoint when the client
     asked for base64 and the kind cannot send it. The answer's headers are there for an API
     that reports its usage in them (Bedrock's InvokeModel). An adapter whose API takes fewer
-    inputs per call than OpenAI's 2048 has an `embeddings_batch(model_id) -> int` method as
-    well: the request is then sent as calls of at most that many inputs, their answers joined
-    (sidecar/providers/native_embeddings.py)."""
+    inputs (or tokens) per call than a request may hold has an `embeddings_batch(model_id) ->
+    BatchLimit` method as well: the request is then sent as calls within that limit, their
+    answers joined (sidecar/providers/native_embeddings.py)."""
 
     def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest: ...
 

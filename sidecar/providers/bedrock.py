@@ -36,6 +36,7 @@ from sidecar.providers.bedrock_embed import batch_size as embed_batch_size
 from sidecar.providers.bedrock_embed import invoke_answer, invoke_body
 from sidecar.providers.bedrock_eventstream import EventStreamParser
 from sidecar.providers.bedrock_request import converse_body
+from sidecar.providers.native_embeddings import BatchLimit
 from sidecar.providers.openai_compat import retry_after_seconds
 from sidecar.settings.model import ProviderSettings
 
@@ -151,7 +152,7 @@ class BedrockAdapter:
     def parse_response(self, body: bytes, call: UpstreamCall) -> Completion:
         return completion(body, call.model_id, output_tool(call.body))
 
-    def embeddings_batch(self, model_id: str) -> int:
+    def embeddings_batch(self, model_id: str) -> BatchLimit:
         return embed_batch_size(model_id)
 
     def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest:

@@ -9,7 +9,8 @@ RESOURCE_EXHAUSTED is a 429 (its RetryInfo delay as the retry hint), UNAVAILABLE
 DEADLINE_EXCEEDED escalate, UNAUTHENTICATED, PERMISSION_DENIED and a rejected API key escalate
 as credential failures (the detail goes to the log), FAILED_PRECONDITION (the project's
 location or billing) escalates, INVALID_ARGUMENT about the input token count is a context
-length failure, any other 4xx is the request's fault.
+length failure, any other 4xx is the request's fault. Embeddings: `batchEmbedContents`
+(gemini_embed).
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ import orjson
 from sidecar.errors import Outcome, UpstreamError, classify_http_failure
 from sidecar.providers.base import Completion, HttpRequest, KindCaps, StreamDecoder, UpstreamCall
 from sidecar.providers.gemini_answer import GeminiStreamDecoder, completion
+from sidecar.providers.gemini_embed import GEMINI_BATCH, batch_answer, batch_body
 from sidecar.providers.gemini_request import generate_body
+from sidecar.providers.native_embeddings import BatchLimit
 from sidecar.providers.openai_compat import retry_after_seconds
 from sidecar.settings.model import ProviderSettings
 
 BASE_URL = "https://generativelanguage.googleapis.com"
 API_VERSIONS = frozenset({"v1beta", "v1", "v1alpha"})
-# tools, images, json_schema natively (responseJsonSchema), JSON mode, usage, candidateCount
-CAPS = KindCaps()
+# tools, images, json_schema natively (responseJsonSchema), JSON mode, usage, candidateCount,
+# embeddings (batchEmbedContents; vertex: :predict)
+CAPS = KindCaps(embeddings=True)
 _STATUS_AS_HTTP = MappingProxyType(
     {
         "RESOURCE_EXHAUSTED": 429,
@@ -161,6 +165,21 @@ class GeminiAdapter:
 
     def parse_response(self, body: bytes, call: UpstreamCall) -> Completion:
         return completion(body, call.model_id)
+
+    def embeddings_batch(self, model_id: str) -> BatchLimit:
+        return GEMINI_BATCH
+
+    def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest:
+        name = self.model_path(call.model_id)
+        body = batch_body(call.body, name, self.name)
+        headers = {**self.headers, **call.headers} if call.headers else self.headers
+        url = f"{self.root}/{quote(name, safe='/@')}:batchEmbedContents"
+        return HttpRequest(url, headers, orjson.dumps(body))
+
+    def parse_embeddings_response(
+        self, body: bytes, call: UpstreamCall, headers: Mapping[str, str]
+    ) -> Completion:
+        return batch_answer(body, call.body, call.model_id)
 
     def classify_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
         return classify_google_error(status, body, headers)

@@ -5,20 +5,31 @@ objects, and the split of one request into the calls such an API takes.
 These APIs take text only: OpenAI's token-id inputs (arrays of integers, which only OpenAI's
 own tokenizer can read back) are refused with a 400 naming the provider; that refusal is an
 UNSUPPORTED outcome, so a cascade moves on to a candidate that takes them. An API that takes
-fewer inputs per call than OpenAI's 2048 has an `embeddings_batch(model_id)` method on its
-adapter: `HttpProvider.embed` sends the request as calls of at most that many inputs (`batches`)
-and joins their answers (`joined`), in order.
+fewer inputs per call than OpenAI's 2048 (or fewer tokens per call than a request may hold) has
+an `embeddings_batch(model_id) -> BatchLimit` method on its adapter: `HttpProvider.embed` sends
+the request as calls within that limit (`batches`) and joins their answers (`joined`), in order.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import GatewayError, Outcome, UpstreamError
 from sidecar.providers.base import MAX_TOKENS, Completion, Usage
 from sidecar.providers.openai_compat import bad_body
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimit:
+    """What one call of an embeddings API takes: at most `inputs` texts, and at most `chars`
+    characters of text in all (for an API that bounds the tokens of a call; a text longer
+    than that goes alone)."""
+
+    inputs: int
+    chars: int | None = None
 
 
 def refused(provider: str, api: str, message: str, param: str) -> UpstreamError:
@@ -115,18 +126,25 @@ def token_count(value: Any) -> int | None:
     return None
 
 
-def batches(body: dict[str, Any], size: int) -> list[dict[str, Any]]:
-    """The request as bodies of at most `size` texts each (one body when it fits, or when its
+def batches(body: dict[str, Any], limit: BatchLimit) -> list[dict[str, Any]]:
+    """The request as bodies within `limit`, in order (one body when it fits, or when its
     input is token ids, which the adapter refuses)."""
     texts = body.get("input")
-    if (
-        size < 1
-        or not isinstance(texts, list)
-        or len(texts) <= size
-        or not all(isinstance(text, str) for text in texts)
-    ):
+    if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
         return [body]
-    return [{**body, "input": texts[start : start + size]} for start in range(0, len(texts), size)]
+    size, chars = max(1, limit.inputs), limit.chars
+    if len(texts) <= size and (chars is None or sum(map(len, texts)) <= chars):
+        return [body]
+    groups: list[list[str]] = [[]]
+    held = 0
+    for text in texts:
+        group = groups[-1]
+        if group and (len(group) >= size or (chars is not None and held + len(text) > chars)):
+            groups.append([])
+            group, held = groups[-1], 0
+        group.append(text)
+        held += len(text)
+    return [{**body, "input": group} for group in groups]
 
 
 def joined(parts: Sequence[Completion]) -> Completion:

@@ -12,14 +12,21 @@ service-account key file named by GOOGLE_APPLICATION_CREDENTIALS, GKE workload i
 through the metadata server, gcloud's user credentials), read by Google's `google-auth` library
 (the optional `vertex` extra): `vertex_auth.GoogleToken` keeps an access token fresh in the
 background and sets `Authorization: Bearer` on each call; this adapter sends none itself.
+Embeddings: `:predict` on the model (gemini_embed), not the gemini kind's batchEmbedContents.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from urllib.parse import quote
 
+import orjson
+
+from sidecar.providers.base import Completion, HttpRequest, UpstreamCall
 from sidecar.providers.gemini import GeminiAdapter
+from sidecar.providers.gemini_embed import predict_answer, predict_body, vertex_batch
+from sidecar.providers.native_embeddings import BatchLimit
 from sidecar.settings.model import ProviderSettings
 
 DEFAULT_LOCATION = "global"
@@ -84,3 +91,17 @@ class VertexAdapter(GeminiAdapter):
 
     def model_path(self, model_id: str) -> str:
         return model_id if "/" in model_id else f"publishers/google/models/{model_id}"
+
+    def embeddings_batch(self, model_id: str) -> BatchLimit:
+        return vertex_batch(model_id)
+
+    def build_embeddings_request(self, call: UpstreamCall) -> HttpRequest:
+        body = predict_body(call.body, self.name)
+        headers = {**self.headers, **call.headers} if call.headers else self.headers
+        url = f"{self.root}/{quote(self.model_path(call.model_id), safe='/@')}:predict"
+        return HttpRequest(url, headers, orjson.dumps(body))
+
+    def parse_embeddings_response(
+        self, body: bytes, call: UpstreamCall, headers: Mapping[str, str]
+    ) -> Completion:
+        return predict_answer(body, call.body, call.model_id)

@@ -14,6 +14,13 @@ as the API answers it (401/403 or 400 in Google's error envelope). Answers are b
 `GenerateContentResponse` and dumped by alias, so they cannot drift from what the API sends.
 
 Replies are scripted: the queue given to `script(...)`, then the default (a short text answer).
+
+Embeddings: `batchEmbedContents` on the Gemini API (the body checked against the SDK's
+`Content` and the REST `EmbedContentRequest` fields, at most 100 requests, each naming the
+path's model) and `:predict` on Vertex AI (instances of `content`, `task_type`, `title`, at most
+250, one for gemini-* models; parameters `outputDimensionality`, `autoTruncate`), answered with
+`google_vector(text, dimensions)` per text (not unit length) and, on Vertex, each text's
+`statistics.token_count` (a token per 4 characters).
 """
 
 from __future__ import annotations
@@ -67,6 +74,128 @@ def _snake_keys(value: Any, at: str = "") -> list[str]:
         for index, item in enumerate(value):
             found += _snake_keys(item, f"{at}{index}.")
     return found
+
+
+class EmbedContentRequest(GenaiModel):
+    """One request of batchEmbedContents, as the REST reference lists its fields."""
+
+    model: str
+    content: g.Content
+    task_type: str | None = None
+    title: str | None = None
+    output_dimensionality: int | None = None
+
+
+class BatchEmbedContentsRequest(GenaiModel):
+    requests: list[EmbedContentRequest]
+
+
+TASK_TYPES = frozenset(
+    {"RETRIEVAL_QUERY", "RETRIEVAL_DOCUMENT", "SEMANTIC_SIMILARITY", "CLASSIFICATION",
+     "CLUSTERING", "QUESTION_ANSWERING", "FACT_VERIFICATION", "CODE_RETRIEVAL_QUERY"}
+)  # fmt: skip
+EMBED_METHODS = frozenset({"batchEmbedContents", "predict"})
+
+
+def google_vector(text: str, dimensions: int) -> list[float]:
+    """A stable vector per text, of no particular length (as shortened Gemini vectors are)."""
+    seed = sum(text.encode()) % 79
+    return [float((seed + 7 * i) % 10 - 3) / 8 for i in range(dimensions)]
+
+
+def full_size(model: str) -> int:
+    return 3072 if model.startswith("gemini") else 768
+
+
+def batch_embed_problems(raw: bytes, model: str) -> list[str]:
+    """Why batchEmbedContents would refuse this body for the path's `model`."""
+    try:
+        BatchEmbedContentsRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        return [
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+            for error in exc.errors()[:5]
+        ]
+    body = orjson.loads(raw)
+    problems = _snake_keys(body)
+    requests = body["requests"]
+    if not 1 <= len(requests) <= 100:
+        problems.append("requests: at most 100 requests can be in one batch")
+    for index, request in enumerate(requests):
+        if request["model"] != f"models/{model}":
+            problems.append(f"requests[{index}].model: {request['model']}, not models/{model}")
+        parts = request["content"].get("parts") or []
+        if len(parts) != 1 or set(parts[0]) != {"text"}:
+            problems.append(f"requests[{index}].content: one text part")
+        if request.get("taskType", "RETRIEVAL_QUERY") not in TASK_TYPES:
+            problems.append(f"requests[{index}].taskType: {request['taskType']}")
+    return problems
+
+
+def predict_problems(raw: bytes, model: str) -> list[str]:
+    """Why Vertex AI's :predict would refuse this text embedding body for `model`."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return ["body is not JSON"]
+    if not isinstance(body, dict):
+        return ["body is not an object"]
+    problems = [f"{key}: unknown field" for key in set(body) - {"instances", "parameters"}]
+    instances = body.get("instances")
+    most = 1 if model.startswith("gemini") else 250
+    if not isinstance(instances, list) or not 1 <= len(instances) <= most:
+        return [*problems, f"instances: 1 to {most} instances for {model}"]
+    for index, instance in enumerate(instances):
+        if not isinstance(instance, dict) or not isinstance(instance.get("content"), str):
+            problems.append(f"instances[{index}].content: a string is required")
+            continue
+        problems += [
+            f"instances[{index}].{key}: unknown field"
+            for key in set(instance) - {"content", "task_type", "title"}
+        ]
+        if instance.get("task_type", "RETRIEVAL_QUERY") not in TASK_TYPES:
+            problems.append(f"instances[{index}].task_type: {instance['task_type']}")
+    parameters = body.get("parameters", {})
+    if not isinstance(parameters, dict):
+        return [*problems, "parameters: an object"]
+    problems += [
+        f"parameters.{key}: unknown field"
+        for key in set(parameters) - {"outputDimensionality", "autoTruncate"}
+    ]
+    dimensionality = parameters.get("outputDimensionality", 1)
+    if not isinstance(dimensionality, int) or not 1 <= dimensionality <= full_size(model):
+        problems.append("parameters.outputDimensionality: out of range")
+    return problems
+
+
+def _embed_answer(body: dict[str, Any], model: str, vertex: bool) -> bytes:
+    if not vertex:
+        embeddings = [
+            g.ContentEmbedding(
+                values=google_vector(
+                    request["content"]["parts"][0]["text"],
+                    request.get("outputDimensionality") or full_size(model),
+                )
+            )
+            for request in body["requests"]
+        ]
+        return (
+            g.EmbedContentResponse(embeddings=embeddings)
+            .model_dump_json(by_alias=True, exclude_none=True)
+            .encode()
+        )
+    size = (body.get("parameters") or {}).get("outputDimensionality") or full_size(model)
+    predictions = [
+        {"embeddings": {
+            "values": google_vector(instance["content"], size),
+            "statistics": {"truncated": False, "token_count": -(-len(instance["content"]) // 4)},
+        }}
+        for instance in body["instances"]
+    ]  # fmt: skip
+    characters = sum(len(instance["content"]) for instance in body["instances"])
+    return orjson.dumps(
+        {"predictions": predictions, "metadata": {"billableCharacterCount": characters}}
+    )
 
 
 def request_problems(raw: bytes) -> list[str]:
@@ -227,6 +356,8 @@ class FakeGemini:
         if match is None or match["prefix"] != self._prefix():
             problems.append(f"path {request.path}: not /{self._prefix()}/models/{{model}}:…")
         method = match["method"] if match else ""
+        if match is not None and method in EMBED_METHODS:
+            return await self._embed(request, raw, match["model"], method)
         if method not in ("generateContent", "streamGenerateContent"):
             problems.append(f"method {method!r}")
         if method == "streamGenerateContent" and request.query.get("alt") != "sse":
@@ -264,6 +395,46 @@ class FakeGemini:
         answer = _response(record.model, reply, count, [reply.text], reply.calls, True)
         return web.Response(
             body=_dump(answer), content_type="application/json", headers=reply.headers
+        )
+
+    async def _embed(
+        self, request: web.Request, raw: bytes, model: str, method: str
+    ) -> web.Response:
+        problems: list[str] = []
+        prefix = _PATH.match(request.path)
+        if prefix is None or prefix["prefix"] != self._prefix():
+            problems.append(f"path {request.path}: not /{self._prefix()}/models/{{model}}:…")
+        vertex = self.vertex is not None
+        expected = "predict" if vertex else "batchEmbedContents"
+        if method != expected:
+            problems.append(f"method {method!r}: this API embeds with {expected}")
+        credential = self._credential_problem(request)
+        if credential is not None:
+            problems.append(f"credential: {credential[2]}")
+        problems += predict_problems(raw, model) if vertex else batch_embed_problems(raw, model)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = {}
+        record = Received(
+            request.path, dict(request.query), model, method, dict(request.headers),
+            body if isinstance(body, dict) else {}, problems,
+        )  # fmt: skip
+        with self._lock:
+            self.received.append(record)
+            reply = self._queue.popleft() if self._queue else Reply()
+        if credential is not None:
+            reason = "API_KEY_INVALID" if self.vertex is None else None
+            return _error(credential[0], credential[1], credential[2], reason=reason)
+        if problems:
+            return _error(400, "INVALID_ARGUMENT", "; ".join(problems))
+        if reply.status != 200:
+            return _error(
+                reply.status, reply.error_status, reply.error_message, reply.headers,
+                reply.error_reason, reply.retry_delay,
+            )  # fmt: skip
+        return web.Response(
+            body=_embed_answer(record.body, model, vertex), content_type="application/json"
         )
 
     async def _stream(
