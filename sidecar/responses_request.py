@@ -64,7 +64,8 @@ def check(body: dict[str, Any]) -> None:
         isinstance(model, list) and model and all(isinstance(m, str) for m in model)
     ):
         raise invalid_request("model must be a model ref (or an array of them)", "model")
-    _input(body.get("input"), body.get("previous_response_id") is not None)
+    continues = body.get("previous_response_id") is not None or body.get("conversation") is not None
+    _input(body.get("input"), continues)
     _string(body.get("instructions"), "instructions")
     for name in ("stream", "parallel_tool_calls", "store", "background"):
         value = body.get(name)
@@ -97,8 +98,8 @@ def _input(value: Any, continues: bool) -> None:
         raise invalid_request("input is required: a string or an array of input items", "input")
     if isinstance(value, str):
         return
-    if not isinstance(value, list):
-        raise invalid_request("input must be a string or an array of input items", "input")
+    if not isinstance(value, list) or not (value or continues):
+        raise invalid_request("input must be a string or a non-empty array of input items", "input")
     for index, item in enumerate(value):
         where = f"input[{index}]"
         if not isinstance(item, dict):
@@ -316,11 +317,18 @@ def _content(content: Any, where: str) -> tuple[Any, tuple[str, str] | None]:
             if isinstance(part.get("detail"), str):
                 image["detail"] = part["detail"]
             parts.append({"type": "image_url", "image_url": image})
+        elif kind == "input_file" and isinstance(part.get("file_data"), str):
+            file = {"file_data": part["file_data"]}
+            if isinstance(part.get("filename"), str):
+                file["filename"] = part["filename"]
+            parts.append({"type": "file", "file": file})  # inline: chat's file part
         elif refused is None:
             what = "an input_image by file_id" if kind == "input_image" else f"an {kind} part"
+            if kind == "input_file":
+                what = "an input_file by file_id or file_url"
             refused = (
                 f"{where}.content[{index}]",
-                f"is {what}: a file stored by the provider, which only the native API reads",
+                f"is {what}, which only the native API reads (files it stores or fetches)",
             )
     if all(part["type"] == "text" for part in parts):  # plain text: the form every kind takes
         return "".join(part["text"] for part in parts), refused

@@ -248,3 +248,23 @@ def test_a_replayed_response_has_every_event() -> None:
 def test_a_native_failure_before_any_response_event_is_an_error_event() -> None:
     events = decoded(NativeEvents({}, "resp_x", 1).fail("upstream_unavailable", "gone"))
     assert [e["type"] for e in events] == ["error"]
+
+
+def test_an_inline_file_is_a_chat_file_part() -> None:
+    part = {
+        "type": "input_file",
+        "filename": "a.pdf",
+        "file_data": "data:application/pdf;base64,AA",
+    }
+    call = to_chat({"model": "fc:x/y", "input": [{"role": "user", "content": [part]}]})
+    assert call.chat["messages"][0]["content"] == [
+        {"type": "file", "file": {"file_data": part["file_data"], "filename": "a.pdf"}}
+    ]
+    assert call.native_only is None
+
+
+def test_an_empty_input_is_refused_unless_a_conversation_goes_on() -> None:
+    with pytest.raises(GatewayError) as caught:
+        check({"model": "fc:x/y", "input": []})
+    assert caught.value.param == "input"
+    check({"model": "fc:x/y", "input": [], "conversation": "conv_1"})
