@@ -30,6 +30,11 @@ LIMITED_KEY = "sk-ringside-limited-key"
 RESTRICTED_KEY = "sk-ringside-restricted-key"
 OTHER_PROVIDER_KEY = "sk-the-other-provider"
 SPEECH_PIECES = [b"ID3" + bytes([n]) * 4096 for n in range(5)]
+TRANSCRIPT_EVENTS = [
+    {"type": "transcript.text.delta", "delta": "hello "},
+    {"type": "transcript.text.delta", "delta": "world"},
+    {"type": "transcript.text.done", "text": "hello world"},
+]
 
 
 def sha256(secret: str) -> str:
@@ -84,6 +89,8 @@ class RecordingUpstream:
             return web.Response(body=b"line one\nline two\n", content_type="application/jsonl")
         if path == "/audio/speech":
             return await self._speech(request)
+        if path == "/audio/transcriptions":
+            return await self._transcription(request)
         return web.json_response(
             {"error": {"message": "fake: no such path", "type": "invalid_request_error",
                        "param": None, "code": "unknown_url"}},
@@ -131,6 +138,16 @@ class RecordingUpstream:
         await asyncio.get_running_loop().run_in_executor(None, self.first_piece_seen.wait, 10)
         for piece in SPEECH_PIECES[1:]:
             await response.write(piece)
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _transcription(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in TRANSCRIPT_EVENTS:
+            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+            await asyncio.sleep(0.01)
         await response.write_eof()
         return response
 
@@ -267,6 +284,20 @@ def test_speech_streams_back_as_the_provider_produces_it(
     assert upstream.last().path == "/audio/speech"
 
 
+def test_a_streamed_transcription_comes_back_as_server_sent_events(
+    client: openai.OpenAI, upstream: RecordingUpstream
+) -> None:
+    stream = client.audio.transcriptions.create(
+        file=("hello.wav", b"RIFF" + b"\0" * 2048), model="gpt-4o-mini-transcribe", stream=True
+    )
+    events = [event.model_dump(exclude_none=True) for event in stream]
+    assert events == TRANSCRIPT_EVENTS
+    seen = upstream.last()
+    assert seen.path == "/audio/transcriptions"
+    assert seen.headers["Content-Type"].startswith("multipart/form-data")
+    assert b'name="stream"' in seen.body and b"RIFF" in seen.body
+
+
 def test_a_client_that_leaves_mid_answer_is_logged_as_499(
     gateway: SidecarProcess, client: openai.OpenAI, upstream: RecordingUpstream
 ) -> None:
@@ -390,14 +421,23 @@ def test_an_unconfigured_path_is_the_404_naming_what_is_served(gateway: SidecarP
 
 @pytest.mark.parametrize(
     "path",
-    ["/v1/files/../chat/completions", "/v1/files/%2e%2e/x", "/v1/files/a%2Fb", "/v1/files//x"],
+    [
+        "/v1/files/../chat/completions",
+        "/v1/files/%2e%2e/x",
+        "/v1/files/a%2Fb",
+        "/v1/files//x",
+        "/v1/files/./x",
+        "/v1/files/..",
+        "/v1/files/a%5cb",
+    ],
 )
 def test_a_path_that_could_leave_its_prefix_upstream_is_refused(
     gateway: SidecarProcess, upstream: RecordingUpstream, path: str
 ) -> None:
     upstream.received.clear()
     answer = request(gateway.url, "GET", path, headers={"Authorization": f"Bearer {CLIENT_KEY}"})
-    assert answer.status in (400, 404), answer.body
+    assert (answer.status, answer.error["code"]) == (400, "invalid_request"), answer.body
+    assert "cannot be forwarded" in answer.error["message"]
     assert upstream.received == []
 
 
