@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,6 +314,25 @@ def test_a_client_that_leaves_mid_answer_is_logged_as_499(
 
     def logged() -> list[dict[str, Any]]:
         return [r for r in gateway.access_log() if r["request_id"] == "pt-leaves"]
+
+    assert wait_until(logged)[0]["status"] == 499
+
+
+def test_an_upload_the_client_breaks_off_is_logged_as_499(gateway: SidecarProcess) -> None:
+    import socket
+
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; b=1\r\n"
+            + f"Authorization: Bearer {CLIENT_KEY}\r\n".encode()
+            + b"X-Request-Id: pt-broken\r\nContent-Length: 10000\r\n\r\n"
+            + b"only the start of it"
+        )
+        time.sleep(0.2)
+
+    def logged() -> list[dict[str, Any]]:
+        return [r for r in gateway.access_log() if r["request_id"] == "pt-broken"]
 
     assert wait_until(logged)[0]["status"] == 499
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.api.answers import ringside_headers
@@ -89,31 +90,28 @@ async def forward(
     pipeline = runtime.pipeline
     response: web.StreamResponse
     try:
-        response = await _process(flow, runtime, route, request)
+        response = flow.answer = await _process(flow, runtime, route, request)
     except GatewayError as error:
         flow.error, flow.status = kept(error), error.status
         await pipeline.run("error", flow)
-        response = error_response(error, ringside_headers(flow))
+        response = flow.answer = error_response(error, ringside_headers(flow))
     except asyncio.CancelledError:
-        if (request.transport is not None and request.writer.output_size) or not (
-            ended_by_shutdown(request)
-        ):
+        if request.writer.output_size or not ended_by_shutdown(request):
             flow.status = 499  # the client closed the connection
             raise
         shutting_down = server_shutting_down()
         flow.error, flow.status = shutting_down, shutting_down.status
         await pipeline.run("error", flow)
-        response = error_response(shutting_down, ringside_headers(flow))
+        response = flow.answer = error_response(shutting_down, ringside_headers(flow))
     except Exception:
         log.exception("internal error in pass-through request %s", flow.id)
         internal = internal_error(flow.id)
         flow.error, flow.status = internal, 500
         await pipeline.run("error", flow)
-        response = error_response(internal, ringside_headers(flow))
+        response = flow.answer = error_response(internal, ringside_headers(flow))
     finally:
         flow.finished = time.perf_counter()
         await pipeline.run("done", flow)
-    flow.answer = response
     return response
 
 
@@ -162,11 +160,12 @@ async def _process(
             timeouts.total,
             request.method,
         )
-    except (TimeoutError, OSError) as exc:
+    except (TimeoutError, OSError, HttpProcessingError) as exc:
         flow.upstream_seconds = time.perf_counter() - started
-        if request.transport is None or request.transport.is_closing():
-            flow.status = 499  # the client went away during its upload
-            raise asyncio.CancelledError from None
+        gone = request.transport is None or request.transport.is_closing()
+        if gone or isinstance(exc, HttpProcessingError):  # the client's upload broke off
+            flow.status = 499
+            return web.Response(status=499)  # nobody reads it: the access log and metrics do
         _count(runtime, route, "upstream_unavailable", flow.upstream_seconds)
         raise GatewayError(503, "upstream_unavailable", transport_error(exc).message) from None
     try:

@@ -185,18 +185,22 @@ class Connection(asyncio.Protocol):
         self._unfinished = True
         self.transport.write(head)
         sent = 0
-        async for piece in body.pieces:
-            if waiter.done() or self.closed:
-                return waiter
-            sent += len(piece)
-            if sent > body.length:
-                raise UpstreamProtocolError(f"the upload is over its {body.length} bytes")
-            self.transport.write(piece)
-            if self._write_paused:
-                async with asyncio.timeout(read):
-                    await self._room(loop)
-        if sent != body.length:
-            raise UpstreamProtocolError(f"the upload ended after {sent} of {body.length} bytes")
+        try:
+            async for piece in body.pieces:
+                if waiter.done() or self.closed:
+                    return waiter
+                sent += len(piece)
+                if sent > body.length:
+                    raise UpstreamProtocolError(f"the upload is over its {body.length} bytes")
+                self.transport.write(piece)
+                if self._write_paused:
+                    async with asyncio.timeout(read):
+                        await self._room(loop)
+            if sent != body.length:
+                raise UpstreamProtocolError(f"the upload ended after {sent} of {body.length} bytes")
+        except BaseException:
+            waiter.cancel()  # nobody will wait for this answer (the caller drops the connection)
+            raise
         self._unfinished = False
         if not waiter.done():
             self._timer = loop.call_later(read, self._time_out, read)
