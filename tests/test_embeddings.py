@@ -18,6 +18,7 @@ from sidecar.api.embeddings import validate_embeddings_request
 from sidecar.errors import GatewayError
 from sidecar.providers.mock_embeddings import vector
 from tests.conftest import openai_config
+from tests.openai_schemas import check_embeddings
 from tests.procs import SidecarProcess
 from tests.support import metric_samples, module_sidecar, request, sdk, without_circuit_breakers
 from tests.upstreams.openai_fake import FakeOpenAI, Reply, fake_vector
@@ -222,6 +223,27 @@ def test_the_mock_bounds_what_one_request_costs(gateway: SidecarProcess) -> None
     )
     assert answer.status == 400
     assert "at most" in answer.error["message"]
+
+
+def test_answers_match_openais_own_schema(gateway: SidecarProcess, fake_openai: FakeOpenAI) -> None:
+    """CreateEmbeddingResponse of OpenAI's OpenAPI document (tests/openapi/embeddings.yaml): a
+    passed-through float answer, the mock's, and a base64 answer the sidecar made, decoded."""
+    for model, encoding in (
+        (SMALL, "float"),
+        ("fc:mock/embed", "float"),
+        ("fc:mock/embed", "base64"),
+    ):
+        body = {"model": model, "input": ["a", "b"], "encoding_format": encoding, "dimensions": 4}
+        answer = request(gateway.url, "POST", "/v1/embeddings", body)
+        assert answer.status == 200
+        data = answer.json()
+        if encoding == "base64":
+            for item in data["data"]:
+                item["embedding"] = list(struct.unpack("<4f", base64.b64decode(item["embedding"])))
+        check_embeddings(data)
+    bad = {"object": "list", "data": [{"index": 0, "embedding": "x", "object": "embedding"}]}
+    with pytest.raises(Exception, match="is not of type"):
+        check_embeddings({**bad, "model": "m", "usage": {"prompt_tokens": 1, "total_tokens": 1}})
 
 
 def test_vectors_are_stable_across_processes() -> None:

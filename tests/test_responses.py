@@ -16,8 +16,8 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from tests.conftest import openai_config
+from tests.openai_schemas import check_event, check_response
 from tests.procs import SidecarProcess
-from tests.responses_schemas import check_event, check_response
 from tests.support import metric_samples, module_sidecar, request, sdk, without_circuit_breakers
 from tests.upstreams.openai_fake import FakeOpenAI, Reply
 

@@ -17,7 +17,7 @@ from sidecar.providers.base import Completion, Usage
 from sidecar.responses_answer import from_completion
 from sidecar.responses_request import check, to_chat
 from sidecar.responses_stream import ChatEvents, NativeEvents, replay
-from tests.responses_schemas import check_event, check_response
+from tests.openai_schemas import check_event, check_response
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
 

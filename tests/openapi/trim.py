@@ -1,6 +1,7 @@
-"""Trim OpenAI's OpenAPI document to POST /chat/completions: chat-completions.yaml beside this.
+"""Trim OpenAI's OpenAPI document to one POST operation (default /chat/completions).
 
     python tests/openapi/trim.py path/to/openapi.yml > tests/openapi/chat-completions.yaml
+    python tests/openapi/trim.py path/to/openapi.yml /embeddings > tests/openapi/embeddings.yaml
 
 Keeps the operation (without its x-oaiMeta examples) and every schema it references,
 transitively; nothing else is changed. Then add back the provenance header by hand (where the
@@ -33,8 +34,8 @@ def referenced(node: Any, schemas: dict[str, Any], found: list[str]) -> None:
             referenced(value, schemas, found)
 
 
-def trim(document: dict[str, Any]) -> dict[str, Any]:
-    operation = {k: v for k, v in document["paths"][PATH][METHOD].items() if k != "x-oaiMeta"}
+def trim(document: dict[str, Any], path: str = PATH) -> dict[str, Any]:
+    operation = {k: v for k, v in document["paths"][path][METHOD].items() if k != "x-oaiMeta"}
     schemas = document["components"]["schemas"]
     names: list[str] = []
     referenced(operation, schemas, names)
@@ -43,7 +44,7 @@ def trim(document: dict[str, Any]) -> dict[str, Any]:
         "info": document["info"],
         "servers": document["servers"],
         "security": document["security"],
-        "paths": {PATH: {METHOD: operation}},
+        "paths": {path: {METHOD: operation}},
         "components": {
             "securitySchemes": document["components"]["securitySchemes"],
             "schemas": {name: schemas[name] for name in sorted(names)},
@@ -54,4 +55,6 @@ def trim(document: dict[str, Any]) -> dict[str, Any]:
 if __name__ == "__main__":
     with open(sys.argv[1], encoding="utf-8") as source:
         whole = yaml.load(source, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    sys.stdout.write(yaml.safe_dump(trim(whole), sort_keys=False, allow_unicode=True, width=100))
+    path = sys.argv[2] if len(sys.argv) > 2 else PATH
+    trimmed = trim(whole, path)
+    sys.stdout.write(yaml.safe_dump(trimmed, sort_keys=False, allow_unicode=True, width=100))

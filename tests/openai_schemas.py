@@ -1,5 +1,6 @@
-"""OpenAI's own schemas of the Responses API (tests/openapi/responses.yaml): a `response` object
-and a stream event, as JSON Schema validators, for checking the sidecar's translated answers."""
+"""OpenAI's own schemas (its OpenAPI document, trimmed per operation in tests/openapi/) as JSON
+Schema validators, for checking the sidecar's answers: a `response` object and a Responses stream
+event (responses.yaml), an embeddings answer (embeddings.yaml)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC_PATH = Path(__file__).resolve().parent / "openapi" / "responses.yaml"
+DOCUMENTS = Path(__file__).resolve().parent / "openapi"
 
 
 def _json_schema(node: Any) -> Any:
@@ -29,14 +30,14 @@ def _json_schema(node: Any) -> Any:
 
 
 @cache
-def validator(name: str) -> Draft202012Validator:
-    """The validator of `#/components/schemas/{name}` (Response, ResponseStreamEvent)."""
+def validator(name: str, document: str = "responses.yaml") -> Draft202012Validator:
+    """The validator of `#/components/schemas/{name}` of a trimmed document of OpenAI's."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    document = _json_schema(yaml.load(SPEC_PATH.read_text(), Loader=loader))
-    resource = Resource.from_contents(document, default_specification=DRAFT202012)
-    registry: Registry[Any] = Registry().with_resource("urn:openai-responses", resource)
+    contents = _json_schema(yaml.load((DOCUMENTS / document).read_text(), Loader=loader))
+    resource = Resource.from_contents(contents, default_specification=DRAFT202012)
+    registry: Registry[Any] = Registry().with_resource("urn:openai", resource)
     return Draft202012Validator(
-        {"$ref": f"urn:openai-responses#/components/schemas/{name}"}, registry=registry
+        {"$ref": f"urn:openai#/components/schemas/{name}"}, registry=registry
     )
 
 
@@ -48,3 +49,9 @@ def check_response(data: Any) -> None:
 def check_event(data: Any) -> None:
     """Raise unless `data` is a `ResponseStreamEvent` as OpenAI's document defines it."""
     validator("ResponseStreamEvent").validate(data)
+
+
+def check_embeddings(data: Any) -> None:
+    """Raise unless `data` is a `CreateEmbeddingResponse` as OpenAI's document defines it (float
+    vectors: the document has no form for base64 ones)."""
+    validator("CreateEmbeddingResponse", "embeddings.yaml").validate(data)
