@@ -29,7 +29,8 @@ from typing import Any
 
 import orjson
 
-from sidecar.errors import GatewayError, Outcome, UpstreamError
+from sidecar.errors import UpstreamError
+from sidecar.providers.translate import data_url, is_number, text_of, unsupported
 
 DEFAULT_MAX_TOKENS = 4096  # when neither the request nor the catalog gives an output cap
 MAX_USER_ID = 256  # metadata.user_id's longest; a longer `user` is dropped
@@ -39,12 +40,7 @@ _DEFS = ("$defs", "definitions")
 
 
 def refused(provider: str, message: str, param: str) -> UpstreamError:
-    """A request this provider cannot take: the client's fault, answered as a 400 at once."""
-    text = f"provider {provider!r} (Anthropic Messages API) {message}"
-    error = GatewayError(400, "invalid_request", text, param=param)
-    return UpstreamError(
-        Outcome.CLIENT_FAULT, text, status=400, reason="unsupported", client_error=error
-    )
+    return unsupported(provider, "Anthropic Messages API", message, param)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +129,9 @@ def messages_body(
     temperature = body.get("temperature")
     if isinstance(temperature, int | float) and not isinstance(temperature, bool):
         out["temperature"] = min(temperature, 1)
-    elif _is_number(body.get("top_p")):
+    elif is_number(body.get("top_p")):
         out["top_p"] = body["top_p"]
-    if _is_number(body.get("top_k")):
+    if is_number(body.get("top_k")):
         out["top_k"] = body["top_k"]
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -151,10 +147,6 @@ def messages_body(
     if stream:
         out["stream"] = True
     return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _max_tokens(body: dict[str, Any], max_output: int | None) -> int:
@@ -244,7 +236,7 @@ def _turns(messages: list[Any], provider: str) -> tuple[str, list[dict[str, Any]
         role = message.get("role")
         where = f"messages[{index}]"
         if role in ("system", "developer"):
-            text = _text(message.get("content"))
+            text = text_of(message.get("content"))
             if text:
                 system.append(text)
             continue
@@ -274,18 +266,6 @@ def _turns(messages: list[Any], provider: str) -> tuple[str, list[dict[str, Any]
     return "\n\n".join(system), turns
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
-
-
 def _user_blocks(content: Any, provider: str, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content else []
@@ -305,17 +285,9 @@ def _user_blocks(content: Any, provider: str, where: str) -> list[dict[str, Any]
     return blocks
 
 
-def _data_url(url: str) -> tuple[str, str] | None:
-    """(media type, base64 data) of a base64 data URL, else None."""
-    head, comma, data = url.partition(",")
-    if not comma or not head.startswith("data:") or not head.endswith(";base64"):
-        return None
-    return head[5:-7].split(";")[0].lower(), data
-
-
 def _image(url: str, provider: str, where: str) -> dict[str, Any]:
     if url.startswith("data:"):
-        parsed = _data_url(url)
+        parsed = data_url(url)
         if parsed is None or parsed[0] not in IMAGE_TYPES:
             raise refused(
                 provider, "takes images as base64 data URLs of image/jpeg, image/png, "
@@ -330,7 +302,7 @@ def _image(url: str, provider: str, where: str) -> dict[str, Any]:
 
 def _document(file: dict[str, Any], provider: str, where: str) -> dict[str, Any]:
     data = file.get("file_data")
-    parsed = _data_url(data) if isinstance(data, str) else None
+    parsed = data_url(data) if isinstance(data, str) else None
     if parsed is None or parsed[0] != "application/pdf":
         raise refused(
             provider, "takes file parts only as PDF data (file_data: a data:application/pdf;"
@@ -384,7 +356,7 @@ def _tool_result(message: dict[str, Any]) -> dict[str, Any]:
         "type": "tool_result",
         "tool_use_id": _tool_id(message["tool_call_id"]),
     }
-    text = _text(message.get("content"))
+    text = text_of(message.get("content"))
     if text:
         block["content"] = text
     return block

@@ -32,9 +32,9 @@ from typing import Any
 
 import orjson
 
-from sidecar.errors import GatewayError, Outcome, UpstreamError
-from sidecar.providers.anthropic_request import _data_url as data_url
+from sidecar.errors import UpstreamError
 from sidecar.providers.anthropic_request import output_tool
+from sidecar.providers.translate import data_url, is_number, text_of, unsupported
 
 IMAGE_FORMATS = MappingProxyType(
     {"image/png": "png", "image/jpeg": "jpeg", "image/gif": "gif", "image/webp": "webp"}
@@ -43,12 +43,7 @@ _TOOL_ID = re.compile(r"[^a-zA-Z0-9_.:-]")
 
 
 def refused(provider: str, message: str, param: str) -> UpstreamError:
-    """A request this provider cannot take: the client's fault, answered as a 400 at once."""
-    text = f"provider {provider!r} (Amazon Bedrock Converse API) {message}"
-    error = GatewayError(400, "invalid_request", text, param=param)
-    return UpstreamError(
-        Outcome.CLIENT_FAULT, text, status=400, reason="unsupported", client_error=error
-    )
+    return unsupported(provider, "Amazon Bedrock Converse API", message, param)
 
 
 def tool_use_id(value: Any) -> str:
@@ -83,10 +78,6 @@ def converse_body(body: dict[str, Any], provider: str) -> dict[str, Any]:
     return out
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _inference(body: dict[str, Any]) -> dict[str, Any]:
     config: dict[str, Any] = {}
     caps = [
@@ -98,7 +89,7 @@ def _inference(body: dict[str, Any]) -> dict[str, Any]:
         config["maxTokens"] = min(caps)
     for name, field in (("temperature", "temperature"), ("top_p", "topP")):
         value: Any = body.get(name)
-        if _number(value):
+        if is_number(value):
             config[field] = min(max(value, 0), 1)  # Converse takes 0-1; OpenAI's 1-2 is 1
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -183,7 +174,7 @@ def _turns(messages: list[Any], provider: str) -> tuple[list[dict[str, Any]], li
         role = message.get("role")
         where = f"messages[{index}]"
         if role in ("system", "developer"):
-            text = _text(message.get("content"))
+            text = text_of(message.get("content"))
             if text:
                 system.append({"text": text})
             continue
@@ -208,18 +199,6 @@ def _turns(messages: list[Any], provider: str) -> tuple[list[dict[str, Any]], li
         if turn["role"] == "user" and len(turn["content"]) > 1:
             turn["content"].sort(key=lambda block: "toolResult" not in block)  # stable
     return system, turns
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
 
 
 def _user_blocks(content: Any, provider: str, where: str) -> list[dict[str, Any]]:
@@ -301,7 +280,7 @@ def _assistant_blocks(message: dict[str, Any], provider: str, where: str) -> lis
 
 
 def _tool_result(message: dict[str, Any]) -> dict[str, Any]:
-    text = _text(message.get("content"))
+    text = text_of(message.get("content"))
     result = {
         "toolUseId": tool_use_id(message.get("tool_call_id")),
         "content": [{"text": text}] if text else [],

@@ -30,7 +30,8 @@ from typing import Any
 
 import orjson
 
-from sidecar.errors import GatewayError, Outcome, UpstreamError
+from sidecar.errors import UpstreamError
+from sidecar.providers.translate import is_number, unsupported
 from sidecar.schema_check import format_instruction
 
 IMAGE_DETAILS = frozenset({"auto", "low", "high"})
@@ -39,12 +40,7 @@ K_MAX = 500
 
 
 def refused(provider: str, message: str, param: str) -> UpstreamError:
-    """A request this provider cannot take: the client's fault, answered as a 400 at once."""
-    text = f"provider {provider!r} (Cohere v2 Chat API) {message}"
-    error = GatewayError(400, "invalid_request", text, param=param)
-    return UpstreamError(
-        Outcome.CLIENT_FAULT, text, status=400, reason="unsupported", client_error=error
-    )
+    return unsupported(provider, "Cohere v2 Chat API", message, param)
 
 
 def chat_body(
@@ -65,10 +61,6 @@ def chat_body(
     return out
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _sampling(body: dict[str, Any], out: dict[str, Any], max_output: int | None) -> None:
     caps = [
         body[name]
@@ -84,9 +76,9 @@ def _sampling(body: dict[str, Any], out: dict[str, Any], max_output: int | None)
         stop = [stop]
     if isinstance(stop, list) and stop and all(isinstance(s, str) for s in stop):
         out["stop_sequences"] = stop
-    if _is_number(body.get("temperature")):
+    if is_number(body.get("temperature")):
         out["temperature"] = max(0, body["temperature"])
-    if _is_number(body.get("top_p")):
+    if is_number(body.get("top_p")):
         out["p"] = min(max(body["top_p"], P_RANGE[0]), P_RANGE[1])
     top_k = body.get("top_k")
     if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0:

@@ -35,12 +35,12 @@ from __future__ import annotations
 import mimetypes
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, TypeGuard
+from typing import Any
 
 import orjson
 
-from sidecar.errors import GatewayError, Outcome, UpstreamError
-from sidecar.providers.anthropic_request import _data_url as data_url
+from sidecar.errors import UpstreamError
+from sidecar.providers.translate import data_url, is_int, is_number, text_of, unsupported
 
 # Google's documented stand-in for a thought signature the history does not have
 # (ai.google.dev/gemini-api/docs/thought-signatures): Gemini 3 refuses a function call turn
@@ -52,12 +52,7 @@ JSON_MIME = "application/json"
 
 
 def refused(provider: str, message: str, param: str) -> UpstreamError:
-    """A request Gemini cannot take: the client's fault, answered as a 400 at once."""
-    text = f"provider {provider!r} (Gemini API) {message}"
-    error = GatewayError(400, "invalid_request", text, param=param)
-    return UpstreamError(
-        Outcome.CLIENT_FAULT, text, status=400, reason="unsupported", client_error=error
-    )
+    return unsupported(provider, "Gemini API", message, param)
 
 
 def generate_body(
@@ -83,14 +78,6 @@ def generate_body(
     return out
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _generation_config(
     body: Mapping[str, Any], provider: str, max_output: int | None
 ) -> dict[str, Any]:
@@ -102,9 +89,9 @@ def _generation_config(
         ("presence_penalty", "presencePenalty"),
         ("frequency_penalty", "frequencyPenalty"),
     ):
-        if _is_number(body.get(name)):
+        if is_number(body.get(name)):
             config[field] = body[name]
-    caps = [body[n] for n in ("max_completion_tokens", "max_tokens") if _is_int(body.get(n))]
+    caps = [body[n] for n in ("max_completion_tokens", "max_tokens") if is_int(body.get(n))]
     if caps and max_output:
         caps.append(max_output)
     if caps:
@@ -115,10 +102,10 @@ def _generation_config(
     if isinstance(stop, list) and stop:
         config["stopSequences"] = stop
     n = body.get("n")
-    if _is_int(n) and n > 1:
+    if is_int(n) and n > 1:
         config["candidateCount"] = n
     seed = body.get("seed")
-    if _is_int(seed):
+    if is_int(seed):
         if not -INT32 <= seed < INT32:
             raise refused(
                 provider, f"takes a 32-bit seed (-2147483648 to 2147483647), got {seed}", "seed"
@@ -205,7 +192,7 @@ def _contents(messages: list[Any], provider: str) -> tuple[list[str], list[dict[
         role = message.get("role")
         where = f"messages[{index}]"
         if role in ("system", "developer"):
-            text = _text(message.get("content"))
+            text = text_of(message.get("content"))
             if text:
                 system.append(text)
             continue
@@ -250,22 +237,10 @@ def _call_names(messages: list[Any]) -> dict[str, str]:
     return names
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
-
-
 def _result(message: Mapping[str, Any]) -> dict[str, Any]:
     """A tool result as Gemini's `response` object: a JSON object as is, else its text as
     `output` (the key Gemini reads a function's output from)."""
-    text = _text(message.get("content"))
+    text = text_of(message.get("content"))
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
