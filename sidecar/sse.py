@@ -14,6 +14,15 @@ def encode(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
+def encode_all(chunks: list[bytes]) -> bytes:
+    """`encode` of each chunk, joined: one join when no chunk holds a line break (a
+    stream's chunks, nearly always)."""
+    joined = b"\n\ndata: ".join(chunks)
+    if joined.count(b"\n") != 2 * len(chunks) - 2:
+        return b"".join(encode(chunk) for chunk in chunks)
+    return b"data: " + joined + b"\n\n"
+
+
 class LineTooLong(ValueError):
     """An SSE line over MAX_LINE_BYTES: a broken upstream, not a big answer."""
 
@@ -40,6 +49,21 @@ class EventParser:
         self._after_cr = False  # the last piece ended with CR: a LF starting the next is its pair
 
     def feed(self, piece: bytes) -> list[Event]:
+        if (
+            piece.startswith(b"data: ")
+            and piece.endswith(b"\n\n")
+            and not self._tail
+            and not self._data
+            and self._event is None
+            and not self._after_cr
+            and b"\r" not in piece
+        ):
+            # whole events of one data line each, the way OpenAI-style servers write them:
+            # split at once (nothing is pending, and the piece cannot start with a BOM)
+            datas = piece[6:-2].split(b"\n\ndata: ")
+            if piece.count(b"\n") == 2 * len(datas):
+                self._started = True
+                return [(None, data) for data in datas]
         if not self._started:
             piece = self._skip_bom(piece)
         if self._after_cr:

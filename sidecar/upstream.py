@@ -239,11 +239,11 @@ class HttpChunkStream:
     """Iterates an upstream stream (SSE, or the framing its adapter's parser reads) as lists
     of OpenAI chunk bytes.
 
-    The first list goes out as soon as one event yields chunks (time to first token); after
-    that each list holds every chunk of the events that have arrived (up to BATCH_BYTES of
-    them: the rest waits, as the events it came in), so a burst of events costs one write to
-    the client, not one per event. An error event after some chunks is raised on the call
-    after the one that returns them."""
+    Each list holds every chunk of the events that have arrived (up to BATCH_BYTES of them:
+    the rest waits, as the events it came in), so a burst of events costs one write to the
+    client, not one per event; no list waits for an event that has not arrived (time to
+    first token). An error event after some chunks is raised on the call after the one
+    that returns them."""
 
     def __init__(
         self, response: Streamed, decoder: StreamDecoder, parser: StreamParser | None = None
@@ -252,7 +252,6 @@ class HttpChunkStream:
         self.decoder = decoder
         self._parser = parser if parser is not None else sse.EventParser()
         self._events: deque[sse.Event] = deque()
-        self._first = True
         self._failure: UpstreamError | None = None
 
     @property
@@ -266,6 +265,11 @@ class HttpChunkStream:
     @property
     def produced(self) -> int:
         return self.decoder.produced
+
+    @property
+    def ended(self) -> bool:
+        """Whether every chunk has been handed out: the upstream's last event has been read."""
+        return self.decoder.finished and self._failure is None
 
     def __aiter__(self) -> HttpChunkStream:
         return self
@@ -289,8 +293,7 @@ class HttpChunkStream:
                 if chunks:
                     out += chunks
                     batched += len(data)
-                    if self._first or batched >= BATCH_BYTES:
-                        self._first = False
+                    if batched >= BATCH_BYTES:
                         return out
             if out:
                 return out

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from sidecar.sse import Event, EventParser
+from sidecar.sse import Event, EventParser, encode, encode_all
 from tests.conftest import openai_config
 from tests.procs import SidecarProcess
 from tests.support import post_chat
@@ -107,6 +107,43 @@ def test_a_stream_of_only_a_bom_has_no_events() -> None:
     parser = EventParser()
     assert parser.feed(BOM[:2]) == []
     assert parser.end() == []
+
+
+WHOLE_EVENTS = (
+    b'data: {"a": 1}\n\n'
+    b"data:  two spaces: one is kept\n\n"
+    b"data: \n\n"
+    b"data: " + BOM + b"not at the start\n\n"
+    b"data: [DONE]\n\n"
+)
+
+
+@pytest.mark.parametrize("start", [b"", b'data: {"b": 2}\n\n'], ids=["first", "later"])
+def test_a_piece_of_whole_one_line_events_gives_what_a_line_at_a_time_gives(start: bytes) -> None:
+    """Such a piece (how OpenAI-style servers write) is split at once: the same events."""
+    parser = EventParser()
+    assert parser.feed(start) + parser.feed(WHOLE_EVENTS) == decoded(start + WHOLE_EVENTS, 1)
+
+
+@pytest.mark.parametrize(
+    "later",
+    [b"data: y\n\n", b"data: y\ndata: z\n\n", b"data: y\n\n\n", b"data: y\r\n\r\n"],
+    ids=["one-line", "two-lines", "blank-line", "crlf"],
+)
+def test_what_an_earlier_piece_left_pending_belongs_to_the_next_events(later: bytes) -> None:
+    """An event name, data lines or a line cut off before the piece are its events' too."""
+    for earlier in (b"event: named\n", b"data: x\n", b"data: x", b"data: x\r"):
+        parser = EventParser()
+        events = parser.feed(earlier) + parser.feed(later) + parser.end()
+        assert events == decoded(earlier + later, 1), (earlier, later)
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [[b'{"a":1}', b'{"b":2}'], [b"one"], [], [b'{"a":1}', b"two\nlines", b""], [b"x\r\ny"]],
+)
+def test_chunks_encoded_together_are_each_chunk_encoded(chunks: list[bytes]) -> None:
+    assert encode_all(chunks) == b"".join(encode(chunk) for chunk in chunks)
 
 
 # -- through a real sidecar ---------------------------------------------------------------------

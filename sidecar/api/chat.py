@@ -76,15 +76,19 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
     response = sse_response(flow)
     failure: UpstreamError | None = None
     tool_calls = watch and mentions_tool_calls(first)
+    held = b""  # the whole answer, when it came with its head: it leaves with the end, in one write
     try:
         await response.prepare(request)
         if first:
-            await send(flow, response, b"".join(sse.encode(chunk) for chunk in first))
+            if stream.ended:
+                held = sse.encode_all(first)
+            else:
+                await send(flow, response, sse.encode_all(first))
         try:
             async for chunks in stream:
                 if watch and not tool_calls:
                     tool_calls = mentions_tool_calls(chunks)
-                data = b"".join(sse.encode(chunk) for chunk in chunks)
+                data = sse.encode_all(chunks)
                 # not held while the write waits for a slow client: a chunk an adapter
                 # re-encoded holds 4 KiB or more (orjson does not trim its output buffer)
                 del chunks
@@ -93,7 +97,8 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
             failure = error
             attempt.error = kept(error)
             envelope = GatewayError(503, "upstream_unavailable", error.message).envelope()
-            await send(flow, response, sse.encode(orjson.dumps(envelope)), last=True)
+            data, held = held + sse.encode(orjson.dumps(envelope)), b""
+            await send(flow, response, data, last=True)
         rejected = None
         if failure is None and flow.schema_plan is not None:
             rejected = streamed_failure(
@@ -101,9 +106,11 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
             )
         if rejected is not None:
             flow.error, flow.status = rejected, rejected.status
-            await send(flow, response, sse.encode(rejected.body()), last=True)
+            data, held = held + sse.encode(rejected.body()), b""
+            await send(flow, response, data, last=True)
         elif failure is None:
-            await send(flow, response, sse.DONE, last=True)
+            data, held = held + sse.DONE, b""
+            await send(flow, response, data, last=True)
     except ConnectionResetError:
         flow.status = 499  # the client went away mid-stream: nothing more to send
     except asyncio.CancelledError:
@@ -113,7 +120,7 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
         cut = server_shutting_down()  # the stream ends as an upstream failure would end it
         flow.error, flow.status = cut, cut.status
         with contextlib.suppress(Exception):
-            await send(flow, response, sse.encode(cut.body()), last=True)
+            await send(flow, response, held + sse.encode(cut.body()), last=True)
     except Exception:
         if not response.prepared:
             raise
@@ -122,7 +129,7 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
         internal = internal_error(flow.id)
         flow.error, flow.status = internal, 500
         with contextlib.suppress(Exception):
-            await response.write(sse.encode(internal.body()))
+            await response.write(held + sse.encode(internal.body()))
             await response.write_eof()
     finally:
         await cascade.finish_stream(flow, attempt, stream)
@@ -147,7 +154,7 @@ async def _stream_buffered(
     response = sse_response(flow)
     try:
         await response.prepare(request)
-        body = b"".join(sse.encode(chunk) for chunk in chunks) + sse.DONE
+        body = sse.encode_all(chunks) + sse.DONE
         await send(flow, response, body, last=True)
     except ConnectionResetError:
         flow.status = 499

@@ -243,6 +243,10 @@ class MockChunkStream:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return orjson.dumps({**self._base, "choices": [choice]})
 
+    @property
+    def ended(self) -> bool:
+        return self._step > len(self._pieces) + 1
+
     def __aiter__(self) -> MockChunkStream:
         return self
 
