@@ -1,11 +1,12 @@
 """Budgets and usage records in an embedded sqlite file (the default backend).
 
-One connection on one dedicated thread: calls queue up there instead of fighting for locks.
 Reserves and settles run in `BEGIN IMMEDIATE` transactions, those queued at the same time
-sharing one (group commit, each in its own savepoint), so a settle's spent and the usage
-record's cost commit together (a `kill -9` leaves both or neither), and several processes may
-share one file. WAL journal, `synchronous=NORMAL`: a committed transaction
-survives the process dying (not a power cut between checkpoints).
+sharing one (group commit, each in its own savepoint; on the event loop when the write lock is
+free at once, else on the connection's thread: sidecar/stores/sqlite_thread.py), so a settle's
+spent and the usage record's cost commit together (a `kill -9` leaves both or neither), and
+several processes may share one file. WAL journal, `synchronous=NORMAL`: a committed
+transaction survives the process dying; a power cut may lose those since the last checkpoint
+(the checkpointer thread's, every 0.2 s under writes).
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ class SqliteBudgetStore(ThreadedSqlite):
         retention_days: float = 90.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__(path, "ringside-budget-db", SCHEMA, synchronous="NORMAL")
+        super().__init__(
+            path, "ringside-budget-db", SCHEMA, synchronous="NORMAL", commit_on_loop=True
+        )
         self.retention = retention_days * 86400
         self.clock = clock
         self._pruned_at = 0.0

@@ -1,10 +1,10 @@
 """Idempotency claims and stored answers in the embedded default store: one SQLite file in WAL
 mode, surviving restarts.
 
-Every statement runs on the connection's own thread (`ThreadedSqlite`). Each operation runs
-in a `BEGIN IMMEDIATE` transaction (shared with the operations queued at the same time, each in
-its own savepoint), so it is atomic also against other processes on the same file
-(`serve --workers N`), which wait for the write lock.
+Each operation runs in a `BEGIN IMMEDIATE` transaction (shared with the operations queued at
+the same time, each in its own savepoint: `ThreadedSqlite`'s group commit, on the event loop
+when the write lock is free at once, else on the connection's thread), so it is atomic also
+against other processes on the same file (`serve --workers N`), which wait for the write lock.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Database(ThreadedSqlite):
     """The idempotency database: `run` calls `fn(connection, *args)` in one transaction."""
 
     def __init__(self, path: str, schema: str) -> None:
-        super().__init__(path, "ringside-sqlite", schema, synchronous="NORMAL")
+        super().__init__(path, "ringside-sqlite", schema, synchronous="NORMAL", commit_on_loop=True)
 
     async def open(self) -> None:
         await self._run(self._conn)  # errors as they are: a bad path stops the start

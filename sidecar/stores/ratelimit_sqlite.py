@@ -37,7 +37,9 @@ _SET_TAT = (
 
 class SqliteLimiter(ThreadedSqlite):
     def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
-        super().__init__(path, "ringside-ratelimit-db", SCHEMA, synchronous="NORMAL")
+        super().__init__(
+            path, "ringside-ratelimit-db", SCHEMA, synchronous="NORMAL", commit_on_loop=True
+        )
         self.clock = clock
         self.fallback = MemoryLimiter()
         self._next_sweep = 0.0
