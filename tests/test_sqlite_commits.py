@@ -1,6 +1,7 @@
 """Where the sqlite stores' group commits run (sidecar/stores/sqlite_thread.py): on the event
-loop while the write lock is free at once, on the connection's thread when it is not; and the
-checkpointer that keeps the WAL from growing while no writer checkpoints."""
+loop while the write lock is free at once, on the connection's thread when it is not; the
+checkpointer that keeps the WAL from growing while no writer checkpoints; the usage records'
+writes, in a group commit or, a backlog, whole on the thread."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import asyncio
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from sidecar.stores import sqlite_thread
+from sidecar.stores.budget import Charge, Finished, RecordRef, Scope, UsageRecord, window
+from sidecar.stores.budget_sqlite import FINISH_ROWS, SqliteBudgetStore
 from sidecar.stores.sqlite_thread import ThreadedSqlite
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS item (k INTEGER PRIMARY KEY, v TEXT NOT NULL);"
@@ -126,3 +130,36 @@ async def test_one_checkpointer_per_file_outlives_all_but_the_last_store(tmp_pat
     assert thread.is_alive()
     await second.close()
     assert not thread.is_alive()
+
+
+async def finished_records(store: SqliteBudgetStore, count: int) -> list[Finished]:
+    """`count` settled requests of customer c (a settle each, 5 nano-USD), their records
+    finished with 2 nano-USD more."""
+    scope = Scope("cust", "c", 10**12, "total")
+    finished = []
+    started = time.time()  # within the records' retention
+    for n in range(count):
+        holds = await store.reserve([(scope, window("total"))], 10, 60.0)
+        record = RecordRef(f"r{n}", "c", started + n)
+        await store.settle(holds, Charge(f"r{n}:1", 5, 1, 1), record)
+        usage = UsageRecord(record.id, record.time, request_id=f"q{n}", customer="c", status=200)
+        finished.append(Finished(usage, Charge(f"r{n}:final", 2, 0, 0)))
+    return finished
+
+
+@pytest.mark.parametrize("count", [1, FINISH_ROWS + 1])
+async def test_usage_records_are_finished_whole_and_add_up_to_spent(
+    tmp_path: Path, count: int
+) -> None:
+    store = SqliteBudgetStore(str(tmp_path / "budget.db"))
+    await store.open()
+    try:
+        await store.write_usage(await finished_records(store, count))
+        records = await store.usage("c", None, None)
+        balance = await store.balance(Scope("cust", "c", 10**12, "total"), window("total"))
+    finally:
+        await store.close()
+
+    assert [r.status for r in records] == [200] * count
+    assert [r.cost for r in records] == [7] * count
+    assert balance.spent == 5 * count  # the final charges were spent by no settle

@@ -78,6 +78,7 @@ _FINISH = (
     "completion_tokens = completion_tokens + excluded.completion_tokens"
 )
 PRUNE_EVERY = 3600.0
+FINISH_ROWS = 50  # usage records a group commit takes: about a millisecond of SQL at most
 
 
 class SqliteBudgetStore(ThreadedSqlite):
@@ -196,18 +197,31 @@ class SqliteBudgetStore(ThreadedSqlite):
         return await self._run(self._balance_now, scope, win)
 
     # -- usage records ---------------------------------------------------------------------
-    def _write_usage(self, finished: Sequence[Finished]) -> None:
+    @staticmethod
+    def _finish(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        db.executemany(_FINISH, rows)
+
+    def _prune(self, before: float) -> None:
         with self._transaction() as db:
-            db.executemany(_FINISH, [_row(item) for item in finished])
-        now = self.clock()
-        if now - self._pruned_at > PRUNE_EVERY:
-            self._pruned_at = now
-            with self._transaction() as db:
-                db.execute("DELETE FROM usage_record WHERE time < ?", (now - self.retention,))
+            db.execute("DELETE FROM usage_record WHERE time < ?", (before,))
+
+    def _finish_alone(self, rows: list[tuple[Any, ...]]) -> None:
+        with self._transaction() as db:
+            db.executemany(_FINISH, rows)
 
     async def write_usage(self, finished: Sequence[Finished]) -> None:
-        if finished:
-            await self._run(self._write_usage, finished)
+        """All or none of the batch (a retry must not add a charge twice): in a group commit,
+        which may run on the event loop (sqlite_thread), or, a batch of more than FINISH_ROWS
+        (a backlog), in a transaction of its own on the thread. The hourly prune on the thread."""
+        rows = [_row(item) for item in finished]
+        if len(rows) > FINISH_ROWS:
+            await self._run(self._finish_alone, rows)
+        elif rows:
+            await self._enqueue(self._finish, rows)
+        now = self.clock()
+        if finished and now - self._pruned_at > PRUNE_EVERY:
+            self._pruned_at = now
+            await self._run(self._prune, now - self.retention)
 
     def _usage(
         self, customer: str | None, since: float | None, until: float | None
