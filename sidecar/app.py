@@ -21,6 +21,7 @@ from sidecar.api.passthrough import passthrough_or_unknown
 from sidecar.api.responses import create_response
 from sidecar.api.tokens import create_client_token, preflight
 from sidecar.appkeys import STATE, GatewayState
+from sidecar.prices_update import update_periodically
 from sidecar.runtime import Runtime, RuntimeHolder, Services
 from sidecar.settings import Settings
 from sidecar.settings.model import HostPort, Listen
@@ -66,10 +67,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     watcher = asyncio.create_task(
         watch_file(state.config_path, state.holder.reload, state.watch_interval)
     )
+    background = [watcher, gauges, flusher]
+    prices = state.initial_settings.prices
+    if prices.auto_update:  # read at start (sidecar/prices_update.py)
+        background.append(asyncio.create_task(update_periodically(state.holder, prices)))
     try:
         yield
     finally:
-        for task in (watcher, gauges, flusher):
+        for task in background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

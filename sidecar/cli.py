@@ -1,4 +1,5 @@
-"""`ringside` command line: serve, check-config, keys, token mint, usage export, inject-webhook."""
+"""`ringside` command line: serve, check-config, keys, token mint, usage export, prices,
+inject-webhook."""
 
 from __future__ import annotations
 
@@ -68,7 +69,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     for warning in _warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
-    print(_summary(settings))
+    from sidecar.prices_command import price_lines, price_summary
+
+    print(f"{_summary(settings)}; {price_summary(settings)}")
+    for line in price_lines(settings):
+        print(line)
     return 0
 
 
@@ -315,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--since", type=_since, help="7d, 24h, 30m, ISO 8601 or Unix seconds")
     export.add_argument("--customer", help="only this customer's records")
     export.set_defaults(func=cmd_usage_export)
+
+    from sidecar import prices_command
+
+    prices = commands.add_parser(
+        "prices", help="the effective catalog: each ref's prices and where they came from"
+    )
+    prices_command.add_arguments(prices)
 
     from sidecar.inject import command as inject
 

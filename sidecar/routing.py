@@ -208,7 +208,12 @@ class Router:
                 f"{ref} is not in the model catalog and provider {provider_name!r} is catalog_only"
             )
         label = ref if ref in self._labelled else f"fc:{provider_name}/_other"
-        price = entry.price if entry else provider.default_price
+        if entry is not None:
+            price = entry.price
+        else:  # priced by the price data when it knows the model, else the provider's default
+            book = self.settings.price_book
+            found = book.lookup(provider.kind, model_id) if book is not None else None
+            price = found.price if found is not None else provider.default_price
         return Candidate(ref, provider, model_id, entry, price, label, slot)
 
     def candidate(self, ref: str, slot: str | None = None) -> Candidate:

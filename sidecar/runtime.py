@@ -26,6 +26,7 @@ from sidecar.http1 import Http1Client
 from sidecar.outage import Outage
 from sidecar.passthrough import PassthroughTable
 from sidecar.pipeline import Pipeline, load_addon
+from sidecar.prices import PriceData
 from sidecar.providers import build_client
 from sidecar.providers.base import ProviderClient
 from sidecar.routing import Router
@@ -154,12 +155,15 @@ class RuntimeHolder:
         self.config_path = config_path
         runtime.activate()
         self.current = runtime
+        # price data fetched by prices.auto_update (sidecar/prices_update.py); None: the
+        # installed package's snapshot
+        self.price_data: PriceData | None = None
 
     def reload(self) -> bool:
         """Load the file again; a bad file is refused and the running config stays in force."""
         metrics = self.current.services.metrics
         try:
-            settings = load_settings(self.config_path)
+            settings = load_settings(self.config_path, price_data=self.price_data)
             runtime = Runtime(settings, self.current.services)
         except ConfigError as exc:
             metrics.config_reloads.labels("error").inc()

@@ -169,9 +169,10 @@ class BudgetAddon:
             raise GatewayError(
                 400,
                 "invalid_request",
-                f"{scopes[0].label} has a budget, and {', '.join(unpriced)} has no price: a "
-                "budgeted request can use only priced models (add the model to `models` with "
-                "its prices, or give its provider a default_price)",
+                f"{scopes[0].label} has a budget, and {', '.join(unpriced)} has no price (the "
+                "price data does not know it): a budgeted request can use only priced models "
+                "(add the model to `models` with its prices, or give its provider a "
+                "default_price)",
                 param="model",
             )
 

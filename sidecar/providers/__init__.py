@@ -57,6 +57,33 @@ AUTHORIZERS: Mapping[str, Callable[[ProviderSettings], Authorize | None]] = Mapp
     {"bedrock": bedrock_auth.signer, "vertex": vertex_auth.authorizer}
 )
 TOKEN_KINDS = frozenset({"azure"})  # the kinds that send token_file / token_env as a bearer
+# per kind, the genai-prices providers whose price data bill its models, tried in order
+# (sidecar/prices.py); a kind with none (self-hosted: ollama, vllm; deepinfra, which the data
+# does not cover; mock) is priced by the config alone
+PRICE_PROVIDERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "openai": ("openai",),
+        "azure": ("azure", "openai"),  # Azure's own prices, then OpenAI's for its models
+        "anthropic": ("anthropic",),
+        "gemini": ("google",),
+        "vertex": ("google",),  # Gemini, and Claude through Google's fallback to Anthropic
+        "bedrock": ("aws",),
+        "cohere": ("cohere",),
+        "mistral": ("mistral",),
+        "groq": ("groq",),
+        "together": ("together",),
+        "fireworks": ("fireworks",),
+        "deepseek": ("deepseek",),
+        "xai": ("x-ai",),
+        "perplexity": ("perplexity",),
+        "openrouter": ("openrouter",),
+        "cerebras": ("cerebras",),
+        "deepinfra": (),
+        "ollama": (),
+        "vllm": (),
+        "mock": (),
+    }
+)
 
 
 def provider_problems(settings: ProviderSettings) -> list[tuple[str, str]]:

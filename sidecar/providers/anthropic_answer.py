@@ -60,8 +60,13 @@ class TokenCount:
         return True
 
     def usage(self) -> Usage:
-        prompt = self.input + self.cache_read + self.cache_creation
-        return Usage(min(prompt, MAX_TOKENS), self.output)
+        prompt = min(self.input + self.cache_read + self.cache_creation, MAX_TOKENS)
+        return Usage(
+            prompt,
+            self.output,
+            cache_read_tokens=min(self.cache_read, prompt),
+            cache_write_tokens=min(self.cache_creation, prompt),
+        )
 
     def as_openai(self) -> dict[str, Any]:
         usage = self.usage()

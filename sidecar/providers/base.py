@@ -18,8 +18,17 @@ MAX_TOKENS = 10**9  # per call and kind: more is taken as this (keeps money exac
 
 @dataclass(slots=True)
 class Usage:
+    """Tokens one call used, as the provider bills them. `prompt_tokens` is every input token
+    (cached ones included, as OpenAI counts them); `cache_read_tokens` and `cache_write_tokens`
+    are the parts of it read from and written to the provider's prompt cache, and
+    `reasoning_tokens` the part of `completion_tokens` spent thinking. The details price the
+    call (sidecar/pricing.py); what the client is shown is the adapter's own usage object."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -28,6 +37,10 @@ class Usage:
     def add(self, other: Usage) -> None:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        if other.cache_read_tokens or other.cache_write_tokens or other.reasoning_tokens:
+            self.cache_read_tokens += other.cache_read_tokens
+            self.cache_write_tokens += other.cache_write_tokens
+            self.reasoning_tokens += other.reasoning_tokens
 
     def as_openai(self) -> dict[str, int]:
         return {
@@ -38,6 +51,9 @@ class Usage:
 
     @classmethod
     def from_openai(cls, data: Any) -> Usage | None:
+        """An OpenAI usage object (chat or embeddings), with its `prompt_tokens_details.
+        cached_tokens` and `completion_tokens_details.reasoning_tokens` (or the
+        `prompt_cache_hit_tokens` some compatible APIs report instead); None when not sane."""
         if not isinstance(data, dict):
             return None
         prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
@@ -45,7 +61,23 @@ class Usage:
             return None
         if prompt < 0 or completion < 0:  # would refund the customer: not a usage
             return None
-        return cls(min(prompt, MAX_TOKENS), min(completion, MAX_TOKENS))
+        usage = cls(min(prompt, MAX_TOKENS), min(completion, MAX_TOKENS))
+        # on the path of every answer: a zero or absent detail costs a lookup and a test
+        if "prompt_tokens_details" in data:
+            details = data["prompt_tokens_details"]
+            cached = details.get("cached_tokens") if details.__class__ is dict else None
+            if cached and cached.__class__ is int and cached > 0:
+                usage.cache_read_tokens = min(cached, usage.prompt_tokens)
+        elif "prompt_cache_hit_tokens" in data:
+            cached = data["prompt_cache_hit_tokens"]
+            if cached.__class__ is int and cached > 0:
+                usage.cache_read_tokens = min(cached, usage.prompt_tokens)
+        if "completion_tokens_details" in data:
+            details = data["completion_tokens_details"]
+            reasoning = details.get("reasoning_tokens") if details.__class__ is dict else None
+            if reasoning and reasoning.__class__ is int and reasoning > 0:
+                usage.reasoning_tokens = min(reasoning, usage.completion_tokens)
+        return usage
 
 
 @dataclass(frozen=True, slots=True)

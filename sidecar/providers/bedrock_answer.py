@@ -51,8 +51,15 @@ def usage_of(usage: Any) -> tuple[Usage, int] | None:
     if not isinstance(usage, dict) or "inputTokens" not in usage:
         return None
     cached = _count(usage.get("cacheReadInputTokens"))
-    prompt = _count(usage.get("inputTokens")) + cached + _count(usage.get("cacheWriteInputTokens"))
-    return Usage(min(prompt, MAX_TOKENS), _count(usage.get("outputTokens"))), cached
+    written = _count(usage.get("cacheWriteInputTokens"))
+    prompt = min(_count(usage.get("inputTokens")) + cached + written, MAX_TOKENS)
+    counted = Usage(
+        prompt,
+        _count(usage.get("outputTokens")),
+        cache_read_tokens=min(cached, prompt),
+        cache_write_tokens=min(written, prompt),
+    )
+    return counted, cached
 
 
 def usage_openai(usage: Usage, cached: int) -> dict[str, Any]:

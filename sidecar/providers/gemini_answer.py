@@ -55,10 +55,13 @@ def token_usage(meta: Any) -> tuple[Usage, dict[str, Any]] | None:
     prompt = _count(meta.get("promptTokenCount")) + _count(meta.get("toolUsePromptTokenCount"))
     thoughts = _count(meta.get("thoughtsTokenCount"))
     completion = _count(meta.get("candidatesTokenCount")) + thoughts
+    cached = _count(meta.get("cachedContentTokenCount"))
     usage = Usage(min(prompt, MAX_TOKENS), min(completion, MAX_TOKENS))
+    usage.cache_read_tokens = min(cached, usage.prompt_tokens)  # promptTokenCount holds them
+    usage.reasoning_tokens = min(thoughts, usage.completion_tokens)
     return usage, {
         **usage.as_openai(),
-        "prompt_tokens_details": {"cached_tokens": _count(meta.get("cachedContentTokenCount"))},
+        "prompt_tokens_details": {"cached_tokens": cached},
         "completion_tokens_details": {"reasoning_tokens": thoughts},
     }
 

@@ -44,13 +44,23 @@ def responses_body(call: UpstreamCall, model: str) -> bytes:
 
 
 def responses_usage(data: Any) -> Usage | None:
-    """A `response` object's `usage` (input_tokens, output_tokens); None when not sane."""
+    """A `response` object's `usage` (input_tokens, output_tokens, with their cached and
+    reasoning details); None when not sane."""
     if not isinstance(data, dict):
         return None
     given, produced = data.get("input_tokens"), data.get("output_tokens")
     if not isinstance(given, int) or not isinstance(produced, int) or given < 0 or produced < 0:
         return None
-    return Usage(min(given, MAX_TOKENS), min(produced, MAX_TOKENS))
+    usage = Usage(min(given, MAX_TOKENS), min(produced, MAX_TOKENS))
+    details = data.get("input_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if isinstance(cached, int) and cached > 0:
+        usage.cache_read_tokens = min(cached, usage.prompt_tokens)
+    details = data.get("output_tokens_details")
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    if isinstance(reasoning, int) and reasoning > 0:
+        usage.reasoning_tokens = min(reasoning, usage.completion_tokens)
+    return usage
 
 
 def parse_response_object(body: bytes) -> Completion:

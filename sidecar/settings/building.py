@@ -9,7 +9,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.settings.model import (
     KUBERNETES_DELAY_SECONDS,
@@ -24,6 +24,7 @@ from sidecar.settings.model import (
     Listen,
     ModelEntry,
     Price,
+    PriceSettings,
     ProviderSettings,
     ProviderTls,
     RateLimit,
@@ -36,6 +37,9 @@ from sidecar.settings.model import (
 )
 from sidecar.settings.passthrough import build_passthrough
 from sidecar.settings.reading import ConfigError, KeyPath, Located
+
+if TYPE_CHECKING:
+    from sidecar.prices import PriceBook, PriceData
 
 ADMIN_TOKEN_ENV = "RINGSIDE_ADMIN_TOKEN"  # admin.token when the config does not set one
 MIN_ADMIN_TOKEN_CHARS = 16
@@ -155,9 +159,33 @@ def _bearer_token(
 
 
 def _price(data: Mapping[str, Any] | None) -> Price | None:
-    if data is None:
-        return None
-    return Price(float(data["input_per_mtok"]), float(data["output_per_mtok"]))
+    """A price the config states (`default_price`, or a catalog entry's own); None when it
+    states none. Cached and cache-written input without a rate of their own are billed as
+    input."""
+    if data is None or "input_per_mtok" not in data or "output_per_mtok" not in data:
+        return None  # half a price is a problem of its own (_entry_price_problems)
+    return Price(
+        float(data["input_per_mtok"]),
+        float(data["output_per_mtok"]),
+        **_given(data, cache_read_per_mtok=float, cache_write_per_mtok=float),
+    )
+
+
+_PRICE_FIELDS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok")
+
+
+def _entry_price_problems(ref: str, mdata: Mapping[str, Any], where: Located) -> list[str]:
+    """A catalog entry states its price whole (input and output) or not at all."""
+    stated = [name for name in _PRICE_FIELDS if name in mdata]
+    if not stated or ("input_per_mtok" in mdata and "output_per_mtok" in mdata):
+        return []
+    return [
+        where.problem(
+            ("models", ref),
+            f"states {', '.join(stated)} but not both input_per_mtok and output_per_mtok: "
+            "state the price whole, or leave every price field out to take the price data's",
+        )
+    ]
 
 
 def _rate(data: Mapping[str, Any] | None) -> RateLimit | None:
@@ -189,9 +217,15 @@ def split_fc_ref(ref: str) -> tuple[str, str] | None:
     return provider, model_id
 
 
-def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Settings:
+def build(
+    data: dict[str, Any],
+    where: Located,
+    env: Mapping[str, str],
+    price_data: PriceData | None = None,
+) -> Settings:
     """The Settings of schema-valid `data`; every problem found is raised in one ConfigError.
-    `env` gives the secrets the file names (api_key_env, tokens.secret_env, the admin token)."""
+    `env` gives the secrets the file names (api_key_env, tokens.secret_env, the admin token);
+    `price_data` fills the prices the catalog leaves out (None: the installed package's)."""
     problems: list[str] = []
     warnings: list[str] = []
 
@@ -274,6 +308,9 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
 
     # an entry without its own `caps:` list has its provider kind's
     kind_caps = {name: catalog_caps(provider) for name, provider in providers.items()}
+    from sidecar.prices import price_book
+
+    book = price_book({provider.kind for provider in providers.values()}, price_data)
     models: dict[str, ModelEntry] = {}
     for ref, mdata in data.get("models", {}).items():
         parts = split_fc_ref(ref)
@@ -286,16 +323,8 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
                 where.problem(("models", ref), f"provider {provider!r} is not in providers")
             )
             continue
-        models[ref] = ModelEntry(
-            ref=ref,
-            provider=provider,
-            model_id=model_id,
-            price=_price(mdata),
-            context=mdata.get("context"),
-            max_output=mdata.get("max_output"),
-            caps=frozenset(mdata["caps"]) if "caps" in mdata else kind_caps[provider],
-            tags=frozenset(mdata.get("tags", ())),
-        )
+        problems.extend(_entry_price_problems(ref, mdata, where))
+        models[ref] = _entry(ref, provider, model_id, mdata, book, providers, kind_caps)
 
     slots: dict[str, tuple[str, ...]] = {}
     for name, refs in data.get("slots", {}).items():
@@ -419,6 +448,44 @@ def build(data: dict[str, Any], where: Located, env: Mapping[str, str]) -> Setti
         admin=admin,
         shutdown=shutdown,
         passthrough=passthrough,
+        prices=PriceSettings(
+            **_given(data.get("prices", {}), auto_update=None, update_interval=float, url=None)
+        ),
+        price_book=book,
+    )
+
+
+def _entry(
+    ref: str,
+    provider: str,
+    model_id: str,
+    mdata: Mapping[str, Any],
+    book: PriceBook,
+    providers: Mapping[str, ProviderSettings],
+    kind_caps: Mapping[str, frozenset[str]],
+) -> ModelEntry:
+    """A catalog entry: what the config states, and the price (and context window) it leaves
+    out from the price data of its provider's kind, when the data knows the model."""
+    price = _price(mdata)
+    source = "config" if price is not None else None
+    context = mdata.get("context")
+    if price is None or context is None:
+        found = book.lookup(providers[provider].kind, model_id)
+        if found is not None:
+            if price is None:
+                price, source = found.price, found.source
+            if context is None:
+                context = found.context
+    return ModelEntry(
+        ref=ref,
+        provider=provider,
+        model_id=model_id,
+        price=price,
+        context=context,
+        max_output=mdata.get("max_output"),
+        caps=frozenset(mdata["caps"]) if "caps" in mdata else kind_caps[provider],
+        tags=frozenset(mdata.get("tags", ())),
+        price_source=source,
     )
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sidecar.providers.base import Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +57,96 @@ class ProviderTls:
 
 
 @dataclass(frozen=True, slots=True)
-class Price:
+class Rates:
+    """USD per million tokens of each kind a provider bills. A kind without its own rate
+    (None) is billed as its parent: cached and cache-written input as input, reasoning as
+    output. `worst_input` / `worst_output` are the dearest rate an input / output token can be
+    billed at (a cache write costs more than plain input at some providers)."""
+
     input_per_mtok: float
     output_per_mtok: float
+    cache_read_per_mtok: float | None = None
+    cache_write_per_mtok: float | None = None
+    reasoning_per_mtok: float | None = None
+    worst_input: float = field(default=0.0, init=False, compare=False)
+    worst_output: float = field(default=0.0, init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        inputs = (self.input_per_mtok, self.cache_read_per_mtok, self.cache_write_per_mtok)
+        outputs = (self.output_per_mtok, self.reasoning_per_mtok)
+        object.__setattr__(self, "worst_input", max(r for r in inputs if r is not None))
+        object.__setattr__(self, "worst_output", max(r for r in outputs if r is not None))
+
+
+@dataclass(frozen=True, slots=True)
+class Price(Rates):
+    """A model's prices, resolved at load (sidecar/prices.py): base rates, and `tiers` that
+    replace them all when a call's input tokens exceed `above` (the highest such tier wins:
+    a long-context tier bills every token of the call at its rates, as providers do)."""
+
+    tiers: tuple[tuple[int, Rates], ...] = ()
+    # no tiers and no rate of its own for any detail: a usage costs input × rate + output ×
+    # rate whatever its details say (the common case, priced without looking at them)
+    plain: bool = field(default=True, init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        Rates.__post_init__(self)
+        detailed = (self.cache_read_per_mtok, self.cache_write_per_mtok, self.reasoning_per_mtok)
+        plain = not self.tiers and all(rate is None for rate in detailed)
+        object.__setattr__(self, "plain", plain)
+
+    def rates(self, prompt_tokens: int) -> Rates:
+        for above, rates in reversed(self.tiers):
+            if prompt_tokens > above:
+                return rates
+        return self
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """Plain input and output tokens (no cache, no reasoning detail)."""
+        rates = self.rates(prompt_tokens) if self.tiers else self
         return (
-            prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok
+            prompt_tokens * rates.input_per_mtok + completion_tokens * rates.output_per_mtok
         ) / 1e6
+
+    def usage_cost_usd(self, usage: Usage) -> float:
+        """USD of one call's whole usage, billed as genai-prices bills it (tests/test_prices.py
+        checks the two agree): the input tokens read from the provider's cache at the
+        cache-read rate, those written to it at the cache-write rate, the rest at the input
+        rate; reasoning tokens at the reasoning rate when there is one (else as output); every
+        rate from the tier the call's whole input reaches."""
+        prompt = usage.prompt_tokens
+        output = usage.completion_tokens
+        if self.plain:
+            return (prompt * self.input_per_mtok + output * self.output_per_mtok) / 1e6
+        rates = self.rates(prompt) if self.tiers else self
+        detail = 0.0
+        if usage.cache_read_tokens and rates.cache_read_per_mtok is not None:
+            cached = min(usage.cache_read_tokens, prompt)
+            prompt -= cached
+            detail += cached * rates.cache_read_per_mtok
+        if usage.cache_write_tokens and rates.cache_write_per_mtok is not None:
+            written = min(usage.cache_write_tokens, prompt)
+            prompt -= written
+            detail += written * rates.cache_write_per_mtok
+        if usage.reasoning_tokens and rates.reasoning_per_mtok is not None:
+            reasoning = min(usage.reasoning_tokens, output)
+            output -= reasoning
+            detail += reasoning * rates.reasoning_per_mtok
+        return (detail + prompt * rates.input_per_mtok + output * rates.output_per_mtok) / 1e6
+
+    def worst_cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """An upper bound for at most these tokens: each input token at the dearest input rate
+        of the dearest tier it can reach (no cache discount assumed), each output token at the
+        dearest output rate."""
+        if not self.tiers:
+            return (prompt_tokens * self.worst_input + completion_tokens * self.worst_output) / 1e6
+        worst_in = self.worst_input
+        worst_out = self.worst_output
+        for above, rates in self.tiers:
+            if prompt_tokens > above:
+                worst_in = max(worst_in, rates.worst_input)
+                worst_out = max(worst_out, rates.worst_output)
+        return (prompt_tokens * worst_in + completion_tokens * worst_out) / 1e6
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +203,9 @@ class ModelEntry:
     max_output: int | None = None
     caps: frozenset[str] = frozenset()
     tags: frozenset[str] = frozenset()
+    # where `price` came from: "config", or the price data's model ("genai-prices 0.2.3:
+    # openai/gpt-4o-mini"); None when unpriced
+    price_source: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +300,26 @@ class Shutdown:
     grace_seconds: float = 20.0
 
 
+DEFAULT_PRICES_URL = (  # genai-prices' own (genai_prices.update_prices.DEFAULT_UPDATE_URL)
+    "https://raw.githubusercontent.com/pydantic/genai-prices/refs/heads/main/"
+    "prices/new_data/v2/data.json"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PriceSettings:
+    """The `prices` section: where catalog prices come from besides the config (sidecar/prices.py).
+
+    The installed genai-prices package's pinned snapshot is used, with no network, unless
+    `auto_update` is set: then the data is fetched from `url` at start and every
+    `update_interval` seconds off the request path (sidecar/prices_update.py), and the config
+    is built again with it; a failed fetch is logged and the data in use stays."""
+
+    auto_update: bool = False
+    update_interval: float = 3600.0
+    url: str = DEFAULT_PRICES_URL
+
+
 @dataclass(frozen=True, slots=True)
 class AddonSpec:
     path: str
@@ -243,6 +351,10 @@ class Settings:
     shutdown: Shutdown = Shutdown()
     # path prefix → provider name (sidecar/settings/passthrough.py), the longest prefix first
     passthrough: Mapping[str, str] = field(default_factory=dict)
+    prices: PriceSettings = PriceSettings()
+    # the price data this load was built with (sidecar.prices.PriceBook): prices refs outside
+    # the catalog the first time the router meets them; None when built without
+    price_book: Any = field(default=None, compare=False, repr=False)
 
     @property
     def open_mode(self) -> bool:
