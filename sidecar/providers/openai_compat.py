@@ -6,6 +6,7 @@ adapter forwards everything else untouched (unknown parameters pass through, SPE
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -392,12 +393,87 @@ def without_fields(messages: Any, fields: frozenset[str]) -> Any:
     ]
 
 
+# what may not stand in a JSON string as it is: a quote, a backslash, a control character
+_NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
+_CONTENT_KEY = b'"content":"'
+_PADDING_KEY = b'"obfuscation":"'
+
+
+@dataclass(slots=True)
+class ChunkShape:
+    """The bytes of a chunk around its content string, learnt from one the decoder parsed:
+    a chunk with the same bytes around a plain string (no quote, escape or control
+    character) is the same JSON but for that content, so it is read without parsing. OpenAI
+    ends each chunk with a random `obfuscation` string (padding against length side
+    channels); then `tail` stops before that string's value, which may differ too."""
+
+    head: bytes  # up to the content string's first byte
+    tail: bytes  # from its closing quote to the end, or to the padding's value
+    padded: bool  # the chunk ends with `"obfuscation":"<padding>"}`
+    out_head: bytes | None  # the chunk re-encoded for the client (None: sent as it came)
+    out_tail: bytes
+    start: int = 0  # len(head)
+    tail_bytes: int = 0  # len(tail)
+
+    def __post_init__(self) -> None:
+        self.start, self.tail_bytes = len(self.head), len(self.tail)
+
+
+def _around(data: bytes, text: bytes, padding: bytes | None) -> tuple[bytes, bytes, bool] | None:
+    """(head, tail, padded) of `data` around its one content string `text`; None unless
+    `"content"` stands once in it (then it is the key whose value the parse read as `text`)."""
+    if data.count(b'"content"') != 1:
+        return None
+    at = data.find(_CONTENT_KEY + text + b'"')
+    if at < 0:
+        return None
+    start = at + len(_CONTENT_KEY)
+    tail = data[start + len(text) :]
+    if padding is not None and tail.endswith(b"," + _PADDING_KEY + padding + b'"}'):
+        return data[:start], tail[: len(tail) - len(padding) - 2], True
+    return data[:start], tail, False
+
+
+def chunk_shape(chunk: dict[str, Any], data: bytes, out: bytes) -> ChunkShape | None:
+    """The shape of `data` (parsed: `chunk`; sent to the client as `out`) when its
+    `choices[0].delta.content` is a plain string that can be found in it, else None."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    delta = choices[0].get("delta")
+    content = delta.get("content") if isinstance(delta, dict) else None
+    if not isinstance(content, str):
+        return None
+    text = content.encode()
+    if _NOT_PLAIN.search(text):
+        return None
+    value = chunk.get("obfuscation")
+    padding = value.encode() if isinstance(value, str) else None
+    if padding is not None and _NOT_PLAIN.search(padding):
+        padding = None  # learnt as a fixed part: a chunk with other padding is parsed
+    found = _around(data, text, padding)
+    if found is None:
+        return None
+    head, tail, padded = found
+    if out is data:
+        return ChunkShape(head, tail, padded, None, b"")
+    found = _around(out, text, padding if padded else None)
+    if found is None or found[2] != padded:
+        return None
+    return ChunkShape(head, tail, padded, found[0], found[1])
+
+
 class OpenAIStreamDecoder:
-    """Passes OpenAI chunks through byte for byte; reads usage and content on the way."""
+    """Passes OpenAI chunks through byte for byte; reads usage and content on the way.
+
+    A stream's content chunks differ mostly in their content: a chunk that has the shape of
+    the last one parsed (`ChunkShape`) is read without parsing it, the same JSON but for
+    its content; any other is parsed whole (the first, a role or finish chunk, usage,
+    errors, tool calls, several choices, content with escapes)."""
 
     __slots__ = (
-        "_content", "finished", "keep_content", "produced", "usage", "usage_extension",
-        "wants_usage",
+        "_content", "_shape", "finished", "keep_content", "produced", "usage",
+        "usage_extension", "wants_usage",
     )  # fmt: skip
 
     def __init__(
@@ -410,12 +486,35 @@ class OpenAIStreamDecoder:
         self._content: list[str] = []
         self.produced = 0
         self.finished = False
+        self._shape: ChunkShape | None = None
 
     @property
     def content(self) -> str:
         return "".join(self._content)
 
     def feed(self, event: str | None, data: bytes) -> list[bytes]:
+        shape = self._shape
+        if shape is not None and data.startswith(shape.head):
+            # the common case inline: a method call costs as much as the rest of it
+            start = shape.start
+            end = data.find(b'"', start)
+            if shape.padded:
+                out = self._padded(shape, data, end)
+                if out is not None:
+                    return out
+            elif end >= 0 and len(data) - end == shape.tail_bytes and data.endswith(shape.tail):
+                text = data[start:end]
+                try:
+                    content = text.decode()
+                except UnicodeDecodeError:
+                    content = "\\"  # not valid UTF-8: parsed, to fail as parsing fails
+                if content.isprintable() and "\\" not in content:  # and no quote: plain
+                    self.produced += len(content)
+                    if self.keep_content:
+                        self._content.append(content)
+                    if shape.out_head is None:
+                        return [data]
+                    return [shape.out_head + text + shape.out_tail]
         if data == b"[DONE]":
             self.finished = True
             return []
@@ -430,6 +529,38 @@ class OpenAIStreamDecoder:
             raise UpstreamError(
                 Outcome.UNAVAILABLE, f"upstream failed mid-stream: {message}", reason="stream_error"
             )
+        out = self._read(chunk, data)
+        if (
+            len(out) == 1
+            and chunk.get("usage") is None
+            and (self.usage_extension is None or self.usage_extension not in chunk)
+        ):
+            self._shape = chunk_shape(chunk, data, out[0]) or self._shape
+        return out
+
+    def _padded(self, shape: ChunkShape, data: bytes, end: int) -> list[bytes] | None:
+        """`feed` of a chunk that starts like `shape`, one ending in its padding: None unless
+        it has that shape around a plain content string and a plain padding."""
+        at = end + shape.tail_bytes
+        if end < 0 or at > len(data) - 2 or not data.startswith(shape.tail, end):
+            return None
+        text, padding = data[shape.start : end], data[at:-2]
+        try:
+            content, pad = text.decode(), padding.decode()
+        except UnicodeDecodeError:
+            return None
+        plain = content.isprintable() and pad.isprintable() and '"' not in pad
+        if not plain or "\\" in content or "\\" in pad or not data.endswith(b'"}'):
+            return None
+        self.produced += len(content)
+        if self.keep_content:
+            self._content.append(content)
+        if shape.out_head is None:
+            return [data]
+        return [shape.out_head + text + shape.out_tail + padding + b'"}']
+
+    def _read(self, chunk: dict[str, Any], data: bytes) -> list[bytes]:
+        """What a parsed chunk gives the client; its content and usage read on the way."""
         choices = chunk.get("choices")
         if choices:
             delta = choices[0].get("delta") if isinstance(choices[0], dict) else None
