@@ -38,6 +38,7 @@ from tests.upstreams.openai_fake import FakeOpenAI, Reply
 
 ADMIN_TOKEN = "admin-token-for-prices"
 TOLERANCE = 1e-9  # USD
+MINI = "fc:openai/gpt-4o-mini"
 
 
 def bill(price: Price, usage: Usage) -> float:
@@ -260,14 +261,27 @@ def test_refs_outside_the_catalog_are_priced_by_the_data_else_the_default_price(
     assert unknown.price == Price(7.0, 8.0)
 
 
+def test_without_price_data_only_the_config_prices() -> None:
+    priced = {"input_per_mtok": 2, "output_per_mtok": 8}
+    config = config_with({MINI: {}, "fc:openai/gpt-4o": priced}, prices={"data": "none"})
+    settings = settings_of(config)
+    assert settings.price_book.data is None
+    assert settings.models[MINI].price is None
+    assert settings.models["fc:openai/gpt-4o"].price == Price(2.0, 8.0)
+    assert Router(settings).candidate("fc:openai/gpt-4.1").price is None
+
+
+def test_auto_update_without_price_data_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"prices\.auto_update: needs prices\.data: genai-prices"):
+        settings_of(config_with({}, prices={"data": "none", "auto_update": True}))
+
+
 def test_the_prices_section_is_read() -> None:
     settings = settings_of(config_with({}, prices={"auto_update": True, "update_interval": 600}))
     assert settings.prices.auto_update is True and settings.prices.update_interval == 600.0
 
 
 # -- end to end: a real sidecar, the fake OpenAI upstream ---------------------------------------
-
-MINI = "fc:openai/gpt-4o-mini"
 
 
 def answer_with_details(prompt: int, cached: int, completion: int, reasoning: int) -> bytes:

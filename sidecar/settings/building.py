@@ -310,7 +310,15 @@ def build(
     kind_caps = {name: catalog_caps(provider) for name, provider in providers.items()}
     from sidecar.prices import price_book
 
-    book = price_book({provider.kind for provider in providers.values()}, price_data)
+    prices = PriceSettings(
+        **_given(
+            data.get("prices", {}), data=None, auto_update=None, update_interval=float, url=None
+        )
+    )
+    if prices.data == "none" and prices.auto_update:
+        problems.append(where.problem(("prices", "auto_update"), "needs prices.data: genai-prices"))
+    kinds = {provider.kind for provider in providers.values()} if prices.data != "none" else ()
+    book = price_book(kinds, price_data)
     models: dict[str, ModelEntry] = {}
     for ref, mdata in data.get("models", {}).items():
         parts = split_fc_ref(ref)
@@ -448,9 +456,7 @@ def build(
         admin=admin,
         shutdown=shutdown,
         passthrough=passthrough,
-        prices=PriceSettings(
-            **_given(data.get("prices", {}), auto_update=None, update_interval=float, url=None)
-        ),
+        prices=prices,
         price_book=book,
     )
 

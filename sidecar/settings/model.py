@@ -315,6 +315,7 @@ class PriceSettings:
     `update_interval` seconds off the request path (sidecar/prices_update.py), and the config
     is built again with it; a failed fetch is logged and the data in use stays."""
 
+    data: str = "genai-prices"  # "none": config prices only, the data never loaded (~14 MB)
     auto_update: bool = False
     update_interval: float = 3600.0
     url: str = DEFAULT_PRICES_URL
