@@ -3,28 +3,54 @@
 Under load many requests reach their budget reserve or rate-limit check in the same turn of
 the event loop; sending each EVALSHA on its own costs a socket write, a read and a wake-up
 per call. `ScriptBatcher.call` queues the call and returns a future; at the end of the turn
-every queued call leaves in one pipeline (no MULTI: each script is atomic on its own, so the
+every queued call leaves in one write (no MULTI: each script is atomic on its own, so the
 result is exactly that of sending them one by one in this order). A lone request pays no
 extra wait: its call leaves in the same turn.
 
+The round trip bypasses redis-py's Pipeline: its pure-Python command packing (a call per
+argument) and its per-execute pool checkout were most of what a redis request cost the
+sidecar (bench/README.md, "The redis store"). Commands are packed by hiredis's C packer, the
+same bytes redis-py sends (str as UTF-8, int and float as their repr), and written on a
+connection of the store's pool; replies are read by the connection's own parser, an error
+reply becoming that call's exception. A script's first call from a batcher is preceded, in
+the same write, by its SCRIPT LOAD (without it, the first calls on a fresh server were
+NOSCRIPT, reloaded and resent a round trip later: after calls queued behind them, a rate-limit
+adjustment after the next request's check); a NOSCRIPT later (a server restarted or flushed)
+reloads and resends those calls. A batcher keeps one connection of
+the pool between round trips (when the pool holds at least KEEP_MIN, so a small pool is never
+starved by idle batchers); any other is taken from the pool and given back at once. As with
+redis-py's pipeline under the pool's `Retry(NoBackoff(), 1)`, a batch whose connection fails
+(a stale pooled connection: redis restarted, an idle timeout) is sent once more at once, on
+a new connection.
+
 A batcher may bound its round trips more tightly than the pool's socket timeout (`timeout`):
 stores with different patience share one pool (redis_pool), and a round trip cut short
-disconnects its connection (redis-py does on a cancelled read), so no reply is left behind on
-a pooled one.
+disconnects its connection, so no reply is left behind on a pooled one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from hiredis import pack_command
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 Call = tuple[str, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+KEEP_MIN = 8  # a pool smaller than this: the batcher keeps no connection between round trips
+RETRIED = (RedisConnectionError, RedisTimeout)  # what the pool's Retry retries
+
+
+def _packed(*parts: Any) -> bytes:
+    """One command in the redis protocol (hiredis's stub types its argument as a 1-tuple)."""
+    return pack_command(parts)
 
 
 class ScriptBatcher:
@@ -34,6 +60,10 @@ class ScriptBatcher:
         self.client = client
         self.scripts = dict(scripts)
         self.timeout = timeout  # seconds a round trip may take, connect and retry included
+        self.pool = client.connection_pool
+        self._keep = (getattr(self.pool, "max_connections", 0) or 0) >= KEEP_MIN
+        self._kept: AbstractConnection | None = None
+        self._loaded: set[str] = set()  # scripts this batcher has sent SCRIPT LOAD for
         self._pending: list[Call] = []
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -54,11 +84,19 @@ class ScriptBatcher:
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[Call], reloaded: bool = False) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for name, keys, args, _ in batch:
-            pipe.evalsha(self.scripts[name].sha, len(keys), *keys, *args)
+        scripts = self.scripts
+        # a script this batcher has not loaded yet goes first in the same write (SCRIPT LOAD),
+        # so its first call is not a NOSCRIPT answered a round trip later, out of order
+        loading = [name for name in {call[0] for call in batch} if name not in self._loaded]
+        packed = b"".join(
+            [_packed("SCRIPT", "LOAD", scripts[name].script) for name in loading]
+            + [
+                _packed("EVALSHA", scripts[name].sha, len(keys), *keys, *args)
+                for name, keys, args, _ in batch
+            ]
+        )
         try:
-            replies = await self._execute(pipe)
+            replies = await self._execute(packed, len(loading) + len(batch))
         except BaseException as exc:  # the connection failed: every call in it did
             for *_, future in batch:
                 if not future.done():
@@ -66,6 +104,9 @@ class ScriptBatcher:
             if not isinstance(exc, Exception):
                 raise
             return
+        if loading:
+            self._loaded.update(loading)
+            replies = replies[len(loading) :]
         unknown: list[Call] = []
         for call, reply in zip(batch, replies, strict=True):
             future = call[3]
@@ -78,28 +119,62 @@ class ScriptBatcher:
             else:
                 future.set_result(reply)
         if unknown:
-            try:
-                for name in {call[0] for call in unknown}:
-                    await self.client.script_load(self.scripts[name].script)
-            except Exception as exc:
-                for *_, future in unknown:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
+            self._loaded.difference_update(call[0] for call in unknown)
             await self._send(unknown, reloaded=True)
 
-    async def _execute(self, pipe: Any) -> list[Any]:
+    async def _execute(self, packed: bytes, count: int) -> list[Any]:
         if self.timeout is None:
-            return await pipe.execute(raise_on_error=False)
+            return await self._round_trip(packed, count)
         try:
             async with asyncio.timeout(self.timeout):
-                return await pipe.execute(raise_on_error=False)
+                return await self._round_trip(packed, count)
         except TimeoutError:
             raise RedisTimeout(f"no reply from redis within {self.timeout}s") from None
 
+    async def _round_trip(self, packed: bytes, count: int) -> list[Any]:
+        conn, self._kept = self._kept, None
+        if conn is None:
+            conn = await self.pool.get_connection()
+        try:
+            try:
+                replies = await self._exchange(conn, packed, count)
+            except RETRIED:
+                await conn.disconnect()
+                replies = await self._exchange(conn, packed, count)  # reconnects
+        except BaseException:
+            await conn.disconnect()  # replies may be left on it: it starts anew
+            await self.pool.release(conn)
+            raise
+        if self._keep and self._kept is None:
+            self._kept = conn
+        else:
+            await self.pool.release(conn)
+        return replies
+
+    @staticmethod
+    async def _exchange(conn: AbstractConnection, packed: bytes, count: int) -> list[Any]:
+        await conn.send_packed_command(packed, check_health=False)
+        replies: list[Any] = []
+        # one deadline for the batch's replies, not a timer per reply (math.inf: none of its
+        # own); a read cut short disconnects the connection (redis-py does on any exception)
+        try:
+            async with asyncio.timeout(conn.socket_timeout):
+                for _ in range(count):
+                    try:
+                        replies.append(await conn.read_response(timeout=math.inf))
+                    except ResponseError as exc:  # an error reply: the connection is in step
+                        replies.append(exc)
+        except TimeoutError:
+            raise RedisTimeout(f"no reply from redis within {conn.socket_timeout}s") from None
+        return replies
+
     async def drain(self) -> None:
-        """Wait for the calls already queued or in flight (before closing the client)."""
+        """Wait for the calls already queued or in flight (before closing the client), and
+        give the kept connection back to the pool."""
         while self._pending or self._sending:
             if self._pending:
                 self._flush()
             await asyncio.wait(set(self._sending))
+        conn, self._kept = self._kept, None
+        if conn is not None:
+            await self.pool.release(conn)
