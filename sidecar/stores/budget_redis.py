@@ -58,6 +58,7 @@ CUSTOMERS = "rs:usage:customers"  # every record tag that has records (for expor
 SPENT_GRACE = 7 * 86400  # a period's spent counter outlives the period by this much
 OP_GUARD_TTL = 3 * 86400
 PROBE_SECONDS = 0.25
+INDEX_REFRESH_SECONDS = 60.0  # a record tag is re-added to CUSTOMERS at most this often
 
 
 def record_tag(customer: str | None) -> str:
@@ -111,6 +112,7 @@ class RedisBudgetStore:
         self._wake = asyncio.Event()
         self._closing = False
         self._abandoned = AbandonedReserves()
+        self._indexed: dict[str, float] = {}  # record tag → when it was last sent to CUSTOMERS
 
     async def open(self) -> None:
         for entry in await self.journal.open():
@@ -297,10 +299,17 @@ class RedisBudgetStore:
             charge.prompt_tokens, charge.completion_tokens,
             int((time.time() - self.retention) * 1000), *fields,
         ]  # fmt: skip
-        return [
-            Entry("finish", _record_keys(r.customer, r.id), args),
-            Entry("index", [CUSTOMERS], [record_tag(r.customer)]),
-        ]
+        entries = [Entry("finish", _record_keys(r.customer, r.id), args)]
+        # CUSTOMERS (another slot) only lists the tags an export without a customer reads:
+        # sent with a tag's first record in this process, then once a minute, not per record
+        tag = record_tag(r.customer)
+        now = time.monotonic()
+        if now - self._indexed.get(tag, -INDEX_REFRESH_SECONDS) >= INDEX_REFRESH_SECONDS:
+            if len(self._indexed) >= 100_000:
+                self._indexed.clear()
+            self._indexed[tag] = now
+            entries.append(Entry("index", [CUSTOMERS], [tag]))
+        return entries
 
     async def write_usage(self, finished: Sequence[Finished]) -> None:
         entries = [entry for item in finished for entry in self._finish_entries(item)]
