@@ -43,6 +43,14 @@ class Items(ThreadedSqlite):
     async def count(self) -> int:
         return await self._run(self._count)
 
+    @staticmethod
+    def _add_then_fail(db: sqlite3.Connection, value: str) -> None:
+        db.execute("INSERT INTO item (v) VALUES (?)", (value,))
+        raise LookupError(value)
+
+    async def add_then_fail(self, value: str) -> None:
+        await self._enqueue(self._add_then_fail, value)
+
 
 def wal_pages(path: str) -> int:
     return os.path.getsize(path + "-wal") // 4096
@@ -61,6 +69,25 @@ async def test_a_group_whose_write_lock_is_free_commits_on_the_event_loop(items:
 
     assert set(ran_on) == {threading.current_thread().name}
     assert await items.count() == 5
+
+
+@pytest.mark.parametrize("on_loop", [True, False])
+async def test_a_call_that_raises_in_a_group_is_undone_alone(tmp_path: Path, on_loop: bool) -> None:
+    store = Items(str(tmp_path / "group.db"), commit_on_loop=on_loop)
+    try:
+        results = await asyncio.gather(
+            store.add("first"), store.add_then_fail("middle"), store.add("last"),
+            return_exceptions=True,
+        )  # fmt: skip
+        alone = await asyncio.gather(store.add_then_fail("alone"), return_exceptions=True)
+        rows = await store._run(
+            lambda: [v for (v,) in store._conn().execute("SELECT v FROM item ORDER BY k")]
+        )
+    finally:
+        await store.close()
+
+    assert isinstance(results[1], LookupError) and isinstance(alone[0], LookupError)
+    assert rows == ["first", "last"]
 
 
 async def test_a_group_that_would_wait_for_another_writer_waits_on_the_thread(

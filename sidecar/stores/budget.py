@@ -202,7 +202,8 @@ class BudgetExceeded(Exception):
 
 @dataclass(slots=True)
 class Settled:
-    """Each settled scope's balance after the settle, by scope name."""
+    """Each settled scope's balance after the settle, by scope name (its `held` may be left
+    at 0: only the spent amount is read from it)."""
 
     balances: dict[str, Balance] = field(default_factory=dict)
 

@@ -61,6 +61,14 @@ _COLUMNS = (
     "prompt_tokens, completion_tokens, cost, latency_ms, fallback, reprompts"
 )
 _DROP_HOLD = "DELETE FROM budget_hold WHERE scope = ? AND id = ?"
+_BALANCE = (  # spent (NULL before the first settle of the period) and held, in one statement
+    "SELECT (SELECT spent FROM budget_spent WHERE scope = ?1 AND period = ?2), "
+    "(SELECT COALESCE(SUM(amount), 0) FROM budget_hold WHERE scope = ?1 AND expires > ?3)"
+)
+_ADD_SPENT = (  # RETURNING: sqlite >= 3.35
+    "INSERT INTO budget_spent (scope, period, spent) VALUES (?, ?, ?) "
+    "ON CONFLICT (scope, period) DO UPDATE SET spent = spent + excluded.spent RETURNING spent"
+)
 _ADD_CHARGE = (
     "INSERT INTO usage_record (id, time, customer, cost, prompt_tokens, completion_tokens) "
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET cost = cost + excluded.cost, "
@@ -78,6 +86,7 @@ _FINISH = (
     "completion_tokens = completion_tokens + excluded.completion_tokens"
 )
 PRUNE_EVERY = 3600.0
+SWEEP_SECONDS = 1.0  # how often a reserve deletes expired holds
 FINISH_ROWS = 50  # usage records a group commit takes: about a millisecond of SQL at most
 
 
@@ -94,6 +103,7 @@ class SqliteBudgetStore(ThreadedSqlite):
         self.retention = retention_days * 86400
         self.clock = clock
         self._pruned_at = 0.0
+        self._next_sweep = 0.0
         self._abandoned = AbandonedReserves()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -108,14 +118,8 @@ class SqliteBudgetStore(ThreadedSqlite):
     # -- budgets ---------------------------------------------------------------------------
     @staticmethod
     def _balance(db: sqlite3.Connection, scope: str, period: str, now: float) -> Balance:
-        row = db.execute(
-            "SELECT spent FROM budget_spent WHERE scope = ? AND period = ?", (scope, period)
-        ).fetchone()
-        held = db.execute(
-            "SELECT COALESCE(SUM(amount), 0) FROM budget_hold WHERE scope = ? AND expires > ?",
-            (scope, now),
-        ).fetchone()
-        return Balance(row[0] if row else 0, held[0])
+        spent, held = db.execute(_BALANCE, (scope, period, now)).fetchone()
+        return Balance(spent or 0, held)
 
     def _reserve(
         self,
@@ -125,12 +129,12 @@ class SqliteBudgetStore(ThreadedSqlite):
         ttl: float,
     ) -> list[Hold]:
         now = self.clock()
+        if now >= self._next_sweep:  # expired holds count for nothing: their rows can wait
+            self._next_sweep = now + SWEEP_SECONDS
+            db.execute("DELETE FROM budget_hold WHERE expires <= ?", (now,))
         hold_id = new_id()
         holds = []
         for scope, win in scopes:
-            db.execute(
-                "DELETE FROM budget_hold WHERE scope = ? AND expires <= ?", (scope.name, now)
-            )
             balance = self._balance(db, scope.name, win.id, now)
             if balance.spent + balance.held + amount > scope.limit:
                 raise BudgetExceeded(scope, win, balance, amount)
@@ -159,18 +163,13 @@ class SqliteBudgetStore(ThreadedSqlite):
     def _settle(
         self, db: sqlite3.Connection, holds: Sequence[Hold], charge: Charge, record: RecordRef
     ) -> Settled:
-        now = self.clock()
         settled = Settled()
         for hold in holds:
             db.execute(_DROP_HOLD, (hold.scope.name, hold.id))
-            db.execute(
-                "INSERT INTO budget_spent (scope, period, spent) VALUES (?, ?, ?) "
-                "ON CONFLICT (scope, period) DO UPDATE SET spent = spent + excluded.spent",
-                (hold.scope.name, hold.window.id, charge.cost),
-            )
-            settled.balances[hold.scope.name] = self._balance(
-                db, hold.scope.name, hold.window.id, now
-            )
+            (spent,) = db.execute(
+                _ADD_SPENT, (hold.scope.name, hold.window.id, charge.cost)
+            ).fetchone()
+            settled.balances[hold.scope.name] = Balance(spent)
         if carries_record(holds, record):
             db.execute(
                 _ADD_CHARGE,
@@ -217,7 +216,7 @@ class SqliteBudgetStore(ThreadedSqlite):
         if len(rows) > FINISH_ROWS:
             await self._run(self._finish_alone, rows)
         elif rows:
-            await self._enqueue(self._finish, rows)
+            await self._enqueue(self._finish, rows, later=True)
         now = self.clock()
         if finished and now - self._pruned_at > PRUNE_EVERY:
             self._pruned_at = now

@@ -3,9 +3,10 @@ they would wait.
 
 Writes that many requests make at once go through `_enqueue` (group commit): the calls queued
 in the same event-loop turn, or while an earlier group is on the thread, share one
-`BEGIN IMMEDIATE` transaction, each call in its own savepoint, in arrival order. Each call sees
-the writes of those before it exactly as if they had committed one by one, and one that raises
-is rolled back alone.
+`BEGIN IMMEDIATE` transaction, in arrival order. Each call sees the writes of those before it
+exactly as if they had committed one by one, and one that raises is rolled back alone (the
+group runs again with a savepoint per call: `_group`). A call nobody waits for (a usage
+record's finish) may wait a little for company (`later`).
 
 Where a group runs (`commit_on_loop`, for the `synchronous=NORMAL` stores): a WAL commit at
 NORMAL writes its pages to the WAL file and does not wait for the disk, so a group whose write
@@ -44,6 +45,7 @@ OPEN_ATTEMPTS = 50  # about 12 s of retries in all
 CLOSE_WAIT_SECONDS = 5.0  # how long close() waits for queued group-commit calls
 CHECKPOINT_SECONDS = 0.2  # how often the checkpointer copies the WAL into the database
 CHECKPOINT_RESTART_FRAMES = 4096  # a WAL that stays this long (16 MiB) is restarted (below)
+LATER_SECONDS = 0.02  # how long a call queued with later=True may wait for company
 
 
 class Checkpointer:
@@ -128,6 +130,7 @@ class ThreadedSqlite:
         self._checkpointer: Checkpointer | None = None
         self._queue: list[_Call] = []
         self._busy = False  # a group is queued or on the thread: later calls wait for the next
+        self._later: asyncio.TimerHandle | None = None  # flushes calls that may wait (below)
         self._on_thread = 0  # calls submitted to the thread and not yet seen done by the loop
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -185,18 +188,36 @@ class ThreadedSqlite:
         db.execute("COMMIT")
 
     # -- group commit ----------------------------------------------------------------------
-    def _enqueue(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    def _enqueue(
+        self, fn: Callable[..., Any], *args: Any, later: bool = False
+    ) -> asyncio.Future[Any]:
         """Queue `fn(db, *args)` for the next shared transaction; the future holds its result
-        or its exception (sqlite errors as StoreUnavailable)."""
+        or its exception (sqlite errors as StoreUnavailable). `later`: nobody waits for it,
+        so it may wait up to LATER_SECONDS for the next call that somebody does wait for, and
+        share its transaction (at concurrency 1 a request's usage record goes in with the
+        next request's reserve)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((fn, args, future))
-        if not self._busy:
+        if self._busy:
+            return future
+        if not later:
             self._busy = True
             loop.call_soon(self._flush)  # after this turn: take what else the turn queued
+        elif self._later is None:
+            self._later = loop.call_later(LATER_SECONDS, self._flush_later)
         return future
 
+    def _flush_later(self) -> None:
+        self._later = None
+        if not self._busy and self._queue:
+            self._busy = True
+            self._flush()
+
     def _flush(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         batch, self._queue = self._queue, []
         if self._loop_db is not None and self._on_thread == 0:
             outcomes = self._apply_on_loop(self._loop_db, batch)
@@ -216,33 +237,21 @@ class ThreadedSqlite:
         except sqlite3.Error:
             return None  # locked by another writer (or failing: the thread reports it)
         try:
-            outcomes = self._calls(db, batch)
-            if any(not ok and _would_wait(value) for ok, value in outcomes):
-                db.execute("ROLLBACK")  # a statement met a lock after all: redo it all there
-                return None
-            db.execute("COMMIT")
+            return _group(db, batch, may_wait=False)
+        except _WouldWait:
+            return None  # a statement met a lock after all: rolled back, redone on the thread
         except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
+            _rollback(db)
             return None if _would_wait(exc) else [(False, exc)] * len(batch)
-        return outcomes
 
     def _apply(self, batch: list[_Call]) -> _Outcomes:
-        with self._transaction() as db:
-            return self._calls(db, batch)
-
-    @staticmethod
-    def _calls(db: sqlite3.Connection, batch: list[_Call]) -> _Outcomes:
-        outcomes: _Outcomes = []
-        for fn, args, _ in batch:
-            db.execute("SAVEPOINT call")
-            try:
-                outcomes.append((True, fn(db, *args)))
-            except Exception as exc:
-                db.execute("ROLLBACK TO call")
-                outcomes.append((False, exc))
-            db.execute("RELEASE call")
-        return outcomes
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            return _group(db, batch, may_wait=True)
+        except BaseException:
+            _rollback(db)
+            raise
 
     def _deliver(self, batch: list[_Call], applied: asyncio.Future[_Outcomes]) -> None:
         self._on_thread -= 1
@@ -282,12 +291,65 @@ class ThreadedSqlite:
 
     async def close(self) -> None:
         """Finish the queued group-commit calls (a few seconds at most), then close."""
+        if self._later is not None:
+            self._flush_later()
         waited = 0.0
         while self._busy and waited < CLOSE_WAIT_SECONDS:
             await asyncio.sleep(0.01)
             waited += 0.01
         await self._run(self._close)
         self._executor.shutdown(wait=True)
+
+
+class _WouldWait(Exception):
+    """A statement of a group on the loop met a lock; the group was rolled back."""
+
+
+def _group(db: sqlite3.Connection, batch: list[_Call], may_wait: bool) -> _Outcomes:
+    """The group's calls in the transaction just begun, then COMMIT. Optimistic: the calls run
+    one after another without savepoints (two statements a call saved); when one raises (a
+    refused reserve), all is rolled back and the group runs again with a savepoint per call,
+    so that only the one that raised is undone — a call alone is simply rolled back. The calls
+    may run twice, so they keep no state but caches outside the database."""
+    outcomes: _Outcomes = []
+    for fn, args, _ in batch:
+        try:
+            outcomes.append((True, fn(db, *args)))
+        except Exception as exc:
+            _rollback(db)
+            if not may_wait and _would_wait(exc):
+                raise _WouldWait from exc
+            if len(batch) == 1:
+                return [(False, exc)]
+            db.execute("BEGIN IMMEDIATE")
+            return _apart(db, batch, may_wait)
+    db.execute("COMMIT")
+    return outcomes
+
+
+def _apart(db: sqlite3.Connection, batch: list[_Call], may_wait: bool) -> _Outcomes:
+    """The group again, each call in its own savepoint, then COMMIT."""
+    outcomes: _Outcomes = []
+    for fn, args, _ in batch:
+        db.execute("SAVEPOINT call")
+        try:
+            outcomes.append((True, fn(db, *args)))
+        except Exception as exc:
+            if not may_wait and _would_wait(exc):
+                _rollback(db)
+                raise _WouldWait from exc
+            db.execute("ROLLBACK TO call")
+            outcomes.append((False, exc))
+        db.execute("RELEASE call")
+    db.execute("COMMIT")
+    return outcomes
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back what is open (an I/O error may have ended the transaction already)."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
 
 
 def _would_wait(exc: BaseException) -> bool:
