@@ -10,7 +10,8 @@ for a wrk run at fixed concurrency, then off, and the count is divided by the re
 saw answered. The requests in flight at the two switches make the figure uncertain by about
 concurrency / requests (±1–2 % here). Valgrind runs the proxy about 50× slower, so this is
 no measure of speed, only of work. `measure_instructions` counts the floor's and the
-memory-store sidecar's for `bench.run`, and the same sidecar's on the Anthropic path.
+memory-store sidecar's for `bench.run`, the same sidecar's on the Anthropic path, and the
+sqlite-store sidecar's when the run has that store.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bench.workload import ADMIN_TOKEN, ANTHROPIC_BODY, HEADERS, sidecar_config
 from bench.wrk import wrk_script
 
 CONCURRENCY = 16
+SQLITE_PATH = "sidecar (sqlite)"
 WARMUP_SECONDS = 3
 
 
@@ -106,11 +108,14 @@ def measure_instructions(
     workdir: Path,
     seconds: float,
     anthropic_port: int | None = None,
+    stores: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Instructions per request of the floor and of the memory-store sidecar, under callgrind
     (count(), above): the machine-independent form of "CPU vs floor". With `anthropic_port`
     (bench/upstream_anthropic.py's), also the memory sidecar answering through an `anthropic`
-    provider (ANTHROPIC_PATH), over the same floor (a forwarder to the OpenAI upstream)."""
+    provider (ANTHROPIC_PATH), over the same floor (a forwarder to the OpenAI upstream). With
+    "sqlite" in `stores`, also the sqlite-store sidecar (its store's work is on the event loop
+    and the connection's thread, both counted: callgrind counts every thread)."""
     script = wrk_script(HEADERS, workdir / "instructions.lua")
     floor_port = free_port()
     floor = count(
@@ -131,6 +136,12 @@ def measure_instructions(
         "concurrency": CONCURRENCY,
         "seconds": seconds,
     }
+    if "sqlite" in stores:
+        config = sidecar_config(up_port, "sqlite", workdir, "", name="instructions-sqlite")
+        on_sqlite = _count_sidecar(config, script, seconds, workdir, "sidecar-sqlite")
+        _say(SQLITE_PATH, on_sqlite)
+        counted[SQLITE_PATH] = on_sqlite
+        counted["sqlite_ratio"] = on_sqlite["instructions_per_req"] / floor["instructions_per_req"]
     if anthropic_port is not None:
         config = sidecar_config(
             up_port, "memory", workdir, "", "instructions-anthropic", anthropic_port

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench import BENCH
+from bench.instructions import SQLITE_PATH
 from bench.rounds import STREAM_CONCURRENCY
 from bench.targets import ANTHROPIC_PATH
 
@@ -215,9 +216,15 @@ def instruction_lines(counted: dict[str, Any]) -> str:
             f"**{counted['anthropic_ratio']:.2f}×** the floor, "
             f"{counted['anthropic_vs_openai_path']:.2f}× the OpenAI path"
         )
+    on_sqlite = ""
+    if SQLITE_PATH in counted:
+        on_sqlite = (
+            f"; {SQLITE_PATH} {counted[SQLITE_PATH]['instructions_per_req'] / 1000:.0f}k: "
+            f"**{counted['sqlite_ratio']:.2f}×** the floor"
+        )
     return (
         "\nInstructions per non-stream request (callgrind, user space, wrk at "
         f"c={counted['concurrency']} for {counted['seconds']:g} s; the same for the same code "
         f"on any machine): floor {floor / 1000:.0f}k, sidecar (memory) {sidecar / 1000:.0f}k: "
-        f"**{counted['ratio']:.2f}×** the floor{anthropic}.\n"
+        f"**{counted['ratio']:.2f}×** the floor{anthropic}{on_sqlite}.\n"
     )

@@ -132,8 +132,9 @@ def main() -> int:
         if args.instructions_seconds > 0 and "memory" in stores:
             if instructions.available():
                 counted = instructions.measure_instructions(
-                    up_port, upstream_url, workdir, args.instructions_seconds, anthropic_port
-                )
+                    up_port, upstream_url, workdir, args.instructions_seconds, anthropic_port,
+                    tuple(stores),
+                )  # fmt: skip
             else:
                 print("valgrind not found: no instruction counts (apt-get install valgrind)")
     finally:
