@@ -64,7 +64,7 @@ def test_annotations_override_defaults_and_empty_removes_one() -> None:
         {"ringside.fightclub.pro/cpu-limit": "", "ringside.fightclub.pro/env-secret": ""},
         defaults,
     )
-    assert options.resources == {"requests": {"cpu": "100m", "memory": "80Mi"},
+    assert options.resources == {"requests": {"cpu": "100m", "memory": "96Mi"},
                                  "limits": {"memory": "256Mi"}}  # fmt: skip
     assert options.env_secret is None
     assert warnings == []

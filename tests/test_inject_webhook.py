@@ -82,7 +82,7 @@ def test_annotated_pod_gets_the_native_sidecar_first(injector: InjectorProcess) 
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert sidecar["resources"] == {
-        "requests": {"cpu": "100m", "memory": "80Mi"},
+        "requests": {"cpu": "100m", "memory": "96Mi"},
         "limits": {"cpu": "1", "memory": "256Mi"},
     }
     # provider keys from a Secret the app's namespace may hold
@@ -226,7 +226,7 @@ def test_an_empty_limit_annotation_removes_the_default_limit(injector: InjectorP
     annotations = {**INJECT, "ringside.fightclub.pro/memory-limit": ""}
     result = injected(injector, app_pod(annotations))
     assert containers_by_name(result)["ringside"]["resources"] == {
-        "requests": {"cpu": "100m", "memory": "80Mi"},
+        "requests": {"cpu": "100m", "memory": "96Mi"},
         "limits": {"cpu": "1"},
     }
 

@@ -35,7 +35,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
 DEFAULT_RESOURCES: dict[str, str] = {
     "cpu-request": "100m",
     "cpu-limit": "1",
-    "memory-request": "80Mi",
+    "memory-request": "96Mi",
     "memory-limit": "256Mi",
 }
 KNOWN = {INJECT, IMAGE, CONFIG_MAP, ENV_SECRET} | {PREFIX + key for key in RESOURCES}
