@@ -11,7 +11,8 @@ saw answered. The requests in flight at the two switches make the figure uncerta
 concurrency / requests (±1–2 % here). Valgrind runs the proxy about 50× slower, so this is
 no measure of speed, only of work. `measure_instructions` counts the floor's and the
 memory-store sidecar's for `bench.run`, the same sidecar's on the Anthropic path, and the
-sqlite-store sidecar's when the run has that store.
+sqlite- and redis-store sidecars' when the run has those stores (redis-server's own work is
+not in the redis figure: the bench reports its CPU per request beside it).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from bench.wrk import wrk_script
 
 CONCURRENCY = 16
 SQLITE_PATH = "sidecar (sqlite)"
+REDIS_PATH = "sidecar (redis)"
 WARMUP_SECONDS = 3
 
 
@@ -109,13 +111,16 @@ def measure_instructions(
     seconds: float,
     anthropic_port: int | None = None,
     stores: tuple[str, ...] = (),
+    redis_url: str = "",
 ) -> dict[str, Any]:
     """Instructions per request of the floor and of the memory-store sidecar, under callgrind
     (count(), above): the machine-independent form of "CPU vs floor". With `anthropic_port`
     (bench/upstream_anthropic.py's), also the memory sidecar answering through an `anthropic`
     provider (ANTHROPIC_PATH), over the same floor (a forwarder to the OpenAI upstream). With
     "sqlite" in `stores`, also the sqlite-store sidecar (its store's work is on the event loop
-    and the connection's thread, both counted: callgrind counts every thread)."""
+    and the connection's thread, both counted: callgrind counts every thread). With "redis" in
+    `stores` and `redis_url` (a database of its own: its books are not the main run's), also
+    the redis-store sidecar."""
     script = wrk_script(HEADERS, workdir / "instructions.lua")
     floor_port = free_port()
     floor = count(
@@ -142,6 +147,12 @@ def measure_instructions(
         _say(SQLITE_PATH, on_sqlite)
         counted[SQLITE_PATH] = on_sqlite
         counted["sqlite_ratio"] = on_sqlite["instructions_per_req"] / floor["instructions_per_req"]
+    if "redis" in stores and redis_url:
+        config = sidecar_config(up_port, "redis", workdir, redis_url, name="instructions-redis")
+        on_redis = _count_sidecar(config, script, seconds, workdir, "sidecar-redis")
+        _say(REDIS_PATH, on_redis)
+        counted[REDIS_PATH] = on_redis
+        counted["redis_ratio"] = on_redis["instructions_per_req"] / floor["instructions_per_req"]
     if anthropic_port is not None:
         config = sidecar_config(
             up_port, "memory", workdir, "", "instructions-anthropic", anthropic_port

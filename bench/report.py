@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench import BENCH
-from bench.instructions import SQLITE_PATH
+from bench.instructions import REDIS_PATH, SQLITE_PATH
 from bench.rounds import STREAM_CONCURRENCY
 from bench.targets import ANTHROPIC_PATH
 
@@ -221,6 +221,11 @@ def instruction_lines(counted: dict[str, Any]) -> str:
         on_sqlite = (
             f"; {SQLITE_PATH} {counted[SQLITE_PATH]['instructions_per_req'] / 1000:.0f}k: "
             f"**{counted['sqlite_ratio']:.2f}×** the floor"
+        )
+    if REDIS_PATH in counted:
+        on_sqlite += (
+            f"; {REDIS_PATH} {counted[REDIS_PATH]['instructions_per_req'] / 1000:.0f}k: "
+            f"**{counted['redis_ratio']:.2f}×** the floor (the sidecar's process alone)"
         )
     return (
         "\nInstructions per non-stream request (callgrind, user space, wrk at "

@@ -133,7 +133,7 @@ def main() -> int:
             if instructions.available():
                 counted = instructions.measure_instructions(
                     up_port, upstream_url, workdir, args.instructions_seconds, anthropic_port,
-                    tuple(stores),
+                    tuple(stores), f"{redis_base}/3" if redis_base else "",
                 )  # fmt: skip
             else:
                 print("valgrind not found: no instruction counts (apt-get install valgrind)")
