@@ -41,6 +41,7 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], concurrencies: list[
             "—" if entry["startup_s"] is None else f"{entry['startup_s']:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += store_cpu_lines(results, top)
     tables = (
         stream_lines(results)
         + anthropic_lines(results, top)
@@ -201,6 +202,21 @@ def write_readme(table: str) -> None:
     else:
         text += f"\n## Latest results\n\n{block}\n"
     readme.write_text(text)
+
+
+def store_cpu_lines(results: dict[str, Any], top: int) -> list[str]:
+    """redis-server's CPU per request under a redis sidecar's load, beside the sidecar's own
+    (the table's CPU is the sidecar's process tree alone)."""
+    lines = []
+    for name, entry in results.items():
+        at_top = entry.get(f"c{top}", {})
+        if "store_cpu_us_per_req" in at_top:
+            lines.append(
+                f"\n{name}: redis-server's own CPU per request at c={top} is "
+                f"{at_top['store_cpu_us_per_req']:.0f} µs, beside the sidecar's "
+                f"{at_top['cpu_us_per_req']:.0f} µs in the table."
+            )
+    return lines
 
 
 def instruction_lines(counted: dict[str, Any]) -> str:

@@ -102,7 +102,8 @@ def main() -> int:
                 stores.remove("redis")
             else:
                 redis_port = free_port()
-                procs.append(start_redis(redis_port))
+                redis_proc = start_redis(redis_port)
+                procs.append(redis_proc)
                 redis_base = f"redis://127.0.0.1:{redis_port}"
                 redis_url = f"{redis_base}/0"
         up_port = free_port()
@@ -116,6 +117,9 @@ def main() -> int:
             procs, up_port, upstream_url, stores, args.workers, wanted_peers, workdir, redis_url,
             anthropic_port,
         )  # fmt: skip
+        for target in targets:
+            if target.store == "redis":
+                target.store_pid = redis_proc.pid  # redis-server's CPU per request beside it
         run_rounds(targets, concurrencies, args.rounds, args.seconds, args.ttfb_samples, workdir)
         ledgers = {target.name: ledger(target) for target in targets if target.store}
         stop_proxies(targets)

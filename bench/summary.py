@@ -36,6 +36,10 @@ def summarize(targets: list[Target], concurrencies: list[int]) -> dict[str, Any]
                 key: median([run[key] for run in runs])
                 for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "errors")
             }
+            if all("store_cpu_us_per_req" in run for run in runs):
+                entry[f"c{c}"]["store_cpu_us_per_req"] = median(
+                    [run["store_cpu_us_per_req"] for run in runs]
+                )
             base = median([run["p50_ms"] for run in direct.runs[c]])
             base99 = median([run["p99_ms"] for run in direct.runs[c]])
             entry[f"c{c}"]["added_p50_ms"] = entry[f"c{c}"]["p50_ms"] - base

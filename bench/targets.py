@@ -34,6 +34,7 @@ class Target:
     headers: dict[str, str] = field(default_factory=lambda: dict(HEADERS))
     body: str = BODY  # what wrk and the TTFB client send (streamed: workload.stream_body)
     store: str | None = None  # a sidecar's store backend
+    store_pid: int | None = None  # a redis sidecar's redis-server: its CPU per request too
     admin_url: str | None = None  # the sidecar's admin listener, for the ledger check
     restart: Callable[[], tuple[subprocess.Popen[bytes], float]] | None = None  # another copy
     startups: list[float] = field(default_factory=list)  # startup samples after the first

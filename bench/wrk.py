@@ -37,6 +37,7 @@ def wrk_script(headers: dict[str, str], path: Path, body: str = BODY) -> Path:
 def run_wrk(target: Target, script: Path, connections: int, seconds: float) -> dict[str, float]:
     threads = 1 if connections < 4 else 2
     before = cpu_seconds(target.pid) if target.pid else 0.0
+    store_before = cpu_seconds(target.store_pid) if target.store_pid else 0.0
     sampler_stop = threading.Event()
 
     def sample_rss() -> None:
@@ -61,10 +62,14 @@ def run_wrk(target: Target, script: Path, connections: int, seconds: float) -> d
     target.cut += connections + result["errors"]
     cpu = (cpu_seconds(target.pid) - before) if target.pid else 0.0
     requests = max(1, result["requests"])
-    return {
+    measured = {
         "rps": requests / (result["duration_us"] / 1e6),
         "p50_ms": result["p50_us"] / 1000,
         "p99_ms": result["p99_us"] / 1000,
         "cpu_us_per_req": cpu * 1e6 / requests,
         "errors": result["errors"] + result["non2xx"],
     }
+    if target.store_pid:  # redis-server's own work, beside the sidecar's
+        store_cpu = cpu_seconds(target.store_pid) - store_before
+        measured["store_cpu_us_per_req"] = store_cpu * 1e6 / requests
+    return measured
