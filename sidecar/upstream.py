@@ -253,6 +253,10 @@ class HttpChunkStream:
         self._parser = parser if parser is not None else sse.EventParser()
         self._events: deque[sse.Event] = deque()
         self._failure: UpstreamError | None = None
+        # a decoder that can read a run of its events at once (OpenAI's chunks)
+        self._take_run: Callable[[deque[sse.Event]], list[bytes] | None] | None = getattr(
+            decoder, "take_run", None
+        )
 
     @property
     def usage(self) -> Usage | None:
@@ -280,8 +284,19 @@ class HttpChunkStream:
         decoder, events = self.decoder, self._events
         out: list[bytes] = []
         batched = 0
+        take_run = self._take_run
         while True:
             while events and not decoder.finished:
+                if take_run is not None and len(events) > 1:
+                    run = take_run(events)
+                    if run:
+                        out += run
+                        batched += sum(map(len, run))
+                        if batched >= BATCH_BYTES:
+                            return out
+                        continue
+                    if run is None:
+                        take_run = None  # one at a time for the rest of this batch
                 event, data = events.popleft()
                 try:
                     chunks = decoder.feed(event, data)

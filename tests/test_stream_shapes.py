@@ -4,6 +4,7 @@ client and what it reads (content, its length, usage, errors) are what parsing e
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -12,6 +13,7 @@ import pytest
 from sidecar.errors import UpstreamError
 from sidecar.providers import openai_compat
 from sidecar.providers.openai_compat import OpenAIStreamDecoder
+from sidecar.upstream import HttpChunkStream
 
 HEAD = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 
@@ -98,9 +100,10 @@ def run(decoder: OpenAIStreamDecoder, stream: list[bytes]) -> list[Any]:
 
 
 class Parsing(OpenAIStreamDecoder):
-    """The reference: every chunk parsed."""
+    """The reference: every chunk parsed, one at a time."""
 
     __slots__ = ()
+    take_run = None  # type: ignore[assignment]
 
     def feed(self, event: str | None, data: bytes) -> list[bytes]:
         self._shape = None
@@ -136,3 +139,118 @@ def test_chunks_of_one_shape_are_read_without_parsing(
     run(OpenAIStreamDecoder(wants_usage), stream)
     content = [data for data in stream if b'"content":"' in data]
     assert len(parsed) <= len(stream) - len(content) + 2  # the role chunk, the first content one
+
+
+class Pieces:
+    """A streamed body: its pieces, then its end."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    def __aiter__(self) -> Pieces:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.pieces:
+            raise StopAsyncIteration
+        return self.pieces.pop(0)
+
+
+class Answer:
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.body = Pieces(pieces)
+
+    def close(self, linger: float = 0.0) -> None:
+        pass
+
+
+def streamed(decoder: OpenAIStreamDecoder, stream: list[bytes], piece_events: int) -> list[Any]:
+    """Everything the client gets from `stream` sent as SSE, `piece_events` events a piece,
+    and what the decoder read."""
+    events = [b"data: " + data + b"\n\n" for data in [*stream, b"[DONE]"]]
+    pieces = [
+        b"".join(events[at : at + piece_events]) for at in range(0, len(events), piece_events)
+    ]
+    chunks = HttpChunkStream(Answer(pieces), decoder)  # type: ignore[arg-type]
+
+    async def read() -> list[Any]:
+        given: list[bytes] = []
+        try:
+            async for batch in chunks:
+                given += batch
+        except UpstreamError as error:
+            given.append(error.message.encode())
+        return [given, decoder.produced, decoder.content, decoder.usage, chunks.ended]
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize("piece_events", [1, 2, 3, 100])
+@pytest.mark.parametrize("keep", [False, True], ids=["counted", "kept"])
+@pytest.mark.parametrize("name", list(STREAMS))
+def test_a_burst_of_chunks_reads_as_parsing_each_reads(
+    name: str, keep: bool, piece_events: int
+) -> None:
+    stream, extension = STREAMS[name], "x_groq" if name == "x_groq" else None
+    assert streamed(OpenAIStreamDecoder(False, keep, extension), stream, piece_events) == streamed(
+        Parsing(False, keep, extension), stream, piece_events
+    )
+
+
+BURSTS = {
+    "quote-inside": texts("a", "b", "c", "d").copy(),
+    "line-break-in-a-data": texts("a", "b", "c", "d"),
+    "one-longer-tail": [*texts("a", "b", "c"), chunk({"content": "d"}, "stop")],
+    "overlapping": [*texts("a", "b"), chunk({"content": "c"})[:-2]],
+}
+BURSTS["quote-inside"][2] = BURSTS["quote-inside"][2].replace(b'"c"', b'"c"x"')
+
+
+@pytest.mark.parametrize("name", list(BURSTS))
+def test_a_burst_with_a_chunk_out_of_shape_reads_as_parsing_each_reads(name: str) -> None:
+    stream = BURSTS[name]
+    if name == "line-break-in-a-data":  # a data of two lines, joined with a line break
+        events = [b"data: " + data + b"\n\n" for data in stream]
+        events[2] = events[2].replace(b'"c"', b'"c\ndata: x"')
+        raw = [b"".join(events) + b"data: [DONE]\n\n"]
+        got = [
+            streamed_raw(OpenAIStreamDecoder(False), raw[:]),
+            streamed_raw(Parsing(False), raw[:]),
+        ]
+        assert got[0] == got[1]
+        return
+    assert streamed(OpenAIStreamDecoder(False), stream, 100) == streamed(
+        Parsing(False), stream, 100
+    )
+
+
+def streamed_raw(decoder: OpenAIStreamDecoder, pieces: list[bytes]) -> list[Any]:
+    chunks = HttpChunkStream(Answer(pieces), decoder)  # type: ignore[arg-type]
+
+    async def read() -> list[Any]:
+        given: list[bytes] = []
+        try:
+            async for batch in chunks:
+                given += batch
+        except UpstreamError as error:
+            given.append(error.message.encode())
+        return [given, decoder.produced, decoder.usage]
+
+    return asyncio.run(read())
+
+
+def test_a_burst_of_one_shape_is_read_without_a_parse_or_feed_per_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fed: list[bytes] = []
+    feed = OpenAIStreamDecoder.feed
+
+    def counted(self: OpenAIStreamDecoder, event: str | None, data: bytes) -> list[bytes]:
+        fed.append(data)
+        return feed(self, event, data)
+
+    monkeypatch.setattr(OpenAIStreamDecoder, "feed", counted)
+    stream = [chunk({"role": "assistant", "content": ""}), *texts(*"abcdefghij"), chunk({}, "stop")]
+    given, produced, *_ = streamed(OpenAIStreamDecoder(False), stream, 100)
+    assert (given, produced) == (stream, 10)
+    assert len(fed) == 4  # the role chunk, the first content chunk, the finish chunk, [DONE]

@@ -7,6 +7,7 @@ adapter forwards everything else untouched (unknown parameters pass through, SPE
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -537,6 +538,37 @@ class OpenAIStreamDecoder:
         ):
             self._shape = chunk_shape(chunk, data, out[0]) or self._shape
         return out
+
+    def take_run(self, events: deque[tuple[str | None, bytes]]) -> list[bytes] | None:
+        """The chunks of the leading `events` that have the learnt shape, read at once (a
+        burst of a stream's content costs a few calls, not a few per chunk) and taken from
+        `events`: they go to the client as they came. [] when the first has not that shape;
+        None when the burst cannot be read this way (a padded or re-encoded shape, content
+        kept, content not ASCII or not plain): `feed` reads them one at a time."""
+        shape = self._shape
+        if shape is None or not events[0][1].startswith(shape.head):
+            return []
+        if shape.padded or shape.out_head is not None or self.keep_content:
+            return None
+        head, tail, start, tail_bytes = shape.head, shape.tail, shape.start, shape.tail_bytes
+        datas = [data for _event, data in events]
+        starts = [data.startswith(head) for data in datas]
+        count = starts.index(False) if False in starts else len(starts)
+        run = datas[:count]
+        contents = [data[start : len(data) - tail_bytes] for data in run]
+        # one comparison for them all: each is the head, its content and the tail (one
+        # shorter than head and tail together makes the right side longer)
+        if b"\n".join(run) != head + (tail + b"\n" + head).join(contents) + tail:
+            return None
+        text = b"".join(contents)
+        if not text.isascii() or b'"' in text or b"\\" in text:
+            return None
+        if not text.decode("ascii").isprintable():  # a control character
+            return None
+        self.produced += len(text)
+        for _ in range(count):
+            events.popleft()
+        return run
 
     def _padded(self, shape: ChunkShape, data: bytes, end: int) -> list[bytes] | None:
         """`feed` of a chunk that starts like `shape`, one ending in its padding: None unless
