@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from sidecar.errors import UpstreamError
-from sidecar.providers.translate import data_url, is_number, text_of, unsupported
+from sidecar.providers.translate import data_url, is_number, merged_turns, text_of, unsupported
 
 DEFAULT_MAX_TOKENS = 4096  # when neither the request nor the catalog gives an output cap
 MAX_USER_ID = 256  # metadata.user_id's longest; a longer `user` is dropped
@@ -230,33 +230,20 @@ def _tool_choice(choice: Any, provider: str) -> dict[str, Any] | None:
 def _turns(messages: list[Any], provider: str) -> tuple[str, list[dict[str, Any]]]:
     """(system text, Messages turns): consecutive turns of one role merged, each user turn's
     tool results first (Anthropic's rule), a lone text block sent as a plain string."""
-    system: list[str] = []
-    turns: list[dict[str, Any]] = []
-    for index, message in enumerate(messages):
-        role = message.get("role")
-        where = f"messages[{index}]"
-        if role in ("system", "developer"):
-            text = text_of(message.get("content"))
-            if text:
-                system.append(text)
-            continue
+
+    def turn_of(role: str, message: dict[str, Any], where: str) -> tuple[str, list[Any]]:
         if role == "user":
-            blocks = _user_blocks(message.get("content"), provider, where)
-        elif role == "assistant":
-            blocks = _assistant_blocks(message, provider, where)
-        elif role == "tool":
-            role, blocks = "user", [_tool_result(message)]
-        else:
-            raise refused(
-                provider, f"cannot translate role {role!r}: send tool results as role tool",
-                f"{where}.role",
-            )  # fmt: skip
-        if not blocks:
-            continue
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": role, "content": blocks})
+            return role, _user_blocks(message.get("content"), provider, where)
+        if role == "assistant":
+            return role, _assistant_blocks(message, provider, where)
+        if role == "tool":
+            return "user", [_tool_result(message)]
+        raise refused(
+            provider, f"cannot translate role {role!r}: send tool results as role tool",
+            f"{where}.role",
+        )  # fmt: skip
+
+    system, turns = merged_turns(messages, turn_of)
     for turn in turns:
         blocks = turn["content"]
         if turn["role"] == "user" and len(blocks) > 1:

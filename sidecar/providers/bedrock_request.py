@@ -34,7 +34,7 @@ import orjson
 
 from sidecar.errors import UpstreamError
 from sidecar.providers.anthropic_request import output_tool
-from sidecar.providers.translate import data_url, is_number, text_of, unsupported
+from sidecar.providers.translate import data_url, is_number, merged_turns, text_of, unsupported
 
 IMAGE_FORMATS = MappingProxyType(
     {"image/png": "png", "image/jpeg": "jpeg", "image/gif": "gif", "image/webp": "webp"}
@@ -168,33 +168,21 @@ def _holds_tool_blocks(turns: list[dict[str, Any]]) -> bool:
 def _turns(messages: list[Any], provider: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(system blocks, Converse turns): consecutive turns of one role merged, each user turn's
     tool results first."""
-    system: list[dict[str, Any]] = []
-    turns: list[dict[str, Any]] = []
-    for index, message in enumerate(messages):
-        role = message.get("role")
-        where = f"messages[{index}]"
-        if role in ("system", "developer"):
-            text = text_of(message.get("content"))
-            if text:
-                system.append({"text": text})
-            continue
+
+    def turn_of(role: str, message: dict[str, Any], where: str) -> tuple[str, list[Any]]:
         if role == "user":
-            blocks = _user_blocks(message.get("content"), provider, where)
-        elif role == "assistant":
-            blocks = _assistant_blocks(message, provider, where)
-        elif role == "tool":
-            role, blocks = "user", [_tool_result(message)]
-        else:
-            raise refused(
-                provider, f"cannot translate role {role!r}: send tool results as role tool",
-                f"{where}.role",
-            )  # fmt: skip
-        if not blocks:
-            continue
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": role, "content": blocks})
+            return role, _user_blocks(message.get("content"), provider, where)
+        if role == "assistant":
+            return role, _assistant_blocks(message, provider, where)
+        if role == "tool":
+            return "user", [_tool_result(message)]
+        raise refused(
+            provider, f"cannot translate role {role!r}: send tool results as role tool",
+            f"{where}.role",
+        )  # fmt: skip
+
+    texts, turns = merged_turns(messages, turn_of)
+    system = [{"text": text} for text in texts]
     for turn in turns:
         if turn["role"] == "user" and len(turn["content"]) > 1:
             turn["content"].sort(key=lambda block: "toolResult" not in block)  # stable

@@ -40,7 +40,14 @@ from typing import Any
 import orjson
 
 from sidecar.errors import UpstreamError
-from sidecar.providers.translate import data_url, is_int, is_number, text_of, unsupported
+from sidecar.providers.translate import (
+    data_url,
+    is_int,
+    is_number,
+    merged_turns,
+    text_of,
+    unsupported,
+)
 
 # Google's documented stand-in for a thought signature the history does not have
 # (ai.google.dev/gemini-api/docs/thought-signatures): Gemini 3 refuses a function call turn
@@ -186,21 +193,13 @@ def _tool_choice(choice: Any, provider: str) -> tuple[str, list[str] | None]:
 def _contents(messages: list[Any], provider: str) -> tuple[list[str], list[dict[str, Any]]]:
     """(system texts, contents): consecutive turns of one role merged into one content."""
     names = _call_names(messages)
-    system: list[str] = []
-    contents: list[dict[str, Any]] = []
-    for index, message in enumerate(messages):
-        role = message.get("role")
-        where = f"messages[{index}]"
-        if role in ("system", "developer"):
-            text = text_of(message.get("content"))
-            if text:
-                system.append(text)
-            continue
+
+    def turn_of(role: str, message: dict[str, Any], where: str) -> tuple[str, list[Any]]:
         if role == "user":
-            parts = _user_parts(message.get("content"), provider, where)
-        elif role == "assistant":
-            role, parts = "model", _model_parts(message, provider, where)
-        elif role == "tool":
+            return role, _user_parts(message.get("content"), provider, where)
+        if role == "assistant":
+            return "model", _model_parts(message, provider, where)
+        if role == "tool":
             call_id = message["tool_call_id"]
             name = names.get(call_id)
             if name is None:
@@ -210,19 +209,13 @@ def _contents(messages: list[Any], provider: str) -> tuple[list[str], list[dict[
                     f"{where}.tool_call_id",
                 )  # fmt: skip
             response = {"id": call_id, "name": name, "response": _result(message)}
-            role, parts = "user", [{"functionResponse": response}]
-        elif role == "function":  # the legacy form of a tool result, named
+            return "user", [{"functionResponse": response}]
+        if role == "function":  # the legacy form of a tool result, named
             response = {"name": str(message.get("name") or ""), "response": _result(message)}
-            role, parts = "user", [{"functionResponse": response}]
-        else:
-            raise refused(provider, f"cannot translate role {role!r}", f"{where}.role")
-        if not parts:
-            continue
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": role, "parts": parts})
-    return system, contents
+            return "user", [{"functionResponse": response}]
+        raise refused(provider, f"cannot translate role {role!r}", f"{where}.role")
+
+    return merged_turns(messages, turn_of, "parts")
 
 
 def _call_names(messages: list[Any]) -> dict[str, str]:
