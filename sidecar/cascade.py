@@ -143,6 +143,15 @@ def _no_fit(failures: list[tuple[Candidate, UpstreamError]], budget: bool) -> Ga
 _REFUSALS = frozenset({Outcome.UNSUPPORTED, Outcome.CONTEXT_LENGTH, Outcome.BUDGET})
 
 
+def refusal(message: str, param: str) -> UpstreamError:
+    """A candidate passed over before any call because its kind cannot take a parameter of the
+    request: the cascade moves on; with none left, the client gets this 400 (`_unsupported`)."""
+    client_error = GatewayError(400, "invalid_request", message, param=param)
+    return UpstreamError(
+        Outcome.UNSUPPORTED, message, reason=Outcome.UNSUPPORTED.value, client_error=client_error
+    )
+
+
 def _unsupported(failures: list[tuple[Candidate, UpstreamError]]) -> GatewayError:
     """Every candidate refused before a call, some for a parameter their kind cannot take: the
     400 of that parameter (the change that lets a candidate answer), naming each refusal."""
@@ -316,30 +325,20 @@ class Cascade:
         provider = candidate.provider
         if self.providers[provider.name].caps.n:
             return None
-        message = (
+        return refusal(
             f"provider {provider.name!r} (kind {provider.kind}) answers one choice per request: "
-            f"n={choices} is not supported there; send n=1, or use a model whose provider takes n"
-        )
-        return UpstreamError(
-            Outcome.UNSUPPORTED,
-            message,
-            reason=Outcome.UNSUPPORTED.value,
-            client_error=GatewayError(400, "invalid_request", message, param="n"),
+            f"n={choices} is not supported there; send n=1, or use a model whose provider takes n",
+            "n",
         )
 
     def _no_embeddings(self, candidate: Candidate) -> UpstreamError | None:
         provider = candidate.provider
         if self.providers[provider.name].caps.embeddings:
             return None
-        message = (
+        return refusal(
             f"provider {provider.name!r} (kind {provider.kind}) has no embeddings API: use a "
-            "model of a provider that embeds (match:caps=embeddings picks one)"
-        )
-        return UpstreamError(
-            Outcome.UNSUPPORTED,
-            message,
-            reason=Outcome.UNSUPPORTED.value,
-            client_error=GatewayError(400, "invalid_request", message, param="model"),
+            "model of a provider that embeds (match:caps=embeddings picks one)",
+            "model",
         )
 
     def _not_native(self, native_only: tuple[str, str], candidate: Candidate) -> UpstreamError:
@@ -353,16 +352,11 @@ class Cascade:
             if native
             else "no configured provider has it"
         )
-        message = (
+        return refusal(
             f"{param} {why}, and provider {provider.name!r} (kind {provider.kind}) has no "
             f"native Responses API (a Responses request is translated onto its chat API): "
-            f"{where}, or leave {param} out"
-        )
-        return UpstreamError(
-            Outcome.UNSUPPORTED,
-            message,
-            reason=Outcome.UNSUPPORTED.value,
-            client_error=GatewayError(400, "invalid_request", message, param=param),
+            f"{where}, or leave {param} out",
+            param,
         )
 
     def native_responses(self, flow: Flow, candidate: Candidate) -> bool:
@@ -475,20 +469,8 @@ class Cascade:
         failures: list[tuple[Candidate, UpstreamError]] = []
         previous: tuple[Candidate, UpstreamError] | None = None
         for candidate in flow.route.candidates:
-            skipped = self._too_small(flow, candidate)
-            if skipped is not None:
-                failures.append((candidate, skipped))
+            if not self._calls(flow, candidate, failures, previous):
                 continue
-            if previous is not None and self.circuit_open(candidate.provider.name):
-                # opened by the failures of this very cascade: one request must not go on
-                # calling a provider that its own earlier candidates just took down
-                flow.route.skipped_open.append(candidate.ref)
-                continue
-            if previous is not None:
-                flow.fallbacks.append(
-                    (previous[0].label, candidate.label, previous[1].outcome.value)
-                )
-            flow.models_tried.append(candidate.ref)
             try:
                 completion = await self.answer(flow, candidate)
             except UpstreamError as error:
@@ -514,18 +496,8 @@ class Cascade:
         failures: list[tuple[Candidate, UpstreamError]] = []
         previous: tuple[Candidate, UpstreamError] | None = None
         for candidate in route.candidates:
-            skipped = self._too_small(flow, candidate)
-            if skipped is not None:
-                failures.append((candidate, skipped))
+            if not self._calls(flow, candidate, failures, previous):
                 continue
-            if previous is not None and self.circuit_open(candidate.provider.name):
-                route.skipped_open.append(candidate.ref)
-                continue
-            if previous is not None:
-                flow.fallbacks.append(
-                    (previous[0].label, candidate.label, previous[1].outcome.value)
-                )
-            flow.models_tried.append(candidate.ref)
             client = self.providers[candidate.provider.name]
             body, opener = flow.body, client.open_stream
             if flow.responses is not None and self.native_responses(flow, candidate):
@@ -534,25 +506,46 @@ class Cascade:
             try:
                 attempt, stream = await self._tries(flow, candidate, body, opener)
             except UpstreamError as error:  # refused by a hook, or the last try failed
-                if not (cascading and error.outcome.escalates):
-                    raise self.as_gateway_error(candidate, error, flow) from None
-                failures.append((candidate, kept(error)))
-                previous = (candidate, error)
-                continue
-            try:
-                head = await _read_head(stream, cascading)
-            except UpstreamError as error:
-                await self.fail_stream(flow, attempt, stream, error)
-                if not (cascading and error.outcome.escalates):
-                    raise self.as_gateway_error(candidate, error, flow) from None
-                failures.append((candidate, kept(error)))
-                previous = (candidate, error)
-                continue
-            except BaseException:
-                await self.finish_stream(flow, attempt, stream)
-                raise
-            return attempt, stream, head
+                failure = error
+            else:
+                try:
+                    return attempt, stream, await _read_head(stream, cascading)
+                except UpstreamError as error:
+                    await self.fail_stream(flow, attempt, stream, error)
+                    failure = error
+                except BaseException:
+                    await self.finish_stream(flow, attempt, stream)
+                    raise
+            if not (cascading and failure.outcome.escalates):
+                raise self.as_gateway_error(candidate, failure, flow) from None
+            failures.append((candidate, kept(failure)))
+            previous = (candidate, failure)
         raise exhausted(failures, route.skipped_open)
+
+    def _calls(
+        self,
+        flow: Flow,
+        candidate: Candidate,
+        failures: list[tuple[Candidate, UpstreamError]],
+        previous: tuple[Candidate, UpstreamError] | None,
+    ) -> bool:
+        """Whether a cascade calls `candidate` now (`previous`: the failure it escalates from),
+        recording why not (too small, a kind that cannot take the request, a circuit this very
+        cascade opened) or the fallback that leads to it."""
+        assert flow.route is not None
+        skipped = self._too_small(flow, candidate)
+        if skipped is not None:
+            failures.append((candidate, skipped))
+            return False
+        if previous is not None:
+            if self.circuit_open(candidate.provider.name):
+                # opened by the failures of this very cascade: one request must not go on
+                # calling a provider that its own earlier candidates just took down
+                flow.route.skipped_open.append(candidate.ref)
+                return False
+            flow.fallbacks.append((previous[0].label, candidate.label, previous[1].outcome.value))
+        flow.models_tried.append(candidate.ref)
+        return True
 
     def as_gateway_error(
         self, candidate: Candidate, error: UpstreamError, flow: Flow
