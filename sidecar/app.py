@@ -92,15 +92,15 @@ def create_apps(state: GatewayState) -> tuple[web.Application, web.Application]:
     api.router.add_post("/v1/embeddings", create_embeddings)
     api.router.add_post("/v1/responses", create_response)
     api.router.add_get("/v1/models", list_models)
-    api.router.add_get("/v1/models/{ref:.+}", retrieve_model)
+    api.router.add_get("/v1/models/{ref:[\\s\\S]+}", retrieve_model)
     api.router.add_post("/v1/client_tokens", create_client_token)
     api.router.add_route("OPTIONS", "/v1/chat/completions", preflight)
     api.router.add_route("OPTIONS", "/v1/embeddings", preflight)
     api.router.add_route("OPTIONS", "/v1/responses", preflight)
     api.router.add_route("OPTIONS", "/v1/models", preflight)
-    api.router.add_route("OPTIONS", "/v1/models/{ref:.+}", preflight)
+    api.router.add_route("OPTIONS", "/v1/models/{ref:[\\s\\S]+}", preflight)
     # last: what nothing else serves, a configured pass-through path or the 404
-    api.router.add_route("*", "/{path:.*}", passthrough_or_unknown)
+    api.router.add_route("*", "/{path:[\\s\\S]*}", passthrough_or_unknown)
 
     admin = web.Application()
     admin[STATE] = state

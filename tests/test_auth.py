@@ -158,6 +158,25 @@ def test_an_unknown_model_is_404_model_not_found(gateway: SidecarProcess) -> Non
     assert "fc:openai/not-in-the-catalog" in caught.value.message
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/" + "a" * 7000,  # long: the 404 quotes at most 200 characters of it
+        "/v1/models/fc:openai%2F%00%0d%0aX-Injected:%20yes",  # NUL, CR/LF once decoded
+        "/v1/models/fc:openai/%ff%fe",  # not UTF-8 once decoded
+        "/v1/models/../v1/models",
+    ],
+    ids=["long", "control characters", "not utf-8", "dot segments"],
+)
+def test_a_hostile_model_ref_is_a_plain_404(gateway: SidecarProcess, path: str) -> None:
+    answer = request(gateway.url, "GET", path, headers={"Authorization": f"Bearer {ALICE}"})
+    assert answer.status == 404
+    assert answer.error["code"] in ("model_not_found", "not_found")
+    assert len(answer.error["message"]) < 600
+    assert "X-Injected" not in answer.headers
+    assert "\x00" not in answer.error["message"]  # escaped, never echoed raw
+
+
 def test_one_model_answers_only_get(gateway: SidecarProcess) -> None:
     answer = request(gateway.url, "POST", "/v1/models/slot:small", {})
     assert answer.status == 405

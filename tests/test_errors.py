@@ -348,6 +348,19 @@ def test_unknown_path_is_404_in_the_openai_envelope(gateway: SidecarProcess) -> 
     assert answer.headers["X-Request-Id"]
 
 
+@pytest.mark.parametrize("path", ["/v1/x%0ay", "/v1/%0d%0aSet-Cookie:%20a=b", "/%00"])
+def test_a_path_with_control_characters_is_the_same_404_envelope(
+    gateway: SidecarProcess, path: str
+) -> None:
+    """Encoded CR, LF and NUL decode into the path: aiohttp's router would answer its own
+    text/plain 404 for a path a `.` pattern cannot match; the catch-all takes any path."""
+    answer = request(gateway.url, "POST", path, {})
+    assert answer.status == 404
+    assert answer.headers["Content-Type"].startswith("application/json")
+    assert answer.error["code"] == "not_found"
+    assert "Set-Cookie" not in answer.headers
+
+
 def test_wrong_method_is_405_naming_the_right_one(gateway: SidecarProcess) -> None:
     answer = request(gateway.url, "GET", "/v1/chat/completions")
     assert answer.status == 405

@@ -32,11 +32,11 @@ async def retrieve_model(request: web.Request) -> web.Response:
     ref = request.match_info["ref"]
     body = runtime.model_bodies.get(ref)
     if body is None:
-        shown = ref if len(ref) <= 200 and ref.isprintable() else repr(ref[:200])
+        shown = repr(ref[:200]) + ("…" if len(ref) > 200 else "")  # escaped: any bytes come
         error = GatewayError(
             404,
             "model_not_found",
-            f"the model {shown!r} is not in this gateway's catalog or slots "
+            f"the model {shown} is not in this gateway's catalog or slots "
             "(GET /v1/models lists them)",
             param="model",
         )
