@@ -17,7 +17,7 @@ import pytest
 from sidecar.api.embeddings import validate_embeddings_request
 from sidecar.errors import GatewayError
 from sidecar.providers.mock_embeddings import vector
-from tests.conftest import openai_config
+from tests.conftest import PROVIDER_KEY, openai_config
 from tests.openai_schemas import check_embeddings
 from tests.procs import SidecarProcess
 from tests.support import metric_samples, module_sidecar, request, sdk, without_circuit_breakers
@@ -48,6 +48,7 @@ def gateway(
     config["slots"] = {"embed": [LARGE, SMALL]}
     config["customers"] = {"acme": {"budget": {"usd": 1.0, "period": "day"}}}
     config["admin"] = {"token": ADMIN}
+    config["limits"] = {"max_body_bytes": 1_048_576}
     yield from module_sidecar(tmp_path_factory.mktemp("embeddings"), config)
 
 
@@ -67,7 +68,7 @@ def test_float_embeddings_through_the_sdk(gateway: SidecarProcess, fake_openai: 
         "encoding_format": "float",
         "dimensions": 4,
     }
-    assert sent.headers["Authorization"] != "Bearer unused-in-open-mode"  # the provider's key
+    assert sent.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"  # never the client's
 
 
 def test_base64_is_passed_to_a_kind_that_sends_it(
@@ -202,6 +203,41 @@ def test_a_malformed_request_never_reaches_the_upstream(
     assert answer.status == 400
     assert answer.error["param"] == "input"
     assert fake_openai.received == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code"),
+    [
+        (b"[" * 5000 + b"]" * 5000, 400, "invalid_request"),  # deep: refused before routing
+        (
+            b'{"model": "fc:mock/embed", "input": ' + b"[" * 70 + b"1" + b"]" * 70 + b"}",
+            400,
+            "invalid_request",
+        ),  # nested past the depth limit inside an object
+        (b'{"model": ["fc:mock/embed"], "input": {"$ref": "x"}}', 400, "invalid_request"),
+        (b'{"model": 7, "input": "x"}', 400, "invalid_request"),
+        (
+            b'{"model": "fc:mock/embed", "input": "x", "dimensions": 1e400}',
+            400,
+            "invalid_request",
+        ),  # orjson refuses a number past float range
+        (
+            b'{"model": "fc:mock/embed", "input": "' + b"x" * 1_100_000 + b'"}',
+            413,
+            "request_too_large",
+        ),  # over limits.max_body_bytes (1 MiB here)
+    ],
+    ids=["deep array", "deep inside", "input object", "model number", "huge number", "huge"],
+)
+def test_hostile_bodies_get_a_clear_error_and_no_upstream_call(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI, raw: bytes, status: int, code: str
+) -> None:
+    answer = request(gateway.url, "POST", "/v1/embeddings", raw)
+    assert answer.status == status
+    assert answer.error["code"] == code
+    assert fake_openai.received == []
+    assert request(gateway.url, "POST", "/v1/embeddings",
+                   {"model": "fc:mock/embed", "input": "ok"}).status == 200  # fmt: skip
 
 
 def test_upstream_client_error_is_passed_through(
