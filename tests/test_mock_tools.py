@@ -14,11 +14,13 @@ from typing import Any, Literal
 import jsonschema_rs
 import openai
 import pytest
+from aiohttp import web
 from pydantic import BaseModel, Field
 
 from sidecar.providers.mock_arguments import example_arguments
 from tests.procs import SidecarProcess
 from tests.support import module_sidecar, sdk
+from tests.upstreams.server import ThreadedServer
 
 DEMO = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 
@@ -147,9 +149,28 @@ def test_a_huge_schema_costs_a_bounded_walk() -> None:
 
 
 def test_remote_refs_are_never_fetched() -> None:
-    schema = {"type": "object", "properties": {"a": {"$ref": "https://example.invalid/s.json"}},
-              "required": ["a"]}  # fmt: skip
-    assert "a" in example_arguments(schema)
+    """A `$ref` to a URL is never followed: a server on loopback, named by the ref, sees no
+    request, and the property still gets a value."""
+    hits: list[str] = []
+
+    def make_app() -> web.Application:
+        async def schema(request: web.Request) -> web.Response:
+            hits.append(request.path)
+            return web.json_response({"type": "integer", "const": 42})
+
+        app = web.Application()
+        app.router.add_get("/s.json", schema)
+        return app
+
+    server = ThreadedServer(make_app).start()
+    try:
+        ref = server.url + "/s.json"
+        schema = {"type": "object", "properties": {"a": {"$ref": ref}}, "required": ["a"]}
+        arguments = example_arguments(schema)
+    finally:
+        server.stop()
+    assert hits == []
+    assert "a" in arguments and arguments["a"] != 42
 
 
 # -- the demo sidecar, through the OpenAI SDK ------------------------------------------------
