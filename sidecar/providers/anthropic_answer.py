@@ -18,6 +18,7 @@ import orjson
 from sidecar.errors import Outcome, UpstreamError
 from sidecar.providers.anthropic_request import OutputTool
 from sidecar.providers.base import MAX_TOKENS, Completion, Usage
+from sidecar.providers.chunk_stream import BlockStream
 from sidecar.providers.openai_compat import bad_body
 
 FINISH_REASONS = MappingProxyType(
@@ -129,7 +130,7 @@ def completion(body: bytes, answer_tool: OutputTool | None) -> Completion:
     return Completion(answer, tokens.usage() if has_usage else None)
 
 
-class AnthropicStreamDecoder:
+class AnthropicStreamDecoder(BlockStream):
     """Messages stream events → OpenAI chunks.
 
     The opening chunk (role) waits for the first content or tool call, so that a failure
@@ -140,65 +141,14 @@ class AnthropicStreamDecoder:
     out with `message_delta`, the usage chunk at `message_stop` when the client asked for it.
     """
 
-    __slots__ = (
-        "_base",
-        "_blocks",
-        "_content",
-        "_finish_sent",
-        "_held",
-        "_opened",
-        "_tokens",
-        "answer_tool",
-        "finished",
-        "keep_content",
-        "produced",
-        "usage",
-        "wants_usage",
-    )
+    __slots__ = ("_finish_sent", "_tokens")
 
     def __init__(
         self, wants_usage: bool, keep_content: bool, answer_tool: OutputTool | None
     ) -> None:
-        self.wants_usage = wants_usage
-        self.keep_content = keep_content
-        self.answer_tool = answer_tool
-        self.usage: Usage | None = None
-        self.produced = 0
-        self.finished = False
-        self._content: list[str] = []
+        super().__init__(wants_usage, keep_content, answer_tool, "msg", "")
         self._tokens = TokenCount()
-        self._base: dict[str, Any] = {
-            "id": "msg", "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": "",
-        }  # fmt: skip
-        self._blocks: dict[int, int | None] = {}  # block index → tool call index (None: answer)
-        self._held: list[str] = []  # the wrapped answer tool's input, until its block ends
-        self._opened = False
         self._finish_sent = False
-
-    @property
-    def content(self) -> str:
-        return "".join(self._content)
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return orjson.dumps({**self._base, "choices": [choice]})
-
-    def _emit(self, delta: dict[str, Any], finish: str | None = None) -> list[bytes]:
-        out = []
-        if not self._opened:
-            self._opened = True
-            out.append(self._chunk({"role": "assistant", "content": ""}))
-        out.append(self._chunk(delta, finish))
-        return out
-
-    def _text(self, text: str) -> list[bytes]:
-        if not text:
-            return []
-        self.produced += len(text)
-        if self.keep_content:
-            self._content.append(text)
-        return self._emit({"content": text})
 
     def feed(self, event: str | None, data: bytes) -> list[bytes]:
         try:
@@ -209,7 +159,15 @@ class AnthropicStreamDecoder:
             raise bad_body("a stream event is not an object")
         kind = payload.get("type") or event
         if kind == "content_block_delta":
-            return self._delta(payload)
+            delta = payload.get("delta")
+            if not isinstance(delta, dict):
+                return []
+            delta_kind = delta.get("type")
+            if delta_kind == "text_delta":
+                return self._text(str(delta.get("text") or ""))
+            if delta_kind == "input_json_delta":
+                return self._tool_input(payload.get("index"), str(delta.get("partial_json") or ""))
+            return []  # thinking, signatures, citations
         if kind == "content_block_start":
             return self._start(payload)
         if kind == "message_start":
@@ -221,7 +179,7 @@ class AnthropicStreamDecoder:
                     self.usage = self._tokens.usage()
             return []
         if kind == "content_block_stop":
-            return self._stop(payload)
+            return self._block_stop(payload.get("index"))
         if kind == "message_delta":
             if self._tokens.update(payload.get("usage")):
                 self.usage = self._tokens.usage()
@@ -232,8 +190,7 @@ class AnthropicStreamDecoder:
             self.finished = True
             out = [] if self._finish_sent else self._finish(None)
             if self.wants_usage:
-                usage = self._tokens.as_openai()
-                out.append(orjson.dumps({**self._base, "choices": [], "usage": usage}))
+                out.append(self._usage_chunk(self._tokens.as_openai()))
             return out
         if kind == "error":
             error = payload.get("error")
@@ -250,10 +207,7 @@ class AnthropicStreamDecoder:
         if self._finish_sent:
             return []
         self._finish_sent = True
-        reason = finish_reason(stop_reason)
-        if reason == "tool_calls" and not any(i is not None for i in self._blocks.values()):
-            reason = "stop"  # only the answer tool was called
-        return self._emit({}, reason)
+        return self._emit({}, self._finish_reason(finish_reason(stop_reason)))
 
     def _start(self, payload: dict[str, Any]) -> list[bytes]:
         block = payload.get("content_block")
@@ -264,52 +218,4 @@ class AnthropicStreamDecoder:
             return self._text(block.get("text") or "")
         if block.get("type") != "tool_use":
             return []
-        tool = self.answer_tool
-        if tool is not None and block.get("name") == tool.name:
-            self._blocks[index] = None
-            return []
-        call = sum(1 for i in self._blocks.values() if i is not None)
-        self._blocks[index] = call
-        self.produced += 1
-        return self._emit(
-            {"tool_calls": [{"index": call, "id": str(block.get("id")), "type": "function",
-                             "function": {"name": str(block.get("name")), "arguments": ""}}]}
-        )  # fmt: skip
-
-    def _delta(self, payload: dict[str, Any]) -> list[bytes]:
-        delta = payload.get("delta")
-        if not isinstance(delta, dict):
-            return []
-        kind = delta.get("type")
-        if kind == "text_delta":
-            return self._text(str(delta.get("text") or ""))
-        if kind != "input_json_delta":
-            return []  # thinking, signatures, citations
-        piece = str(delta.get("partial_json") or "")
-        index = payload.get("index")
-        if not piece or index not in self._blocks:
-            return []
-        call = self._blocks[index]
-        if call is None:  # the answer tool: its input is the content
-            if self.answer_tool is not None and self.answer_tool.wrapped:
-                self._held.append(piece)
-                return []
-            return self._text(piece)
-        self.produced += len(piece)
-        return self._emit({"tool_calls": [{"index": call, "function": {"arguments": piece}}]})
-
-    def _stop(self, payload: dict[str, Any]) -> list[bytes]:
-        index = payload.get("index")
-        if (
-            not self._held
-            or not isinstance(index, int)
-            or self._blocks.get(index, 0) is not None
-            or self.answer_tool is None
-        ):
-            return []
-        held, self._held = "".join(self._held), []
-        try:
-            tool_input = orjson.loads(held)
-        except orjson.JSONDecodeError:
-            return self._text(held)  # validation at the end says what is wrong with it
-        return self._text(self.answer_tool.answer(tool_input))
+        return self._tool_start(index, block.get("id"), block.get("name"))

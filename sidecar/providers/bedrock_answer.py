@@ -23,6 +23,7 @@ from sidecar.errors import Outcome, UpstreamError
 from sidecar.ids import new_id
 from sidecar.providers.anthropic_request import OutputTool
 from sidecar.providers.base import MAX_TOKENS, Completion, Usage
+from sidecar.providers.chunk_stream import BlockStream
 from sidecar.providers.openai_compat import bad_body
 
 FINISH_REASONS = MappingProxyType(
@@ -131,7 +132,7 @@ def completion(body: bytes, model_id: str, answer_tool: OutputTool | None) -> Co
     return Completion(answer, counted[0] if counted is not None else None)
 
 
-class BedrockStreamDecoder:
+class BedrockStreamDecoder(BlockStream):
     """ConverseStream events → OpenAI chunks.
 
     The opening chunk (role) waits for the first content or tool call, so that a failure
@@ -144,20 +145,7 @@ class BedrockStreamDecoder:
     stream. Exception events fail the attempt as the same exception answered over HTTP would.
     """
 
-    __slots__ = (
-        "_base",
-        "_blocks",
-        "_content",
-        "_failure",
-        "_held",
-        "_opened",
-        "answer_tool",
-        "finished",
-        "keep_content",
-        "produced",
-        "usage",
-        "wants_usage",
-    )
+    __slots__ = ("_failure",)
 
     def __init__(
         self,
@@ -167,45 +155,8 @@ class BedrockStreamDecoder:
         model_id: str,
         failure: StreamFailure,
     ) -> None:
-        self.wants_usage = wants_usage
-        self.keep_content = keep_content
-        self.answer_tool = answer_tool
-        self.usage: Usage | None = None
-        self.produced = 0
-        self.finished = False
+        super().__init__(wants_usage, keep_content, answer_tool, f"chatcmpl-{new_id()}", model_id)
         self._failure = failure
-        self._content: list[str] = []
-        self._base: dict[str, Any] = {
-            "id": f"chatcmpl-{new_id()}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": model_id,
-        }  # fmt: skip
-        self._blocks: dict[int, int | None] = {}  # block index → tool call index (None: answer)
-        self._held: list[str] = []  # the wrapped answer tool's input, until its block stops
-        self._opened = False
-
-    @property
-    def content(self) -> str:
-        return "".join(self._content)
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return orjson.dumps({**self._base, "choices": [choice]})
-
-    def _emit(self, delta: dict[str, Any], finish: str | None = None) -> list[bytes]:
-        out = []
-        if not self._opened:
-            self._opened = True
-            out.append(self._chunk({"role": "assistant", "content": ""}))
-        out.append(self._chunk(delta, finish))
-        return out
-
-    def _text(self, text: str) -> list[bytes]:
-        if not text:
-            return []
-        self.produced += len(text)
-        if self.keep_content:
-            self._content.append(text)
-        return self._emit({"content": text})
 
     def feed(self, event: str | None, data: bytes) -> list[bytes]:
         if event and event.startswith(("exception:", "error:")):
@@ -217,16 +168,22 @@ class BedrockStreamDecoder:
         if not isinstance(payload, dict):
             raise bad_body("a stream event is not an object")
         if event == "contentBlockDelta":
-            return self._delta(payload)
+            delta = payload.get("delta")
+            if not isinstance(delta, dict):
+                return []
+            text = delta.get("text")
+            if isinstance(text, str):
+                return self._text(text)
+            use = delta.get("toolUse")
+            if not isinstance(use, dict):
+                return []  # reasoning, citations
+            return self._tool_input(payload.get("contentBlockIndex"), str(use.get("input") or ""))
         if event == "contentBlockStart":
             return self._start(payload)
         if event == "contentBlockStop":
-            return self._stop(payload)
+            return self._block_stop(payload.get("contentBlockIndex"))
         if event == "messageStop":
-            reason = finish_reason(payload.get("stopReason"))
-            if reason == "tool_calls" and not any(i is not None for i in self._blocks.values()):
-                reason = "stop"  # only the answer tool was called
-            return self._emit({}, reason)
+            return self._emit({}, self._finish_reason(finish_reason(payload.get("stopReason"))))
         if event == "metadata":
             self.finished = True
             counted = usage_of(payload.get("usage"))
@@ -235,7 +192,7 @@ class BedrockStreamDecoder:
             self.usage = counted[0]
             if not self.wants_usage:
                 return []
-            return [orjson.dumps({**self._base, "choices": [], "usage": usage_openai(*counted)})]
+            return [self._usage_chunk(usage_openai(*counted))]
         return []  # messageStart, and event types added later
 
     def _start(self, payload: dict[str, Any]) -> list[bytes]:
@@ -244,53 +201,4 @@ class BedrockStreamDecoder:
         use = start.get("toolUse") if isinstance(start, dict) else None
         if not isinstance(use, dict) or not isinstance(index, int):
             return []
-        tool = self.answer_tool
-        if tool is not None and use.get("name") == tool.name:
-            self._blocks[index] = None
-            return []
-        call = sum(1 for i in self._blocks.values() if i is not None)
-        self._blocks[index] = call
-        self.produced += 1
-        return self._emit(
-            {"tool_calls": [{"index": call, "id": str(use.get("toolUseId")), "type": "function",
-                             "function": {"name": str(use.get("name")), "arguments": ""}}]}
-        )  # fmt: skip
-
-    def _delta(self, payload: dict[str, Any]) -> list[bytes]:
-        delta = payload.get("delta")
-        if not isinstance(delta, dict):
-            return []
-        text = delta.get("text")
-        if isinstance(text, str):
-            return self._text(text)
-        use = delta.get("toolUse")
-        if not isinstance(use, dict):
-            return []  # reasoning, citations
-        piece = str(use.get("input") or "")
-        index = payload.get("contentBlockIndex")
-        if not piece or index not in self._blocks:
-            return []
-        call = self._blocks[index]
-        if call is None:  # the answer tool: its input is the content
-            if self.answer_tool is not None and self.answer_tool.wrapped:
-                self._held.append(piece)
-                return []
-            return self._text(piece)
-        self.produced += len(piece)
-        return self._emit({"tool_calls": [{"index": call, "function": {"arguments": piece}}]})
-
-    def _stop(self, payload: dict[str, Any]) -> list[bytes]:
-        index = payload.get("contentBlockIndex")
-        if (
-            not self._held
-            or not isinstance(index, int)
-            or self._blocks.get(index, 0) is not None
-            or self.answer_tool is None
-        ):
-            return []
-        held, self._held = "".join(self._held), []
-        try:
-            tool_input = orjson.loads(held)
-        except orjson.JSONDecodeError:
-            return self._text(held)  # validation at the end says what is wrong with it
-        return self._text(self.answer_tool.answer(tool_input))
+        return self._tool_start(index, use.get("toolUseId"), use.get("name"))

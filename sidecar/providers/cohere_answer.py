@@ -21,6 +21,7 @@ import orjson
 
 from sidecar.errors import Outcome, UpstreamError
 from sidecar.providers.base import MAX_TOKENS, Completion, Usage
+from sidecar.providers.chunk_stream import ChunkStream
 from sidecar.providers.openai_compat import bad_body
 
 FINISH_REASONS = MappingProxyType(
@@ -140,7 +141,7 @@ def completion(body: bytes, model_id: str) -> Completion:
     return Completion(answer, counted[0] if counted is not None else None)
 
 
-class CohereStreamDecoder:
+class CohereStreamDecoder(ChunkStream):
     """v2 stream events → OpenAI chunks.
 
     The opening chunk (role) waits for the first text or tool call, so that a failure right
@@ -151,55 +152,11 @@ class CohereStreamDecoder:
     when the client asked for it; with finish_reason ERROR or TIMEOUT it is a failure instead.
     """
 
-    __slots__ = (
-        "_base",
-        "_calls",
-        "_content",
-        "_opened",
-        "finished",
-        "keep_content",
-        "produced",
-        "usage",
-        "wants_usage",
-    )
+    __slots__ = ("_calls",)
 
     def __init__(self, wants_usage: bool, keep_content: bool, model_id: str) -> None:
-        self.wants_usage = wants_usage
-        self.keep_content = keep_content
-        self.usage: Usage | None = None
-        self.produced = 0
-        self.finished = False
-        self._content: list[str] = []
-        self._base: dict[str, Any] = {
-            "id": "chat", "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": model_id,
-        }  # fmt: skip
+        super().__init__(wants_usage, keep_content, "chat", model_id)
         self._calls: dict[Any, int] = {}  # Cohere's tool call index → OpenAI's
-        self._opened = False
-
-    @property
-    def content(self) -> str:
-        return "".join(self._content)
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return orjson.dumps({**self._base, "choices": [choice]})
-
-    def _emit(self, delta: dict[str, Any], finish: str | None = None) -> list[bytes]:
-        out = []
-        if not self._opened:
-            self._opened = True
-            out.append(self._chunk({"role": "assistant", "content": ""}))
-        out.append(self._chunk(delta, finish))
-        return out
-
-    def _text(self, text: Any) -> list[bytes]:
-        if not isinstance(text, str) or not text:
-            return []
-        self.produced += len(text)
-        if self.keep_content:
-            self._content.append(text)
-        return self._emit({"content": text})
 
     def feed(self, event: str | None, data: bytes) -> list[bytes]:
         if data == b"[DONE]":
@@ -213,16 +170,22 @@ class CohereStreamDecoder:
             raise bad_body("a stream event is not an object")
         kind = payload.get("type") or event
         message = _delta_message(payload)
-        if kind == "content-delta":
+        # content-start's text is "" as v2 sends it; any other is content
+        if kind == "content-delta" or kind == "content-start":
             content = message.get("content")
-            return self._text(content.get("text")) if isinstance(content, dict) else []
-        if kind == "content-start":  # its text is "" as v2 sends it; any other is content
-            content = message.get("content")
-            return self._text(content.get("text")) if isinstance(content, dict) else []
+            text = content.get("text") if isinstance(content, dict) else None
+            return self._text(text) if isinstance(text, str) else []
         if kind == "tool-call-delta":
-            return self._call_delta(payload.get("index"), message)
+            call = message.get("tool_calls")
+            function = call.get("function") if isinstance(call, dict) else None
+            piece = function.get("arguments") if isinstance(function, dict) else None
+            index = payload.get("index")
+            if not isinstance(piece, str) or not piece or index not in self._calls:
+                return []
+            return self._arguments(self._calls[index], piece)
         if kind == "tool-plan-delta":
-            return self._text(message.get("tool_plan"))
+            plan = message.get("tool_plan")
+            return self._text(plan) if isinstance(plan, str) else []
         if kind == "tool-call-start":
             return self._call_start(payload.get("index"), message)
         if kind == "message-start":
@@ -241,24 +204,12 @@ class CohereStreamDecoder:
         function = function if isinstance(function, dict) else {}
         position = self._calls.setdefault(index, len(self._calls))
         arguments = function.get("arguments")
-        arguments = arguments if isinstance(arguments, str) else ""
-        self.produced += 1 + len(arguments)
-        return self._emit(
-            {"tool_calls": [{"index": position, "id": str(call.get("id") or f"call_{position}"),
-                             "type": "function",
-                             "function": {"name": str(function.get("name") or ""),
-                                          "arguments": arguments}}]}
-        )  # fmt: skip
-
-    def _call_delta(self, index: Any, message: dict[str, Any]) -> list[bytes]:
-        call = message.get("tool_calls")
-        function = call.get("function") if isinstance(call, dict) else None
-        piece = function.get("arguments") if isinstance(function, dict) else None
-        if not isinstance(piece, str) or not piece or index not in self._calls:
-            return []
-        self.produced += len(piece)
-        position = self._calls[index]
-        return self._emit({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})
+        return self._tool_call(
+            position,
+            str(call.get("id") or f"call_{position}"),
+            str(function.get("name") or ""),
+            arguments if isinstance(arguments, str) else "",
+        )
 
     def _end(self, payload: dict[str, Any]) -> list[bytes]:
         delta = payload.get("delta")
@@ -272,7 +223,7 @@ class CohereStreamDecoder:
         self.finished = True
         out = self._emit({}, finish_reason(reason, bool(self._calls)))
         if self.wants_usage and counted is not None:
-            out.append(orjson.dumps({**self._base, "choices": [], "usage": counted[1]}))
+            out.append(self._usage_chunk(counted[1]))
         return out
 
 
