@@ -30,7 +30,18 @@ from typing import Any
 import orjson
 
 from sidecar.errors import UpstreamError
-from sidecar.providers.translate import data_url, is_number, merged_turns, text_of, unsupported
+from sidecar.providers.translate import (
+    assistant_text,
+    data_url,
+    is_number,
+    merged_turns,
+    one_choice,
+    pdf_data,
+    text_of,
+    tool_calls,
+    tool_choice_of,
+    unsupported,
+)
 
 DEFAULT_MAX_TOKENS = 4096  # when neither the request nor the catalog gives an output cap
 MAX_USER_ID = 256  # metadata.user_id's longest; a longer `user` is dropped
@@ -111,12 +122,7 @@ def messages_body(
     body: dict[str, Any], model_id: str, max_output: int | None, stream: bool, provider: str
 ) -> dict[str, Any]:
     """The Messages API body for an OpenAI chat body (see the module's docstring)."""
-    n = body.get("n")
-    if isinstance(n, int) and n > 1:
-        raise refused(
-            provider, f"returns one choice per call: n={n} is not supported; send n=1 (or "
-            "leave it out) and make several calls, or route to a provider that takes n", "n",
-        )  # fmt: skip
+    one_choice(body, provider, refused)
     system, turns = _turns(body.get("messages") or [], provider)
     out: dict[str, Any] = {"model": model_id, "max_tokens": _max_tokens(body, max_output)}
     if not turns and system:  # only system text: Anthropic needs a user turn
@@ -211,20 +217,12 @@ def _history_tools(turns: list[dict[str, Any]], out: dict[str, Any]) -> None:
 
 
 def _tool_choice(choice: Any, provider: str) -> dict[str, Any] | None:
-    if choice is None or choice == "auto":
-        return None
-    if choice == "required":
-        return {"type": "any"}
-    if choice == "none":
-        return {"type": "none"}
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        function = choice.get("function")
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            return {"type": "tool", "name": function["name"]}
-    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        mode = (choice.get("allowed_tools") or {}).get("mode")
-        return {"type": "any"} if mode == "required" else None
-    raise refused(provider, f"cannot translate tool_choice {choice!r}", "tool_choice")
+    kind, detail = tool_choice_of(choice, provider, refused)
+    if kind == "function":
+        return {"type": "tool", "name": detail}
+    if kind == "allowed_tools":
+        kind = "required" if (detail or {}).get("mode") == "required" else "auto"
+    return {"required": {"type": "any"}, "none": {"type": "none"}}.get(kind)
 
 
 def _turns(messages: list[Any], provider: str) -> tuple[str, list[dict[str, Any]]]:
@@ -288,43 +286,18 @@ def _image(url: str, provider: str, where: str) -> dict[str, Any]:
 
 
 def _document(file: dict[str, Any], provider: str, where: str) -> dict[str, Any]:
-    data = file.get("file_data")
-    parsed = data_url(data) if isinstance(data, str) else None
-    if parsed is None or parsed[0] != "application/pdf":
-        raise refused(
-            provider, "takes file parts only as PDF data (file_data: a data:application/pdf;"
-            "base64 URL), not file ids", f"{where}.file",
-        )  # fmt: skip
-    source = {"type": "base64", "media_type": "application/pdf", "data": parsed[1]}
+    data = pdf_data(file, provider, refused, where)
+    source = {"type": "base64", "media_type": "application/pdf", "data": data}
     return {"type": "document", "source": source}
 
 
 def _assistant_blocks(message: dict[str, Any], provider: str, where: str) -> list[dict[str, Any]]:
-    content = message.get("content")
-    if isinstance(content, list):  # text and refusal parts
-        content = "".join(
-            str(part.get("text") or part.get("refusal") or "")
-            for part in content
-            if isinstance(part, dict)
-        )
     blocks: list[dict[str, Any]] = []
-    if isinstance(content, str) and content:
-        blocks.append({"type": "text", "text": content})
-    calls = message.get("tool_calls")
-    for index, call in enumerate(calls if isinstance(calls, list) else ()):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict):
-            raise refused(provider, "needs tool calls with a function", f"{where}.tool_calls")
-        arguments = function.get("arguments") or "{}"
-        try:
-            tool_input = orjson.loads(arguments)
-        except (orjson.JSONDecodeError, TypeError):
-            tool_input = None
-        if not isinstance(tool_input, dict):
-            raise refused(
-                provider, "needs each tool call's arguments to be a JSON object",
-                f"{where}.tool_calls[{index}].function.arguments",
-            )  # fmt: skip
+    text = assistant_text(message.get("content"))
+    if text:
+        blocks.append({"type": "text", "text": text})
+    calls = tool_calls(message.get("tool_calls"), provider, refused, where)
+    for call, function, tool_input in calls:
         blocks.append(
             {"type": "tool_use", "id": _tool_id(call.get("id")), "name": function.get("name"),
              "input": tool_input}

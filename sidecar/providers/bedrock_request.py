@@ -30,11 +30,20 @@ import re
 from types import MappingProxyType
 from typing import Any
 
-import orjson
-
 from sidecar.errors import UpstreamError
 from sidecar.providers.anthropic_request import output_tool
-from sidecar.providers.translate import data_url, is_number, merged_turns, text_of, unsupported
+from sidecar.providers.translate import (
+    assistant_text,
+    data_url,
+    is_number,
+    merged_turns,
+    one_choice,
+    pdf_data,
+    text_of,
+    tool_calls,
+    tool_choice_of,
+    unsupported,
+)
 
 IMAGE_FORMATS = MappingProxyType(
     {"image/png": "png", "image/jpeg": "jpeg", "image/gif": "gif", "image/webp": "webp"}
@@ -54,12 +63,7 @@ def tool_use_id(value: Any) -> str:
 def converse_body(body: dict[str, Any], provider: str) -> dict[str, Any]:
     """The Converse (and ConverseStream) body for an OpenAI chat body; see the module's
     docstring. The model id travels in the URL, not here."""
-    n = body.get("n")
-    if isinstance(n, int) and n > 1:
-        raise refused(
-            provider, f"returns one choice per call: n={n} is not supported; send n=1 (or "
-            "leave it out) and make several calls, or route to a provider that takes n", "n",
-        )  # fmt: skip
+    one_choice(body, provider, refused)
     system, turns = _turns(body.get("messages") or [], provider)
     if not turns and system:  # only system text: Converse needs a user turn
         turns = [{"role": "user", "content": system}]
@@ -143,20 +147,12 @@ def _tool_config(
 
 def _tool_choice(choice: Any, provider: str) -> Any:
     """A Converse `toolChoice`, None for the default (auto), or "none"."""
-    if choice is None or choice == "auto":
-        return None
-    if choice == "required":
-        return {"any": {}}
-    if choice == "none":
-        return "none"
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        function = choice.get("function")
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            return {"tool": {"name": function["name"]}}
-    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        mode = (choice.get("allowed_tools") or {}).get("mode")
-        return {"any": {}} if mode == "required" else None
-    raise refused(provider, f"cannot translate tool_choice {choice!r}", "tool_choice")
+    kind, detail = tool_choice_of(choice, provider, refused)
+    if kind == "function":
+        return {"tool": {"name": detail}}
+    if kind == "allowed_tools":
+        kind = "required" if (detail or {}).get("mode") == "required" else "auto"
+    return {"required": {"any": {}}, "none": "none"}.get(kind)
 
 
 def _holds_tool_blocks(turns: list[dict[str, Any]]) -> bool:
@@ -224,43 +220,17 @@ def _image(url: str, provider: str, where: str) -> dict[str, Any]:
 
 
 def _document(file: dict[str, Any], number: int, provider: str, where: str) -> dict[str, Any]:
-    data = file.get("file_data")
-    parsed = data_url(data) if isinstance(data, str) else None
-    if parsed is None or parsed[0] != "application/pdf":
-        raise refused(
-            provider, "takes file parts only as PDF data (file_data: a data:application/pdf;"
-            "base64 URL), not file ids", f"{where}.file",
-        )  # fmt: skip
-    source = {"bytes": parsed[1]}
+    source = {"bytes": pdf_data(file, provider, refused, where)}
     return {"document": {"format": "pdf", "name": f"document {number}", "source": source}}
 
 
 def _assistant_blocks(message: dict[str, Any], provider: str, where: str) -> list[dict[str, Any]]:
-    content = message.get("content")
-    if isinstance(content, list):  # text and refusal parts
-        content = "".join(
-            str(part.get("text") or part.get("refusal") or "")
-            for part in content
-            if isinstance(part, dict)
-        )
     blocks: list[dict[str, Any]] = []
-    if isinstance(content, str) and content:
-        blocks.append({"text": content})
-    calls = message.get("tool_calls")
-    for index, call in enumerate(calls if isinstance(calls, list) else ()):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict):
-            raise refused(provider, "needs tool calls with a function", f"{where}.tool_calls")
-        arguments = function.get("arguments") or "{}"
-        try:
-            tool_input = orjson.loads(arguments)
-        except (orjson.JSONDecodeError, TypeError):
-            tool_input = None
-        if not isinstance(tool_input, dict):
-            raise refused(
-                provider, "needs each tool call's arguments to be a JSON object",
-                f"{where}.tool_calls[{index}].function.arguments",
-            )  # fmt: skip
+    text = assistant_text(message.get("content"))
+    if text:
+        blocks.append({"text": text})
+    calls = tool_calls(message.get("tool_calls"), provider, refused, where)
+    for call, function, tool_input in calls:
         use = {"toolUseId": tool_use_id(call.get("id")), "name": function.get("name"),
                "input": tool_input}  # fmt: skip
         blocks.append({"toolUse": use})

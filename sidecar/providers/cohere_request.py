@@ -31,7 +31,13 @@ from typing import Any
 import orjson
 
 from sidecar.errors import UpstreamError
-from sidecar.providers.translate import is_number, unsupported
+from sidecar.providers.translate import (
+    assistant_text,
+    is_number,
+    one_choice,
+    tool_choice_of,
+    unsupported,
+)
 from sidecar.schema_check import format_instruction
 
 IMAGE_DETAILS = frozenset({"auto", "low", "high"})
@@ -47,12 +53,7 @@ def chat_body(
     body: dict[str, Any], model_id: str, stream: bool, provider: str, max_output: int | None = None
 ) -> dict[str, Any]:
     """The v2 Chat body for an OpenAI chat body (see the module's docstring)."""
-    n = body.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-        raise refused(
-            provider, f"returns one choice per call: n={n} is not supported; send n=1 (or "
-            "leave it out) and make several calls, or route to a provider that takes n", "n",
-        )  # fmt: skip
+    one_choice(body, provider, refused)
     messages = _messages(body.get("messages"), provider)
     out: dict[str, Any] = {"model": model_id, "messages": messages, "stream": stream}
     _sampling(body, out, max_output)
@@ -127,16 +128,6 @@ def _parts(content: Any) -> list[Any]:
     return content if isinstance(content, list) else []
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    return "".join(
-        str(part.get("text") or part.get("refusal") or "")
-        for part in _parts(content)
-        if isinstance(part, dict)
-    )
-
-
 def _text_content(message: dict[str, Any], provider: str, where: str) -> str | list[Any]:
     """System and tool content: a string, or text parts (anything else is refused)."""
     content = message.get("content")
@@ -185,7 +176,7 @@ def _image(image: Any, provider: str, where: str) -> dict[str, Any]:
 
 
 def _assistant(message: dict[str, Any], provider: str, where: str) -> dict[str, Any] | None:
-    text = _text_of(message.get("content"))
+    text = assistant_text(message.get("content"))
     calls = message.get("tool_calls")
     if not isinstance(calls, list) or not calls:
         return {"role": "assistant", "content": text} if text else None
@@ -250,26 +241,18 @@ def _tools(body: dict[str, Any], out: dict[str, Any], provider: str) -> bool:
 
 def _tool_choice(choice: Any, provider: str) -> tuple[str | None, set[str] | None]:
     """(v2 tool_choice or None for auto, the tool names to send or None for all)."""
-    if choice is None or choice == "auto":
-        return None, None
-    if choice == "required":
-        return "REQUIRED", None
-    if choice == "none":
-        return "NONE", None
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        function = choice.get("function")
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            return "REQUIRED", {function["name"]}
-    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        allowed = choice.get("allowed_tools")
-        allowed = allowed if isinstance(allowed, dict) else {}
+    kind, detail = tool_choice_of(choice, provider, refused)
+    if kind == "function":
+        return "REQUIRED", {detail}
+    if kind == "allowed_tools":
+        allowed = detail if isinstance(detail, dict) else {}
         names = {
             str((tool.get("function") or {}).get("name") or tool.get("name"))
             for tool in allowed.get("tools") or ()
             if isinstance(tool, dict)
         }
         return ("REQUIRED" if allowed.get("mode") == "required" else None), names or None
-    raise refused(provider, f"cannot translate tool_choice {choice!r}", "tool_choice")
+    return {"required": "REQUIRED", "none": "NONE"}.get(kind), None
 
 
 def _response_format(response_format: Any, out: dict[str, Any], tools: bool) -> None:

@@ -41,11 +41,14 @@ import orjson
 
 from sidecar.errors import UpstreamError
 from sidecar.providers.translate import (
+    assistant_text,
     data_url,
     is_int,
     is_number,
     merged_turns,
     text_of,
+    tool_calls,
+    tool_choice_of,
     unsupported,
 )
 
@@ -165,19 +168,11 @@ def _tools(
 
 def _tool_choice(choice: Any, provider: str) -> tuple[str, list[str] | None]:
     """(functionCallingConfig mode, allowed function names or None)."""
-    if choice is None or choice == "auto":
-        return "AUTO", None
-    if choice == "none":
-        return "NONE", None
-    if choice == "required":
-        return "ANY", None
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        function = choice.get("function")
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            return "ANY", [function["name"]]
-    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        allowed = choice.get("allowed_tools")
-        allowed = allowed if isinstance(allowed, dict) else {}
+    kind, detail = tool_choice_of(choice, provider, refused)
+    if kind == "function":
+        return "ANY", [detail]
+    if kind == "allowed_tools":
+        allowed = detail if isinstance(detail, dict) else {}
         names = [
             tool["function"]["name"]
             for tool in allowed.get("tools") or ()
@@ -186,7 +181,7 @@ def _tool_choice(choice: Any, provider: str) -> tuple[str, list[str] | None]:
             and isinstance(tool["function"].get("name"), str)
         ]
         return ("ANY" if allowed.get("mode") == "required" else "AUTO"), names
-    raise refused(provider, f"cannot translate tool_choice {choice!r}", "tool_choice")
+    return {"auto": "AUTO", "none": "NONE", "required": "ANY"}[kind], None
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -297,34 +292,16 @@ def _file(file: Mapping[str, Any], provider: str, where: str) -> dict[str, Any]:
 
 
 def _model_parts(message: Mapping[str, Any], provider: str, where: str) -> list[dict[str, Any]]:
-    content = message.get("content")
-    if isinstance(content, list):  # text and refusal parts
-        content = "".join(
-            str(part.get("text") or part.get("refusal") or "")
-            for part in content
-            if isinstance(part, dict)
-        )
     parts: list[dict[str, Any]] = []
-    if isinstance(content, str) and content:
-        parts.append({"text": content})
+    text = assistant_text(message.get("content"))
+    if text:
+        parts.append({"text": text})
     calls = message.get("tool_calls")
     legacy = message.get("function_call")
     if not calls and isinstance(legacy, dict):
         calls = [{"function": legacy}]
     signed = False
-    for index, call in enumerate(calls if isinstance(calls, list) else ()):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict):
-            raise refused(provider, "needs tool calls with a function", f"{where}.tool_calls")
-        try:
-            args = orjson.loads(function.get("arguments") or "{}")
-        except (orjson.JSONDecodeError, TypeError):
-            args = None
-        if not isinstance(args, dict):
-            raise refused(
-                provider, "needs each tool call's arguments to be a JSON object",
-                f"{where}.tool_calls[{index}].function.arguments",
-            )  # fmt: skip
+    for call, function, args in tool_calls(calls, provider, refused, where):
         function_call: dict[str, Any] = {"name": str(function.get("name") or ""), "args": args}
         if isinstance(call.get("id"), str):
             function_call["id"] = call["id"]

@@ -1,10 +1,13 @@
 """What every native adapter's request translation needs alike: reading OpenAI content and
-numbers, base64 data URLs, and the 400 for what a provider's API cannot take."""
+numbers, base64 data URLs, assistant tool calls and tool_choice, and the 400 for what a
+provider's API cannot take."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeGuard
+
+import orjson
 
 from sidecar.errors import GatewayError, Outcome, UpstreamError
 
@@ -77,3 +80,82 @@ def merged_turns(
         else:
             turns.append({"role": role, blocks_key: blocks})
     return system, turns
+
+
+# a provider's 400 for what its API cannot take: refused(provider, message, param)
+Refuse = Callable[[str, str, str], UpstreamError]
+
+
+def one_choice(body: Mapping[str, Any], provider: str, refused: Refuse) -> None:
+    """Refuses `n` above 1, for an API that answers one choice per call."""
+    n = body.get("n")
+    if is_int(n) and n > 1:
+        raise refused(
+            provider, f"returns one choice per call: n={n} is not supported; send n=1 (or "
+            "leave it out) and make several calls, or route to a provider that takes n", "n",
+        )  # fmt: skip
+
+
+def assistant_text(content: Any) -> str:
+    """An assistant message's text: the string, or its text and refusal parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(part.get("text") or part.get("refusal") or "")
+            for part in content
+            if isinstance(part, dict)
+        )
+    return ""
+
+
+def tool_calls(
+    calls: Any, provider: str, refused: Refuse, where: str
+) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """(call, its function, its arguments) of each of an assistant message's `tool_calls`
+    (`where`: "messages[i]"), in order; a call without a function, or whose arguments are not
+    a JSON object, is refused when it is reached (no arguments: `{}`)."""
+    for index, call in enumerate(calls if isinstance(calls, list) else ()):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise refused(provider, "needs tool calls with a function", f"{where}.tool_calls")
+        try:
+            arguments = orjson.loads(function.get("arguments") or "{}")
+        except (orjson.JSONDecodeError, TypeError):
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise refused(
+                provider, "needs each tool call's arguments to be a JSON object",
+                f"{where}.tool_calls[{index}].function.arguments",
+            )  # fmt: skip
+        yield call, function, arguments
+
+
+def tool_choice_of(choice: Any, provider: str, refused: Refuse) -> tuple[str, Any]:
+    """What an OpenAI `tool_choice` asks for, as (kind, detail): ("auto", None) (also when none
+    is given), ("none", None), ("required", None), ("function", the function's name) or
+    ("allowed_tools", its `allowed_tools` value as given); anything else is refused."""
+    if choice is None or choice == "auto":
+        return "auto", None
+    if choice in ("required", "none"):
+        return choice, None
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return "function", function["name"]
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        return "allowed_tools", choice.get("allowed_tools")
+    raise refused(provider, f"cannot translate tool_choice {choice!r}", "tool_choice")
+
+
+def pdf_data(file: Mapping[str, Any], provider: str, refused: Refuse, where: str) -> str:
+    """The base64 data of a `file` part given as a PDF data URL (`where`: the part); file ids
+    and other media types are refused."""
+    given = file.get("file_data")
+    parsed = data_url(given) if isinstance(given, str) else None
+    if parsed is None or parsed[0] != "application/pdf":
+        raise refused(
+            provider, "takes file parts only as PDF data (file_data: a data:application/pdf;"
+            "base64 URL), not file ids", f"{where}.file",
+        )  # fmt: skip
+    return parsed[1]
