@@ -12,25 +12,36 @@ concurrency / requests (±1–2 % here). Valgrind runs the proxy about 50× slow
 no measure of speed, only of work. `measure_instructions` counts the floor's and the
 memory-store sidecar's for `bench.run`, the same sidecar's on the Anthropic path, and the
 sqlite- and redis-store sidecars' when the run has those stores (redis-server's own work is
-not in the redis figure: the bench reports its CPU per request beside it).
+not in the redis figure: the bench reports its CPU per request beside it). With `stream`, each
+is sent the streamed body instead (a 20-chunk stream a request): `python -m bench.instructions
+--stream` counts the floor and the memory sidecar that way on an upstream of its own.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.processes import free_port, wait_port, wait_ready
+from bench.processes import free_port, start_upstream, stop_all, wait_port, wait_ready
 from bench.targets import ANTHROPIC_PATH
-from bench.workload import ADMIN_TOKEN, ANTHROPIC_BODY, HEADERS, sidecar_config
+from bench.workload import (
+    ADMIN_TOKEN,
+    ANTHROPIC_BODY,
+    BODY,
+    HEADERS,
+    sidecar_config,
+    stream_body,
+)
 from bench.wrk import wrk_script
 
 CONCURRENCY = 16
@@ -112,6 +123,7 @@ def measure_instructions(
     anthropic_port: int | None = None,
     stores: tuple[str, ...] = (),
     redis_url: str = "",
+    stream: bool = False,
 ) -> dict[str, Any]:
     """Instructions per request of the floor and of the memory-store sidecar, under callgrind
     (count(), above): the machine-independent form of "CPU vs floor". With `anthropic_port`
@@ -120,8 +132,9 @@ def measure_instructions(
     "sqlite" in `stores`, also the sqlite-store sidecar (its store's work is on the event loop
     and the connection's thread, both counted: callgrind counts every thread). With "redis" in
     `stores` and `redis_url` (a database of its own: its books are not the main run's), also
-    the redis-store sidecar."""
-    script = wrk_script(HEADERS, workdir / "instructions.lua")
+    the redis-store sidecar. With `stream`, every one is sent its body asking for a stream."""
+    body = stream_body(BODY) if stream else BODY
+    script = wrk_script(HEADERS, workdir / "instructions.lua", body)
     floor_port = free_port()
     floor = count(
         [sys.executable, "-m", "bench.floor", "--port", str(floor_port),
@@ -140,6 +153,7 @@ def measure_instructions(
         "ratio": sidecar["instructions_per_req"] / floor["instructions_per_req"],
         "concurrency": CONCURRENCY,
         "seconds": seconds,
+        "stream": stream,
     }
     if "sqlite" in stores:
         config = sidecar_config(up_port, "sqlite", workdir, "", name="instructions-sqlite")
@@ -157,7 +171,8 @@ def measure_instructions(
         config = sidecar_config(
             up_port, "memory", workdir, "", "instructions-anthropic", anthropic_port
         )
-        script = wrk_script(HEADERS, workdir / "instructions-anthropic.lua", ANTHROPIC_BODY)
+        body = stream_body(ANTHROPIC_BODY) if stream else ANTHROPIC_BODY
+        script = wrk_script(HEADERS, workdir / "instructions-anthropic.lua", body)
         anthropic = _count_sidecar(config, script, seconds, workdir, "sidecar-anthropic")
         _say(ANTHROPIC_PATH, anthropic)
         counted[ANTHROPIC_PATH] = anthropic
@@ -187,3 +202,27 @@ def _count_sidecar(
 def _say(name: str, counted: dict[str, float]) -> None:
     print(f"instructions {name:<28} {counted['instructions_per_req']:9.0f} per request "
           f"({counted['requests']:.0f} requests)", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    """The floor's and the memory sidecar's count alone, on an upstream of their own."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the counted run")
+    parser.add_argument("--stream", action="store_true", help="a 20-chunk stream a request")
+    parser.add_argument("--keep", type=Path, help="a directory to keep callgrind's dumps in")
+    args = parser.parse_args()
+    up_port = free_port()
+    upstream = start_upstream(up_port)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ringside-instructions-") as temporary:
+            workdir = args.keep or Path(temporary)
+            workdir.mkdir(parents=True, exist_ok=True)
+            url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+            counted = measure_instructions(up_port, url, workdir, args.seconds, stream=args.stream)
+        print(f"ratio {counted['ratio']:.3f}", flush=True)
+    finally:
+        stop_all([upstream])
+
+
+if __name__ == "__main__":
+    main()
