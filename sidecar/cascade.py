@@ -403,7 +403,7 @@ class Cascade:
                 return attempt, await send(self.build_call(flow, attempt, body))
             except UpstreamError as error:
                 attempt.error = kept(error)
-                self._settle(flow, attempt, None)
+                self._settle(flow, attempt, error.usage)
                 await pipeline.run("attempt_done", flow, attempt)
                 delay = retry_delay(candidate.provider, tries, error)
                 if delay is None:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import orjson
+
+if TYPE_CHECKING:
+    from sidecar.providers.base import Usage
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -135,6 +138,7 @@ class UpstreamError(Exception):
         client_error: GatewayError | None = None,
         retry_after: float | None = None,
         detail: str | None = None,
+        usage: Usage | None = None,
     ) -> None:
         super().__init__(message)
         self.outcome = outcome
@@ -144,6 +148,9 @@ class UpstreamError(Exception):
         self.client_error = client_error
         self.retry_after = retry_after
         self.detail = detail  # the upstream's own words where the client must not see them: logs
+        # what the provider billed before the attempt failed (the answered batches of a batched
+        # embeddings request): charged like an answer's usage
+        self.usage = usage
 
 
 class CandidateRefused(GatewayError):

@@ -31,7 +31,7 @@ from sidecar.providers.base import (
     UpstreamCall,
     Usage,
 )
-from sidecar.providers.native_embeddings import batches, joined
+from sidecar.providers.native_embeddings import answered_usage, batches, joined
 from sidecar.settings.model import ProviderSettings
 
 
@@ -153,6 +153,12 @@ class HttpProvider:
         for task in tasks:
             failure = task.exception() if task.done() and not task.cancelled() else None
             if failure is not None:
+                if isinstance(failure, UpstreamError):  # the batches answered are billed
+                    failure.usage = answered_usage(
+                        (each.body, done.result())
+                        for each, done in zip(calls, tasks, strict=True)
+                        if done.done() and not done.cancelled() and done.exception() is None
+                    )
                 raise failure
         return joined([task.result() for task in tasks])
 

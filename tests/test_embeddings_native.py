@@ -28,7 +28,7 @@ from sidecar.providers.gemini import GeminiAdapter
 from sidecar.providers.native_embeddings import BatchLimit, batches, unit
 from sidecar.providers.vertex import VertexAdapter
 from sidecar.settings.model import ProviderSettings
-from tests.procs import SidecarProcess
+from tests.procs import SidecarProcess, wait_until
 from tests.support import module_sidecar, request, sdk, without_circuit_breakers
 from tests.upstreams.bedrock_fake import BedrockReply, FakeBedrock, invoke_problems, invoke_vector
 from tests.upstreams.cohere_fake import EmbedReply, FakeCohere, embed_problems, embed_vector
@@ -55,6 +55,8 @@ PROJECT, LOCATION = "embed-project", "us-central1"
 VERTEX_GEMINI_REF = f"fc:vtx/{GEMINI_MODEL}"
 VERTEX_TEXT_MODEL = "text-embedding-005"
 VERTEX_TEXT_REF = f"fc:vtx/{VERTEX_TEXT_MODEL}"
+CUSTOMER = "batched-co"
+ADMIN = "admin-token-for-native-embeddings"
 AWS_ACCESS_KEY = "AKIAFAKEEMBEDDINGS01"
 AWS_SECRET_KEY = "fake-secret-access-key-for-the-embeddings-tests"
 AWS_ENV = {
@@ -497,6 +499,8 @@ def sidecar(
         },
         "models": catalog(),
         "slots": {"co_then_mock": [COHERE_REF, "fc:mock/embed"]},
+        "customers": {CUSTOMER: {"budget": {"usd": 1.0, "period": "day"}}},
+        "admin": {"token": ADMIN},
     }
     workdir = tmp_path_factory.mktemp("embeddings-native")
     key_file: Path = service_account_file(workdir, token_endpoint)
@@ -571,6 +575,37 @@ def test_cohere_a_failed_batch_fails_the_request(
     with pytest.raises(openai.BadRequestError) as caught:
         sdk(sidecar).embeddings.create(model=COHERE_REF, input=["x"] * 100)
     assert "texts too long" in caught.value.message
+
+
+def test_cohere_batches_answered_before_another_failed_are_charged(
+    sidecar: SidecarProcess, cohere: FakeCohere
+) -> None:
+    """Cohere bills every call that answered: when one batch of a request fails after the
+    others answered, the request fails, and the answered batches' tokens are still charged to
+    the customer's budget and on the request's usage record."""
+    texts = [f"text number {i}" for i in range(200)]  # calls of 96, 96 and 8 texts
+    cohere.script_embed(EmbedReply(status=400, message="invalid request: too long", delay=0.5))
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(sidecar).embeddings.create(
+            model=COHERE_REF, input=texts, extra_headers={"FC-Customer": CUSTOMER}
+        )
+    assert "too long" in caught.value.message
+    failed, *answered = cohere.received  # the first to arrive got the scripted failure
+    assert len(answered) == 2 and failed.body["texts"] != answered[0].body["texts"]
+    billed = sum(-(-len(text) // 4) for seen in answered for text in seen.body["texts"])
+
+    def report() -> dict[str, Any]:
+        answer = request(
+            sidecar.admin_url, "GET", f"/v1/customers/{CUSTOMER}/usage",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )  # fmt: skip
+        assert answer.status == 200, answer.body
+        data: dict[str, Any] = answer.json()
+        return data
+
+    usage = wait_until(lambda: (found := report())["requests"] == 1 and found, 10)
+    assert usage["tokens"]["input"] == billed > 0
+    assert usage["spent_usd"] == pytest.approx(billed * 0.12 / 1e6, abs=1e-12)
 
 
 def test_cohere_refuses_token_ids_with_a_400_naming_it(

@@ -13,7 +13,7 @@ the request as calls within that limit (`batches`) and joins their answers (`joi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,3 +166,18 @@ def joined(parts: Sequence[Completion]) -> Completion:
     else:
         body.pop("usage", None)
     return Completion(body, usage)
+
+
+def answered_usage(answered: Iterable[tuple[dict[str, Any], Completion]]) -> Usage | None:
+    """The input tokens of the batches that answered before another failed (the provider bills
+    them although the request fails): each as its answer reported, or estimated from its texts
+    when it reported none; None when no batch answered."""
+    tokens, any_answered = 0, False
+    for body, part in answered:
+        any_answered = True
+        if part.usage is not None:
+            tokens += part.usage.prompt_tokens
+        else:
+            texts = body.get("input")
+            tokens += estimated_tokens(texts if isinstance(texts, list) else [str(texts)])
+    return Usage(min(tokens, MAX_TOKENS), 0) if any_answered else None

@@ -173,6 +173,7 @@ class EmbedReply:
     status: int = 200
     message: str = "fake Cohere error"
     headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds before the reply (a batch that fails after the others)
 
 
 @dataclass
@@ -240,6 +241,8 @@ class FakeCohere:
             return _error(400, "invalid request: " + "; ".join(problems))
         with self._lock:
             reply = self._embed_queue.popleft() if self._embed_queue else EmbedReply()
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
         if reply.status != 200:
             return _error(reply.status, reply.message, reply.headers)
         texts = body["texts"]
