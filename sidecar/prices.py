@@ -34,6 +34,7 @@ _RATE_FIELDS = (
     ("output_mtok", "output_per_mtok"),
     ("cache_read_mtok", "cache_read_per_mtok"),
     ("cache_write_mtok", "cache_write_per_mtok"),
+    ("cache_write_1h_mtok", "cache_write_1h_per_mtok"),
     ("output_reasoning_mtok", "reasoning_per_mtok"),
 )
 

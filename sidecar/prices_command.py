@@ -79,6 +79,7 @@ def _rates(rates: Rates) -> str:
         f"in {_usd(rates.input_per_mtok)}  out {_usd(rates.output_per_mtok)}  "
         f"cache read {_usd(rates.cache_read_per_mtok)}  "
         f"cache write {_usd(rates.cache_write_per_mtok)}"
+        + (f" (1h {_usd(rates.cache_write_1h_per_mtok)})" if rates.cache_write_1h_per_mtok else "")
         + (f"  reasoning {_usd(rates.reasoning_per_mtok)}" if rates.reasoning_per_mtok else "")
     )
 

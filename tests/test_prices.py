@@ -58,6 +58,7 @@ def genai_cost(kind: str, model: str, usage: Usage, when: dt.datetime) -> Decima
         output_tokens=usage.completion_tokens,
         cache_read_tokens=usage.cache_read_tokens,
         cache_write_tokens=usage.cache_write_tokens,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens or None,
         output_reasoning_tokens=usage.reasoning_tokens,
     )
     provider_id = PRICE_PROVIDERS[kind][0]
@@ -67,8 +68,11 @@ def genai_cost(kind: str, model: str, usage: Usage, when: dt.datetime) -> Decima
     return calculated.total_price
 
 
-def U(prompt: int, completion: int, read: int = 0, write: int = 0, reasoning: int = 0) -> Usage:
-    return Usage(prompt, completion, read, write, reasoning)
+def U(
+    prompt: int, completion: int, read: int = 0, write: int = 0, reasoning: int = 0, hour: int = 0
+) -> Usage:
+    """`hour`: the part of `write` written to a one-hour cache."""
+    return Usage(prompt, completion, read, write, reasoning, cache_write_1h_tokens=hour)
 
 
 # (provider kind, model id as a ref names it, usage)
@@ -79,6 +83,8 @@ CASES = [
     ("azure", "gpt-4o", U(3000, 500, read=1536)),
     ("anthropic", "claude-sonnet-4-20250514", U(10_000, 800, read=6000, write=3000)),
     ("anthropic", "claude-3-5-haiku-latest", U(2000, 100, write=2000)),
+    ("anthropic", "claude-sonnet-4-20250514", U(10_000, 800, read=2000, write=6000, hour=4000)),
+    ("anthropic", "claude-opus-4-1", U(3000, 50, write=3000, hour=3000)),
     ("bedrock", "us.anthropic.claude-3-5-haiku-20241022-v1:0", U(4000, 200, read=1000, write=500)),
     ("gemini", "gemini-2.5-pro", U(150_000, 2000, read=100_000, reasoning=1500)),
     ("gemini", "gemini-2.5-pro", U(250_000, 2000, read=100_000, reasoning=1500)),  # > 200k tier
@@ -105,6 +111,7 @@ def test_cost_equals_genai_prices_own_calculation(kind: str, model: str, usage: 
 def test_the_table_covers_cache_reads_writes_reasoning_and_a_tier() -> None:
     assert any(u.cache_read_tokens for _, _, u in CASES)
     assert any(u.cache_write_tokens for _, _, u in CASES)
+    assert any(u.cache_write_1h_tokens for _, _, u in CASES)
     assert any(u.reasoning_tokens for _, _, u in CASES)
     tiered = book_price("gemini", "gemini-2.5-pro")
     assert tiered.tiers and tiered.rates(250_000) is not tiered
@@ -122,11 +129,23 @@ def test_cached_input_costs_less_and_a_cache_write_more_than_plain_input() -> No
     assert bill(price, U(10_000, 0, read=10_000)) < plain < bill(price, U(10_000, 0, write=10_000))
 
 
+def test_a_one_hour_cache_write_costs_more_than_a_five_minute_one() -> None:
+    """Anthropic bills writes to its one-hour cache at 2 x input, to the five-minute one at
+    1.25 x: the same tokens, the dearer cache, the higher cost (and within the worst case)."""
+    price = book_price("anthropic", "claude-sonnet-4-20250514")
+    five = bill(price, U(10_000, 0, write=10_000))
+    hour = bill(price, U(10_000, 0, write=10_000, hour=10_000))
+    assert hour == pytest.approx(10_000 * 2 * price.input_per_mtok / 1e6)
+    assert five == pytest.approx(10_000 * 1.25 * price.input_per_mtok / 1e6)
+    assert hour <= price.worst_cost_usd(10_000, 0) + 1e-15
+
+
 def test_the_worst_case_bounds_any_split_of_the_same_tokens() -> None:
     for kind, model, _ in CASES:
         price = book_price(kind, model)
         worst = price.worst_cost_usd(300_000, 4000)
         for usage in (U(300_000, 4000), U(300_000, 4000, write=300_000),
+                      U(300_000, 4000, write=300_000, hour=300_000),
                       U(300_000, 4000, read=150_000, write=150_000, reasoning=4000)):  # fmt: skip
             assert bill(price, usage) <= worst + 1e-15, (kind, model, usage)
 
@@ -169,6 +188,15 @@ def test_anthropic_cache_reads_and_writes_are_kept_apart() -> None:
                    "cache_creation_input_tokens": 50, "output_tokens": 7})  # fmt: skip
     assert tokens.usage() == Usage(360, 7, cache_read_tokens=300, cache_write_tokens=50)
     assert tokens.as_openai()["prompt_tokens_details"] == {"cached_tokens": 300}
+
+
+def test_anthropic_one_hour_cache_writes_are_read_from_cache_creation() -> None:
+    tokens = TokenCount()
+    tokens.update({"input_tokens": 10, "cache_read_input_tokens": 0,
+                   "cache_creation_input_tokens": 500, "output_tokens": 7,
+                   "cache_creation": {"ephemeral_5m_input_tokens": 200,
+                                      "ephemeral_1h_input_tokens": 300}})  # fmt: skip
+    assert tokens.usage() == Usage(510, 7, cache_write_tokens=500, cache_write_1h_tokens=300)
 
 
 def test_bedrock_cache_reads_and_writes_are_kept_apart() -> None:
@@ -224,6 +252,17 @@ def test_a_price_the_config_states_wins_over_the_data_whole() -> None:
     assert entry.price == Price(9.0, 10.0)  # no cache rate of the data's: cached input is input
     assert entry.price_source == "config"
     assert entry.context == 128000  # what the config leaves out still comes from the data
+
+
+def test_a_config_price_may_state_its_one_hour_cache_write_rate() -> None:
+    ref = MINI
+    stated = {"input_per_mtok": 3, "output_per_mtok": 15, "cache_write_per_mtok": 3.75,
+              "cache_write_1h_per_mtok": 6}  # fmt: skip
+    price = settings_of(config_with({ref: stated})).models[ref].price
+    assert price == Price(3.0, 15.0, cache_write_per_mtok=3.75, cache_write_1h_per_mtok=6.0)
+    assert bill(price, U(1000, 0, write=1000, hour=400)) == pytest.approx(
+        (600 * 3.75 + 400 * 6) / 1e6
+    )
 
 
 def test_a_config_context_wins_over_the_data() -> None:

@@ -41,10 +41,11 @@ def _count(value: Any) -> int:
 class TokenCount:
     """Anthropic's usage fields as they arrive (a stream sends them in two events)."""
 
-    __slots__ = ("cache_creation", "cache_read", "input", "output")
+    __slots__ = ("cache_creation", "cache_hour", "cache_read", "input", "output")
 
     def __init__(self) -> None:
         self.input = self.cache_read = self.cache_creation = self.output = 0
+        self.cache_hour = 0  # the part of cache_creation written to the one-hour cache
 
     def update(self, usage: Any) -> bool:
         """Take the fields `usage` has; whether it was a usage object."""
@@ -56,6 +57,9 @@ class TokenCount:
             self.cache_read = _count(usage["cache_read_input_tokens"])
         if usage.get("cache_creation_input_tokens") is not None:
             self.cache_creation = _count(usage["cache_creation_input_tokens"])
+        by_ttl = usage.get("cache_creation")
+        if isinstance(by_ttl, dict) and by_ttl.get("ephemeral_1h_input_tokens") is not None:
+            self.cache_hour = _count(by_ttl["ephemeral_1h_input_tokens"])
         if usage.get("output_tokens") is not None:
             self.output = _count(usage["output_tokens"])
         return True
@@ -67,6 +71,7 @@ class TokenCount:
             self.output,
             cache_read_tokens=min(self.cache_read, prompt),
             cache_write_tokens=min(self.cache_creation, prompt),
+            cache_write_1h_tokens=min(self.cache_hour, self.cache_creation, prompt),
         )
 
     def as_openai(self) -> dict[str, Any]:

@@ -20,7 +20,8 @@ MAX_TOKENS = 10**9  # per call and kind: more is taken as this (keeps money exac
 class Usage:
     """Tokens one call used, as the provider bills them. `prompt_tokens` is every input token
     (cached ones included, as OpenAI counts them); `cache_read_tokens` and `cache_write_tokens`
-    are the parts of it read from and written to the provider's prompt cache, and
+    are the parts of it read from and written to the provider's prompt cache
+    (`cache_write_1h_tokens` the part of the writes to a one-hour cache), and
     `reasoning_tokens` the part of `completion_tokens` spent thinking. The details price the
     call (sidecar/pricing.py); what the client is shown is the adapter's own usage object."""
 
@@ -29,6 +30,7 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -41,6 +43,7 @@ class Usage:
             self.cache_read_tokens += other.cache_read_tokens
             self.cache_write_tokens += other.cache_write_tokens
             self.reasoning_tokens += other.reasoning_tokens
+            self.cache_write_1h_tokens += other.cache_write_1h_tokens
 
     def as_openai(self) -> dict[str, int]:
         return {

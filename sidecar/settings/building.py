@@ -167,11 +167,22 @@ def _price(data: Mapping[str, Any] | None) -> Price | None:
     return Price(
         float(data["input_per_mtok"]),
         float(data["output_per_mtok"]),
-        **_given(data, cache_read_per_mtok=float, cache_write_per_mtok=float),
+        **_given(
+            data,
+            cache_read_per_mtok=float,
+            cache_write_per_mtok=float,
+            cache_write_1h_per_mtok=float,
+        ),
     )
 
 
-_PRICE_FIELDS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok")
+_PRICE_FIELDS = (
+    "input_per_mtok",
+    "output_per_mtok",
+    "cache_read_per_mtok",
+    "cache_write_per_mtok",
+    "cache_write_1h_per_mtok",
+)
 
 
 def _entry_price_problems(ref: str, mdata: Mapping[str, Any], where: Located) -> list[str]:

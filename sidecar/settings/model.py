@@ -59,7 +59,8 @@ class ProviderTls:
 @dataclass(frozen=True, slots=True)
 class Rates:
     """USD per million tokens of each kind a provider bills. A kind without its own rate
-    (None) is billed as its parent: cached and cache-written input as input, reasoning as
+    (None) is billed as its parent: cached and cache-written input as input, input written to
+    a one-hour cache as cache-written input (Anthropic bills it dearer), reasoning as
     output. `worst_input` / `worst_output` are the dearest rate an input / output token can be
     billed at (a cache write costs more than plain input at some providers)."""
 
@@ -68,11 +69,17 @@ class Rates:
     cache_read_per_mtok: float | None = None
     cache_write_per_mtok: float | None = None
     reasoning_per_mtok: float | None = None
+    cache_write_1h_per_mtok: float | None = None
     worst_input: float = field(default=0.0, init=False, compare=False)
     worst_output: float = field(default=0.0, init=False, compare=False)
 
     def __post_init__(self) -> None:
-        inputs = (self.input_per_mtok, self.cache_read_per_mtok, self.cache_write_per_mtok)
+        inputs = (
+            self.input_per_mtok,
+            self.cache_read_per_mtok,
+            self.cache_write_per_mtok,
+            self.cache_write_1h_per_mtok,
+        )
         outputs = (self.output_per_mtok, self.reasoning_per_mtok)
         object.__setattr__(self, "worst_input", max(r for r in inputs if r is not None))
         object.__setattr__(self, "worst_output", max(r for r in outputs if r is not None))
@@ -91,7 +98,12 @@ class Price(Rates):
 
     def __post_init__(self) -> None:
         Rates.__post_init__(self)
-        detailed = (self.cache_read_per_mtok, self.cache_write_per_mtok, self.reasoning_per_mtok)
+        detailed = (
+            self.cache_read_per_mtok,
+            self.cache_write_per_mtok,
+            self.cache_write_1h_per_mtok,
+            self.reasoning_per_mtok,
+        )
         plain = not self.tiers and all(rate is None for rate in detailed)
         object.__setattr__(self, "plain", plain)
 
@@ -111,7 +123,8 @@ class Price(Rates):
     def usage_cost_usd(self, usage: Usage) -> float:
         """USD of one call's whole usage, billed as genai-prices bills it (tests/test_prices.py
         checks the two agree): the input tokens read from the provider's cache at the
-        cache-read rate, those written to it at the cache-write rate, the rest at the input
+        cache-read rate, those written to it at the cache-write rate (the one-hour cache's
+        at its own rate where the price has one), the rest at the input
         rate; reasoning tokens at the reasoning rate when there is one (else as output); every
         rate from the tier the call's whole input reaches."""
         prompt = usage.prompt_tokens
@@ -124,10 +137,16 @@ class Price(Rates):
             cached = min(usage.cache_read_tokens, prompt)
             prompt -= cached
             detail += cached * rates.cache_read_per_mtok
-        if usage.cache_write_tokens and rates.cache_write_per_mtok is not None:
+        if usage.cache_write_tokens:
             written = min(usage.cache_write_tokens, prompt)
-            prompt -= written
-            detail += written * rates.cache_write_per_mtok
+            hour = min(usage.cache_write_1h_tokens, written)
+            if hour and rates.cache_write_1h_per_mtok is not None:
+                prompt -= hour
+                written -= hour
+                detail += hour * rates.cache_write_1h_per_mtok
+            if rates.cache_write_per_mtok is not None:
+                prompt -= written
+                detail += written * rates.cache_write_per_mtok
         if usage.reasoning_tokens and rates.reasoning_per_mtok is not None:
             reasoning = min(usage.reasoning_tokens, output)
             output -= reasoning
