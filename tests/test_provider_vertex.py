@@ -41,6 +41,7 @@ from tests.support import (
     start_sidecar,
     without_circuit_breakers,
 )
+from tests.test_proxies import ConnectProxy
 from tests.upstreams.gemini_fake import Call, FakeGemini, Reply, request_problems
 from tests.upstreams.google_token_fake import (
     FakeMetadataServer,
@@ -458,3 +459,85 @@ def test_without_a_key_file_the_token_comes_from_the_metadata_server(
     finally:
         proc.stop()
         metadata.server.stop()
+
+
+# -- the token fetch leaves as the provider's calls do (its proxy, or none) ----------------------
+def proxied_vertex(fake_vertex: FakeGemini, proxy: str) -> dict[str, Any]:
+    return {
+        "storage": {"backend": "memory"},
+        "providers": {
+            "vertex": {"kind": "vertex", "base_url": fake_vertex.url, "project": PROJECT,
+                       "location": LOCATION, "proxy": proxy, "timeout": {"connect": 2, "read": 5}},
+        },
+    }  # fmt: skip
+
+
+def test_the_token_is_fetched_through_the_providers_own_proxy(
+    fake_vertex: FakeGemini, endpoint: FakeTokenEndpoint, key_file: Path, tmp_path: Path
+) -> None:
+    """A provider with `proxy:` (an egress-locked cluster): the token endpoint is reached
+    through that proxy too, not directly (NO_PROXY of the environment does not apply)."""
+    proxy = ConnectProxy().start()
+    env = {"GOOGLE_APPLICATION_CREDENTIALS": str(key_file), "NO_PROXY": "127.0.0.1,localhost"}
+    proc = start_sidecar(tmp_path, proxied_vertex(fake_vertex, proxy.url()), env).start()
+    try:
+        fake_vertex.reset()
+        answer = post_chat(proc, {"model": FLASH, "messages": HELLO})
+        assert answer.status == 200, answer.body
+        assert bearer(fake_vertex.last) in endpoint.issued
+    finally:
+        proc.stop()
+        proxy.stop()
+    assert f"POST {endpoint.token_uri} HTTP/1.1" in proxy.lines
+    assert any(fake_vertex.url.removeprefix("http://") in line for line in proxy.lines)
+
+
+def test_with_a_proxy_the_metadata_server_is_still_reached_directly(
+    fake_vertex: FakeGemini, tokens: set[str], tmp_path: Path
+) -> None:
+    metadata = FakeMetadataServer(tokens)
+    metadata.server.start()
+    proxy = ConnectProxy().start()
+    gcloud = tmp_path / "gcloud"
+    gcloud.mkdir()
+    env = {
+        "GOOGLE_APPLICATION_CREDENTIALS": "", "CLOUDSDK_CONFIG": str(gcloud),
+        "GCE_METADATA_HOST": metadata.host, "GCE_METADATA_IP": metadata.host,
+    }  # fmt: skip
+    proc = start_sidecar(tmp_path, proxied_vertex(fake_vertex, proxy.url()), env).start()
+    try:
+        fake_vertex.reset()
+        answer = post_chat(proc, {"model": FLASH, "messages": HELLO})
+        assert answer.status == 200, answer.body
+        assert bearer(fake_vertex.last) == metadata.issued[-1]
+    finally:
+        proc.stop()
+        proxy.stop()
+        metadata.server.stop()
+    assert not any("computeMetadata" in line for line in proxy.lines)
+    assert any(fake_vertex.url.removeprefix("http://") in line for line in proxy.lines)
+
+
+def test_a_direct_provider_fetches_its_token_directly_whatever_the_environment(
+    fake_vertex: FakeGemini, endpoint: FakeTokenEndpoint, key_file: Path, tmp_path: Path
+) -> None:
+    """`proxy: ""` is direct for the token fetch too: an environment proxy that refuses
+    everything is not used."""
+    refusing = ConnectProxy(
+        b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
+    ).start()
+    env = {
+        "GOOGLE_APPLICATION_CREDENTIALS": str(key_file), "NO_PROXY": "",
+        "HTTP_PROXY": refusing.url(), "HTTPS_PROXY": refusing.url(),
+        "http_proxy": refusing.url(), "https_proxy": refusing.url(),
+    }  # fmt: skip
+    proc = start_sidecar(tmp_path, proxied_vertex(fake_vertex, ""), env).start()
+    try:
+        fake_vertex.reset()
+        answer = post_chat(proc, {"model": FLASH, "messages": HELLO})
+        assert answer.status == 200, answer.body
+        assert bearer(fake_vertex.last) in endpoint.issued
+    finally:
+        proc.stop()
+        refusing.stop()
+    assert refusing.lines == []

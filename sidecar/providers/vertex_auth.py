@@ -12,7 +12,10 @@ thread, never on the event loop, and off the request path. A background task, st
 provider's client is built (with the app, and again on a config reload), fetches the first
 token at once and each next one REFRESH_BEFORE seconds before the held one expires; a failed
 fetch is retried after 1, 2, 4 … up to RETRY_MAX seconds while the held token stays in use.
-Only a call made before the very first token arrives waits for it; with no usable token the
+The token is fetched the way the provider's own calls leave: through its `proxy:` (`""`:
+direct; unset: the environment's HTTPS_PROXY / NO_PROXY) and trusting its `tls.ca_file`; the
+metadata server is always reached directly (it is link-local: no proxy can reach it). Only a
+call made before the very first token arrives waits for it; with no usable token the
 call fails as the provider being unavailable (it escalates). The task holds the GoogleToken
 weakly and ends when the provider's client is dropped (a reload replaced it). google-auth is
 imported in the worker thread, the first time a token is fetched: it is the optional `vertex`
@@ -23,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable
 from datetime import UTC
+from functools import partial
 from typing import Any
 
 from sidecar.errors import Outcome, UpstreamError
@@ -42,6 +47,8 @@ RETRY_MAX = 30.0  # the longest pause after failed fetches
 EXPIRY_MARGIN = 10.0  # a token this close to its expiry is not sent any more
 FETCH_TIMEOUT = 10.0  # seconds for one HTTP exchange of google-auth (its default is 120)
 UNKNOWN_LIFETIME = 3000.0  # refresh after this long when credentials give no expiry
+# the metadata server's names (google-auth's defaults): never through a proxy
+METADATA_HOSTS = ("metadata.google.internal", "metadata", "169.254.169.254")
 
 
 def application_default() -> Any:
@@ -53,11 +60,43 @@ def application_default() -> Any:
     return credentials
 
 
-def http_transport() -> Callable[..., Any]:
-    """google-auth's HTTP transport (requests), its timeout bounded by FETCH_TIMEOUT."""
-    import google.auth.transport.requests
+def metadata_hosts() -> list[str]:
+    """The metadata server's hosts, with those GCE_METADATA_HOST and GCE_METADATA_IP name
+    (where google-auth then looks)."""
+    hosts = list(METADATA_HOSTS)
+    for name in ("GCE_METADATA_HOST", "GCE_METADATA_IP"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            hosts.append(value.rsplit(":", 1)[0] if value.count(":") == 1 else value)
+    return hosts
 
-    request = google.auth.transport.requests.Request()
+
+def proxies_of(proxy: str) -> dict[str, str]:
+    """requests' proxies for a provider's `proxy:` URL: every URL through it but the metadata
+    server's (a per-host "" is requests' "no proxy here"; its `no_proxy` key is read only with
+    the environment's proxies, which a provider's own proxy replaces)."""
+    proxies = {"http": proxy, "https": proxy}
+    for host in metadata_hosts():
+        proxies[f"http://{host}"] = proxies[f"https://{host}"] = ""
+    return proxies
+
+
+def http_transport(proxy: str | None = None, ca_file: str | None = None) -> Callable[..., Any]:
+    """google-auth's HTTP transport (requests), its timeout bounded by FETCH_TIMEOUT, leaving
+    as the provider's calls do: `proxy` None takes the environment's proxies (as requests
+    does), "" goes direct, a URL is the proxy for all but the metadata server; `ca_file`
+    the provider's CA bundle."""
+    import google.auth.transport.requests
+    import requests
+
+    session = requests.Session()
+    if proxy is not None:  # the provider's own: the environment's proxies do not apply
+        session.trust_env = False
+        if proxy:
+            session.proxies = proxies_of(proxy)
+    if ca_file:
+        session.verify = ca_file
+    request = google.auth.transport.requests.Request(session)
 
     def bounded(
         url: str,
@@ -199,4 +238,5 @@ async def _keep_fresh(ref: weakref.ref[GoogleToken], first: asyncio.Task[float])
 
 def authorizer(settings: ProviderSettings) -> GoogleToken:
     """The authorize hook of one vertex provider's client (built with the app)."""
-    return GoogleToken(settings.name)
+    ca_file = settings.tls.ca_file if settings.tls is not None else None
+    return GoogleToken(settings.name, transport=partial(http_transport, settings.proxy, ca_file))
