@@ -16,6 +16,7 @@ from typing import Any, TypeVar, cast
 
 import orjson
 
+from sidecar.api.validation import requested_max_output
 from sidecar.errors import CandidateRefused, GatewayError, Outcome, UpstreamError, kept
 from sidecar.flow import EMBEDDINGS, Attempt, Flow
 from sidecar.pipeline import Pipeline
@@ -181,11 +182,23 @@ def retry_hint(failures: list[tuple[Candidate, UpstreamError]]) -> dict[str, str
     return {"x-should-retry": "false"}
 
 
-def unreported_usage(flow: Flow, completion: Completion) -> Usage:
+# a native Responses answer still running upstream (`background: true`): its usage comes later
+UNFINISHED = frozenset({"queued", "in_progress"})
+
+
+def unreported_usage(flow: Flow, completion: Completion, attempt: Attempt) -> Usage:
     """Usage of an answer whose upstream reported none (or nonsense): estimated on the high
-    side, never free — the prompt estimate, and a token per 4 bytes of the whole answer."""
+    side, never free — the prompt estimate, and a token per 4 bytes of the whole answer. A
+    background response, answered before it ran, is charged its worst case (every request
+    byte a token, the whole output cap it was sent): the provider bills it when it ends, after
+    this request's budget hold is settled, so nothing less would hold a budget."""
     if flow.endpoint == EMBEDDINGS:  # vectors are not tokens: the input is all there is
         return Usage(flow.prompt_tokens_estimate, 0)
+    if flow.responses is not None and completion.body.get("status") in UNFINISHED:
+        cap = attempt.output_cap
+        if cap is None:
+            cap = attempt.candidate.output_cap(requested_max_output(flow.body))
+        return Usage(flow.body_bytes, cap)
     size = len(completion.raw) if completion.raw is not None else len(orjson.dumps(completion.body))
     return Usage(flow.prompt_tokens_estimate, max(1, size // 4))
 
@@ -379,7 +392,8 @@ class Cascade:
         usage and cost are recorded on its Attempt."""
         send = self._sender(flow, candidate)
         attempt, completion = await self._tries(flow, candidate, body, send)
-        self._settle(flow, attempt, completion.usage or unreported_usage(flow, completion))
+        usage = completion.usage or unreported_usage(flow, completion, attempt)
+        self._settle(flow, attempt, usage)
         await self.pipeline.run("attempt_done", flow, attempt)
         return completion
 

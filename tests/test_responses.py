@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 
 from tests.conftest import openai_config
 from tests.openai_schemas import check_event, check_response
-from tests.procs import SidecarProcess
+from tests.procs import SidecarProcess, wait_until
 from tests.support import metric_samples, module_sidecar, request, sdk, without_circuit_breakers
 from tests.upstreams.openai_fake import FakeOpenAI, Reply
 
@@ -651,6 +651,47 @@ def test_native_calls_carry_the_budget_cap_and_are_billed(
     assert after[1] - before[1] == 1000 + 11 + 500
     assert after[2] - before[2] == 100 + 7 + 50
     assert after[0] > before[0]
+
+
+def test_a_background_response_is_charged_its_worst_case(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    """`background: true` is answered `queued`, without usage, before it runs: the provider
+    bills it when it ends, after the request's hold is settled, so the budget is charged the
+    worst case the hold covered (every request byte a token, the whole output cap sent)."""
+    before = acme_usage(gateway)
+    body = json.dumps(
+        {
+            "model": NATIVE,
+            "input": "write a long essay",
+            "background": True,
+            "max_output_tokens": 100,
+        }
+    ).encode()
+    answer = request(gateway.url, "POST", "/v1/responses", body, {"FC-Customer": "acme"})
+    assert answer.status == 200, answer.body
+    queued = Response.model_validate(answer.json())
+    assert queued.status == "queued" and queued.usage is None and queued.id.startswith("resp_bg")
+    sent = fake_openai.received[-1].body
+    assert sent["background"] is True and sent["max_output_tokens"] == 100
+    worst = (len(body) * 0.15 + 100 * 0.60) / 1e6
+    assert float(answer.headers["X-Ringside-Cost-USD"]) == pytest.approx(worst, rel=1e-6)
+    after = wait_until(
+        lambda: (found := acme_usage(gateway))["requests"] == before["requests"] + 1 and found
+    )
+    assert after["tokens"]["input"] - before["tokens"]["input"] == len(body)
+    assert after["tokens"]["output"] - before["tokens"]["output"] == 100
+    assert after["spent_usd"] - before["spent_usd"] == pytest.approx(worst, rel=1e-6)
+
+
+def acme_usage(gateway: SidecarProcess) -> dict[str, Any]:
+    answer = request(
+        gateway.admin_url, "GET", "/v1/customers/acme/usage",
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )  # fmt: skip
+    assert answer.status == 200, answer.body
+    data: dict[str, Any] = answer.json()
+    return data
 
 
 def test_a_cascade_moves_from_a_translated_to_a_native_candidate(

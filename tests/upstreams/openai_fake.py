@@ -101,6 +101,7 @@ class FakeOpenAI:
         self._queue: deque[Reply] = deque()
         self._by_model: dict[str, Reply] = {}
         self.received: list[Received] = []
+        self.stored = openai_responses_fake.StoredResponses()
         self.server = ThreadedServer(self._app)
 
     # -- control, from the test's thread ---------------------------------------------------
@@ -132,7 +133,18 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self._handle)
         app.router.add_post("/v1/embeddings", self._handle)
         app.router.add_post("/v1/responses", self._handle)
+        app.router.add_route("*", "/v1/responses/{id}", self._stored)
+        app.router.add_route("*", "/v1/responses/{id}/{action}", self._stored)
         return app
+
+    async def _stored(self, request: web.Request) -> web.Response:
+        """A stored response's routes (retrieve, delete, cancel, input items)."""
+        body = await request.json() if request.can_read_body else {}
+        record = Received(request.path, dict(request.headers), body, time.monotonic())
+        with self._lock:
+            self.received.append(record)
+        response_id, action = request.match_info["id"], request.match_info.get("action", "")
+        return self.stored.handle(request.method, response_id, action)
 
     def _pick(self, model: str) -> Reply:
         with self._lock:
@@ -178,7 +190,7 @@ class FakeOpenAI:
             }
             return web.json_response(envelope, status=reply.status, headers=reply.headers)
         if request.path.endswith("/responses"):
-            return await openai_responses_fake.answer(request, body, reply)
+            return await openai_responses_fake.answer(request, body, reply, self.stored)
         if request.path.endswith("/embeddings"):
             return web.json_response(embeddings_answer(body, reply), headers=reply.headers)
         if body.get("stream"):

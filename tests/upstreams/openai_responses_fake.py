@@ -1,23 +1,30 @@
 """The fake OpenAI's Responses API (`POST /v1/responses`): answers and stream events built
 through the official SDK's models (`openai.types.responses`), so they cannot drift from what
 OpenAI sends. A scripted `Reply` says the text (or the function calls), the usage, the
-finish (`length` → incomplete) and, for streams, the pieces and a failure after some of them."""
+finish (`length` → incomplete) and, for streams, the pieces and a failure after some of them.
+
+`background: true` answers a `queued` response with an id of its own and keeps it in a
+`StoredResponses`: `GET /v1/responses/{id}` then gives it finished (the reply's output and
+usage), `POST …/cancel` cancelled, `GET …/input_items` its input as items, `DELETE` removes it;
+an unknown id is OpenAI's 404."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
-from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 if TYPE_CHECKING:
     from tests.upstreams.openai_fake import Reply
 
 EVENT = TypeAdapter(ResponseStreamEvent)
+ITEM = TypeAdapter(ResponseItem)
 PARAMS = (
     "instructions",
     "max_output_tokens",
@@ -38,7 +45,7 @@ def response(
     body: dict[str, Any], reply: Reply, status: str, output: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """A `response` object echoing the request, validated by the SDK's model."""
-    done = status != "in_progress"
+    done = status not in ("in_progress", "queued")
     data: dict[str, Any] = {
         "id": "resp_fake",
         "object": "response",
@@ -96,7 +103,71 @@ def final_status(reply: Reply) -> str:
     return "incomplete" if reply.finish_reason == "length" else "completed"
 
 
-async def answer(request: web.Request, body: dict[str, Any], reply: Reply) -> web.StreamResponse:
+class StoredResponses:
+    """The background responses this fake made, by id: each finishes when it is retrieved."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, tuple[dict[str, Any], Reply, str]] = {}  # body, reply, status
+        self._ids = itertools.count(1)
+
+    def queued(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+        response_id = f"resp_bg{next(self._ids):04d}"
+        self.by_id[response_id] = (body, reply, "queued")
+        return {**response(body, reply, "queued", []), "id": response_id}
+
+    def handle(self, method: str, response_id: str, action: str) -> web.Response:
+        """GET / DELETE /v1/responses/{id}, POST …/cancel, GET …/input_items."""
+        found = self.by_id.get(response_id)
+        if found is None:
+            return not_found(response_id)
+        body, reply, status = found
+        if method == "DELETE" and not action:
+            del self.by_id[response_id]
+            return web.json_response({"id": response_id, "object": "response", "deleted": True})
+        if action == "input_items" and method == "GET":
+            return web.json_response(input_items(response_id, body))
+        if action == "cancel" and method == "POST":
+            status = "cancelled" if status == "queued" else status
+        elif action or method != "GET":
+            return web.json_response({"error": {"message": "not a route"}}, status=404)
+        elif status == "queued":
+            status = final_status(reply)
+        self.by_id[response_id] = (body, reply, status)
+        output = output_items(reply) if status in ("completed", "incomplete") else []
+        data = response(body, reply, status, output)
+        if status == "cancelled":
+            data.pop("usage", None)
+        return web.json_response({**data, "id": response_id})
+
+
+def not_found(response_id: str) -> web.Response:
+    """OpenAI's answer for an id it does not have."""
+    message = f"Response with id '{response_id}' not found."
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    return web.json_response({"error": error}, status=404)
+
+
+def input_items(response_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A request's `input` as OpenAI lists it: a string is one user message."""
+    given = body.get("input")
+    messages = [{"role": "user", "content": given}] if isinstance(given, str) else given or []
+    data = []
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        parts = [{"type": "input_text", "text": content}] if isinstance(content, str) else content
+        item = {"id": f"msg_{response_id}_{index}", "type": "message", "role": message["role"],
+                "status": "completed", "content": parts}  # fmt: skip
+        ITEM.validate_python(item)
+        data.append(item)
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": False}
+
+
+async def answer(
+    request: web.Request, body: dict[str, Any], reply: Reply, stored: StoredResponses
+) -> web.StreamResponse:
+    if body.get("background") and not body.get("stream"):
+        return web.json_response(stored.queued(body, reply), headers=reply.headers)
     if not body.get("stream"):
         data = response(body, reply, final_status(reply), output_items(reply))
         return web.json_response(data, headers=reply.headers)
