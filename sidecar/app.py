@@ -19,6 +19,7 @@ from sidecar.api.embeddings import create_embeddings
 from sidecar.api.models import list_models, retrieve_model
 from sidecar.api.passthrough import passthrough_or_unknown
 from sidecar.api.responses import create_response
+from sidecar.api.stored_responses import stored_response
 from sidecar.api.tokens import create_client_token, preflight
 from sidecar.appkeys import STATE, GatewayState
 from sidecar.prices_update import update_periodically
@@ -91,6 +92,10 @@ def create_apps(state: GatewayState) -> tuple[web.Application, web.Application]:
     api.router.add_post("/v1/chat/completions", chat_completions)
     api.router.add_post("/v1/embeddings", create_embeddings)
     api.router.add_post("/v1/responses", create_response)
+    api.router.add_get("/v1/responses/{id}", stored_response)
+    api.router.add_delete("/v1/responses/{id}", stored_response)
+    api.router.add_post("/v1/responses/{id}/cancel", stored_response)
+    api.router.add_get("/v1/responses/{id}/input_items", stored_response)
     api.router.add_get("/v1/models", list_models)
     api.router.add_get("/v1/models/{ref:[\\s\\S]+}", retrieve_model)
     api.router.add_post("/v1/client_tokens", create_client_token)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from sidecar.http1 import Egress
 from sidecar.providers.base import ProviderClient
@@ -16,6 +17,25 @@ from sidecar.settings.model import ProviderSettings
 from sidecar.settings.passthrough import under
 
 V1 = "/v1"  # what a client's path starts with; the provider's base URL stands for it
+
+
+class ForwardRoute(Protocol):
+    """What the pass-through handler forwards a request with: a configured prefix's route,
+    or a stored response's (sidecar/stored_responses.py)."""
+
+    @property
+    def prefix(self) -> str: ...  # the metrics' model label and the log's name for it
+
+    @property
+    def provider(self) -> ProviderSettings: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...  # the provider's credentials
+
+    @property
+    def egress(self) -> Egress: ...
+
+    def url(self, raw_path: str, raw_query: str) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)

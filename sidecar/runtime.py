@@ -31,6 +31,7 @@ from sidecar.providers import build_client
 from sidecar.providers.base import ProviderClient
 from sidecar.routing import Router
 from sidecar.settings import ConfigError, Settings, load_settings
+from sidecar.stored_responses import ResponseOwners, StoredRoute, stored_route
 from sidecar.stores import Store
 from sidecar.stores.budget import BudgetStore
 from sidecar.stores.ratelimit_base import RateLimiter
@@ -53,6 +54,8 @@ class Services:
     limiter: RateLimiter = field(default_factory=MemoryLimiter)  # GCRA state, kept on reload
     http1: Http1Client = field(default_factory=Http1Client)  # every upstream call
     outages: dict[str, Outage] = field(default_factory=dict)  # by store: see `outage`
+    # which provider made each native response passed on (its stored-response calls go there)
+    response_owners: ResponseOwners = field(default_factory=ResponseOwners)
 
     def outage(self, store: str) -> Outage:
         """The outage state of `store` (budget, idempotency), kept across reloads: a reload
@@ -107,6 +110,15 @@ class Runtime:
         entries = _model_entries(settings)
         self.models_body = orjson.dumps({"object": "list", "data": entries})
         self.model_bodies = {str(entry["id"]): orjson.dumps(entry) for entry in entries}
+
+    def stored_route(self, response_id: str) -> StoredRoute | None:
+        """Where a stored response's call goes (sidecar/stored_responses.py)."""
+        return stored_route(response_id, self.services.response_owners, self.providers)
+
+    def remember_response(self, response: object, provider: str) -> None:
+        """Note which provider made a native response (its `id`), for its stored calls."""
+        if isinstance(response, dict):
+            self.services.response_owners.remember(response.get("id"), provider)
 
     def activate(self) -> None:
         """Put this config in force on the long-lived Services (circuit breaker settings,

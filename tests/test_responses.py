@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -15,10 +16,17 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from tests.conftest import openai_config
+from tests.conftest import PROVIDER_KEY, openai_config
 from tests.openai_schemas import check_event, check_response
 from tests.procs import SidecarProcess, wait_until
-from tests.support import metric_samples, module_sidecar, request, sdk, without_circuit_breakers
+from tests.support import (
+    metric_samples,
+    module_sidecar,
+    request,
+    sdk,
+    start_sidecar,
+    without_circuit_breakers,
+)
 from tests.upstreams.openai_fake import FakeOpenAI, Reply
 
 TRANSLATED = "fc:compat/llama-3.1-8b"  # an OpenAI-compatible kind without the native API
@@ -789,3 +797,127 @@ def test_an_idempotent_repeat_is_replayed(gateway: SidecarProcess, fake_openai: 
     assert len(fake_openai.received) == 1
     changed = post(gateway, {**body, "input": "twice"}, **{"Idempotency-Key": "resp-key-1"})
     assert changed.status == 409
+
+
+# -- stored responses: retrieve, input items, cancel, delete ---------------------------------------
+def test_a_background_response_is_polled_to_its_end_through_the_sidecar(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    """Background mode as the SDK runs it: create, then `retrieve` until it is done; its input
+    items too. Each call reaches the provider that made it, with the provider's key."""
+    fake_openai.script(Reply(content="the essay", prompt_tokens=40, completion_tokens=900))
+    client = sdk(gateway)
+    queued = client.responses.create(model=NATIVE, input="write an essay", background=True)
+    assert queued.status == "queued"
+    done = client.responses.retrieve(queued.id)
+    assert done.id == queued.id and done.status == "completed"
+    assert done.output_text == "the essay" and done.usage is not None
+    assert done.usage.output_tokens == 900
+    items = client.responses.input_items.list(queued.id)
+    assert [item.type for item in items.data] == ["message"]
+    retrieved = fake_openai.received[1]
+    assert retrieved.path == f"/v1/responses/{queued.id}"
+    assert retrieved.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert fake_openai.received[2].path == f"/v1/responses/{queued.id}/input_items"
+
+
+def test_a_stored_response_is_cancelled_and_deleted(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    client = sdk(gateway)
+    queued = client.responses.create(model=NATIVE, input="long job", background=True)
+    cancelled = client.responses.cancel(queued.id)
+    assert cancelled.id == queued.id and cancelled.status == "cancelled"
+    client.responses.delete(queued.id)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.responses.retrieve(queued.id)
+    assert queued.id in caught.value.message  # the provider's own 404, passed on
+    assert [(r.path, r.headers.get("Authorization")) for r in fake_openai.received[1:]] == [
+        (f"/v1/responses/{queued.id}/cancel", f"Bearer {PROVIDER_KEY}"),
+        (f"/v1/responses/{queued.id}", f"Bearer {PROVIDER_KEY}"),
+        (f"/v1/responses/{queued.id}", f"Bearer {PROVIDER_KEY}"),
+    ]
+
+
+def test_stored_response_calls_not_in_the_api_are_404s_in_the_envelope(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI
+) -> None:
+    for method, path in [("PUT", "/v1/responses/resp_x"), ("POST", "/v1/responses/resp_x/restart"),
+                         ("GET", "/v1/responses/resp_x/cancel")]:  # fmt: skip
+        answer = request(gateway.url, method, path, {})
+        assert answer.status == 404 and answer.json()["error"]["code"] == "not_found", path
+    dots = request(gateway.url, "GET", "/v1/responses/resp_x%2F..%2Fmodels")
+    assert dots.status == 400 and dots.json()["error"]["code"] == "invalid_request"
+    assert fake_openai.received == []
+
+
+def test_stored_responses_go_to_the_provider_that_made_them(tmp_path: Path) -> None:
+    """Two providers with the native API: each response's calls go where it was made; an id
+    this sidecar never saw goes to the first of them."""
+    first, second = FakeOpenAI(), FakeOpenAI()
+    first.server.start()
+    second.server.start()
+    config = openai_config(first.url)
+    config["providers"]["second"] = {
+        "kind": "openai", "base_url": second.url, "api_key_env": "SECOND_KEY",
+    }  # fmt: skip
+    config["models"]["fc:second/gpt-4o-mini"] = {"input_per_mtok": 0.15, "output_per_mtok": 0.6}
+    proc = start_sidecar(tmp_path, config, {"SECOND_KEY": "second-provider-key"}).start()
+    try:
+        client = sdk(proc)
+        made = client.responses.create(model="fc:second/gpt-4o-mini", input="hi", background=True)
+        assert client.responses.retrieve(made.id).status == "completed"
+        assert [r.path for r in second.received] == ["/v1/responses", f"/v1/responses/{made.id}"]
+        assert second.received[1].headers["Authorization"] == "Bearer second-provider-key"
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve("resp_made_elsewhere")
+        assert [r.path for r in first.received] == ["/v1/responses/resp_made_elsewhere"]
+    finally:
+        proc.stop()
+        first.server.stop()
+        second.server.stop()
+
+
+def test_without_a_native_provider_a_stored_response_is_a_404_saying_why(tmp_path: Path) -> None:
+    config = {"storage": {"backend": "memory"}, "providers": {"mock": {"kind": "mock"}}}
+    proc = start_sidecar(tmp_path, config).start()
+    try:
+        answer = request(proc.url, "GET", "/v1/responses/resp_abc")
+    finally:
+        proc.stop()
+    assert answer.status == 404
+    error = answer.json()["error"]
+    assert error["code"] == "not_found" and "native Responses API" in error["message"]
+
+
+def test_stored_response_urls_of_openai_and_azure() -> None:
+    """A stored response's call goes under the provider's responses URL, the provider's query
+    (azure's api-version) first, with its credentials and not its JSON defaults."""
+    from sidecar.http1 import Http1Client
+    from sidecar.providers import build_client
+    from sidecar.stored_responses import ResponseOwners, stored_route
+
+    http1 = Http1Client()
+    dated = _settings(
+        "azure", base_url="https://res.openai.azure.com", api_key="k",
+        api_version="2025-04-01-preview",
+    )  # fmt: skip
+    v1 = _settings("azure", base_url="https://res.openai.azure.com", api_key="k")
+    native = _settings("openai", api_key="sk-provider")
+    owners = ResponseOwners(limit=2)
+    for settings, path, query, url in [
+        (dated, "/v1/responses/resp_1/input_items", "limit=5",
+         "https://res.openai.azure.com/openai/responses/resp_1/input_items"
+         "?api-version=2025-04-01-preview&limit=5"),
+        (v1, "/v1/responses/resp_1", "", "https://res.openai.azure.com/openai/v1/responses/resp_1"),
+        (native, "/v1/responses/resp_1/cancel", "",
+         "https://api.openai.com/v1/responses/resp_1/cancel"),
+    ]:  # fmt: skip
+        route = stored_route("resp_1", owners, {settings.name: build_client(settings, http1)})
+        assert route is not None
+        assert route.url(path, query) == url
+        assert not {"content-type", "accept"} & {name.lower() for name in route.headers}
+    assert route.headers == {"Authorization": "Bearer sk-provider"}
+    for response_id in ("resp_a", "resp_b", "resp_c"):  # the oldest is forgotten past the limit
+        owners.remember(response_id, "second")
+    assert [owners.owner(i) for i in ("resp_a", "resp_b", "resp_c")] == [None, "second", "second"]

@@ -83,6 +83,7 @@ class Responses:
         await runtime.pipeline.run("response", flow)
         assert flow.responses is not None
         if runtime.cascade.native_responses(flow, candidate):
+            runtime.remember_response(completion.body, candidate.provider.name)
             payload = (
                 completion.raw if completion.raw is not None else orjson.dumps(completion.body)
             )
@@ -183,6 +184,8 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
             await response.write_eof()
     finally:
         await cascade.finish_stream(flow, attempt, stream)
+        if isinstance(events, NativeEvents):
+            runtime.remember_response(events.snapshot, attempt.candidate.provider.name)
         if failure is not None:
             flow.error = GatewayError(503, "upstream_unavailable", failure.message)
             if flow.status != 499:
@@ -199,6 +202,7 @@ async def _stream_buffered(
     candidate, completion = await runtime.cascade.run(flow)
     if runtime.cascade.native_responses(flow, candidate):
         final = completion.body
+        runtime.remember_response(final, candidate.provider.name)
     else:
         final = from_completion(_client_request(flow), completion)
     flow.first_token_at = time.perf_counter()

@@ -179,7 +179,7 @@ class AzureAdapter:
     def _deployment_url(self, deployment: str) -> str:
         return self._prefix + quote(deployment, safe="") + self._suffix
 
-    def _auth_headers(self) -> dict[str, str]:
+    def auth_headers(self) -> dict[str, str]:
         """The provider's headers with the token file's current token; one dict per token
         (the HTTP client builds a request head once per headers dict)."""
         if self.token_file is None:
@@ -205,7 +205,7 @@ class AzureAdapter:
                 "include_usage": True,
             }
         url = self.v1_url or self._urls.get(deployment) or self._deployment_url(deployment)
-        headers = self._auth_headers()
+        headers = self.auth_headers()
         if call.headers:
             headers = {**headers, **call.headers}
         return HttpRequest(url, headers, orjson.dumps(body))
@@ -219,7 +219,7 @@ class AzureAdapter:
         url = self.v1_embeddings_url or (
             self._prefix + quote(deployment, safe="") + self._embeddings_suffix
         )
-        headers = self._auth_headers()
+        headers = self.auth_headers()
         if call.headers:
             headers = {**headers, **call.headers}
         return HttpRequest(url, headers, orjson.dumps(body))
@@ -233,7 +233,7 @@ class AzureAdapter:
         """`/openai/v1/responses` (the v1 API), or `/openai/responses?api-version=…` (a dated
         version), the deployment as `model` (caps.responses)."""
         deployment = self.deployments.get(call.model_id, call.model_id)
-        headers = self._auth_headers()
+        headers = self.auth_headers()
         if call.headers:
             headers = {**headers, **call.headers}
         return HttpRequest(self.responses_url, headers, responses_body(call, deployment))
