@@ -119,11 +119,15 @@ def parse_json_object(raw: bytes) -> dict[str, object]:
         try:
             orjson.dumps(_DEPTH_PROBE, default=lambda _hole: body)
         except orjson.JSONEncodeError:  # what orjson parsed it can write, but for the depth
-            raise invalid_request(
-                f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels "
-                f"deep: at most {MAX_JSON_DEPTH} are accepted"
-            ) from None
+            raise too_deep() from None
     return body
+
+
+def too_deep() -> GatewayError:
+    return invalid_request(
+        f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels "
+        f"deep: at most {MAX_JSON_DEPTH} are accepted"
+    )
 
 
 def bearer_matches(request: web.Request, expected: bytes) -> bool:

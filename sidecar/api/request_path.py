@@ -19,6 +19,7 @@ from aiohttp import web
 
 from sidecar.addons.idempotency import well_formed
 from sidecar.api.answers import ringside_headers
+from sidecar.api.big_body import SLICED_FROM_BYTES, Levels, parse_large_json_object, release
 from sidecar.api.common import error_response, parse_json_object, read_body, request_id
 from sidecar.api.validation import header_error
 from sidecar.appkeys import STATE
@@ -28,6 +29,9 @@ from sidecar.routing import Estimate
 from sidecar.runtime import Runtime
 
 log = logging.getLogger("ringside")
+
+# a large body's containers, kept to free it in slices
+BODY_LEVELS: web.RequestKey[Levels | None] = web.RequestKey("body_levels")
 
 
 class Endpoint(Protocol):
@@ -87,6 +91,9 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         response = error_response(internal, ringside_headers(flow))
     finally:
         flow.finished = time.perf_counter()
+        if flow.body_bytes >= SLICED_FROM_BYTES:
+            await asyncio.sleep(0)  # a large body's checks and answer were a step: the rest
+            release(request.get(BODY_LEVELS))  # is another; the body freed in slices
         await pipeline.run("done", flow)
     return response
 
@@ -120,10 +127,15 @@ async def _process(
         return _addon_answer(flow)
     raw = await read_body(request, runtime.settings.limits.max_body_bytes)
     flow.body_bytes = len(raw)
-    flow.body = parse_json_object(raw)
+    if flow.body_bytes < SLICED_FROM_BYTES:
+        flow.body = parse_json_object(raw)
+    else:  # in slices: the process's other requests go on meanwhile
+        flow.body, request[BODY_LEVELS] = await parse_large_json_object(raw)
     await pipeline.run("request", flow)
     if flow.response is not None:
         return _addon_answer(flow)
+    if flow.body_bytes >= SLICED_FROM_BYTES:
+        await asyncio.sleep(0)  # the endpoint's checks of a large body: a step of their own
     estimate = endpoint.prepare(flow, runtime, raw)
     idempotency_key = request.headers.get("Idempotency-Key")
     if idempotency_key is not None and not well_formed(idempotency_key):
