@@ -24,14 +24,14 @@ from sidecar.addons.usage import UsageAddon, UsageWriter
 from sidecar.cascade import Cascade
 from sidecar.http1 import Http1Client
 from sidecar.outage import Outage
-from sidecar.passthrough import PassthroughTable
+from sidecar.passthrough import PassthroughRoute, PassthroughTable
 from sidecar.pipeline import Pipeline, load_addon
 from sidecar.prices import PriceData
 from sidecar.providers import build_client
 from sidecar.providers.base import ProviderClient
 from sidecar.routing import Router
 from sidecar.settings import ConfigError, Settings, load_settings
-from sidecar.stored_responses import ResponseOwners, StoredRoute, stored_route
+from sidecar.stored_responses import ResponseOwners, stored_route
 from sidecar.stores import Store
 from sidecar.stores.budget import BudgetStore
 from sidecar.stores.ratelimit_base import RateLimiter
@@ -111,9 +111,9 @@ class Runtime:
         self.models_body = orjson.dumps({"object": "list", "data": entries})
         self.model_bodies = {str(entry["id"]): orjson.dumps(entry) for entry in entries}
 
-    def stored_route(self, response_id: str) -> StoredRoute | None:
+    def stored_route(self, response_id: str) -> PassthroughRoute | None:
         """Where a stored response's call goes (sidecar/stored_responses.py)."""
-        return stored_route(response_id, self.services.response_owners, self.providers)
+        return stored_route(response_id, self.services.response_owners, self.passthrough)
 
     def remember_response(self, response: object, provider: str) -> None:
         """Note which provider made a native response (its `id`), for its stored calls."""

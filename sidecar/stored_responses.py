@@ -7,26 +7,20 @@ after its create is answered), and the client asks for it again by id: `GET /v1/
 the provider that made it has it, so the sidecar remembers which provider answered each native
 response it passed on (`ResponseOwners`: the latest MAX_OWNERS ids of this process, kept across
 reloads) and sends an id it does not know to the first provider of a native kind in the config.
-The request goes as a pass-through does (sidecar/api/passthrough.py): the provider's key, its
-egress, the answer streamed back as it comes.
+The request goes as a pass-through does (sidecar/api/passthrough.py), on the provider's
+pass-through upstream (sidecar/providers/passthrough.py: openai's `{base_url}/responses/…`,
+azure's `/openai/v1/responses/…` or dated `/openai/responses/…?api-version=…`): the provider's
+key, its egress, the answer streamed back as it comes.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
 
-from sidecar.http1 import Egress
-from sidecar.providers.azure import AzureAdapter
-from sidecar.providers.base import ProviderClient
-from sidecar.providers.passthrough import passthrough_upstream
-from sidecar.settings.model import ProviderSettings
+from sidecar.passthrough import PassthroughRoute, PassthroughTable
 
 PREFIX = "/v1/responses"  # also the metrics' model label of these calls
 MAX_OWNERS = 10_000  # ids remembered per process (about 2 MiB when full)
-# the JSON defaults of an adapter's headers: the client's Accept (an SSE retrieval) wins
-_JSON_DEFAULTS = frozenset({"content-type", "accept"})
 
 
 class ResponseOwners:
@@ -48,59 +42,13 @@ class ResponseOwners:
         return self._owners.get(response_id)
 
 
-@dataclass(frozen=True, slots=True)
-class StoredRoute:
-    """One stored-response call's upstream: `{base}{rest of the path}`, the provider's query
-    (azure's api-version) before the client's, its credentials, its egress."""
-
-    prefix: str
-    provider: ProviderSettings
-    base: str
-    query: str
-    headers: Mapping[str, str]
-    egress: Egress
-
-    def url(self, raw_path: str, raw_query: str) -> str:
-        url = self.base + raw_path[len(PREFIX) :]
-        query = "&".join(part for part in (self.query, raw_query) if part)
-        return f"{url}?{query}" if query else url
-
-
 def stored_route(
-    response_id: str, owners: ResponseOwners, providers: Mapping[str, ProviderClient]
-) -> StoredRoute | None:
+    response_id: str, owners: ResponseOwners, table: PassthroughTable
+) -> PassthroughRoute | None:
     """The route of a stored response's call, or None when no provider has the native
     Responses API."""
-    native = [name for name, client in providers.items() if client.caps.responses]
+    native = [name for name, client in table.providers.items() if client.caps.responses]
     if not native:
         return None
     known = owners.owner(response_id)
-    name = known if known in native else native[0]
-    return _route(providers[name])
-
-
-def _route(client: ProviderClient) -> StoredRoute | None:
-    settings = client.settings
-    egress = getattr(client, "egress", None)
-    if not isinstance(egress, Egress):
-        return None
-    adapter = getattr(client, "adapter", None)
-    if isinstance(adapter, AzureAdapter):
-        base, _, query = adapter.responses_url.partition("?")
-        headers = _credentials(adapter.auth_headers(), settings)
-        return StoredRoute(PREFIX, settings, base, query, headers, egress)
-    upstream = passthrough_upstream(settings)  # the openai kind: OpenAI's own paths
-    if upstream is None:
-        return None
-    return StoredRoute(
-        PREFIX, settings, upstream.base_url + "/responses", "", upstream.headers, egress
-    )
-
-
-def _credentials(headers: Mapping[str, str], settings: ProviderSettings) -> dict[str, str]:
-    own = {name.lower() for name in settings.headers}
-    return {
-        name: value
-        for name, value in headers.items()
-        if name.lower() not in _JSON_DEFAULTS or name.lower() in own
-    }
+    return table.route_to(PREFIX, known if known in native else native[0])

@@ -118,6 +118,7 @@ def sidecar(
             "fc:azv1/gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
         },
         "slots": {"chat": ["fc:azdep/gpt-4o-mini", "fc:azv1/gpt-4o"]},
+        "passthrough": {"/v1/files": "azv1", "/v1/batches": "azfile"},
     }
     env = {"AZ_KEY": AZURE_KEY, "AZ_TOKEN": ENV_TOKEN}
     workdir = tmp_path_factory.mktemp("azure")
@@ -207,6 +208,28 @@ def test_a_rotated_token_file_is_picked_up(
     client.chat.completions.create(model="fc:azfile/plain", messages=HELLO)
     assert fake.received[-1].headers["Authorization"] == f"Bearer {FILE_TOKENS[1]}"
     assert FILE_TOKENS[0] not in sidecar.stderr() + sidecar.stdout()
+
+
+# -- pass-through paths ------------------------------------------------------------------------
+def test_a_passthrough_path_reaches_the_v1_api_with_the_api_key(
+    sidecar: SidecarProcess, fake: FakeAzure
+) -> None:
+    listed = sdk(sidecar).files.list()
+    assert listed.data == []
+    (seen,) = fake.received
+    assert seen.path == "/openai/v1/files" and seen.query == {}
+    assert seen.headers["api-key"] == AZURE_KEY and "Authorization" not in seen.headers
+
+
+def test_a_passthrough_path_of_a_dated_version_carries_it_and_the_token_file(
+    sidecar: SidecarProcess, fake: FakeAzure
+) -> None:
+    sdk(sidecar).batches.list(limit=2)
+    (seen,) = fake.received
+    assert seen.path == "/openai/batches"
+    assert seen.query == {"api-version": VERSION, "limit": "2"}
+    assert seen.headers["Authorization"].removeprefix("Bearer ") in FILE_TOKENS
+    assert "api-key" not in seen.headers
 
 
 # -- answers -------------------------------------------------------------------------------------

@@ -894,6 +894,7 @@ def test_stored_response_urls_of_openai_and_azure() -> None:
     """A stored response's call goes under the provider's responses URL, the provider's query
     (azure's api-version) first, with its credentials and not its JSON defaults."""
     from sidecar.http1 import Http1Client
+    from sidecar.passthrough import PassthroughTable
     from sidecar.providers import build_client
     from sidecar.stored_responses import ResponseOwners, stored_route
 
@@ -913,7 +914,8 @@ def test_stored_response_urls_of_openai_and_azure() -> None:
         (native, "/v1/responses/resp_1/cancel", "",
          "https://api.openai.com/v1/responses/resp_1/cancel"),
     ]:  # fmt: skip
-        route = stored_route("resp_1", owners, {settings.name: build_client(settings, http1)})
+        table = PassthroughTable({}, {settings.name: build_client(settings, http1)})
+        route = stored_route("resp_1", owners, table)
         assert route is not None
         assert route.url(path, query) == url
         assert not {"content-type", "accept"} & {name.lower() for name in route.headers}

@@ -38,7 +38,7 @@ from sidecar.errors import (
 )
 from sidecar.flow import Flow
 from sidecar.http1 import Streamed, Upload
-from sidecar.passthrough import ForwardRoute
+from sidecar.passthrough import PassthroughRoute
 from sidecar.providers.openai_compat import parse_error_envelope
 from sidecar.runtime import Runtime
 from sidecar.upstream import redact, transport_error
@@ -76,7 +76,7 @@ async def passthrough_or_unknown(request: web.Request) -> web.StreamResponse:
 
 
 async def forward(
-    request: web.Request, runtime: Runtime, route: ForwardRoute
+    request: web.Request, runtime: Runtime, route: PassthroughRoute
 ) -> web.StreamResponse:
     """Serve one pass-through request; the `error` and `done` hooks see every one."""
     flow = Flow(
@@ -126,7 +126,7 @@ def _without_idempotency_key(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy
 
 
 async def _process(
-    flow: Flow, runtime: Runtime, route: ForwardRoute, request: web.Request
+    flow: Flow, runtime: Runtime, route: PassthroughRoute, request: web.Request
 ) -> web.StreamResponse:
     pipeline = runtime.pipeline
     await pipeline.run("headers", flow)  # auth: before anything of the body is read
@@ -280,7 +280,7 @@ def answer_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
 async def _relay(
     flow: Flow,
     runtime: Runtime,
-    route: ForwardRoute,
+    route: PassthroughRoute,
     request: web.Request,
     answer: Streamed,
     started: float,
@@ -358,7 +358,7 @@ async def _error_body(answer: Streamed) -> bytes:
         return b""
 
 
-def _count(runtime: Runtime, route: ForwardRoute, outcome: str, seconds: float) -> None:
+def _count(runtime: Runtime, route: PassthroughRoute, outcome: str, seconds: float) -> None:
     """`ringside_upstream_requests_total{provider, model=<prefix>, outcome}` and the
     provider's upstream time: a pass-through call has no model, its prefix stands for it
     (a bounded label: the config's prefixes)."""

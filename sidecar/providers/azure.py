@@ -154,6 +154,14 @@ class AzureAdapter:
         self.v1_url: str | None = None
         self.v1_embeddings_url: str | None = None
         self._prefix = self._suffix = self._embeddings_suffix = ""
+        # where OpenAI's own paths are (`/v1/<rest>` → `{api_base}/<rest>?{api_query}`)
+        if version is None or version in V1_PREVIEW_VERSIONS:
+            self.api_base, self.api_query = (
+                f"{endpoint}/openai/v1",
+                (f"api-version={version}" if version else ""),
+            )
+        else:
+            self.api_base, self.api_query = f"{endpoint}/openai", f"api-version={version}"
         if version is None or version in V1_PREVIEW_VERSIONS:
             query = f"?api-version={version}" if version else ""
             self.v1_url = f"{endpoint}/openai/v1/chat/completions{query}"

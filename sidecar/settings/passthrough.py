@@ -3,7 +3,8 @@
 What the JSON Schema cannot say is checked here: a prefix may not overlap a path the sidecar
 serves itself (it would shadow it, or be shadowed), two prefixes may not be the same path once
 a trailing `/` is dropped, a prefix has no `.` or `..` segment, and it names a provider of the
-config whose kind passes through (the OpenAI-compatible ones: `sidecar/providers/passthrough.py`).
+config whose kind passes through (the OpenAI-compatible ones and azure:
+`sidecar/providers/passthrough.py`).
 Nested prefixes are allowed: the longest one that matches a request wins.
 """
 

@@ -168,7 +168,21 @@ class FakeAzure:
         app = web.Application()
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._deployment)
         app.router.add_post("/openai/v1/chat/completions", self._v1)
+        app.router.add_route("*", "/openai/{rest:.*}", self._other)
         return app
+
+    async def _other(self, request: web.Request) -> web.Response:
+        """Any other call under the resource's /openai paths (a pass-through: files, batches,
+        stored responses): recorded and authorized as a chat call is, answered with an empty
+        list that names the path."""
+        size = len(await request.read())
+        record = Received(request.path, dict(request.query), dict(request.headers), {"bytes": size})
+        with self._lock:
+            self.received.append(record)
+        if not self._authorized(request):
+            return _error(401, {"code": "401", "message": "Access denied"})
+        listed = {"object": "list", "data": [], "has_more": False, "path": request.path}
+        return web.json_response({**listed, "first_id": None, "last_id": None})
 
     async def _deployment(self, request: web.Request) -> web.StreamResponse:
         version = request.query.get("api-version")
