@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.processes import free_port, start_upstream, stop_all, wait_port, wait_ready
 from bench.targets import ANTHROPIC_PATH
@@ -77,30 +77,80 @@ def _wrk(url: str, script: Path, seconds: float) -> int:
     return int(result["requests"] - result["non2xx"])
 
 
+class Served(NamedTuple):
+    """A process to count: its command, a wait until it serves, and its chat URL."""
+
+    command: list[str]
+    ready: Callable[[], object]
+    url: str
+
+
+def floor_process(upstream_url: str) -> Served:
+    """bench/floor.py on a free port, forwarding to `upstream_url`."""
+    port = free_port()
+    return Served(
+        [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", upstream_url],
+        partial(wait_port, port, 180.0),
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+    )
+
+
+def sidecar_process(config: Path) -> Served:
+    """`ringside serve` of `config` on free ports (its env needs RINGSIDE_ADMIN_TOKEN)."""
+    port, admin = free_port(), free_port()
+    return Served(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(config),
+         "--port", str(port), "--admin-host", "127.0.0.1", "--admin-port", str(admin)],
+        partial(wait_ready, f"http://127.0.0.1:{admin}/readyz", 180.0),
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+    )  # fmt: skip
+
+
 def count(
-    command: list[str],
-    wait_ready: Callable[[], object],
-    url: str,
+    served: Served,
     script: Path,
     seconds: float,
     workdir: Path,
     name: str,
     env: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """Instructions per answered request of the process `command` starts."""
+    """Instructions per answered request of `served`, under wrk for `seconds`."""
+    return count_load(
+        served,
+        partial(_wrk, served.url, script, WARMUP_SECONDS),
+        partial(_wrk, served.url, script, seconds),
+        workdir, name, env,
+    )  # fmt: skip
+
+
+def count_load(
+    served: Served,
+    warm_up: Callable[[], object],
+    load: Callable[[], int],
+    workdir: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+    settle: float = 0.0,
+) -> dict[str, float]:
+    """Instructions per answered request of the process `served` starts: counting is off through
+    its start and `warm_up`, on for `load` (which returns how many requests were answered).
+    `settle` seconds of quiet before and after the load keep the warm-up's trailing work (usage
+    records, metrics) out of the count and the load's own in it."""
     dump = workdir / f"callgrind-{name}.out"
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}",
-         *command],
+         *served.command],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
     try:
-        wait_ready()
-        _wrk(url, script, WARMUP_SECONDS)
+        served.ready()
+        warm_up()
+        time.sleep(settle)
         control = ["callgrind_control", "-i"]
         subprocess.run([*control, "on", str(proc.pid)], capture_output=True, check=True)
-        answered = _wrk(url, script, seconds)
+        answered = load()
+        time.sleep(settle)
         subprocess.run([*control, "off", str(proc.pid)], capture_output=True, check=True)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True)
         time.sleep(1.0)  # the dump is written by the process itself
@@ -135,14 +185,7 @@ def measure_instructions(
     the redis-store sidecar. With `stream`, every one is sent its body asking for a stream."""
     body = stream_body(BODY) if stream else BODY
     script = wrk_script(HEADERS, workdir / "instructions.lua", body)
-    floor_port = free_port()
-    floor = count(
-        [sys.executable, "-m", "bench.floor", "--port", str(floor_port),
-         "--upstream", upstream_url],
-        partial(wait_port, floor_port, 180.0),
-        f"http://127.0.0.1:{floor_port}/v1/chat/completions",
-        script, seconds, workdir, "floor",
-    )  # fmt: skip
+    floor = count(floor_process(upstream_url), script, seconds, workdir, "floor")
     _say("floor", floor)
     config = sidecar_config(up_port, "memory", workdir, "", name="instructions")
     sidecar = _count_sidecar(config, script, seconds, workdir, "sidecar")
@@ -188,15 +231,8 @@ def measure_instructions(
 def _count_sidecar(
     config: Path, script: Path, seconds: float, workdir: Path, name: str
 ) -> dict[str, float]:
-    port, admin = free_port(), free_port()
-    return count(
-        [sys.executable, "-m", "sidecar", "serve", "--config", str(config),
-         "--port", str(port), "--admin-host", "127.0.0.1", "--admin-port", str(admin)],
-        partial(wait_ready, f"http://127.0.0.1:{admin}/readyz", 180.0),
-        f"http://127.0.0.1:{port}/v1/chat/completions",
-        script, seconds, workdir, name,
-        env={**os.environ, "RINGSIDE_ADMIN_TOKEN": ADMIN_TOKEN},
-    )  # fmt: skip
+    env = {**os.environ, "RINGSIDE_ADMIN_TOKEN": ADMIN_TOKEN}
+    return count(sidecar_process(config), script, seconds, workdir, name, env)
 
 
 def _say(name: str, counted: dict[str, float]) -> None:
