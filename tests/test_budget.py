@@ -141,7 +141,8 @@ async def test_200_concurrent_requests_never_overspend_and_ledger_equals_spent(
     assert spent == answered * COST
     assert nano(report["cost_usd"]) == spent  # the ledger of usage records
     assert answered >= 45  # the budget fits 50: holds of the worst case only delay the last few
-    assert report["reserved_usd"] == 0
+    # nothing stays held: on redis a lease's rest goes back once idle (budget_lease_idle, 2 s)
+    wait_until(lambda: usage_of(proc, customer)["reserved_usd"] == 0, 6)
 
 
 @pytest.mark.redis

@@ -184,10 +184,11 @@ def test_a_reserve_whose_answer_was_lost_is_released_once_redis_answers(
 ) -> None:
     """Redis frozen (SIGSTOP) longer than the store's 2 s socket timeout: the reserve waits in
     the socket buffers, the client gets 503, and redis runs the reserve once it wakes up. The
-    hold must not stay until its TTL (an hour here)."""
+    hold must not stay until its TTL (an hour here). Per-request holds (no leases: a lease's
+    frozen-redis case is in test_budget_lease.py)."""
     fake_openai.on_model("priced", ANSWER)
     storage = {"backend": "redis", "redis_url": private_redis.url, "reservation_ttl": 3600,
-               "journal_path": str(tmp_path / "journal.db")}  # fmt: skip
+               "journal_path": str(tmp_path / "journal.db"), "budget_leases": False}  # fmt: skip
     proc = sidecar_factory(budget_config(fake_openai.url, storage, acme=1.0), ADMIN_ENV)
     assert post_chat(proc, BODY, {"FC-Customer": "acme"}).status == 200
     assert usage_of(proc, "acme")["reserved_usd"] == 0
@@ -216,7 +217,9 @@ def test_an_outage_is_logged_once_and_each_refusal_counted(
     tmp_path: Path,
 ) -> None:
     fake_openai.on_model("priced", ANSWER)
-    storage = {"backend": "redis", "redis_url": private_redis.url,
+    # per-request holds: with a lease, the first request after the stop may still be admitted
+    # on the room it holds (test_budget_lease.py)
+    storage = {"backend": "redis", "redis_url": private_redis.url, "budget_leases": False,
                "journal_path": str(tmp_path / "journal.db")}  # fmt: skip
     proc = sidecar_factory(budget_config(fake_openai.url, storage, acme=1.0), ADMIN_ENV)
     assert post_chat(proc, BODY, {"FC-Customer": "acme"}).status == 200

@@ -30,6 +30,7 @@ from sidecar.stores.budget import (
     BudgetStore,
     Charge,
     Hold,
+    ImmediateBudgetStore,
     RecordRef,
     Scope,
     StoreUnavailable,
@@ -41,7 +42,6 @@ from sidecar.stores.budget import (
     usd_text,
     window,
 )
-from sidecar.stores.budget_memory import MemoryBudgetStore
 
 log = logging.getLogger("ringside")
 
@@ -77,7 +77,13 @@ def scope_of(kind: str, ident: str, budget: Budget) -> Scope:
 
 def refusal(exc: BudgetExceeded) -> GatewayError:
     scope, balance, win = exc.scope, exc.balance, exc.window
-    held = f" (+${usd_text(balance.held)} held by requests in flight)" if balance.held else ""
+    requests = balance.held - balance.leased
+    held = f" (+${usd_text(requests)} held by requests in flight)" if requests else ""
+    if balance.leased:  # room other sidecar processes set aside for their requests
+        held += (
+            f" (+${usd_text(balance.leased)} held by sidecar processes' budget leases: their "
+            "requests in flight and room for the next ones, given back when they are idle)"
+        )
     resets = (
         f"the budget resets at {iso_time(win.end)}"
         if win.end is not None
@@ -121,7 +127,10 @@ class BudgetAddon:
         self._gauges: dict[str, tuple[Any, Any]] = {}  # customer → its spent, remaining gauges
         self._windows: dict[str, Window] = {}
         self._overrun_logged: dict[str, float] = {}  # provider → when its overrun was logged
-        self._in_process = store if isinstance(store, MemoryBudgetStore) else None
+        # a store that can often answer at once: the memory store always, redis on its leases
+        self._now: ImmediateBudgetStore | None = (
+            store if callable(getattr(store, "reserve_now", None)) else None  # type: ignore[assignment]
+        )
 
     def activate(self) -> None:
         """Show this config's customer budgets in the gauges: run by runtime.Runtime.activate,
@@ -189,12 +198,14 @@ class BudgetAddon:
         amount = ceil_nano(worst_case(flow, attempt, cap))
         now = time.time()
         windows = [(scope, self.window(scope.period, now)) for scope in scopes]
-        if self._in_process is None:
+        if self._now is None:
             return self._reserve(flow, attempt, windows, amount)
-        try:  # in this process: nothing to wait for (see sidecar/pipeline.py)
-            holds = self._in_process.reserve_now(windows, amount, self.ttl)
+        try:  # nothing to wait for (see sidecar/pipeline.py)
+            holds = self._now.reserve_now(windows, amount, self.ttl)
         except BudgetExceeded as exc:
             raise self._refused(flow, exc, scopes) from None
+        if holds is None:  # a lease lacks room: the store's round trip
+            return self._reserve(flow, attempt, windows, amount)
         self._held(flow, attempt, holds)
         return None
 
@@ -256,11 +267,11 @@ class BudgetAddon:
             self._overrun(flow, attempt, cost - holds[0].amount)
         if carries_record(holds, record):
             note_charged(flow, cost, usage)  # before the await: a cancel must not re-add it
-        if self._in_process is None:
+        settled = None if self._now is None else self._now.settle_now(holds, charge, record)
+        if settled is None:
             return self._settle(flow, holds, charge, record)
-        settled = self._in_process.settle_now(holds, charge, record)
         self._show(flow, settled.balances, flow.budget_scopes)
-        return None
+        return settled.wait  # a settle write the kernel has not taken yet: the answer waits
 
     def _overrun(self, flow: Flow, attempt: Attempt, beyond: int) -> None:
         """An upstream produced more than the cap it was sent: the whole cost is charged (the

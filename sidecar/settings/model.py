@@ -34,6 +34,11 @@ class Storage:
     fail_open: bool = False
     journal_path: str = "./ringside-journal.db"
     reservation_ttl: float = 600.0  # seconds a budget hold lives unless settled (crash safety)
+    # redis: each process leases slices of a budget and admits requests on them in memory
+    # (sidecar/stores/budget_lease.py); a slice is up to this many worst cases of a request
+    budget_leases: bool = True
+    budget_lease_slice: int = 16
+    budget_lease_idle: float = 2.0  # seconds unused before a lease's rest is given back
     usage_retention_days: float = 90.0  # usage records older than this are deleted
 
 

@@ -95,7 +95,14 @@ def _redis_budgets(client: Redis, storage: Storage) -> RedisBudgetStore:
     from sidecar.stores.budget_redis import RedisBudgetStore
 
     return RedisBudgetStore(
-        client, storage.journal_path, storage.fail_open, storage.usage_retention_days
+        client,
+        storage.journal_path,
+        storage.fail_open,
+        storage.usage_retention_days,
+        leases=storage.budget_leases,
+        lease_slice=storage.budget_lease_slice,
+        lease_idle=storage.budget_lease_idle,
+        ttl=storage.reservation_ttl,
     )
 
 

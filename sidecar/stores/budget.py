@@ -111,12 +111,14 @@ class Hold:
     amount: int
     spent: int = 0  # the scope's spent in the window when the hold was taken
     local: bool = False
+    lease: Any = None  # admitted on this process's lease (budget_lease.Lease), not held alone
 
 
 @dataclass(slots=True)  # made per request: a frozen init costs a call per field
 class Balance:
     spent: int
     held: int = 0
+    leased: int = 0  # the part of `held` that sidecar processes' leases hold (budget_lease)
 
     def remaining(self, limit: int) -> int:
         return max(0, limit - self.spent)
@@ -203,9 +205,11 @@ class BudgetExceeded(Exception):
 @dataclass(slots=True)
 class Settled:
     """Each settled scope's balance after the settle, by scope name (its `held` may be left
-    at 0: only the spent amount is read from it)."""
+    at 0: only the spent amount is read from it). `wait`: what must finish before the answer
+    leaves (a settle written but not yet all taken by the kernel), or None."""
 
     balances: dict[str, Balance] = field(default_factory=dict)
+    wait: Awaitable[None] | None = None
 
 
 def carries_record(holds: Sequence[Hold], record: RecordRef) -> bool:
@@ -252,6 +256,22 @@ class BudgetStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class ImmediateBudgetStore(BudgetStore, Protocol):
+    """A store that can often answer without awaiting: the budget addon tries these first."""
+
+    def reserve_now(
+        self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
+    ) -> list[Hold] | None:
+        """`reserve` at once, or None when it needs I/O (then call `reserve`)."""
+        ...
+
+    def settle_now(
+        self, holds: Sequence[Hold], charge: Charge, record: RecordRef
+    ) -> Settled | None:
+        """`settle` at once (its write on its way), or None when it needs I/O (call `settle`)."""
+        ...
 
 
 class AbandonedReserves:
