@@ -108,8 +108,7 @@ def outcome_of_orjson(raw: bytes) -> tuple[str, Any]:
 async def outcome_in_slices(raw: bytes) -> tuple[str, Any]:
     assert len(raw) >= SLICED_FROM_BYTES
     try:
-        body, _levels = await parse_large_json_object(raw)
-        return "ok", body
+        return "ok", await parse_large_json_object(raw)
     except GatewayError as error:
         return "refused", (error.status, error.code, error.param, error.message)
 

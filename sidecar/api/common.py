@@ -123,6 +123,23 @@ def parse_json_object(raw: bytes) -> dict[str, object]:
     return body
 
 
+def fits_depth_at(value: object, level: int) -> bool:
+    """Whether `value`, standing at `level` of a body (the body itself is level 1), nests no
+    deeper than MAX_JSON_DEPTH levels counted from the body: the check of `parse_json_object`
+    on a part of a body (sidecar/api/big_body.py checks a large one a part at a time)."""
+    probe = _PROBES.get(level)
+    if probe is None:
+        probe = _PROBES[level] = _nested(_ORJSON_MAX_DEPTH - MAX_JSON_DEPTH + level - 1)
+    try:
+        orjson.dumps(probe, default=lambda _hole: value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
+
+
+_PROBES: dict[int, object] = {1: _DEPTH_PROBE}
+
+
 def too_deep() -> GatewayError:
     return invalid_request(
         f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels "

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from sidecar.addons.idempotency import well_formed
 from sidecar.api.answers import ringside_headers
-from sidecar.api.big_body import SLICED_FROM_BYTES, Levels, parse_large_json_object, release
+from sidecar.api.big_body import SLICED_FROM_BYTES, parse_large_json_object, release
 from sidecar.api.common import error_response, parse_json_object, read_body, request_id
 from sidecar.api.validation import header_error
 from sidecar.appkeys import STATE
@@ -29,9 +29,6 @@ from sidecar.routing import Estimate
 from sidecar.runtime import Runtime
 
 log = logging.getLogger("ringside")
-
-# a large body's containers, kept to free it in slices
-BODY_LEVELS: web.RequestKey[Levels | None] = web.RequestKey("body_levels")
 
 
 class Endpoint(Protocol):
@@ -93,7 +90,7 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         flow.finished = time.perf_counter()
         if flow.body_bytes >= SLICED_FROM_BYTES:
             await asyncio.sleep(0)  # a large body's checks and answer were a step: the rest
-            release(request.get(BODY_LEVELS))  # is another; the body freed in slices
+            release(flow.body)  # is another; the body is freed in slices
         await pipeline.run("done", flow)
     return response
 
@@ -130,7 +127,7 @@ async def _process(
     if flow.body_bytes < SLICED_FROM_BYTES:
         flow.body = parse_json_object(raw)
     else:  # in slices: the process's other requests go on meanwhile
-        flow.body, request[BODY_LEVELS] = await parse_large_json_object(raw)
+        flow.body = await parse_large_json_object(raw)
     await pipeline.run("request", flow)
     if flow.response is not None:
         return _addon_answer(flow)
