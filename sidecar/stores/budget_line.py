@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from sidecar.stores.redis_batch import _packed
+from sidecar.stores.redis_batch import PUSH, READ_SIZE, _packed, wire
 
 
 class LineDown(RedisConnectionError):
@@ -126,39 +126,57 @@ class ScriptLine:
 
     async def _read(self, conn: AbstractConnection) -> None:
         waiting = self._waiting
+        found = wire(conn)
         try:
+            if found is None:
+                raise RedisConnectionError("the budget lease line needs redis-py's hiredis parser")
+            reader, stream = found
+            skip = 0  # replies of the head call still to read before its own (its SCRIPT LOAD)
             while True:
-                if not waiting:
-                    self._wake.clear()
-                    await self._wake.wait()
+                reply = reader.gets()
+                if reply is NOT_ENOUGH_DATA:
+                    if not waiting:
+                        self._wake.clear()
+                        await self._wake.wait()
+                        continue
+                    async with asyncio.timeout(self.timeout):
+                        data = await stream.read(READ_SIZE)
+                    if not data:
+                        raise RedisConnectionError("redis closed the connection")
+                    reader.feed(data)
                     continue
-                count, name, keys, args, future, resent = waiting[0]
-                async with asyncio.timeout(self.timeout):
-                    for _ in range(count):
-                        try:
-                            reply = await conn.read_response(timeout=math.inf)
-                        except ResponseError as exc:  # an error reply: the line is in step
-                            reply = exc
-                waiting.popleft()
-                if future.done():
+                if isinstance(reply, RedisConnectionError):
+                    raise reply
+                if PUSH is not None and isinstance(reply, PUSH):
                     continue
-                if isinstance(reply, NoScriptError) and not resent:
-                    # the server lost its scripts (a restart, a flush): written again, with
-                    # its SCRIPT LOAD, after what is already on the way (settles commute:
-                    # each takes what this process left on its lease)
-                    self._loaded.discard(name)
-                    self._write(name, keys, args, future, True)
-                elif isinstance(reply, Exception):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+                if not skip:
+                    skip = waiting[0][0]
+                skip -= 1
+                if skip:
+                    continue  # a SCRIPT LOAD's reply
+                self._answer(waiting.popleft(), reply)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
             self._fail(RedisTimeout(f"no reply from redis within {self.timeout}s"))
         except Exception as exc:
-            self._fail(exc if isinstance(exc, RedisConnectionError | OSError) else
+            self._fail(exc if isinstance(exc, RedisConnectionError) else
                        RedisConnectionError(f"reading from redis failed: {exc}"))  # fmt: skip
+
+    def _answer(self, sent: Sent, reply: Any) -> None:
+        _, name, keys, args, future, resent = sent
+        if future.done():
+            return
+        if isinstance(reply, NoScriptError) and not resent:
+            # the server lost its scripts (a restart, a flush): written again, with its SCRIPT
+            # LOAD, after what is already on the way (settles commute: each takes what this
+            # process left on its lease)
+            self._loaded.discard(name)
+            self._write(name, keys, args, future, True)
+        elif isinstance(reply, Exception):
+            future.set_exception(reply)
+        else:
+            future.set_result(reply)
 
     def _fail(self, exc: BaseException) -> None:
         """The connection is lost: every unanswered call fails with `exc`."""

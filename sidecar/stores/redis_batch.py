@@ -35,7 +35,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import hiredis
 from hiredis import pack_command
+from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
@@ -46,11 +48,69 @@ from redis.exceptions import TimeoutError as RedisTimeout
 Call = tuple[str, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 KEEP_MIN = 8  # a pool smaller than this: the batcher keeps no connection between round trips
 RETRIED = (RedisConnectionError, RedisTimeout)  # what the pool's Retry retries
+READ_SIZE = 65536  # redis-py's socket_read_size
+PUSH = getattr(hiredis, "PushNotification", None)  # RESP3 out-of-band messages (none expected)
 
 
 def _packed(*parts: Any) -> bytes:
     """One command in the redis protocol (hiredis's stub types its argument as a 1-tuple)."""
     return pack_command(parts)
+
+
+def wire(conn: AbstractConnection) -> tuple[Any, asyncio.StreamReader] | None:
+    """The connection's hiredis reader and its stream (redis-py's hiredis parser, set up at
+    connect), or None for another parser."""
+    parser = getattr(conn, "_parser", None)
+    reader, stream = getattr(parser, "_reader", None), getattr(parser, "_stream", None)
+    if reader is None or stream is None or not hasattr(reader, "gets"):
+        return None
+    return reader, stream
+
+
+async def read_replies(conn: AbstractConnection, count: int) -> list[Any]:
+    """`count` replies, an error reply as its exception instance. Parsed by the connection's
+    hiredis reader straight from its stream: redis-py's `read_response` costs a dozen Python
+    calls per reply (its timeout, the host's name for errors, push handling)."""
+    found = wire(conn)
+    replies: list[Any] = []
+    if found is None:
+        for _ in range(count):
+            try:
+                replies.append(await conn.read_response(timeout=math.inf))
+            except ResponseError as exc:  # an error reply: the connection is in step
+                replies.append(exc)
+        return replies
+    reader, stream = found
+    while len(replies) < count:
+        reply = reader.gets()
+        if reply is NOT_ENOUGH_DATA:
+            try:
+                data = await stream.read(READ_SIZE)
+            except OSError as exc:
+                raise RedisConnectionError(f"reading from redis failed: {exc}") from exc
+            if not data:
+                raise RedisConnectionError("redis closed the connection")
+            reader.feed(data)
+        elif isinstance(reply, RedisConnectionError):
+            raise reply
+        elif PUSH is None or not isinstance(reply, PUSH):
+            replies.append(reply)
+    return replies
+
+
+async def write(conn: AbstractConnection, packed: bytes) -> None:
+    """Write on the connection (opened if it is not), waiting only for a full send buffer:
+    redis-py's `send_packed_command` runs each write in a task of its own (`wait_for`)."""
+    if not conn.is_connected:
+        await conn.connect()
+    writer = conn._writer
+    assert writer is not None
+    try:
+        writer.write(packed)
+        if writer.transport.get_write_buffer_size():
+            await writer.drain()
+    except OSError as exc:
+        raise RedisConnectionError(f"writing to redis failed: {exc}") from exc
 
 
 class ScriptBatcher:
@@ -153,20 +213,14 @@ class ScriptBatcher:
 
     @staticmethod
     async def _exchange(conn: AbstractConnection, packed: bytes, count: int) -> list[Any]:
-        await conn.send_packed_command(packed, check_health=False)
-        replies: list[Any] = []
-        # one deadline for the batch's replies, not a timer per reply (math.inf: none of its
-        # own); a read cut short disconnects the connection (redis-py does on any exception)
+        # one deadline for the write and the batch's replies, not a timer per reply; a round
+        # trip cut short disconnects the connection (_round_trip)
         try:
             async with asyncio.timeout(conn.socket_timeout):
-                for _ in range(count):
-                    try:
-                        replies.append(await conn.read_response(timeout=math.inf))
-                    except ResponseError as exc:  # an error reply: the connection is in step
-                        replies.append(exc)
+                await write(conn, packed)
+                return await read_replies(conn, count)
         except TimeoutError:
             raise RedisTimeout(f"no reply from redis within {conn.socket_timeout}s") from None
-        return replies
 
     async def drain(self) -> None:
         """Wait for the calls already queued or in flight (before closing the client), and
