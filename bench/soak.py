@@ -6,16 +6,19 @@ customer, memory store). Normal traffic is wrk at `--concurrency` (1) on the ben
 the hostile mix, all at once during the third run (the second runs it without the big bodies):
   - silent connections and slowloris headers (a byte a second) — `--idle-connections` of each;
   - streams whose client never reads — `--unread-streams`;
-  - a fresh 15,000-property `response_format` schema per request (470 KB; refused for its size
-    after it is parsed: the big body of the mix, whose parse is linear work on the event loop);
+  - a fresh 15,000-property `response_format` schema per request (470-590 KB; refused for its
+    size after it is parsed: the big body of the mix, parsed and checked in slices by
+    sidecar/api/big_body.py, the loop serving the others between them);
   - cascades of `limits.max_cascade` refs to a provider that refuses connections;
   - bodies nested 200 deep, CR/LF model refs, malformed HTTP (bare LF, NUL in a header);
 each request kind paced at `--hostile-rate` per second, so that what is measured is whether the
 hostile requests stall the others, not the CPU share of their volume.
 With 2 or more CPUs the sidecar gets one of its own and everything else the others (`--no-pin`
-turns that off): what is measured is its event loop, not the scheduler. Reported: normal
-traffic's requests/s, p50 and p99 alone and under each mix, their ratios, the hostile requests
-answered, and the sidecar's RSS.
+turns that off): what is measured is its event loop, not the scheduler. With `--rounds N` the
+three runs are repeated N times, interleaved (alone, without big bodies, with them, alone, ...),
+and each figure is the median over the rounds (every round's kept under "rounds"): on a machine
+others use too, one run's p99 measures them. Reported: normal traffic's requests/s, p50 and p99
+alone and under each mix, their ratios, the hostile requests answered, and the sidecar's RSS.
 
     .venv/bin/python -m bench.soak --seconds 10
 """
@@ -27,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -200,6 +204,11 @@ def pin(sidecar_pid: int, load_pids: list[int]) -> tuple[set[int], set[int]] | N
     return sidecar_cpus, load_cpus
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure of wrk's runs, its median over them."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -213,6 +222,9 @@ def main() -> int:
         "--no-pin", dest="pin", action="store_false",
         help="do not give the sidecar a core of its own (the load on the others)",
     )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the three runs, interleaved; medians"
+    )
     parser.add_argument("--out", default=str(BENCH / "results" / "soak.json"))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ringside-soak-"))
@@ -230,25 +242,33 @@ def main() -> int:
         script = wrk_script(HEADERS, workdir / "post.lua")
         run_wrk(target, script, args.concurrency, 2)  # warm-up
         rss_idle = rss_mib(proc.pid)
-        alone = run_wrk(target, script, args.concurrency, args.seconds)
         target.rss_load = 0.0
-        answered: dict[str, dict[str, int]] = {}
-        phases = {}
-        for phase, big_bodies in (
-            ("under_mix_without_big_bodies", False),
-            ("under_hostile_mix", True),
-        ):
-            hostile = Hostile(port, args, big_bodies)
-            hostile.thread.start()
-            time.sleep(2)  # the hostile mix in full swing
-            phases[phase] = run_wrk(target, script, args.concurrency, args.seconds)
-            hostile.stop()
-            hostile.thread.join(30)
-            answered[phase] = hostile.answered
-            time.sleep(2)
-        mixed = phases["under_hostile_mix"]
+        rounds: list[dict[str, Any]] = []
+        for _ in range(args.rounds):
+            measured: dict[str, Any] = {
+                "alone": run_wrk(target, script, args.concurrency, args.seconds),
+                "hostile_answered": {},
+            }
+            for phase, big_bodies in (
+                ("under_mix_without_big_bodies", False),
+                ("under_hostile_mix", True),
+            ):
+                hostile = Hostile(port, args, big_bodies)
+                hostile.thread.start()
+                time.sleep(2)  # the hostile mix in full swing
+                measured[phase] = run_wrk(target, script, args.concurrency, args.seconds)
+                hostile.stop()
+                hostile.thread.join(30)
+                measured["hostile_answered"][phase] = hostile.answered
+                time.sleep(2)
+            rounds.append(measured)
+        phases = {
+            phase: median_run([r[phase] for r in rounds])
+            for phase in ("alone", "under_mix_without_big_bodies", "under_hostile_mix")
+        }
+        alone, mixed = phases["alone"], phases["under_hostile_mix"]
+        answered = rounds[-1]["hostile_answered"]
         result = {
-            "alone": alone,
             **phases,
             "p99_ratio": mixed["p99_ms"] / alone["p99_ms"],
             "p99_ratio_without_big_bodies": (
@@ -264,6 +284,7 @@ def main() -> int:
             "sidecar_cpus": sorted(pinned[0]) if pinned else None,
             "load_cpus": sorted(pinned[1]) if pinned else None,
             "args": vars(args),
+            "rounds": rounds if args.rounds > 1 else None,
         }
         print(json.dumps(result, indent=2))
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
