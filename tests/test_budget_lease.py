@@ -332,3 +332,22 @@ async def test_a_settle_whose_reply_is_lost_is_journaled_and_applied_once(
     assert await records_cost(store, scope.ident) == 305
     await store.close()
     assert await held(private_redis.url, scope) == (305, 0, 0)
+
+
+async def test_a_lower_limit_after_a_reload_is_not_admitted_on_the_old_lease(
+    opened: Callable[..., RedisBudgetStore], redis_server: RedisProcess
+) -> None:
+    store = await opened()  # type: ignore[misc]
+    before = cust(1000 * WORST)
+    await one_request(store, [before], WORST // 2, Admitted(), before.ident)
+    after = Scope("cust", before.ident, 3 * WORST, "total")  # the reloaded config's budget
+
+    assert store.reserve_now([(after, WIN)], WORST, 60.0) is None
+    kept = []
+    with pytest.raises(BudgetExceeded):
+        for _ in range(5):
+            kept.append(await store.reserve([(after, WIN)], WORST, 60.0))
+
+    assert len(kept) == 2  # $0.0025 left under the new limit: two worst cases, held alone
+    spent, total, leased = await held(redis_server.url, before)
+    assert (spent, total, leased) == (WORST // 2, 2 * WORST, 0)  # the old lease went back

@@ -48,6 +48,20 @@ def leased(redis_server: RedisProcess, customer: str) -> int:
     return int(redis.Redis.from_url(redis_server.url).hget(amounts, "~leased") or 0)
 
 
+def held(redis_server: RedisProcess, customer: str) -> int:
+    """All a customer's budget holds, of requests and of leases, as redis has them."""
+    return int(
+        redis.Redis.from_url(redis_server.url).get(f"rs:{{cust:{customer}}}:budget:held") or 0
+    )
+
+
+def spent_of_stopped(redis_server: RedisProcess, customer: str) -> float:
+    """The customer's spent this month in USD, read from redis (its sidecar is stopped)."""
+    client = redis.Redis.from_url(redis_server.url)
+    (key,) = client.keys(f"rs:{{cust:{customer}}}:budget:spent:*")
+    return int(client.get(key) or 0) / 1e9
+
+
 def nothing_held(proc: SidecarProcess, customer: str, timeout: float) -> dict[str, Any]:
     return wait_until(  # type: ignore[no-any-return]
         lambda: (u := usage_of(proc, customer))["reserved_usd"] == 0 and u, timeout
@@ -117,7 +131,8 @@ async def test_two_workers_on_redis_never_overspend(
     customer, rich = unique("workers"), unique("rich")
     config = budget_config(
         fake_openai.url,
-        redis_storage(redis_server, str(tmp_path / "journal.db")),
+        # leases stay open while the test runs: the graceful stop gives them back
+        redis_storage(redis_server, str(tmp_path / "journal.db"), budget_lease_idle=600),
         **{customer: 0.01, rich: 100.0},
     )
     env = {"TEST_OPENAI_KEY": PROVIDER_KEY, **ADMIN_ENV}
@@ -133,9 +148,12 @@ async def test_two_workers_on_redis_never_overspend(
         assert nano(report["spent_usd"]) == answered * COST <= nano(0.01)
         assert nano(report["cost_usd"]) == answered * COST
         assert answered >= 40
-        nothing_held(proc, customer, 8)
+        assert leased(redis_server, rich) > 0  # the leases are still open…
     finally:
-        assert proc.stop() == 0  # a graceful stop gives the leases back
+        assert proc.stop() == 0
+    for name in (customer, rich):  # …until the graceful stop gives them back
+        assert held(redis_server, name) == 0
+    assert nano(spent_of_stopped(redis_server, customer)) == answered * COST
 
 
 async def test_kill_9_with_leases_open_loses_no_settled_spend_and_frees_them_at_ttl(

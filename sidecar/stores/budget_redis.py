@@ -304,6 +304,8 @@ class RedisBudgetStore:
             lease.renewed = sent
             lease.deadline = sent + ttl - margin(ttl)
             lease.amount += grant
+            if grant:
+                lease.used = time.monotonic()  # not idle before its waiters are admitted
         else:
             lease.ended = True  # expired in redis: what it held is free again
         if asked and not grant and (live or not existed):  # (not a lease that expired)
@@ -356,9 +358,13 @@ class RedisBudgetStore:
     def _give_back(self) -> None:
         """Give back retired leases whose requests have all settled."""
         keep: list[Lease] = []
+        now = time.monotonic()
         for lease in self._retired:
             if lease.in_flight or lease.growing is not None:
-                keep.append(lease)
+                # kept until its requests settle, or until redis has surely expired it (a
+                # hold never settled: nothing left to give back)
+                if now < lease.deadline + 2 * margin(self.book.ttl):
+                    keep.append(lease)
                 continue
             lease.amount = lease.reserved = 0
             entry = Entry("lease_return", _scope_keys(lease.scope, lease.window),
