@@ -14,13 +14,15 @@ took or renewed it was written, less a margin (this process's monotonic clock; r
 starts later, when the call runs). Leases are renewed while used, given back when idle and at
 close; a lease of a crashed process expires with its TTL, as a per-request hold does.
 
-Slices: a lease grows by `slice` worst cases of the request that asked, at most a `SHARE`th of
-what redis has free (limit - spent - held), and only when that is at least `LEAST` worst
-cases; otherwise the request takes a per-request hold (the same script call), and the scope is
-`lean` for a moment: its requests go straight to per-request holds, and the lease gives its
-unreserved room back with the next call. So near the limit N processes strand at most the
-room of their leases' requests in flight, and a request refused there is told what leases
-hold.
+Slices: a lease grows by `slice` worst cases of the request that asked (or by what its
+requests in flight and those waiting for it hold, if more), at most a `SHARE`th of what redis
+has free (limit - spent - held), and only when that is at least `LEAST` worst cases. Otherwise
+the scope is `lean` for a moment: the lease gives its unreserved room back at once, and the
+scope's requests take per-request holds (the RESERVE script, as without leases). So near the
+limit N processes strand at most what their leases' requests in flight hold, plus the room
+those requests leave on settling until the next lean refusal gives it back; a 402 there says
+what requests in flight hold and what leases hold. A lease never outlives its TTL in redis
+unless renewed, so a crashed process strands its lease's rest for at most the TTL.
 """
 
 from __future__ import annotations
