@@ -351,3 +351,28 @@ async def test_a_lower_limit_after_a_reload_is_not_admitted_on_the_old_lease(
     assert len(kept) == 2  # $0.0025 left under the new limit: two worst cases, held alone
     spent, total, leased = await held(redis_server.url, before)
     assert (spent, total, leased) == (WORST // 2, 2 * WORST, 0)  # the old lease went back
+
+
+async def test_a_line_closed_by_redis_is_opened_again_by_the_next_request(
+    opened: Callable[..., RedisBudgetStore], redis_server: RedisProcess
+) -> None:
+    """Redis closes idle clients after its `timeout`, or an operator kills them: the next
+    request is served (the line reconnects) on the same lease, still held in redis."""
+    store = await opened()  # type: ignore[misc]
+    scope = cust(1000 * WORST)
+    seen = Admitted()
+    await one_request(store, [scope], 100, seen, scope.ident)
+    (lease,) = store.book.leases.values()
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        assert await admin.client_kill_filter(_type="normal", skipme=True) >= 1
+    finally:
+        await admin.aclose()
+    await asyncio.sleep(0.1)  # the line sees its connection closed
+
+    assert store.line.writer is None
+    assert await one_request(store, [scope], 200, seen, scope.ident)
+    assert list(store.book.leases.values()) == [lease] and seen.leased == 2
+    await store.close()
+    assert await held(redis_server.url, scope) == (300, 0, 0)
+    assert await records_cost(store, scope.ident) == 300

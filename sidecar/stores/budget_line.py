@@ -50,7 +50,7 @@ class ScriptLine:
         self.writer: asyncio.StreamWriter | None = None  # None: the line is down
         self._loaded: set[str] = set()
         self._waiting: deque[Sent] = deque()  # calls written, replies to read
-        self._wake = asyncio.Event()
+        self._deadline: asyncio.Timeout | None = None  # the reader's read under way
         self._reader: asyncio.Task[None] | None = None
         self._connecting: asyncio.Future[None] | None = None
 
@@ -110,7 +110,9 @@ class ScriptLine:
             self._fail(future.exception() or exc)
             return
         self._waiting.append((replies, name, keys, args, future, resent))
-        self._wake.set()
+        deadline = self._deadline
+        if deadline is not None and deadline.when() is None:  # the reader waits with no limit
+            deadline.reschedule(asyncio.get_running_loop().time() + self.timeout)
 
     def pending(self) -> int:
         """Bytes written but not yet taken by the kernel (0: all of them left this process)."""
@@ -135,12 +137,14 @@ class ScriptLine:
             while True:
                 reply = reader.gets()
                 if reply is NOT_ENOUGH_DATA:
-                    if not waiting:
-                        self._wake.clear()
-                        await self._wake.wait()
-                        continue
-                    async with asyncio.timeout(self.timeout):
-                        data = await stream.read(READ_SIZE)
+                    # always reading, so a connection redis closes is seen while idle; a
+                    # reply is waited for `timeout` at most (send sets the limit of an idle read)
+                    async with asyncio.timeout(self.timeout if waiting else None) as deadline:
+                        self._deadline = deadline
+                        try:
+                            data = await stream.read(READ_SIZE)
+                        finally:
+                            self._deadline = None
                     if not data:
                         raise RedisConnectionError("redis closed the connection")
                     reader.feed(data)

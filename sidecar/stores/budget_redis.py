@@ -342,9 +342,8 @@ class RedisBudgetStore:
         if not isinstance(error, UNREACHABLE):
             log.error("a budget lease call failed in redis: %s", error)
             return
-        # as after any failed call: reserves go to redis again once one of them gets through
-        self._down_until = time.monotonic() + self.probe_interval
-        self._down_error = f"redis is unreachable: {error}"
+        # the next reserve opens the line again (redis may only have closed an idle
+        # connection); if that fails, reserves wait for the probe as after any failed call
         for key, lease in list(self.book.leases.items()):
             self._retire(key, lease)
 
