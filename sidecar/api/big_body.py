@@ -173,7 +173,6 @@ async def _fits_depth(node: Any, level: int, walk: _Walk) -> bool:
     return True
 
 
-_RELEASING: set[asyncio.Task[None]] = set()
 _HOLD_CHECKS = 100  # how many times `release` looks whether it holds the body's last reference
 _HOLD_PAUSE = 0.01  # seconds between two looks
 
@@ -181,9 +180,9 @@ _HOLD_PAUSE = 0.01  # seconds between two looks
 def release(body: dict[str, object]) -> None:
     """Free a large body in slices once nothing else holds it (its request is done); a body
     still held after a second is left to reference counting."""
-    task = asyncio.ensure_future(_release(body))
-    _RELEASING.add(task)
-    task.add_done_callback(_RELEASING.discard)
+    # No reference kept to the task (module state would be shared by every app): it only ever
+    # waits on a turn of the loop or a timer, and the loop holds it through either.
+    asyncio.ensure_future(_release(body))  # noqa: RUF006
 
 
 async def _release(body: dict[str, object]) -> None:

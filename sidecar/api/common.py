@@ -127,17 +127,24 @@ def fits_depth_at(value: object, level: int) -> bool:
     """Whether `value`, standing at `level` of a body (the body itself is level 1), nests no
     deeper than MAX_JSON_DEPTH levels counted from the body: the check of `parse_json_object`
     on a part of a body (sidecar/api/big_body.py checks a large one a part at a time)."""
-    probe = _PROBES.get(level)
-    if probe is None:
-        probe = _PROBES[level] = _nested(_ORJSON_MAX_DEPTH - MAX_JSON_DEPTH + level - 1)
+    if level > len(_PROBES):
+        return False
     try:
-        orjson.dumps(probe, default=lambda _hole: value)
+        orjson.dumps(_PROBES[level - 1], default=lambda _hole: value)
     except orjson.JSONEncodeError:
         return False
     return True
 
 
-_PROBES: dict[int, object] = {1: _DEPTH_PROBE}
+def _probes() -> tuple[object, ...]:
+    """`_DEPTH_PROBE` for a value at each level of a body: one array more around it a level."""
+    probes = [_DEPTH_PROBE]
+    while len(probes) <= MAX_JSON_DEPTH:
+        probes.append([probes[-1]])
+    return tuple(probes)
+
+
+_PROBES = _probes()  # levels 1 to MAX_JSON_DEPTH + 1
 
 
 def too_deep() -> GatewayError:
