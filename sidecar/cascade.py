@@ -16,6 +16,7 @@ from typing import Any, TypeVar, cast
 
 import orjson
 
+from sidecar import sse
 from sidecar.api.validation import requested_max_output
 from sidecar.errors import CandidateRefused, GatewayError, Outcome, UpstreamError, kept
 from sidecar.flow import EMBEDDINGS, Attempt, Flow
@@ -214,9 +215,16 @@ async def _read_head(stream: ChunkStream, cascading: bool) -> list[bytes]:
     head: list[bytes] = []
     async for chunks in stream:
         head.extend(chunks)
-        if not cascading or any(_delivers(chunk) for chunk in chunks):
+        if not cascading or any(_delivers(chunk) for chunk in _unframed(chunks)):
             break
     return head
+
+
+def _unframed(chunks: list[bytes]) -> list[bytes]:
+    """The chunks of `chunks`, which may be sse.Framed events."""
+    if chunks and type(chunks[0]) is sse.Framed:
+        return [data for events in chunks for data in sse.unframe(events)]
+    return chunks
 
 
 def _delivers(chunk: bytes) -> bool:
@@ -498,12 +506,15 @@ class Cascade:
             return candidate, completion
         raise exhausted(failures, flow.route.skipped_open)
 
-    async def open_stream(self, flow: Flow) -> tuple[Attempt, ChunkStream, list[bytes]]:
+    async def open_stream(
+        self, flow: Flow, framed: bool = False
+    ) -> tuple[Attempt, ChunkStream, list[bytes]]:
         """Open the stream of the first candidate that answers, and read its head: the chunks
         up to the first that delivers something (content, a tool call, a finish), which the
         client has not seen yet. Until then a failure escalates to the next candidate as in
         `run` (a slot or `match:` cascade streams, SPEC 2.2); a single candidate's head is its
-        first batch. Failures raise here, as the cascade's error."""
+        first batch. Failures raise here, as the cascade's error. `framed`: the stream, when
+        it can, hands out sse.Framed events (to be sent as they are) from the head on."""
         route = flow.route
         assert route is not None
         cascading = route.is_cascade
@@ -522,6 +533,9 @@ class Cascade:
             except UpstreamError as error:  # refused by a hook, or the last try failed
                 failure = error
             else:
+                frame_events = getattr(stream, "frame_events", None) if framed else None
+                if frame_events is not None:
+                    frame_events()
                 try:
                     return attempt, stream, await _read_head(stream, cascading)
                 except UpstreamError as error:

@@ -14,9 +14,24 @@ def encode(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
+class Framed(bytes):
+    """Events already in SSE form (`data: <chunk>\n\n` each): what a stream hands out when
+    asked for its events framed (HttpChunkStream.frame_events), most often the upstream's
+    own bytes, passed on as they came. A list of them is sent joined (`encode_all`)."""
+
+    __slots__ = ()
+
+
+def unframe(events: bytes) -> list[bytes]:
+    """The data of each event of `events` (Framed: one data line per event)."""
+    return events[6:-2].split(b"\n\ndata: ") if events else []
+
+
 def encode_all(chunks: list[bytes]) -> bytes:
     """`encode` of each chunk, joined: one join when no chunk holds a line break (a
-    stream's chunks, nearly always)."""
+    stream's chunks, nearly always). A list of Framed events is only joined."""
+    if chunks and type(chunks[0]) is Framed:
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     joined = b"\n\ndata: ".join(chunks)
     if joined.count(b"\n") != 2 * len(chunks) - 2:
         return b"".join(encode(chunk) for chunk in chunks)
@@ -47,6 +62,32 @@ class EventParser:
         self._data: list[bytes] = []
         self._started = False  # past the place where a BOM may stand
         self._after_cr = False  # the last piece ended with CR: a LF starting the next is its pair
+
+    def whole(self, piece: bytes) -> int:
+        """How many leading bytes of `piece` are whole events in the form OpenAI-style
+        servers write them (`data: <one line>\n\n`, LF line ends), to be read without this
+        parser: 0 unless nothing is pending here and the piece starts with such an event
+        (the caller checks that each of its data holds no line break). The rest, if any,
+        is `feed`'s."""
+        if (
+            self._tail
+            or self._data
+            or self._event is not None
+            or self._after_cr
+            or not piece.startswith(b"data: ")
+            or b"\r" in piece
+        ):
+            return 0
+        end = piece.rfind(b"\n\n")
+        if end < 0:
+            return 0
+        self._started = True  # (a piece starting with `data: ` does not start with a BOM)
+        return end + 2
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is pending: the next byte starts a line of a new event."""
+        return not (self._tail or self._data or self._after_cr) and self._event is None
 
     def feed(self, piece: bytes) -> list[Event]:
         if (

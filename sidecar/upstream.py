@@ -236,6 +236,10 @@ class HttpProvider:
             raise transport_error(exc) from None
 
 
+# reads the whole events of piece[pos:end] into a list of Framed, returns where it stopped
+Frame: TypeAlias = Callable[[bytes, int, int, list[bytes]], int]
+
+
 def _retrieved(task: asyncio.Future[Completion]) -> None:
     if not task.cancelled():
         task.exception()
@@ -263,6 +267,8 @@ class HttpChunkStream:
         self._take_run: Callable[[deque[sse.Event]], list[bytes] | None] | None = getattr(
             decoder, "take_run", None
         )
+        self.framed = False  # hands out sse.Framed events (frame_events)
+        self._frame: Frame | None = None
 
     @property
     def usage(self) -> Usage | None:
@@ -281,12 +287,23 @@ class HttpChunkStream:
         """Whether every chunk has been handed out: the upstream's last event has been read."""
         return self.decoder.finished and self._failure is None
 
+    def frame_events(self) -> None:
+        """From now on, hand out lists of sse.Framed events, for the caller to send as they
+        are: with a decoder that reads a piece's events in place (OpenAI's `frame`), the
+        upstream's bytes go out as they came wherever nothing in them changes (a usage
+        chunk the client did not ask for, `[DONE]`, a re-encoded chunk are cut out)."""
+        self.framed = True
+        if isinstance(self._parser, sse.EventParser):  # (what `frame` leaves over is SSE)
+            self._frame = getattr(self.decoder, "frame", None)
+
     def __aiter__(self) -> HttpChunkStream:
         return self
 
     async def __anext__(self) -> list[bytes]:
         if self._failure is not None:
             raise self._failure
+        if self.framed:
+            return await self._next_framed()
         decoder, events = self.decoder, self._events
         out: list[bytes] = []
         batched = 0
@@ -323,21 +340,93 @@ class HttpChunkStream:
             await self._read_events()
 
     async def _read_events(self) -> None:
+        piece = await self._read_piece()
+        if piece is not None:
+            self._parse(piece)
+
+    async def _read_piece(self) -> bytes | None:
+        """The body's next piece; None at its end, the parser's last events queued."""
         try:
-            piece = await self.response.body.__anext__()
-            self._events.extend(self._parser.feed(piece))
+            return await self.response.body.__anext__()
         except StopAsyncIteration:
-            self._events.extend(self._parser.end())
+            self._parse(None)
             if not self._events:
                 if self.decoder.usage is None and not self.decoder.produced:
                     raise UpstreamError(
                         Outcome.UNAVAILABLE, "upstream closed the stream early", reason="bad_body"
                     ) from None
                 raise
-        except sse.LineTooLong as exc:
-            raise UpstreamError(Outcome.UNAVAILABLE, str(exc), reason="bad_body") from None
+            return None
         except (TimeoutError, OSError) as exc:
             raise transport_error(exc) from None
+
+    def _parse(self, piece: bytes | None) -> None:
+        """Queue the events `piece` completes (None: the body's end)."""
+        parser = self._parser
+        try:
+            self._events.extend(parser.feed(piece) if piece is not None else parser.end())
+        except sse.LineTooLong as exc:
+            raise UpstreamError(Outcome.UNAVAILABLE, str(exc), reason="bad_body") from None
+
+    async def _next_framed(self) -> list[bytes]:
+        """`__anext__` when framed: the Framed events of the next piece that gives any."""
+        out: list[bytes] = []
+        try:
+            while not out:
+                if self._events and not self.decoder.finished:
+                    self._feed_queued(out)
+                    continue
+                if self.decoder.finished:
+                    raise StopAsyncIteration
+                piece = await self._read_piece()
+                if piece is not None:
+                    self._take(piece, out)
+        except UpstreamError as error:
+            if not out:
+                raise
+            self._failure = error  # after the events before it are out
+        return out
+
+    def _take(self, piece: bytes, out: list[bytes]) -> None:
+        """A piece's Framed events into `out`: its whole events in OpenAI's form read in place
+        by the decoder, what is not in that form (a line cut between two pieces, CRLF, a
+        comment) through the SSE parser."""
+        frame, parser = self._frame, self._parser
+        if frame is None or not isinstance(parser, sse.EventParser):
+            self._parse(piece)
+            self._feed_queued(out)
+            return
+        if not parser.idle:  # an event began in an earlier piece: the parser ends it
+            cut = piece.find(b"\n\n")
+            if cut < 0:
+                self._parse(piece)
+                return
+            self._parse(piece[: cut + 2])
+            self._feed_queued(out)
+            piece = piece[cut + 2 :]
+        whole = parser.whole(piece) if not self.decoder.finished else 0
+        if whole:
+            at = frame(piece, 0, whole, out)
+            if self.decoder.finished:
+                return
+            piece = piece[at:]
+        if piece:
+            self._parse(piece)
+            self._feed_queued(out)
+
+    def _feed_queued(self, out: list[bytes]) -> None:
+        """The queued events through the decoder, their chunks into `out` as one Framed."""
+        events, decoder = self._events, self.decoder
+        chunks: list[bytes] = []
+        try:
+            while events and not decoder.finished:
+                event, data = events.popleft()
+                chunks += decoder.feed(event, data)
+        finally:  # (an error event raises: the chunks before it are out)
+            if chunks:
+                out.append(sse.Framed(sse.encode_all(chunks)))
+        if decoder.finished:
+            events.clear()
 
     async def aclose(self) -> None:
         """Give the connection back, or drop it: an unfinished upstream generation is

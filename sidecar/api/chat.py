@@ -70,7 +70,7 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
         assert flow.route is not None
         if flow.route.candidates and not cascade.native_schema(flow.route.candidates[0], plan.kind):
             return await _stream_buffered(flow, runtime, request)
-    attempt, stream, first = await cascade.open_stream(flow)
+    attempt, stream, first = await cascade.open_stream(flow, framed=True)
     flow.first_token_at = time.perf_counter()
     flow.model_used = attempt.candidate.ref
     response = sse_response(flow)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from types import MappingProxyType
 from typing import Any
 
@@ -31,6 +32,7 @@ from sidecar.providers.openai_responses import (
     responses_body,
 )
 from sidecar.settings.model import ProviderSettings
+from sidecar.sse import Framed, encode_all
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +400,8 @@ def without_fields(messages: Any, fields: frozenset[str]) -> Any:
 _NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
 _CONTENT_KEY = b'"content":"'
 _PADDING_KEY = b'"obfuscation":"'
+_ROLE_OPEN = b'"delta":{"role":"assistant","content":""'  # a role chunk's delta, up to its end
+_CONTENT_OPEN = b'"delta":{"content":"'  # a content chunk's, up to its content
 
 
 @dataclass(slots=True)
@@ -415,9 +419,39 @@ class ChunkShape:
     out_tail: bytes
     start: int = 0  # len(head)
     tail_bytes: int = 0  # len(tail)
+    run: bool = False  # runs of such chunks are read at once (they go out as they came)
+    joint: bytes = b""  # the tail, a line break and the head: between two contents
+    event_bytes: int = 0  # the bytes of such a chunk's SSE event but its content
+    content_of: Callable[[bytes], bytes] = bytes  # such a chunk's content bytes
 
     def __post_init__(self) -> None:
         self.start, self.tail_bytes = len(self.head), len(self.tail)
+        self.run = self.out_head is None and not self.padded and self.tail_bytes > 0
+        self.joint = self.tail + b"\n" + self.head
+        self.event_bytes = len(b"data: \n\n") + self.start + self.tail_bytes
+        self.content_of = itemgetter(slice(self.start, -self.tail_bytes or None))
+
+
+def _after_role(
+    chunk: dict[str, Any], delta: dict[str, Any], data: bytes, out: bytes
+) -> ChunkShape | None:
+    """The shape of the content chunks that follow the role chunk `data` (parsed: `chunk`,
+    its delta `{"role": "assistant", "content": ""}`) when they are written as it is but
+    for the role (vLLM's, llama.cpp's, the bench upstream's): a guess, which the first
+    content chunk meets byte for byte or is parsed; None for any other chunk."""
+    if (
+        out is not data
+        or list(delta) != ["role", "content"]
+        or delta["role"] != "assistant"
+        or "obfuscation" in chunk
+        or data.count(b'"content"') != 1
+    ):
+        return None
+    at = data.find(_ROLE_OPEN)
+    if at < 0:
+        return None
+    tail = data[at + len(_ROLE_OPEN) - 1 :]  # from the empty content's closing quote
+    return ChunkShape(data[:at] + _CONTENT_OPEN, tail, False, None, b"")
 
 
 def _around(data: bytes, text: bytes, padding: bytes | None) -> tuple[bytes, bytes, bool] | None:
@@ -445,6 +479,8 @@ def chunk_shape(chunk: dict[str, Any], data: bytes, out: bytes) -> ChunkShape | 
     content = delta.get("content") if isinstance(delta, dict) else None
     if not isinstance(content, str):
         return None
+    if not content:
+        return _after_role(chunk, delta, data, out) if isinstance(delta, dict) else None
     text = content.encode()
     if _NOT_PLAIN.search(text):
         return None
@@ -569,6 +605,79 @@ class OpenAIStreamDecoder:
         for _ in range(count):
             events.popleft()
         return run
+
+    def frame(self, piece: bytes, pos: int, end: int, out: list[bytes]) -> int:
+        """Read the events `piece[pos:end]` (whole, each `data: <data>\n\n`), appending what
+        the client gets to `out` as Framed events: the bytes of every event `feed` passes on
+        as it came stay as they are in the piece (a run of content chunks of the learnt
+        shape is read at once: `_run`), any other event's chunks are encoded. Returns where
+        it stopped: `end`, after `[DONE]`, or at an event not of that form (multi-line data,
+        a comment, a named event), which is the SSE parser's. An error event raises, `out`
+        holding the events before it."""
+        datas = piece[pos + 6 : end - 2].split(b"\n\ndata: ")
+        start = at = pos  # the bytes passed on as they came, not yet in `out`; the event's
+        i, count = 0, len(datas)
+        runs = True
+        try:
+            while i < count:
+                shape = self._shape
+                if runs and shape is not None and shape.run and datas[i].startswith(shape.head):
+                    ran = self._run(shape, datas, i)
+                    if ran:
+                        at += ran[1] + ran[0] * shape.event_bytes
+                        i += ran[0]
+                        continue
+                    runs = False  # not again in this piece (each try looks at the rest of it)
+                data = datas[i]
+                if b"\n" in data:  # a multi-line event, a comment, a named event: the parser's
+                    break
+                chunks = self.feed(None, data)
+                i += 1
+                if len(chunks) == 1 and chunks[0] is data:
+                    at += len(data) + 8
+                    continue
+                if start < at:
+                    out.append(Framed(piece[start:at]))
+                if chunks:
+                    out.append(Framed(encode_all(chunks)))
+                at += len(data) + 8
+                start = at
+                if self.finished:
+                    break
+        finally:  # (an error event raises: the events before it are out)
+            if start < at:
+                out.append(Framed(piece[start:at]))
+        return at
+
+    def _run(self, shape: ChunkShape, datas: list[bytes], i: int) -> tuple[int, int] | None:
+        """(events, content bytes) of the run of chunks of `shape` from `datas[i]` up to the
+        last that starts like it, read at once (a few calls, not a few per chunk); None
+        when one of them has not that shape around a plain content string (see ChunkShape)
+        or is not valid UTF-8."""
+        head = shape.head
+        end = len(datas)  # after the last event with the head: the run's end, if it is one
+        while not datas[end - 1].startswith(head):
+            end -= 1
+        run = datas[i:end]
+        contents = list(map(shape.content_of, run))
+        # one comparison for them all: each is the head, its content and the tail (one
+        # shorter than head and tail together makes the right side longer)
+        if b"\n".join(run) != head + shape.joint.join(contents) + shape.tail:
+            return None
+        text = b"".join(contents)
+        if text.isascii():
+            content = text.decode("ascii")
+        else:
+            try:
+                content = "".join(map(bytes.decode, contents))
+            except UnicodeDecodeError:
+                return None
+        if '"' in content or "\\" in content or not content.isprintable():
+            return None
+        self.produced += len(content)
+        if self.keep_content:
+            self._content.append(content)
+        return len(run), len(text)
 
     def _padded(self, shape: ChunkShape, data: bytes, end: int) -> list[bytes] | None:
         """`feed` of a chunk that starts like `shape`, one ending in its padding: None unless
