@@ -93,7 +93,7 @@ async def parse_large_json_object(raw: bytes) -> dict[str, object]:
         return parse_json_object(raw)
     if not isinstance(body, dict):  # refused: orjson says why (not an object, or too deep)
         return parse_json_object(raw)
-    if not await _fits_depth(body, 1, _Walk()):
+    if not await _fits_depth(body, _Walk()):
         return parse_json_object(raw)  # orjson's refusal: too deep, or past its own depth
     return body
 
@@ -121,17 +121,19 @@ _YAJL = _yajl()
 
 
 class _Walk:
-    """What a walk over a body shares: how many narrow containers it may still take one by
-    one (a body of small containers costs ~1 µs a container that way, ~30 times what one call
-    over all of them does, so past `_NARROW_VISITS` they are taken whole), and when the loop
-    last turned."""
+    """What a walk over a body shares: how many narrow containers it may still take one by one
+    (a body of small containers costs ~1 µs a container that way, ~30 times what one call over
+    all of them does: past `_NARROW_VISITS` each is taken whole, and as the walk goes a level
+    at a time, they are by then the small subtrees at the bottom), and when the loop last
+    turned."""
 
     def __init__(self) -> None:
         self.narrow = _NARROW_VISITS
         self.since = time.perf_counter_ns()
 
-    def one_by_one(self) -> bool:
-        self.narrow -= 1
+    def one_by_one(self, count: int) -> bool:
+        """Whether `count` more narrow containers may be taken one by one."""
+        self.narrow -= count
         return self.narrow >= 0
 
     async def turn(self) -> None:
@@ -141,35 +143,40 @@ class _Walk:
             self.since = time.perf_counter_ns()
 
 
-async def _fits_depth(node: Any, level: int, walk: _Walk) -> bool:
-    """Whether `node`, a container at `level` of the body, fits MAX_JSON_DEPTH: orjson's probe
-    (`fits_depth_at`) on a part at a time, the loop turning between parts: a narrow
-    container's containers one by one, a wide one's members `_WALK_BATCH` at a time (in a list,
-    which stands at the container's level), a wide member in turn."""
-    if level > MAX_JSON_DEPTH:
-        return False
-    members = iter(node.values() if type(node) is dict else node)
-    if len(node) <= _WIDE:
-        for member in members:
-            if type(member) not in _CONTAINERS:
-                continue
-            if walk.one_by_one():
-                if not await _fits_depth(member, level + 1, walk):
-                    return False
-            elif not fits_depth_at(member, level + 1):
-                return False
-        await walk.turn()
-        return True
-    while batch := list(islice(members, _WALK_BATCH)):  # nothing changes the body meanwhile
-        wide = [m for m in batch if type(m) in _CONTAINERS and len(m) > _WIDE]
-        if wide:
-            batch = [m for m in batch if not (type(m) in _CONTAINERS and len(m) > _WIDE)]
-        if not fits_depth_at(batch, level):
+async def _fits_depth(body: dict[str, object], walk: _Walk) -> bool:
+    """Whether `body` nests at most MAX_JSON_DEPTH levels: orjson's probe (`fits_depth_at`)
+    on a part at a time, a level of the body at a time, the loop turning between parts. A
+    narrow container's containers go to the next level (while the walk may take them one by
+    one, else each is probed whole); a wide one's members are probed `_WALK_BATCH` at a time
+    (in a list, which stands at the container's level), its wide members going to the next
+    level. Nothing changes the body meanwhile: it is not handed out yet."""
+    nodes: list[Any] = [body]
+    level = 1
+    while nodes:
+        if level > MAX_JSON_DEPTH:
             return False
-        await walk.turn()
-        for member in wide:
-            if not await _fits_depth(member, level + 1, walk):
-                return False
+        below: list[Any] = []
+        for node in nodes:
+            members = iter(node.values() if type(node) is dict else node)
+            if len(node) <= _WIDE:
+                inner = [m for m in members if type(m) in _CONTAINERS]
+                if walk.one_by_one(len(inner)):
+                    below += inner
+                elif not all(fits_depth_at(m, level + 1) for m in inner):
+                    return False
+            else:
+                while batch := list(islice(members, _WALK_BATCH)):
+                    wide = [m for m in batch if type(m) in _CONTAINERS and len(m) > _WIDE]
+                    if wide:
+                        below += wide
+                        batch = [
+                            m for m in batch if not (type(m) in _CONTAINERS and len(m) > _WIDE)
+                        ]
+                    if not fits_depth_at(batch, level):
+                        return False
+                    await walk.turn()
+            await walk.turn()
+        nodes, level = below, level + 1
     return True
 
 
@@ -193,80 +200,83 @@ async def _release(body: dict[str, object]) -> None:
         await asyncio.sleep(_HOLD_PAUSE)
     else:
         return
+    nodes: list[Any] = [body]
+    del body
     try:
-        await _take_apart(body, _Walk())
+        await _take_apart(nodes, _Walk())
     except Exception:  # whatever is left is freed by reference counting, as it would have been
         log.exception("freeing a large request body in slices")
 
 
-async def _take_apart(node: Any, walk: _Walk) -> None:
-    """Free `node`, which nothing else holds, a slice at a time: a narrow container's
-    containers one by one, a wide one's members `_WALK_BATCH` at a time, a wide member taken
-    apart in turn.
+async def _take_apart(nodes: list[Any], walk: _Walk) -> None:
+    """Free the containers in `nodes` (nothing else holds them) a slice at a time, a level of
+    the body at a time: each emptied, a narrow one's containers kept for the next level (while
+    the walk may take them one by one, else freed whole), a wide one's members let go of
+    `_WALK_BATCH` at a time, its wide members kept for the next level.
 
-    Only what nothing else holds is ever emptied: `node`, and each container taken out of it
-    whose only reference is then this function's (`_ALONE`). Anything else is let go of, which
-    frees nothing that someone still holds."""
-    if len(node) > _WIDE:
-        await _take_apart_wide(node, walk)
-        return
-    members = list(node.values()) if type(node) is dict else list(node)
-    node.clear()  # its members stay, in `members`
-    del node
-    while members:
-        member = members.pop()
-        if (
-            type(member) in _CONTAINERS
-            and member
-            and sys.getrefcount(member) <= _ALONE
-            and walk.one_by_one()
-        ):
-            await _take_apart(member, walk)
-        del member
-    await walk.turn()
+    Only what nothing else holds is ever emptied: a container kept for the next level is
+    emptied there only if `nodes` is then all that holds it (its parent emptied by then).
+    Anything else is let go of, which frees nothing that someone still holds."""
+    while nodes:
+        below: list[Any] = []
+        for node in nodes:
+            if sys.getrefcount(node) > _IN_A_LIST:  # something else holds it: leave it whole
+                continue
+            if len(node) <= _WIDE:
+                members = node.values() if type(node) is dict else node
+                inner = [m for m in members if type(m) in _CONTAINERS and m]
+                del members
+                node.clear()  # its scalars freed; its containers stay in `inner`
+                if walk.one_by_one(len(inner)):
+                    below += inner
+                del inner  # or freed whole
+            else:
+                await _let_go_of_members(node, below, walk)
+            await walk.turn()
+        nodes.clear()  # the emptied containers of this level, freed (~30 ns each)
+        await walk.turn()
+        nodes = below
 
 
-async def _take_apart_wide(node: Any, walk: _Walk) -> None:
-    """`_take_apart` for a wide container: `_WALK_BATCH` members at a time out of it, freed
-    (a wide member taken apart in turn), and a dict's keys `_KEYS_BATCH` at a time."""
+async def _let_go_of_members(node: Any, below: list[Any], walk: _Walk) -> None:
+    """Empty a wide container `_WALK_BATCH` members at a time: its wide members onto `below`,
+    the others let go of (a dict's keys with them; a dict of up to `_CLEAR_AT_ONCE` members is
+    cleared in one call, its keys and members kept in lists and let go of in slices)."""
     keys: list[str] = []
     if type(node) is dict:
         while len(node) > _CLEAR_AT_ONCE:  # ~100 ns a member: past this, emptied in batches
-            await _let_go([node.popitem()[1] for _ in range(_WALK_BATCH)], walk)
+            batch = [node.popitem()[1] for _ in range(_WALK_BATCH)]
+            below += [m for m in batch if type(m) in _CONTAINERS and len(m) > _WIDE]
+            del batch
+            await walk.turn()
         keys, members = list(node), list(node.values())
         node.clear()  # ~10 ns a member: its keys and members stay, in the two lists
-        del node
-        while members:
-            batch = members[-_WALK_BATCH:]
-            del members[-_WALK_BATCH:]
-            await _let_go(batch, walk)
     else:
-        while node:
-            batch = node[-_WALK_BATCH:]
-            del node[-_WALK_BATCH:]
-            await _let_go(batch, walk)
+        members = node
+    while members:
+        batch = members[-_WALK_BATCH:]
+        del members[-_WALK_BATCH:]
+        below += [m for m in batch if type(m) in _CONTAINERS and len(m) > _WIDE]
+        del batch  # the other members, let go of
+        await walk.turn()
     while keys:
         del keys[-_KEYS_BATCH:]
         await walk.turn()
-
-
-async def _let_go(batch: list[Any], walk: _Walk) -> None:
-    """Let go of a batch of members taken out of a container (each is freed unless something
-    else holds it), a wide one nothing else holds taken apart first."""
-    wide = [m for m in batch if type(m) in _CONTAINERS and len(m) > _WIDE]
-    batch.clear()  # the other members, freed
-    await walk.turn()
-    while wide:
-        member = wide.pop()
-        if sys.getrefcount(member) <= _ALONE:
-            await _take_apart(member, walk)
-        del member
 
 
 def _references_alone(value: object) -> int:
     return sys.getrefcount(value)
 
 
-# A value's references when a function's name is its only holder: the name and getrefcount's
-# argument (what `_release` and `_take_apart` compare with: where more, something else holds it).
+def _references_in_a_list() -> int:
+    nodes: list[object] = [{}]
+    for node in nodes:
+        return sys.getrefcount(node)
+    raise AssertionError
+
+
+# A value's references when one name holds it, and when a list does and a loop's name: with
+# getrefcount's argument, what `_release` and `_take_apart` compare with (where more,
+# something else holds it).
 _ALONE = _references_alone({})
+_IN_A_LIST = _references_in_a_list()
