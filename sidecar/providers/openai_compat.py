@@ -569,6 +569,7 @@ class OpenAIStreamDecoder:
         out = self._read(chunk, data)
         if (
             len(out) == 1
+            and _CONTENT_KEY in data  # (a finish or tool-call chunk has no shape to learn)
             and chunk.get("usage") is None
             and (self.usage_extension is None or self.usage_extension not in chunk)
         ):
