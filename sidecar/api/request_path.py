@@ -68,6 +68,8 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
             return response
     except GatewayError as error:
         flow.error, flow.status = kept(error), error.status
+        if flow.body_bytes >= SLICED_FROM_BYTES:
+            await asyncio.sleep(0)  # a large body's checks were a step: its answer is another
         await pipeline.run("error", flow)
         response = error_response(error, ringside_headers(flow))
         flow.answer = response
@@ -88,10 +90,9 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         response = error_response(internal, ringside_headers(flow))
     finally:
         flow.finished = time.perf_counter()
-        if flow.body_bytes >= SLICED_FROM_BYTES:
-            await asyncio.sleep(0)  # a large body's checks and answer were a step: the rest
-            release(flow.body)  # is another; the body is freed in slices
         await pipeline.run("done", flow)
+        if flow.body_bytes >= SLICED_FROM_BYTES:
+            release(flow.body)  # in slices, once the flow is gone
     return response
 
 
