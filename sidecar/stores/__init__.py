@@ -156,7 +156,14 @@ async def open_budget_store(storage: Storage, serve: bool = True) -> BudgetStore
     if storage.backend == "sqlite":
         from sidecar.stores.budget_sqlite import SqliteBudgetStore
 
-        store = SqliteBudgetStore(storage.sqlite_path, storage.usage_retention_days)
+        store = SqliteBudgetStore(
+            storage.sqlite_path,
+            storage.usage_retention_days,
+            leases=storage.budget_leases and serve,  # a reader (usage export) takes none
+            lease_slice=storage.budget_lease_slice,
+            lease_idle=storage.budget_lease_idle,
+            ttl=storage.reservation_ttl,
+        )
         try:
             await store.open()
         except (StoreUnavailable, OSError) as exc:

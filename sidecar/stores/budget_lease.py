@@ -1,13 +1,15 @@
 """Budget leases: a process's slice of a (scope, window) budget, held as one hold in the shared
 store and spent here, synchronously, request by request.
 
-A lease is one hold in redis (`amount`, under a lease id); this process admits a request on it
-when `amount - reserved` covers the request's worst case, all or nothing across the request's
-scopes, with no round trip. A settle takes the request's cost (at most its worst case, and at
-most what the lease holds) off `amount` here and, in the same atomic redis write that adds the
-cost to spent and to the usage record, off the lease's hold there: both sides do the same
-arithmetic in the same order (every call of a lease goes through one ordered connection,
-budget_line), so spent + held in redis always covers every admitted request.
+A lease is one hold in the shared store (`amount`, under a lease id): in redis (budget_redis)
+or a row of the sqlite file (budget_sqlite); "redis" below stands for either. This process
+admits a request on it when `amount - reserved` covers the request's worst case, all or nothing
+across the request's scopes, with no round trip. A settle takes the request's cost (at most its
+worst case, and at most what the lease holds) off `amount` here and, in the same atomic write
+that adds the cost to spent and to the usage record, off the lease's hold there: both sides do
+the same arithmetic in the same order (every call of a lease goes through one ordered
+connection, budget_line, or the sqlite store's one group-commit queue), so spent + held in the
+store always covers every admitted request.
 
 A lease is used only before its `deadline`: its TTL in redis from the moment the call that
 took or renewed it was written, less a margin (this process's monotonic clock; redis's expiry

@@ -7,14 +7,27 @@ spent and the usage record's cost commit together (a `kill -9` leaves both or ne
 several processes may share one file. WAL journal, `synchronous=NORMAL`: a committed
 transaction survives the process dying; a power cut may lose those since the last checkpoint
 (the checkpointer thread's, every 0.2 s under writes).
+
+Leases (`leases=True`, storage.budget_leases; budget_lease has the accounting): a process
+holds a slice of a (scope, period) budget as one row of budget_hold (an id starting with L,
+expiring with the reservation TTL unless renewed) and admits requests on it in memory with
+no transaction (`reserve_now`). A leased request's settle is one group-commit call: spent +=
+cost, the usage record += cost, the lease's row -= what the lease gives up for it
+(`settle_now`), committed before the answer leaves (its `wait`). Every lease call goes
+through this store's one ordered queue, so the file applies a lease's settles before it grows,
+trims or gives it back. Other processes (workers sharing the file) count a lease's row as
+held, like any hold; a crashed process's lease expires with its TTL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from sidecar.ids import new_id
@@ -33,7 +46,17 @@ from sidecar.stores.budget import (
     Window,
     carries_record,
 )
+from sidecar.stores.budget_lease import (
+    LEAN_SECONDS,
+    RENEW_FRACTION,
+    SHARE,
+    Lease,
+    LeaseBook,
+    margin,
+)
 from sidecar.stores.sqlite_thread import ThreadedSqlite
+
+log = logging.getLogger("ringside")
 
 T = TypeVar("T")
 
@@ -88,6 +111,14 @@ _FINISH = (
 PRUNE_EVERY = 3600.0
 SWEEP_SECONDS = 1.0  # how often a reserve deletes expired holds
 FINISH_ROWS = 50  # usage records a group commit takes: about a millisecond of SQL at most
+TEND_SECONDS = 0.5  # how often leases are looked at (renewed, given back when idle)
+GROW_TRIES = 3  # a request whose lease room was taken by others grows it again this often
+_LEASED = (  # what leases hold (their ids start with L; per-request hold ids are hex)
+    "SELECT COALESCE(SUM(amount), 0) FROM budget_hold "
+    "WHERE scope = ? AND expires > ? AND id >= 'L' AND id < 'M'"
+)
+_LEASE_ROW = "SELECT expires FROM budget_hold WHERE scope = ? AND id = ?"
+_LEASE_TAKE = "UPDATE budget_hold SET amount = amount - ? WHERE scope = ? AND id = ?"
 
 
 class SqliteBudgetStore(ThreadedSqlite):
@@ -96,6 +127,10 @@ class SqliteBudgetStore(ThreadedSqlite):
         path: str,
         retention_days: float = 90.0,
         clock: Callable[[], float] = time.time,
+        leases: bool = False,
+        lease_slice: int = 16,
+        lease_idle: float = 2.0,
+        ttl: float = 600.0,
     ) -> None:
         super().__init__(
             path, "ringside-budget-db", SCHEMA, synchronous="NORMAL", commit_on_loop=True
@@ -105,6 +140,15 @@ class SqliteBudgetStore(ThreadedSqlite):
         self._pruned_at = 0.0
         self._next_sweep = 0.0
         self._abandoned = AbandonedReserves()
+        # leases (module docstring)
+        self.leasing = leases
+        self.lease_idle = lease_idle
+        self.book = LeaseBook(ttl, lease_slice)
+        self._retired: list[Lease] = []  # out of use; given back once their requests settle
+        self._tender: asyncio.Task[None] | None = None
+        self._closing = False
+        self._known: dict[tuple[str, str], int] = {}  # spent as the file last said it
+        self._pending: dict[tuple[str, str], int] = {}  # lease settles queued, not committed
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -114,6 +158,8 @@ class SqliteBudgetStore(ThreadedSqlite):
 
     async def open(self) -> None:
         await self._run(self._conn)
+        if self.leasing:
+            self._tender = asyncio.create_task(self._tend_loop())
 
     # -- budgets ---------------------------------------------------------------------------
     @staticmethod
@@ -137,6 +183,7 @@ class SqliteBudgetStore(ThreadedSqlite):
         for scope, win in scopes:
             balance = self._balance(db, scope.name, win.id, now)
             if balance.spent + balance.held + amount > scope.limit:
+                (balance.leased,) = db.execute(_LEASED, (scope.name, now)).fetchone()
                 raise BudgetExceeded(scope, win, balance, amount)
             holds.append(Hold(hold_id, scope, win, amount, balance.spent))
         for hold in holds:
@@ -149,7 +196,11 @@ class SqliteBudgetStore(ThreadedSqlite):
     async def reserve(
         self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
     ) -> list[Hold]:
-        reserving = self._enqueue(self._reserve, scopes, amount, ttl)
+        reserving: asyncio.Future[list[Hold]]
+        if self.leasing:  # a task: a cancelled caller's grow goes on, its holds are released
+            reserving = asyncio.ensure_future(self._reserve_leased(list(scopes), amount, ttl))
+        else:
+            reserving = self._enqueue(self._reserve, scopes, amount, ttl)
         return await self._abandoned.reserve_or_release(reserving, self._release)
 
     def _release_holds(self, db: sqlite3.Connection, holds: Sequence[Hold]) -> None:
@@ -157,8 +208,15 @@ class SqliteBudgetStore(ThreadedSqlite):
             db.execute(_DROP_HOLD, (hold.scope.name, hold.id))
 
     async def _release(self, holds: Sequence[Hold]) -> None:
-        with contextlib.suppress(StoreUnavailable):  # then it expires on its own
-            await self._enqueue(self._release_holds, holds)
+        alone = []
+        for hold in holds:
+            if hold.lease is not None:  # admitted on a lease: its room is the lease's again
+                LeaseBook.unadmit(hold)
+            else:
+                alone.append(hold)
+        if alone:
+            with contextlib.suppress(StoreUnavailable):  # then it expires on its own
+                await self._enqueue(self._release_holds, alone)
 
     def _settle(
         self, db: sqlite3.Connection, holds: Sequence[Hold], charge: Charge, record: RecordRef
@@ -185,15 +243,320 @@ class SqliteBudgetStore(ThreadedSqlite):
         return settled
 
     async def settle(self, holds: Sequence[Hold], charge: Charge, record: RecordRef) -> Settled:
+        if holds and holds[0].lease is not None:  # admitted on leases (all or nothing)
+            leased = self.settle_now(holds, charge, record)
+            if leased is not None:
+                if leased.wait is not None:
+                    await leased.wait
+                return leased
         # queued work runs even if this await is cancelled: the settle cannot be cut short
         result: Settled = await self._enqueue(self._settle, holds, charge, record)
         return result
 
     def _balance_now(self, scope: Scope, win: Window) -> Balance:
-        return self._balance(self._conn(), scope.name, win.id, self.clock())
+        db, now = self._conn(), self.clock()
+        balance = self._balance(db, scope.name, win.id, now)
+        (balance.leased,) = db.execute(_LEASED, (scope.name, now)).fetchone()
+        return balance
 
     async def balance(self, scope: Scope, win: Window) -> Balance:
         return await self._run(self._balance_now, scope, win)
+
+    # -- leases (module docstring; budget_lease) -------------------------------------------
+    def reserve_now(
+        self, scopes: Sequence[tuple[Scope, Window]], amount: int, ttl: float
+    ) -> list[Hold] | None:
+        """Admitted on this process's leases, with no transaction; None when a lease lacks
+        room (or leasing is off): then `reserve`."""
+        if not self.leasing:
+            return None
+        holds = self.book.admit(scopes, amount)  # type: ignore[arg-type]
+        if holds is not None:
+            for hold in holds:
+                hold.spent = self._spent_now((hold.scope.name, hold.window.id))
+        return holds
+
+    def _spent_now(self, key: tuple[str, str]) -> int:
+        """Spent as this process knows it: the file's last answer plus the settles queued."""
+        return self._known.get(key, 0) + self._pending.get(key, 0)
+
+    async def _reserve_leased(
+        self, windows: list[tuple[Scope, Window]], amount: int, ttl: float
+    ) -> list[Hold]:
+        """Room on the leases (grown with one transaction), else per-request holds."""
+        book = self.book
+        book.ttl = ttl
+        book.wait(windows, amount, 1)  # a grow asks for room for every request waiting
+        try:
+            for _ in range(GROW_TRIES):
+                holds = self.reserve_now(windows, amount, ttl)
+                if holds is not None:
+                    return holds
+                now = time.monotonic()
+                if self._closing or any(book.is_lean((s.name, w.id), now) for s, w in windows):
+                    break
+                grows = (self._grow(s, w, amount, ttl) for s, w in windows)
+                if not all(await asyncio.gather(*grows)):
+                    break
+        finally:
+            book.wait(windows, amount, -1)
+        alone: list[Hold] = await self._enqueue(self._reserve, windows, amount, ttl)
+        return alone
+
+    async def _grow(self, scope: Scope, win: Window, amount: int, ttl: float) -> bool:
+        """Room for `amount` on the scope's lease (a new lease, or a bigger one); False when
+        the file has too little free to slice (the scope is lean for a moment) or fails."""
+        key = (scope.name, win.id)
+        book = self.book
+        lease = book.leases.get(key)
+        now = time.monotonic()
+        if lease is not None and (
+            lease.ended
+            or (lease.created and lease.deadline <= now)
+            or lease.scope.limit != scope.limit  # a reload changed the limit: a new lease
+        ):
+            self._retire(key, lease)
+            lease = None
+        if lease is None:
+            lease = book.leases[key] = Lease(scope, win)
+        elif lease.free >= amount:
+            return True
+        growing = lease.growing
+        if growing is None:
+            most, least = book.want(lease, amount)
+            growing = lease.growing = self._enqueue(
+                self._lease_grow, scope, win, lease.id, most, least, ttl, not lease.created
+            )
+            growing.add_done_callback(partial(self._grown, lease, now, ttl, True))
+        try:
+            grant = await asyncio.shield(growing)
+        except StoreUnavailable:
+            return False
+        return bool(grant[0])
+
+    def _lease_grow(
+        self,
+        db: sqlite3.Connection,
+        scope: Scope,
+        win: Window,
+        lease_id: str,
+        most: int,
+        least: int,
+        ttl: float,
+        create: bool,
+    ) -> tuple[int, int, bool]:
+        """Grant up to `most` (at least `least`, else nothing) and renew: (grant, spent, live).
+        A lease whose row expired is not live: what it held is free again. Renewal: most 0."""
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_SECONDS
+            db.execute("DELETE FROM budget_hold WHERE expires <= ?", (now,))
+        row = db.execute(_LEASE_ROW, (scope.name, lease_id)).fetchone()
+        balance = self._balance(db, scope.name, win.id, now)
+        if not create and (row is None or row[0] <= now):  # expired (a stalled process)
+            return 0, balance.spent, False
+        grant = min(most, (scope.limit - balance.spent - balance.held) // SHARE)
+        if grant < max(least, 1):
+            grant = 0
+        if row is None:
+            if grant:
+                db.execute(
+                    "INSERT INTO budget_hold (id, scope, amount, expires) VALUES (?, ?, ?, ?)",
+                    (lease_id, scope.name, grant, now + ttl),
+                )
+        else:
+            db.execute(
+                "UPDATE budget_hold SET amount = amount + ?, expires = ? "
+                "WHERE scope = ? AND id = ?",
+                (grant, now + ttl, scope.name, lease_id),
+            )
+        return grant, balance.spent, True
+
+    def _grown(
+        self, lease: Lease, sent: float, ttl: float, asked: bool, done: asyncio.Future[Any]
+    ) -> None:
+        """A grow's or renewal's outcome, applied before any of its waiters runs."""
+        lease.growing = None
+        if done.cancelled() or done.exception() is not None:
+            if not done.cancelled():
+                log.error("a budget lease call failed in sqlite: %s", done.exception())
+            return
+        grant, spent, live = done.result()
+        key = (lease.scope.name, lease.window.id)
+        self._known[key] = spent
+        if not live:
+            lease.ended = True  # expired in the file: what it held is free again
+        elif grant or lease.created:
+            lease.created = True
+            lease.renewed = sent
+            lease.deadline = sent + ttl - margin(ttl)
+            lease.amount += grant
+            if grant:
+                lease.used = time.monotonic()  # not idle before its waiters are admitted
+        if asked and not grant and live:
+            self.book.lean[key] = time.monotonic() + LEAN_SECONDS
+            if lease.created and lease.free > 0:  # near the limit: give back what is unused
+                cut = lease.free
+                lease.amount -= cut
+                self._lease_write(self._lease_take, lease, cut)
+
+    @staticmethod
+    def _lease_take(db: sqlite3.Connection, scope: str, lease_id: str, cut: int) -> None:
+        db.execute(_LEASE_TAKE, (cut, scope, lease_id))
+
+    @staticmethod
+    def _lease_return(db: sqlite3.Connection, scope: str, lease_id: str, _: int) -> None:
+        db.execute(_DROP_HOLD, (scope, lease_id))
+
+    def _lease_write(self, fn: Callable[..., None], lease: Lease, amount: int) -> None:
+        """A trim or give-back, queued in order behind the lease's settles; a failure leaves
+        the file holding more than this process uses (it expires with the TTL)."""
+        queued = self._enqueue(fn, lease.scope.name, lease.id, amount)
+        queued.add_done_callback(_log_failure)
+
+    def _renew(self, lease: Lease) -> None:
+        ttl = self.book.ttl
+        lease.renewed = now = time.monotonic()
+        renewing = lease.growing = self._enqueue(
+            self._lease_grow, lease.scope, lease.window, lease.id, 0, 0, ttl, False
+        )
+        renewing.add_done_callback(partial(self._grown, lease, now, ttl, False))
+
+    def settle_now(
+        self, holds: Sequence[Hold], charge: Charge, record: RecordRef
+    ) -> Settled | None:
+        """The settle of a request admitted on leases: accounted here and queued as one
+        group-commit call; `wait` is done once it is committed (the answer waits for it).
+        None for any other request (then `settle`)."""
+        for hold in holds:
+            if hold.lease is None:
+                return None
+        takes = [LeaseBook.settle(hold, charge.cost) for hold in holds]
+        settled = Settled()
+        cost = charge.cost
+        if not (cost or charge.prompt_tokens or charge.completion_tokens):
+            for hold in holds:  # nothing moves (an attempt failed before any usage)
+                settled.balances[hold.scope.name] = Balance(
+                    self._spent_now((hold.scope.name, hold.window.id))
+                )
+            return settled
+        pending = self._pending
+        keys = []
+        for hold in holds:
+            key = (hold.scope.name, hold.window.id)
+            keys.append(key)
+            pending[key] = pending.get(key, 0) + cost
+            settled.balances[hold.scope.name] = Balance(self._spent_now(key))
+        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queued = self._enqueue(self._settle_lease, holds, takes, charge, record)
+        queued.add_done_callback(partial(self._lease_settled, keys, cost, answer))
+        settled.wait = answer
+        return settled
+
+    def _settle_lease(
+        self,
+        db: sqlite3.Connection,
+        holds: Sequence[Hold],
+        takes: Sequence[int],
+        charge: Charge,
+        record: RecordRef,
+    ) -> list[int]:
+        """spent += cost, the record += cost, each lease's row -= its take: one call."""
+        spents = []
+        for hold, take in zip(holds, takes, strict=True):
+            if take:
+                db.execute(_LEASE_TAKE, (take, hold.scope.name, hold.id))
+            (spent,) = db.execute(
+                _ADD_SPENT, (hold.scope.name, hold.window.id, charge.cost)
+            ).fetchone()
+            spents.append(spent)
+        if carries_record(holds, record):
+            db.execute(
+                _ADD_CHARGE,
+                (record.id, record.time, record.customer, charge.cost, charge.prompt_tokens,
+                 charge.completion_tokens),
+            )  # fmt: skip
+        return spents
+
+    def _lease_settled(
+        self,
+        keys: list[tuple[str, str]],
+        cost: int,
+        answer: asyncio.Future[None],
+        done: asyncio.Future[Any],
+    ) -> None:
+        pending, known = self._pending, self._known
+        error = None if done.cancelled() else done.exception()
+        for i, key in enumerate(keys):
+            left = pending[key] - cost
+            if left:
+                pending[key] = left
+            else:
+                del pending[key]
+            if error is None and not done.cancelled():
+                known[key] = done.result()[i]
+        if error is not None:
+            log.error("settling a budget lease request failed in sqlite: %s", error)
+        if not answer.done():
+            answer.set_result(None)
+
+    async def _tend_loop(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(min(TEND_SECONDS, self.book.ttl / 8))
+            try:
+                self._tend()
+            except Exception:
+                log.exception("tending the budget leases failed; will retry")
+
+    def _tend(self) -> None:
+        """Renew leases in use, give back idle ones and those past their deadline."""
+        now = time.monotonic()
+        ttl = self.book.ttl
+        for key, lease in list(self.book.leases.items()):
+            if lease.growing is not None:
+                continue
+            idle = not lease.in_flight and now - lease.used >= self.lease_idle
+            if idle or lease.ended or lease.deadline <= now:
+                self._retire(key, lease)
+            elif now - lease.renewed >= ttl / RENEW_FRACTION:
+                self._renew(lease)
+        if self._retired:
+            self._give_back()
+
+    def _retire(self, key: tuple[str, str], lease: Lease) -> None:
+        lease.ended = True
+        if self.book.leases.get(key) is lease:
+            del self.book.leases[key]
+        self._retired.append(lease)
+        self._give_back()
+
+    def _give_back(self) -> None:
+        """Give back retired leases whose requests have all settled (their settles are
+        queued before the give-back, so the file applies them first)."""
+        keep: list[Lease] = []
+        now = time.monotonic()
+        for lease in self._retired:
+            if lease.in_flight or lease.growing is not None:
+                # kept until its requests settle, or until the file has surely expired it
+                if now < lease.deadline + 2 * margin(self.book.ttl):
+                    keep.append(lease)
+                continue
+            if lease.created:
+                lease.amount = lease.reserved = 0
+                self._lease_write(self._lease_return, lease, 0)
+        self._retired = keep
+
+    async def close(self) -> None:
+        """Every lease's rest goes back to the budget (queued before the close's flush)."""
+        self._closing = True
+        if self._tender is not None:
+            self._tender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tender
+        for key, lease in list(self.book.leases.items()):
+            self._retire(key, lease)
+        self._give_back()  # (a request still in flight after the drain: its lease expires)
+        await super().close()
 
     # -- usage records ---------------------------------------------------------------------
     @staticmethod
@@ -240,6 +603,11 @@ class SqliteBudgetStore(ThreadedSqlite):
         self, customer: str | None, since: float | None, until: float | None
     ) -> list[UsageRecord]:
         return await self._run(self._usage, customer, since, until)
+
+
+def _log_failure(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("a budget lease write failed in sqlite: %s", done.exception())
 
 
 def _row(item: Finished) -> tuple[Any, ...]:
