@@ -269,6 +269,7 @@ class HttpChunkStream:
         )
         self.framed = False  # hands out sse.Framed events (frame_events)
         self._frame: Frame | None = None
+        self._rest = b""  # what is left of a piece read, past BATCH_BYTES (framed)
 
     @property
     def usage(self) -> Usage | None:
@@ -340,8 +341,13 @@ class HttpChunkStream:
             await self._read_events()
 
     async def _read_events(self) -> None:
-        piece = await self._read_piece()
-        if piece is not None:
+        try:
+            piece = await self.response.body.__anext__()
+        except StopAsyncIteration:
+            self._ended()
+        except (TimeoutError, OSError) as exc:
+            raise transport_error(exc) from None
+        else:
             self._parse(piece)
 
     async def _read_piece(self) -> bytes | None:
@@ -349,16 +355,21 @@ class HttpChunkStream:
         try:
             return await self.response.body.__anext__()
         except StopAsyncIteration:
-            self._parse(None)
-            if not self._events:
-                if self.decoder.usage is None and not self.decoder.produced:
-                    raise UpstreamError(
-                        Outcome.UNAVAILABLE, "upstream closed the stream early", reason="bad_body"
-                    ) from None
-                raise
+            self._ended()
             return None
         except (TimeoutError, OSError) as exc:
             raise transport_error(exc) from None
+
+    def _ended(self) -> None:
+        """The body ended: the parser's last events queued; none left ends the iteration,
+        or is a failure when the stream gave nothing at all."""
+        self._parse(None)
+        if not self._events:
+            if self.decoder.usage is None and not self.decoder.produced:
+                raise UpstreamError(
+                    Outcome.UNAVAILABLE, "upstream closed the stream early", reason="bad_body"
+                ) from None
+            raise StopAsyncIteration
 
     def _parse(self, piece: bytes | None) -> None:
         """Queue the events `piece` completes (None: the body's end)."""
@@ -378,14 +389,25 @@ class HttpChunkStream:
                     continue
                 if self.decoder.finished:
                     raise StopAsyncIteration
-                piece = await self._read_piece()
+                piece = self._rest or await self._read_piece()
                 if piece is not None:
-                    self._take(piece, out)
+                    self._take(self._batch(piece), out)
         except UpstreamError as error:
             if not out:
                 raise
             self._failure = error  # after the events before it are out
         return out
+
+    def _batch(self, piece: bytes) -> bytes:
+        """Up to BATCH_BYTES of `piece`, cut after an event (the rest is the next call's):
+        what a write waiting for a slow client holds is bounded as the chunk lists are."""
+        self._rest = b""
+        if len(piece) > BATCH_BYTES:
+            cut = piece.rfind(b"\n\n", 0, BATCH_BYTES) + 2
+            if cut > 1:
+                self._rest = piece[cut:]
+                return piece[:cut]
+        return piece
 
     def _take(self, piece: bytes, out: list[bytes]) -> None:
         """A piece's Framed events into `out`: its whole events in OpenAI's form read in place

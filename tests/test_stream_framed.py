@@ -14,7 +14,7 @@ import pytest
 from sidecar import sse
 from sidecar.errors import UpstreamError
 from sidecar.providers.openai_compat import OpenAIStreamDecoder
-from sidecar.upstream import HttpChunkStream
+from sidecar.upstream import BATCH_BYTES, HttpChunkStream
 from tests.test_stream_shapes import HEAD, STREAMS, USAGE, Answer, Parsing, chunk, texts
 
 ROLE = chunk({"role": "assistant", "content": ""})
@@ -150,3 +150,21 @@ def test_what_changes_is_cut_out_of_the_upstream_bytes() -> None:
     ]
     assert sent == body(expected)[: -len(sse.DONE)]
     assert b'"usage"' not in sent
+
+
+def test_a_large_piece_is_handed_out_in_batches_of_at_most_batch_bytes() -> None:
+    """What a write waiting for a slow client holds stays bounded: a piece of many events
+    goes out BATCH_BYTES at a time (cut after an event), the bytes the same as parsing."""
+    stream = [ROLE, *texts(*(f"token {i} " for i in range(3000))), chunk({}, "stop"), USAGE]
+    raw = body(stream)
+    assert len(raw) > 4 * BATCH_BYTES
+    chunks = HttpChunkStream(Answer([raw]), OpenAIStreamDecoder(False))  # type: ignore[arg-type]
+    chunks.frame_events()
+
+    async def batches() -> list[bytes]:
+        return [sse.encode_all(batch) async for batch in chunks]
+
+    sent = asyncio.run(batches())
+    assert len(sent) >= 4
+    assert max(map(len, sent)) <= BATCH_BYTES
+    assert b"".join(sent) == read(Parsing(False), [raw], False)[0]
