@@ -178,6 +178,45 @@ async def test_a_leased_request_makes_one_transaction_its_settle(
     assert held == leased > 0  # what the lease holds, and nothing else
 
 
+async def test_settles_of_one_turn_share_one_call_each_record_its_own_cost(
+    opened: Callable[..., SqliteBudgetStore], db_path: str
+) -> None:
+    store = await opened()  # type: ignore[misc]
+    scope = cust(10_000 * WORST)
+    windows = [(scope, WIN)]
+    first = await store.reserve(windows, WORST, 60.0)
+    admitted = [first] + [store.reserve_now(windows, WORST, 60.0) for _ in range(15)]
+    assert all(holds is not None and holds[0].lease is not None for holds in admitted)
+    lease = first[0].lease
+    _, _, leased_before, _ = books(db_path, scope)
+    counted: list[str] = []
+    db = store._loop_db
+    assert db is not None
+    db.set_trace_callback(counted.append)
+    records = [
+        RecordRef(f"u{i}_" + os.urandom(4).hex(), scope.ident, time.time()) for i in range(16)
+    ]
+    waits = []
+    for i, (holds, record) in enumerate(zip(admitted, records, strict=True)):
+        assert holds is not None
+        cost = (i + 1) * 10_000  # each less than its worst case: the lease gives up its cost
+        settled = store.settle_now(holds, Charge(record.id + ":1", cost, i, 1), record)
+        assert settled is not None and settled.wait is not None
+        waits.append(settled.wait)
+    await asyncio.gather(*waits)
+    db.set_trace_callback(None)
+
+    costs = [(i + 1) * 10_000 for i in range(16)]
+    assert counted.count("BEGIN IMMEDIATE") == 1  # one transaction for the 16 settles
+    assert sum("UPDATE budget_hold" in sql for sql in counted) == 1  # the lease's row once
+    spent, held, leased, recorded = books(db_path, scope)
+    assert spent == recorded == sum(costs)
+    assert held == leased == leased_before - sum(costs) == lease.amount
+    by_id = {r.id: r for r in await store.usage(scope.ident, None, None)}
+    assert [by_id[r.id].cost for r in records] == costs
+    assert [by_id[r.id].prompt_tokens for r in records] == list(range(16))
+
+
 async def test_slices_shrink_near_the_limit_then_requests_hold_alone(
     opened: Callable[..., SqliteBudgetStore], db_path: str
 ) -> None:

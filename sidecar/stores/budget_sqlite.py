@@ -149,6 +149,7 @@ class SqliteBudgetStore(ThreadedSqlite):
         self._closing = False
         self._known: dict[tuple[str, str], int] = {}  # spent as the file last said it
         self._pending: dict[tuple[str, str], int] = {}  # lease settles queued, not committed
+        self._settles: dict[tuple[str, ...], _LeaseSettles] = {}  # by lease ids, not flushed
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -441,54 +442,60 @@ class SqliteBudgetStore(ThreadedSqlite):
                 )
             return settled
         pending = self._pending
-        keys = []
         for hold in holds:
             key = (hold.scope.name, hold.window.id)
-            keys.append(key)
             pending[key] = pending.get(key, 0) + cost
             settled.balances[hold.scope.name] = Balance(self._spent_now(key))
+        # settles of requests on the same leases queued for the same group share one call
+        lease_ids = tuple(hold.id for hold in holds)
+        batch = self._settles.get(lease_ids)
+        if batch is None or batch.queue is not self._queue:
+            batch = self._settles[lease_ids] = _LeaseSettles(holds, self._queue)
+            queued = self._enqueue(self._settle_leases, batch)
+            queued.add_done_callback(partial(self._leases_settled, lease_ids, batch))
+        batch.cost += cost
+        batch_takes = batch.takes
+        for i, take in enumerate(takes):
+            batch_takes[i] += take
+        if carries_record(holds, record):
+            batch.records.append(
+                (record.id, record.time, record.customer, cost, charge.prompt_tokens,
+                 charge.completion_tokens)
+            )  # fmt: skip
         answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queued = self._enqueue(self._settle_lease, holds, takes, charge, record)
-        queued.add_done_callback(partial(self._lease_settled, keys, cost, answer))
+        batch.answers.append(answer)
         settled.wait = answer
         return settled
 
-    def _settle_lease(
-        self,
-        db: sqlite3.Connection,
-        holds: Sequence[Hold],
-        takes: Sequence[int],
-        charge: Charge,
-        record: RecordRef,
-    ) -> list[int]:
-        """spent += cost, the record += cost, each lease's row -= its take: one call."""
+    @staticmethod
+    def _settle_leases(db: sqlite3.Connection, batch: _LeaseSettles) -> list[int]:
+        """For the requests of one turn on the same leases: spent += their costs, each
+        lease's row -= their takes, each record += its cost. Pure SQL (it may run twice)."""
         spents = []
-        for hold, take in zip(holds, takes, strict=True):
+        for hold, take in zip(batch.holds, batch.takes, strict=True):
             if take:
                 db.execute(_LEASE_TAKE, (take, hold.scope.name, hold.id))
             (spent,) = db.execute(
-                _ADD_SPENT, (hold.scope.name, hold.window.id, charge.cost)
+                _ADD_SPENT, (hold.scope.name, hold.window.id, batch.cost)
             ).fetchone()
             spents.append(spent)
-        if carries_record(holds, record):
-            db.execute(
-                _ADD_CHARGE,
-                (record.id, record.time, record.customer, charge.cost, charge.prompt_tokens,
-                 charge.completion_tokens),
-            )  # fmt: skip
+        records = batch.records
+        if len(records) == 1:
+            db.execute(_ADD_CHARGE, records[0])
+        elif records:
+            db.executemany(_ADD_CHARGE, records)
         return spents
 
-    def _lease_settled(
-        self,
-        keys: list[tuple[str, str]],
-        cost: int,
-        answer: asyncio.Future[None],
-        done: asyncio.Future[Any],
+    def _leases_settled(
+        self, lease_ids: tuple[str, ...], batch: _LeaseSettles, done: asyncio.Future[Any]
     ) -> None:
+        if self._settles.get(lease_ids) is batch:
+            del self._settles[lease_ids]
         pending, known = self._pending, self._known
         error = None if done.cancelled() else done.exception()
-        for i, key in enumerate(keys):
-            left = pending[key] - cost
+        for i, hold in enumerate(batch.holds):
+            key = (hold.scope.name, hold.window.id)
+            left = pending[key] - batch.cost
             if left:
                 pending[key] = left
             else:
@@ -496,9 +503,10 @@ class SqliteBudgetStore(ThreadedSqlite):
             if error is None and not done.cancelled():
                 known[key] = done.result()[i]
         if error is not None:
-            log.error("settling a budget lease request failed in sqlite: %s", error)
-        if not answer.done():
-            answer.set_result(None)
+            log.error("settling budget lease requests failed in sqlite: %s", error)
+        for answer in batch.answers:
+            if not answer.done():
+                answer.set_result(None)
 
     async def _tend_loop(self) -> None:
         while not self._closing:
@@ -603,6 +611,22 @@ class SqliteBudgetStore(ThreadedSqlite):
         self, customer: str | None, since: float | None, until: float | None
     ) -> list[UsageRecord]:
         return await self._run(self._usage, customer, since, until)
+
+
+class _LeaseSettles:
+    """The settles of requests on the same leases queued for the same group commit (`queue`:
+    the store's queue they joined; a flushed queue is replaced, and later settles start a
+    new batch): one call does them all, each answer waits for its commit."""
+
+    __slots__ = ("answers", "cost", "holds", "queue", "records", "takes")
+
+    def __init__(self, holds: Sequence[Hold], queue: list[Any]) -> None:
+        self.holds = holds  # the first request's: every request's scopes, windows, lease ids
+        self.queue = queue
+        self.takes = [0] * len(holds)
+        self.cost = 0
+        self.records: list[tuple[Any, ...]] = []
+        self.answers: list[asyncio.Future[None]] = []
 
 
 def _log_failure(done: asyncio.Future[Any]) -> None:
