@@ -98,10 +98,11 @@ _ADD_CHARGE = (
     "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = completion_tokens + excluded.completion_tokens"
 )
-_FINISH = (
+_FINISH = (  # no `customer` in the update: a settle wrote the same one (RecordRef's), and an
+    # indexed column left out of SET spares the update its index (customer, time)
     f"INSERT INTO usage_record ({_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
     "ON CONFLICT (id) DO UPDATE SET request_id = excluded.request_id, "
-    "key_id = excluded.key_id, developer = excluded.developer, customer = excluded.customer, "
+    "key_id = excluded.key_id, developer = excluded.developer, "
     "refs_tried = excluded.refs_tried, ref_used = excluded.ref_used, status = excluded.status, "
     "latency_ms = excluded.latency_ms, fallback = excluded.fallback, "
     "reprompts = excluded.reprompts, cost = cost + excluded.cost, "
