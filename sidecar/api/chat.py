@@ -85,7 +85,12 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
             else:
                 await send(flow, response, sse.encode_all(first))
         try:
-            async for chunks in stream:
+            # (a head that was the whole answer leaves nothing: no step to end the iteration)
+            while not stream.ended:
+                try:
+                    chunks = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
                 if watch and not tool_calls:
                     tool_calls = mentions_tool_calls(chunks)
                 data = sse.encode_all(chunks)
