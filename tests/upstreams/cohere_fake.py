@@ -174,6 +174,7 @@ class EmbedReply:
     message: str = "fake Cohere error"
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before the reply (a batch that fails after the others)
+    for_text: str | None = None  # only for a call whose texts hold this one (else it waits)
 
 
 @dataclass
@@ -240,7 +241,14 @@ class FakeCohere:
         if problems:
             return _error(400, "invalid request: " + "; ".join(problems))
         with self._lock:
-            reply = self._embed_queue.popleft() if self._embed_queue else EmbedReply()
+            reply = next(
+                (r for r in self._embed_queue if r.for_text is None or r.for_text in body["texts"]),
+                None,
+            )
+            if reply is None:
+                reply = EmbedReply()
+            else:
+                self._embed_queue.remove(reply)
         if reply.delay:
             await asyncio.sleep(reply.delay)
         if reply.status != 200:
