@@ -77,6 +77,7 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
     failure: UpstreamError | None = None
     tool_calls = watch and mentions_tool_calls(first)
     held = b""  # the whole answer, when it came with its head: it leaves with the end, in one write
+    settled = False
     try:
         await response.prepare(request)
         if first:
@@ -84,6 +85,7 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
                 held = sse.encode_all(first)
             else:
                 await send(flow, response, sse.encode_all(first))
+        ending = sse.DONE
         try:
             # (a head that was the whole answer leaves nothing: no step to end the iteration)
             while not stream.ended:
@@ -102,8 +104,7 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
             failure = error
             attempt.error = kept(error)
             envelope = GatewayError(503, "upstream_unavailable", error.message).envelope()
-            data, held = held + sse.encode(orjson.dumps(envelope)), b""
-            await send(flow, response, data, last=True)
+            ending = sse.encode(orjson.dumps(envelope))
         rejected = None
         if failure is None and flow.schema_plan is not None:
             rejected = streamed_failure(
@@ -111,11 +112,13 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
             )
         if rejected is not None:
             flow.error, flow.status = rejected, rejected.status
-            data, held = held + sse.encode(rejected.body()), b""
-            await send(flow, response, data, last=True)
-        elif failure is None:
-            data, held = held + sse.DONE, b""
-            await send(flow, response, data, last=True)
+            ending = sse.encode(rejected.body())
+        # charged before the stream's last event leaves: a client that has the whole answer
+        # was billed for it (a kill -9 after the end loses no charge)
+        settled = True
+        await cascade.finish_stream(flow, attempt, stream)
+        data, held = held + ending, b""
+        await send(flow, response, data, last=True)
     except ConnectionResetError:
         flow.status = 499  # the client went away mid-stream: nothing more to send
     except asyncio.CancelledError:
@@ -137,7 +140,8 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
             await response.write(held + sse.encode(internal.body()))
             await response.write_eof()
     finally:
-        await cascade.finish_stream(flow, attempt, stream)
+        if not settled:
+            await cascade.finish_stream(flow, attempt, stream)
         if failure is not None:
             flow.error = GatewayError(503, "upstream_unavailable", failure.message)
             if flow.status != 499:
