@@ -34,7 +34,7 @@ class Storage:
     fail_open: bool = False
     journal_path: str = "./ringside-journal.db"
     reservation_ttl: float = 600.0  # seconds a budget hold lives unless settled (crash safety)
-    # redis: each process leases slices of a budget and admits requests on them in memory
+    # redis, sqlite: each process leases slices of a budget, admits requests on them in memory
     # (sidecar/stores/budget_lease.py); a slice is up to this many worst cases of a request
     budget_leases: bool = True
     budget_lease_slice: int = 16
