@@ -472,6 +472,19 @@ def proxied_vertex(fake_vertex: FakeGemini, proxy: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def bearer_through(fake_vertex: FakeGemini, tmp_path: Path, proxy: str, env: dict[str, str]) -> str:
+    """The bearer token a chat through a sidecar whose vertex provider has `proxy:` reached
+    Vertex AI with (the sidecar stopped after it)."""
+    proc = start_sidecar(tmp_path, proxied_vertex(fake_vertex, proxy), env).start()
+    try:
+        fake_vertex.reset()
+        answer = post_chat(proc, {"model": FLASH, "messages": HELLO})
+        assert answer.status == 200, answer.body
+        return bearer(fake_vertex.last)
+    finally:
+        proc.stop()
+
+
 def test_the_token_is_fetched_through_the_providers_own_proxy(
     fake_vertex: FakeGemini, endpoint: FakeTokenEndpoint, key_file: Path, tmp_path: Path
 ) -> None:
@@ -479,14 +492,9 @@ def test_the_token_is_fetched_through_the_providers_own_proxy(
     through that proxy too, not directly (NO_PROXY of the environment does not apply)."""
     proxy = ConnectProxy().start()
     env = {"GOOGLE_APPLICATION_CREDENTIALS": str(key_file), "NO_PROXY": "127.0.0.1,localhost"}
-    proc = start_sidecar(tmp_path, proxied_vertex(fake_vertex, proxy.url()), env).start()
     try:
-        fake_vertex.reset()
-        answer = post_chat(proc, {"model": FLASH, "messages": HELLO})
-        assert answer.status == 200, answer.body
-        assert bearer(fake_vertex.last) in endpoint.issued
+        assert bearer_through(fake_vertex, tmp_path, proxy.url(), env) in endpoint.issued
     finally:
-        proc.stop()
         proxy.stop()
     assert f"POST {endpoint.token_uri} HTTP/1.1" in proxy.lines
     assert any(fake_vertex.url.removeprefix("http://") in line for line in proxy.lines)
@@ -504,14 +512,9 @@ def test_with_a_proxy_the_metadata_server_is_still_reached_directly(
         "GOOGLE_APPLICATION_CREDENTIALS": "", "CLOUDSDK_CONFIG": str(gcloud),
         "GCE_METADATA_HOST": metadata.host, "GCE_METADATA_IP": metadata.host,
     }  # fmt: skip
-    proc = start_sidecar(tmp_path, proxied_vertex(fake_vertex, proxy.url()), env).start()
     try:
-        fake_vertex.reset()
-        answer = post_chat(proc, {"model": FLASH, "messages": HELLO})
-        assert answer.status == 200, answer.body
-        assert bearer(fake_vertex.last) == metadata.issued[-1]
+        assert bearer_through(fake_vertex, tmp_path, proxy.url(), env) == metadata.issued[-1]
     finally:
-        proc.stop()
         proxy.stop()
         metadata.server.stop()
     assert not any("computeMetadata" in line for line in proxy.lines)
@@ -531,13 +534,8 @@ def test_a_direct_provider_fetches_its_token_directly_whatever_the_environment(
         "HTTP_PROXY": refusing.url(), "HTTPS_PROXY": refusing.url(),
         "http_proxy": refusing.url(), "https_proxy": refusing.url(),
     }  # fmt: skip
-    proc = start_sidecar(tmp_path, proxied_vertex(fake_vertex, ""), env).start()
     try:
-        fake_vertex.reset()
-        answer = post_chat(proc, {"model": FLASH, "messages": HELLO})
-        assert answer.status == 200, answer.body
-        assert bearer(fake_vertex.last) in endpoint.issued
+        assert bearer_through(fake_vertex, tmp_path, "", env) in endpoint.issued
     finally:
-        proc.stop()
         refusing.stop()
     assert refusing.lines == []
