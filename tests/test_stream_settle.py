@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -35,16 +36,19 @@ def gateway(
     _openai_server: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SidecarProcess]:
     config = openai_config(_openai_server.url, addons=["tests.test_stream_settle:SlowSettle"])
+    config["providers"]["mock"] = {"kind": "mock"}  # the Responses API translated onto chat
     env = {"PYTHONPATH": str(REPO_ROOT)}
     yield from module_sidecar(tmp_path_factory.mktemp("stream-settle"), config, env)
 
 
-def arrivals(gateway: SidecarProcess) -> list[tuple[float, str]]:
-    """Each SSE line of a streamed chat and how long after the request it arrived."""
-    body = {"model": MINI, "messages": HELLO, "stream": True}
+def arrivals(
+    gateway: SidecarProcess, path: str = "/v1/chat/completions", body: dict[str, Any] | None = None
+) -> list[tuple[float, str]]:
+    """Each SSE data line of a streamed answer and how long after the request it arrived."""
+    body = body or {"model": MINI, "messages": HELLO, "stream": True}
     seen = []
     started = time.monotonic()
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=10) as r:
+    with httpx.stream("POST", gateway.url + path, json=body, timeout=10) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data:"):
@@ -65,3 +69,12 @@ def test_the_last_event_leaves_after_the_attempt_is_settled(
     end_at, end = seen[-1]
     assert end == "data: [DONE]" or '"upstream_unavailable"' in end, end
     assert end_at >= SLOW * 0.9  # the end waited for the settle and its hooks
+
+
+def test_a_translated_responses_stream_ends_after_its_settle(gateway: SidecarProcess) -> None:
+    """The Responses API onto chat (the mock): `response.completed` leaves after the settle."""
+    body = {"model": "fc:mock/echo", "input": "hi", "stream": True}
+    seen = arrivals(gateway, "/v1/responses", body)
+    end_at, end = seen[-1]
+    assert '"response.completed"' in end, end
+    assert end_at >= SLOW * 0.9

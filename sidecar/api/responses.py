@@ -133,11 +133,13 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
     tool_calls = watch and mentions_tool_calls(head)
     response = sse_response(flow)
     failure: UpstreamError | None = None
+    settled = False
     try:
         await response.prepare(request)
         first_events = events.feed(head)
         if first_events:
             await send(flow, response, b"".join(first_events))
+        ending: list[bytes] = []
         try:
             async for chunks in stream:
                 if watch and not tool_calls:
@@ -150,7 +152,6 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
             failure = error
             attempt.error = kept(error)
             ending = events.fail("upstream_unavailable", error.message)
-            await send(flow, response, b"".join(ending), last=True)
         rejected = None
         if failure is None and watch and flow.schema_plan is not None:
             rejected = streamed_failure(
@@ -159,10 +160,14 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
         if rejected is not None:
             flow.error, flow.status = rejected, rejected.status
             message = rejected.message.replace("response_format", "text.format")
-            await send(flow, response, b"".join(events.fail(rejected.code, message)), last=True)
-        elif failure is None:
-            ending = events.finish() if isinstance(events, ChatEvents) else []
-            await send(flow, response, b"".join(ending), last=True)
+            ending = events.fail(rejected.code, message)
+        elif failure is None and isinstance(events, ChatEvents):
+            ending = events.finish()
+        # charged before the last event leaves (a native stream's own last event has passed
+        # through already): a client that has the whole answer was billed for it
+        settled = True
+        await cascade.finish_stream(flow, attempt, stream)
+        await send(flow, response, b"".join(ending), last=True)
     except ConnectionResetError:
         flow.status = 499
     except asyncio.CancelledError:
@@ -183,7 +188,8 @@ async def _stream(flow: Flow, runtime: Runtime, request: web.Request) -> web.Str
             await response.write(b"".join(events.fail(internal.code, internal.message)))
             await response.write_eof()
     finally:
-        await cascade.finish_stream(flow, attempt, stream)
+        if not settled:
+            await cascade.finish_stream(flow, attempt, stream)
         if isinstance(events, NativeEvents):
             runtime.remember_response(events.snapshot, attempt.candidate.provider.name)
         if failure is not None:
