@@ -40,6 +40,7 @@ from sidecar.providers.translate import (
     text_of,
     tool_calls,
     tool_choice_of,
+    tool_results_as_user,
     unsupported,
 )
 
@@ -229,18 +230,7 @@ def _turns(messages: list[Any], provider: str) -> tuple[str, list[dict[str, Any]
     """(system text, Messages turns): consecutive turns of one role merged, each user turn's
     tool results first (Anthropic's rule), a lone text block sent as a plain string."""
 
-    def turn_of(role: str, message: dict[str, Any], where: str) -> tuple[str, list[Any]]:
-        if role == "user":
-            return role, _user_blocks(message.get("content"), provider, where)
-        if role == "assistant":
-            return role, _assistant_blocks(message, provider, where)
-        if role == "tool":
-            return "user", [_tool_result(message)]
-        raise refused(
-            provider, f"cannot translate role {role!r}: send tool results as role tool",
-            f"{where}.role",
-        )  # fmt: skip
-
+    turn_of = tool_results_as_user(provider, refused, _user_blocks, _assistant_blocks, _tool_result)
     system, turns = merged_turns(messages, turn_of)
     for turn in turns:
         blocks = turn["content"]

@@ -42,6 +42,7 @@ from sidecar.providers.translate import (
     text_of,
     tool_calls,
     tool_choice_of,
+    tool_results_as_user,
     unsupported,
 )
 
@@ -165,18 +166,7 @@ def _turns(messages: list[Any], provider: str) -> tuple[list[dict[str, Any]], li
     """(system blocks, Converse turns): consecutive turns of one role merged, each user turn's
     tool results first."""
 
-    def turn_of(role: str, message: dict[str, Any], where: str) -> tuple[str, list[Any]]:
-        if role == "user":
-            return role, _user_blocks(message.get("content"), provider, where)
-        if role == "assistant":
-            return role, _assistant_blocks(message, provider, where)
-        if role == "tool":
-            return "user", [_tool_result(message)]
-        raise refused(
-            provider, f"cannot translate role {role!r}: send tool results as role tool",
-            f"{where}.role",
-        )  # fmt: skip
-
+    turn_of = tool_results_as_user(provider, refused, _user_blocks, _assistant_blocks, _tool_result)
     texts, turns = merged_turns(messages, turn_of)
     system = [{"text": text} for text in texts]
     for turn in turns:

@@ -84,6 +84,34 @@ def merged_turns(
 
 # a provider's 400 for what its API cannot take: refused(provider, message, param)
 Refuse = Callable[[str, str, str], UpstreamError]
+# a message's blocks: (its content or the message, provider, "messages[i]")
+Blocks = Callable[[Any, str, str], list[dict[str, Any]]]
+
+
+def tool_results_as_user(
+    provider: str,
+    refused: Refuse,
+    user_blocks: Blocks,
+    assistant_blocks: Blocks,
+    tool_result: Callable[[dict[str, Any]], dict[str, Any]],
+) -> TurnOf:
+    """`turn_of` for an API whose tool results are blocks of a user turn (Anthropic Messages,
+    Bedrock Converse): user and assistant messages by their block builders, a tool message a
+    user turn holding its result; any other role refused, naming `messages[i].role`."""
+
+    def turn_of(role: str, message: dict[str, Any], where: str) -> tuple[str, list[Any]]:
+        if role == "user":
+            return role, user_blocks(message.get("content"), provider, where)
+        if role == "assistant":
+            return role, assistant_blocks(message, provider, where)
+        if role == "tool":
+            return "user", [tool_result(message)]
+        raise refused(
+            provider, f"cannot translate role {role!r}: send tool results as role tool",
+            f"{where}.role",
+        )  # fmt: skip
+
+    return turn_of
 
 
 def one_choice(body: Mapping[str, Any], provider: str, refused: Refuse) -> None:
