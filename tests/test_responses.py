@@ -923,3 +923,28 @@ def test_stored_response_urls_of_openai_and_azure() -> None:
     for response_id in ("resp_a", "resp_b", "resp_c"):  # the oldest is forgotten past the limit
         owners.remember(response_id, "second")
     assert [owners.owner(i) for i in ("resp_a", "resp_b", "resp_c")] == [None, "second", "second"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/responses/" + "r" * 4000,  # a huge id
+        "/v1/responses/resp%0D%0AX-Injected:%201",  # CR/LF
+        "/v1/responses/resp%00x",  # NUL
+        "/v1/responses/%FF%FE",  # not UTF-8
+        "/v1/responses/resp_x/input_items?limit=" + "9" * 2000,  # a huge query
+    ],
+    ids=["huge", "crlf", "nul", "not-utf8", "huge-query"],
+)
+def test_a_hostile_stored_response_path_is_an_envelope_and_the_sidecar_goes_on(
+    gateway: SidecarProcess, fake_openai: FakeOpenAI, path: str
+) -> None:
+    answer = request(gateway.url, "GET", path)
+    assert 400 <= answer.status < 500, (answer.status, answer.body[:200])
+    assert answer.headers["Content-Type"].startswith("application/json")
+    assert "error" in answer.json()
+    for seen in fake_openai.received:  # what went upstream stayed one request line, encoded
+        assert seen.path.startswith("/v1/responses/")
+        assert seen.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"
+        assert "X-Injected" not in seen.headers
+    assert sdk(gateway).models.list().data  # and the next request is served
