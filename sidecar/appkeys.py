@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from sidecar.api.lane import Lane
 from sidecar.runtime import Runtime, RuntimeHolder
 from sidecar.settings import Settings
 
@@ -27,6 +28,7 @@ class GatewayState:
         # the shutdown's grace ran out: a request cancelled from now on is ended by the
         # shutdown, and answers so (sidecar/api/request_path.py), not by its client going away
         self.grace_over = False
+        self.lane = Lane()  # requests in flight; large bodies' share of the loop (api/lane.py)
 
     @property
     def runtime(self) -> Runtime:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from sidecar.addons.idempotency import HeldClaim
     from sidecar.errors import GatewayError, UpstreamError
+    from sidecar.json_size import Sizes
     from sidecar.responses_request import ResponsesCall
     from sidecar.routing import Candidate, Route
     from sidecar.stores.budget import Hold, Scope
@@ -87,6 +88,7 @@ class Flow:
     reprompts: int = 0
     schema_enforced: bool = False
     schema_plan: SchemaPlan | None = None  # the compiled response_format, when it asks for JSON
+    part_sizes: Sizes | None = None  # a large body's parts its checks serialize, measured in slices
     # POST /v1/responses: the client's request for providers with the native Responses API
     # (`body` is its translation onto chat, what every other provider is sent)
     responses: ResponsesCall | None = None

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from sidecar.errors import GatewayError, invalid_request
+from sidecar.json_size import Sizes, serialized_size
 from sidecar.schema_cost import (
     BUDGET_NS,
     MAX_SCHEMA_BYTES,
@@ -259,8 +260,9 @@ class SchemaCache:
     def __len__(self) -> int:
         return len(self._compiled)
 
-    def plan(self, response_format: Any) -> SchemaPlan | None:
-        """This request's plan for its `response_format` (already shape-checked), None for text.
+    def plan(self, response_format: Any, sizes: Sizes | None = None) -> SchemaPlan | None:
+        """This request's plan for its `response_format` (already shape-checked), None for text;
+        `sizes`, a large body's parts measured in slices (sidecar.json_size), for its bound.
 
         Raises 400 `invalid_request` (param `response_format`) when the schema is not itself
         valid JSON Schema, or is over one of the bounds of `sidecar.schema_cost`.
@@ -270,7 +272,7 @@ class SchemaCache:
         kind = response_format.get("type")
         if kind not in ("json_schema", "json_object"):
             return None
-        size = len(orjson.dumps(response_format))  # unsorted: 8x cheaper on a huge schema
+        size = serialized_size(response_format, sizes)  # unsorted: 8x cheaper on a huge one
         if size > MAX_SCHEMA_BYTES:  # refused before sorting it for the cache key
             raise _too_big(size)
         canonical = orjson.dumps(response_format, option=orjson.OPT_SORT_KEYS)

@@ -34,10 +34,14 @@ log = logging.getLogger("ringside")
 class ChatCompletions:
     """The chat request/answer shape (an `Endpoint`)."""
 
-    def prepare(self, flow: Flow, runtime: Runtime, raw: bytes) -> Estimate:
+    large_parts: tuple[str, ...] = ("response_format",)
+
+    def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         body = flow.body
         validate_chat_request(body)
-        flow.schema_plan = runtime.services.schemas.plan(body.get("response_format"))
+        flow.schema_plan = runtime.services.schemas.plan(
+            body.get("response_format"), flow.part_sizes
+        )
         flow.stream = body.get("stream") is True
         return Estimate(prompt_tokens=len(raw) // 4, max_output=requested_max_output(body))
 

@@ -23,9 +23,11 @@ def request_id(request: web.Request) -> str:
     return "req_" + new_id()
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
     """The request body, or 413 as soon as it is known to be over `limit` bytes
-    (415 when it is declared as something else than JSON: see `require_json`)."""
+    (415 when it is declared as something else than JSON: see `require_json`). A body that
+    comes in several reads is gathered as it comes: joined at the end, megabytes were one step
+    of the loop (~1 ms a MB, most of it the new buffer's first touch)."""
     if request.headers.get("Content-Type") != JSON_CONTENT_TYPE:  # what the SDKs send
         require_json(request)
     length = request.content_length
@@ -37,14 +39,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         if len(whole) > limit:
             raise too_large(limit)
         return whole
-    chunks: list[bytes] = []
-    size = 0
+    gathered = bytearray()
     async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
+        if len(gathered) + len(chunk) > limit:
             raise too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        gathered += chunk
+    return gathered
 
 
 def too_large(limit: int) -> GatewayError:
@@ -106,7 +106,7 @@ def _nested(levels: int) -> object:
 _DEPTH_PROBE = _nested(_ORJSON_MAX_DEPTH - MAX_JSON_DEPTH)
 
 
-def parse_json_object(raw: bytes) -> dict[str, object]:
+def parse_json_object(raw: bytes | bytearray) -> dict[str, object]:
     if not raw:
         raise invalid_request("the request body is empty: send a JSON object")
     try:

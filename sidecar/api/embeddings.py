@@ -89,7 +89,9 @@ def as_base64(completion: Completion) -> bytes:
 class Embeddings:
     """The embeddings request/answer shape (an `Endpoint`)."""
 
-    def prepare(self, flow: Flow, runtime: Runtime, raw: bytes) -> Estimate:
+    large_parts: tuple[str, ...] = ()
+
+    def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         validate_embeddings_request(flow.body)
         flow.endpoint = EMBEDDINGS
         # every byte of the request a token at most: the budget's bound; routing's estimate

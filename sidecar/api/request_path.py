@@ -19,8 +19,14 @@ from aiohttp import web
 
 from sidecar.addons.idempotency import well_formed
 from sidecar.api.answers import ringside_headers
-from sidecar.api.big_body import SLICED_FROM_BYTES, parse_large_json_object, release
+from sidecar.api.big_body import (
+    SLICED_FROM_BYTES,
+    measure_parts,
+    parse_large_json_object,
+    release,
+)
 from sidecar.api.common import error_response, parse_json_object, read_body, request_id
+from sidecar.api.lane import Lane
 from sidecar.api.validation import header_error
 from sidecar.appkeys import STATE
 from sidecar.errors import GatewayError, internal_error, kept, server_shutting_down
@@ -34,7 +40,11 @@ log = logging.getLogger("ringside")
 class Endpoint(Protocol):
     """What one request/answer shape adds to the shared path."""
 
-    def prepare(self, flow: Flow, runtime: Runtime, raw: bytes) -> Estimate:
+    # the members of a client's body `prepare` serializes whole (the response_format's bound):
+    # measured in slices beforehand when the body is large (sidecar/json_size.py)
+    large_parts: tuple[str, ...]
+
+    def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         """Check `flow.body` (a 400 GatewayError for the first malformed parameter), set what
         the request asks for on the Flow (`stream`, the schema plan), and estimate its size
         for routing and the budget's worst case."""
@@ -51,7 +61,9 @@ class Endpoint(Protocol):
 async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     """Serve one request on `endpoint`: the answer, or its error in the OpenAI envelope; the
     `error` and `done` hooks see every request, whatever ended it."""
-    runtime = request.app[STATE].runtime  # the one this request finishes with, reload or not
+    state = request.app[STATE]
+    runtime = state.runtime  # the one this request finishes with, reload or not
+    lane = state.lane
     flow = Flow(
         id=request_id(request),
         headers=request.headers,
@@ -61,15 +73,16 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         path=request.path,
     )
     pipeline = runtime.pipeline
+    lane.requests += 1
     try:
-        response = await _process(flow, runtime, request, endpoint)
+        response = await _process(flow, runtime, request, endpoint, lane)
         flow.answer = response
         if flow.stream:
             return response
     except GatewayError as error:
         flow.error, flow.status = kept(error), error.status
         if flow.body_bytes >= SLICED_FROM_BYTES:
-            await asyncio.sleep(0)  # a large body's checks were a step: its answer is another
+            await lane.slicer().turn()  # a large body's checks were a step: its answer another
         await pipeline.run("error", flow)
         response = error_response(error, ringside_headers(flow))
         flow.answer = response
@@ -90,9 +103,13 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         response = error_response(internal, ringside_headers(flow))
     finally:
         flow.finished = time.perf_counter()
-        await pipeline.run("done", flow)
-        if flow.body_bytes >= SLICED_FROM_BYTES:
-            release(flow.body)  # in slices, once the flow is gone
+        try:
+            await pipeline.run("done", flow)
+        finally:
+            lane.requests -= 1
+            if flow.body_bytes >= SLICED_FROM_BYTES:
+                lane.large -= 1
+                release(flow.body, lane)  # in slices, once the flow is gone
     return response
 
 
@@ -117,7 +134,7 @@ def _addon_answer(flow: Flow) -> web.StreamResponse:
 
 
 async def _process(
-    flow: Flow, runtime: Runtime, request: web.Request, endpoint: Endpoint
+    flow: Flow, runtime: Runtime, request: web.Request, endpoint: Endpoint, lane: Lane
 ) -> web.StreamResponse:
     pipeline = runtime.pipeline
     await pipeline.run("headers", flow)
@@ -127,14 +144,20 @@ async def _process(
     flow.body_bytes = len(raw)
     if flow.body_bytes < SLICED_FROM_BYTES:
         flow.body = parse_json_object(raw)
-    else:  # in slices: the process's other requests go on meanwhile
-        flow.body = await parse_large_json_object(raw)
+    else:  # in slices, on the loop's background lane: the process's other requests go first
+        lane.large += 1
+        flow.body = await parse_large_json_object(raw, lane)
     await pipeline.run("request", flow)
     if flow.response is not None:
         return _addon_answer(flow)
-    if flow.body_bytes >= SLICED_FROM_BYTES:
-        await asyncio.sleep(0)  # the endpoint's checks of a large body: a step of their own
+    large = flow.body_bytes >= SLICED_FROM_BYTES
+    if large:  # the parts the endpoint's checks serialize, measured in slices; then the checks
+        flow.part_sizes = await measure_parts(flow.body, endpoint.large_parts, lane)
+        checks = lane.slicer()
     estimate = endpoint.prepare(flow, runtime, raw)
+    if large:  # a step of their own, charged to the lane
+        flow.part_sizes = None
+        await checks.turn()
     idempotency_key = request.headers.get("Idempotency-Key")
     if idempotency_key is not None and not well_formed(idempotency_key):
         raise header_error("Idempotency-Key", "must be 1-255 printable characters")

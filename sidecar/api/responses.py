@@ -59,13 +59,17 @@ def as_responses_error(error: GatewayError) -> GatewayError:
 class Responses:
     """The Responses API request/answer shape (an `Endpoint`)."""
 
-    def prepare(self, flow: Flow, runtime: Runtime, raw: bytes) -> Estimate:
+    large_parts: tuple[str, ...] = ("text",)
+
+    def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         check(flow.body)
         call = to_chat(flow.body)
         flow.responses = call
         flow.body = call.chat  # what budgets, limits and the schema loop read
         try:
-            flow.schema_plan = runtime.services.schemas.plan(call.chat.get("response_format"))
+            flow.schema_plan = runtime.services.schemas.plan(
+                call.chat.get("response_format"), flow.part_sizes
+            )
         except GatewayError as error:
             raise as_responses_error(error) from None
         flow.stream = call.request.get("stream") is True

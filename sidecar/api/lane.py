@@ -1,0 +1,74 @@
+"""The event loop's time, shared between ordinary requests and the work of large bodies.
+
+A large body (from `big_body.SLICED_FROM_BYTES`) is parsed, checked and freed in slices, the
+loop turning between them. Slices bound how long another request waits when its turn comes
+during one, not how often that happens: with large bodies arriving back to back a slice runs
+most of the time, and every step of every other request then waits one out (the soak measured
+normal traffic's p99 at 3.4 times its figure alone). So large-body work is the loop's background
+lane: while any other request is in flight in the process, it gets at most `LARGE_SHARE` of the
+loop's time (after a slice that held the loop h ns the next one waits h x (1/share - 1), shared
+by every large body in progress); with none in flight it runs at full speed. What is left for
+the others is a slice (~0.05-0.1 ms) at the few of their steps that meet one.
+
+A large body's request is therefore slower while the process serves others: ~10 times its work
+(~20-60 ms for a 500 KB body) when the loop is never idle. That is the point: the one who sends
+the large body waits for it, not everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+LARGE_SHARE = 0.1  # of the loop's time, for large bodies' work while other requests are in flight
+_SLEEP_FROM_NS = 500_000  # a shorter wait is not slept (uvloop's timers count whole ms): it is
+# owed, and paid with the next waits
+
+
+class Lane:
+    """One process's requests in flight and its large bodies' share of the loop."""
+
+    __slots__ = ("_next_ns", "_wait_per_held", "large", "requests")
+
+    def __init__(self, share: float = LARGE_SHARE) -> None:
+        self.requests = 0  # in flight (request_path.handle counts them)
+        self.large = 0  # of them, those with a large body
+        self._wait_per_held = 1 / share - 1
+        self._next_ns = 0  # when large-body work may next run, while others are in flight
+
+    def slicer(self) -> Slicer:
+        """The turns of one piece of large-body work (a parse, a walk, a release)."""
+        return Slicer(self)
+
+    async def turn(self, held_ns: int) -> None:
+        """Let the loop turn after a slice of large-body work that held it `held_ns`: at once
+        when no other request is in flight, else when the share allows the next slice."""
+        if self.requests <= self.large:
+            self._next_ns = 0
+            await asyncio.sleep(0)
+            return
+        now = time.perf_counter_ns()
+        self._next_ns = max(self._next_ns, now) + int(held_ns * self._wait_per_held)
+        wait = self._next_ns - now
+        await asyncio.sleep(wait / 1e9 if wait >= _SLEEP_FROM_NS else 0)
+
+
+class Slicer:
+    """When one piece of large-body work last took the loop, to charge its slices."""
+
+    __slots__ = ("lane", "since")
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.since = time.perf_counter_ns()
+
+    def held_ns(self) -> int:
+        return time.perf_counter_ns() - self.since
+
+    async def turn(self) -> None:
+        """End a slice: charge what it held to the lane and let the loop turn."""
+        await self.lane.turn(self.held_ns())
+        self.since = time.perf_counter_ns()
+
+
+UNSHARED = Lane()  # no requests counted: large-body work outside a served app runs at full speed

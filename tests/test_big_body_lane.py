@@ -1,0 +1,220 @@
+"""Large bodies' work is the event loop's background lane (sidecar/api/lane.py, issue 16).
+
+Slices bound how long another request waits for one; the lane bounds how often: while other
+requests are in flight, a large body's parse, checks and release get at most LARGE_SHARE of the
+loop. And a large body's `response_format` bound no longer serializes the format in one call:
+its size is measured in slices beforehand (sidecar/json_size.py), exactly orjson's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import http.client
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sidecar.api.big_body import SLICED_FROM_BYTES, measure_parts
+from sidecar.api.lane import LARGE_SHARE, UNSHARED, Lane
+from sidecar.json_size import serialized_size
+from sidecar.responses_request import to_chat
+from tests.inprocess import api_client
+from tests.test_big_body_loop import (
+    CONFIG,
+    HELLO,
+    MAX_STEP_MS,
+    Ticker,
+    refused_for_size,
+    schema_body,
+)
+
+JSON = {"Content-Type": "application/json"}
+
+
+def random_value(rng: random.Random, depth: int, budget: list[int]) -> Any:
+    """Any JSON value: wide and narrow containers, escapes, floats orjson prints long."""
+    roll = rng.random()
+    if depth > 6 or roll < 0.35 or budget[0] <= 0:
+        budget[0] -= 1
+        return rng.choice(
+            [0, -2.5, 1e22, 1e-7, 12345678901234, None, True, False, "", "é\n\"\\/\u2028",
+             "x" * rng.randint(0, 3000), "\U0001f600"]
+        )  # fmt: skip
+    width = rng.choice([0, 1, 3, 64, 65, 70, 600])
+    if roll < 0.65:
+        return {f"k{i}é\t": random_value(rng, depth + 1, budget) for i in range(width)}
+    return [random_value(rng, depth + 1, budget) for _ in range(width)]
+
+
+async def test_sizes_measured_in_slices_are_orjsons() -> None:
+    rng = random.Random(16)
+    for _ in range(60):
+        body = {
+            "response_format": random_value(rng, 0, [3000]),
+            "text": random_value(rng, 0, [3000]),
+        }
+        sizes = await measure_parts(body, ("response_format", "text", "absent"), UNSHARED)
+        for key in ("response_format", "text"):
+            part = body[key]
+            assert serialized_size(part, sizes) == len(orjson.dumps(part))
+            # a small wrapper around a measured part, as the Responses API's format is wrapped
+            wrapped = {"type": "json_schema", "json_schema": {"name": "n", "schema": part}}
+            assert serialized_size(wrapped, sizes) == len(orjson.dumps(wrapped))
+
+
+def test_a_size_kept_for_another_object_is_not_read() -> None:
+    value = {"type": "json_schema", "x": "y" * 2000}
+    stale = {id(value): (object(), 5)}  # the id of an object since freed, reused
+    assert serialized_size(value, stale) == len(orjson.dumps(value))
+    assert serialized_size(value, {id(value): (value, 5)}) == 5
+
+
+async def test_large_work_waits_its_share_while_others_are_in_flight() -> None:
+    lane = Lane()
+    slicer = lane.slicer()
+    started = time.perf_counter()
+    await lane.turn(2_000_000)  # nothing else in flight: the next slice at once
+    assert time.perf_counter() - started < 0.002
+    lane.requests, lane.large = 2, 1  # one other request in flight
+    started = time.perf_counter()
+    for _ in range(5):  # 5 slices of 1 ms each: 9 ms of wait after each
+        slicer.since = time.perf_counter_ns() - 1_000_000
+        await slicer.turn()
+    waited = time.perf_counter() - started
+    assert waited >= 5 * 0.001 * (1 / LARGE_SHARE - 1) * 0.9, waited
+    lane.requests = 1  # the other one done: full speed again
+    started = time.perf_counter()
+    await lane.turn(2_000_000)
+    assert time.perf_counter() - started < 0.002
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> Any:
+    config = {
+        **CONFIG,
+        "providers": {
+            "mock": {
+                "kind": "mock",
+                "mock": {
+                    "default": {"content": "in process"},
+                    "models": {"slow": {"content": "slow", "latency_ms": 60_000}},
+                },
+            }
+        },
+        "models": {
+            **CONFIG["models"],
+            "fc:mock/slow": {"input_per_mtok": 0.1, "output_per_mtok": 0.1},
+        },
+    }
+    async with api_client(tmp_path, config) as (client, state):
+        yield client, state
+
+
+async def timed_refusal(client: Any, body: bytes) -> float:
+    started = time.perf_counter()
+    async with client.post("/v1/chat/completions", data=body, headers=JSON) as response:
+        refused_for_size(response.status, await response.json())
+    return time.perf_counter() - started
+
+
+async def test_a_large_body_yields_to_requests_in_flight(served: Any) -> None:
+    client, state = served
+    bodies = [schema_body(15_000, serial) for serial in range(4)]
+    await timed_refusal(client, bodies[0])  # warm
+    alone = min([await timed_refusal(client, bodies[1]), await timed_refusal(client, bodies[2])])
+    slow = asyncio.ensure_future(
+        client.post("/v1/chat/completions", json={"model": "fc:mock/slow", "messages": HELLO})
+    )
+    for _ in range(1000):  # until the slow request is in flight, waiting on its provider
+        if state.lane.requests:
+            break
+        await asyncio.sleep(0.001)
+    try:
+        beside = await timed_refusal(client, bodies[3])
+    finally:
+        slow.cancel()
+    # at a share of 0.1 its work spreads over ~10 times as long; the bound leaves room for a
+    # loaded machine, where `alone` is itself longer
+    assert beside > 3 * alone, (alone, beside)
+    for _ in range(200):
+        if state.lane.requests == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (state.lane.requests, state.lane.large) == (0, 0)
+
+
+def big_format_body(megabytes: float, serial: int, endpoint: str) -> bytes:
+    """A response_format of `megabytes` (refused for its size) in a chat or Responses body."""
+    count = int(megabytes * 1e6 / 40)
+    schema = {
+        "type": "object",
+        "properties": {f"p{serial:09d}_{i}": {"type": "string"} for i in range(count)},
+    }
+    if endpoint == "chat":
+        body: dict[str, Any] = {
+            "model": "fc:mock/echo",
+            "messages": HELLO,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "big", "schema": schema},
+            },
+        }
+    else:
+        body = {
+            "model": "fc:mock/echo",
+            "input": "hi",
+            "text": {"format": {"type": "json_schema", "name": "big", "schema": schema}},
+        }
+    return orjson.dumps(body)
+
+
+def post_from_a_thread(client: Any, path: str, body: bytes) -> tuple[int, Any]:
+    """POST from another thread (http.client): the client's own work of sending megabytes
+    is not a step of the loop under measurement."""
+    connection = http.client.HTTPConnection(client.server.host, client.server.port, timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers=JSON)
+        response = connection.getresponse()
+        return response.status, orjson.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+async def test_a_huge_formats_size_bound_does_not_hold_the_loop(served: Any, endpoint: str) -> None:
+    """The bound serialized a 3 MB format in one call (1-4 ms); measured in slices now."""
+    client, _state = served
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/responses"
+    bodies = [big_format_body(3, serial, endpoint) for serial in range(3)]
+    assert len(bodies[0]) > 40 * SLICED_FROM_BYTES  # 2.8 MB
+    await asyncio.to_thread(post_from_a_thread, client, path, bodies[0])  # warm
+    gc.collect()
+    gc.disable()
+    try:
+        async with Ticker() as ticker:
+            answers = [
+                await asyncio.to_thread(post_from_a_thread, client, path, body)
+                for body in bodies[1:]
+            ]
+    finally:
+        gc.enable()
+    assert ticker.longest_ms < MAX_STEP_MS, f"the loop was held {ticker.longest_ms:.2f} ms"
+    for body, (status, answer) in zip(bodies[1:], answers, strict=True):
+        assert status == 400, answer
+        message = answer["error"]["message"]
+        assert "the gateway takes schemas of at most 128 KiB" in message, message
+        assert f"is {_format_size(body, endpoint)} bytes" in message  # orjson's size, as it was
+
+
+def _format_size(raw: bytes, endpoint: str) -> int:
+    """The format's size as orjson gives it in one call: the client's format, or its
+    translation onto chat."""
+    body = orjson.loads(raw)
+    if endpoint == "chat":
+        return len(orjson.dumps(body["response_format"]))
+    return len(orjson.dumps(to_chat(body).chat["response_format"]))
