@@ -41,3 +41,15 @@ def rss_mib(pid: int) -> float:
         except OSError:
             continue
     return total / 1024
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """The machine's (all, stolen) CPU ticks since boot: on a VM, steal is the time the host
+    gave this machine's CPUs to others, which shows in every latency measured meanwhile."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]), fields[7]
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of CPU time stolen by the host between two `cpu_ticks` readings."""
+    return (after[1] - before[1]) / max(1, after[0] - before[0])

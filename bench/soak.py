@@ -3,22 +3,30 @@
 A benchmark, not a test: it measures and prints, it does not pass or fail. Everything runs on
 127.0.0.1. The sidecar runs the bench's realistic config (API key, budgeted and rate-limited
 customer, memory store). Normal traffic is wrk at `--concurrency` (1) on the bench's chat request;
-the hostile mix, all at once during the third run (the second runs it without the big bodies):
-  - silent connections and slowloris headers (a byte a second) — `--idle-connections` of each;
-  - streams whose client never reads — `--unread-streams`;
-  - a fresh 15,000-property `response_format` schema per request (470-590 KB; refused for its
-    size after it is parsed: the big body of the mix, parsed and checked in slices by
-    sidecar/api/big_body.py, the loop serving the others between them);
-  - cascades of `limits.max_cascade` refs to a provider that refuses connections;
-  - bodies nested 200 deep, CR/LF model refs, malformed HTTP (bare LF, NUL in a header);
+it runs alone, then beside each of three mixes:
+  - the control: ordinary requests, a new connection each, at the pace of the paced hostile
+    kinds below (5 loops at `--hostile-rate`): what any other traffic of that volume costs
+    normal traffic's p99 on a single event loop, hostile or not;
+  - the hostile mix without the big bodies, all at once:
+    - silent connections and slowloris headers (a byte a second) — `--idle-connections` each;
+    - streams whose client never reads — `--unread-streams`;
+    - cascades of `limits.max_cascade` refs to a provider that refuses connections;
+    - bodies nested 200 deep, CR/LF model refs, malformed HTTP (bare LF, NUL in a header);
+  - the same with a fresh 15,000-property `response_format` schema per request (470-590 KB;
+    refused for its size after it is parsed: the big body of the mix, parsed and checked in
+    slices on the loop's background lane, sidecar/api/big_body.py and lane.py);
 each request kind paced at `--hostile-rate` per second, so that what is measured is whether the
-hostile requests stall the others, not the CPU share of their volume.
+hostile requests stall the others, not the CPU share of their volume. `--kinds` keeps only some
+hostile kinds (to tell which one costs what); `--hostile-nice` lowers the hostile clients'
+priority on the load CPU they share with wrk and the upstream; the slowloris connections send
+their bytes together, every second (the harsher pattern), unless `--spread`.
 With 2 or more CPUs the sidecar gets one of its own and everything else the others (`--no-pin`
 turns that off): what is measured is its event loop, not the scheduler. With `--rounds N` the
-three runs are repeated N times, interleaved (alone, without big bodies, with them, alone, ...),
-and each figure is the median over the rounds (every round's kept under "rounds"): on a machine
-others use too, one run's p99 measures them. Reported: normal traffic's requests/s, p50 and p99
-alone and under each mix, their ratios, the hostile requests answered, and the sidecar's RSS.
+four runs are repeated N times, interleaved, and each figure is the median over the rounds
+(every round's kept under "rounds"): on a machine others use too, one run's p99 measures them.
+Each run also records `steal`, the share of CPU time the VM's host gave to others meanwhile.
+Reported: normal traffic's requests/s, p50 and p99 alone and beside each mix, their ratios, the
+hostile requests answered, and the sidecar's RSS.
 
     .venv/bin/python -m bench.soak --seconds 10
 """
@@ -30,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import tempfile
@@ -42,7 +51,7 @@ import yaml
 
 from bench import BENCH
 from bench.processes import free_port, start_sidecar, start_upstream, stop_all
-from bench.procfs import rss_mib
+from bench.procfs import cpu_ticks, rss_mib, steal_share
 from bench.targets import Target
 from bench.workload import BODY, HEADERS, sidecar_config
 from bench.wrk import run_wrk, wrk_script
@@ -64,6 +73,7 @@ def hostile_config(path: Path) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
+ORDINARY_LOOPS = 5  # cascade, deep, bad_ref, bare_lf, nul: each a new connection per request
 _SERIAL = "S" * 9  # where each request's serial goes in the schema template
 
 
@@ -93,14 +103,23 @@ def cascade_body() -> str:
 class Hostile:
     """The hostile clients, on their own event loop in a thread, until `stop`."""
 
-    def __init__(self, port: int, args: argparse.Namespace, big_bodies: bool = True) -> None:
+    def __init__(
+        self, port: int, args: argparse.Namespace, big_bodies: bool = True, ordinary: bool = False
+    ) -> None:
         self.port, self.args, self.big_bodies = port, args, big_bodies
+        self.ordinary = ordinary  # the control: ordinary requests at the hostile ones' pace
+        self._spread = random.Random(16)
         self.pause = 1.0 / args.hostile_rate  # between one kind's requests: stalls, not volume
         self.answered: dict[str, int] = {}
         self.stopping = threading.Event()
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        if self.args.hostile_nice:  # this thread only: wrk and the upstream preempt it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.args.hostile_nice)
+        asyncio.run(self._main())
 
     def stop(self) -> None:
         self.stopping.set()
@@ -147,6 +166,8 @@ class Hostile:
         except OSError:
             return
         try:
+            if slow and self.args.spread:  # independent clients: their bytes do not coincide
+                await asyncio.sleep(self._spread.random())
             for byte in b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" if slow else b"":
                 if self.stopping.is_set():
                     break
@@ -173,17 +194,29 @@ class Hostile:
     async def _main(self) -> None:
         self._event_loop, self._stopped = asyncio.get_running_loop(), asyncio.Event()
         stream = json.dumps({**json.loads(BODY), "stream": True})
-        tasks = [
-            *(self._idle(slow=False) for _ in range(self.args.idle_connections)),
-            *(self._idle(slow=True) for _ in range(self.args.idle_connections)),
-            *(self._post(stream, "unread", read=False) for _ in range(self.args.unread_streams)),
-            *([self._loop(schema_body, "schema")] if self.big_bodies else []),
-            self._loop(cascade_body(), "cascade"),
-            self._loop(DEEP, "deep"),
-            self._loop(BAD_REF, "bad_ref"),
-            self._raw(b"GET / HTTP/1.1\nHost: x\n\n", "bare_lf"),
-            self._raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", "nul"),
-        ]
+        kinds = {
+            "idle": [self._idle(slow=False) for _ in range(self.args.idle_connections)],
+            "slowloris": [self._idle(slow=True) for _ in range(self.args.idle_connections)],
+            "unread": [
+                self._post(stream, "unread", read=False) for _ in range(self.args.unread_streams)
+            ],
+            "schema": [self._loop(schema_body, "schema")] if self.big_bodies else [],
+            "cascade": [self._loop(cascade_body(), "cascade")],
+            "deep": [self._loop(DEEP, "deep")],
+            "bad_ref": [self._loop(BAD_REF, "bad_ref")],
+            "bare_lf": [self._raw(b"GET / HTTP/1.1\nHost: x\n\n", "bare_lf")],
+            "nul": [self._raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", "nul")],
+        }
+        if self.ordinary:  # as many loops as the paced hostile kinds, each a valid request
+            kinds = {"ordinary": [self._loop(BODY, "ordinary") for _ in range(ORDINARY_LOOPS)]}
+        chosen = self.args.kinds.split(",") if self.args.kinds else list(kinds)
+        if self.ordinary:
+            chosen = ["ordinary"]
+        tasks = [task for kind, made in kinds.items() for task in made if kind in chosen]
+        for kind, made in kinds.items():
+            if kind not in chosen:
+                for coroutine in made:
+                    coroutine.close()
         await asyncio.gather(*(asyncio.ensure_future(t) for t in tasks), return_exceptions=True)
 
 
@@ -202,6 +235,16 @@ def pin(sidecar_pid: int, load_pids: list[int]) -> tuple[set[int], set[int]] | N
             os.sched_setaffinity(int(task.name), cpus)
     os.sched_setaffinity(0, load_cpus)
     return sidecar_cpus, load_cpus
+
+
+PHASES = ("alone", "beside_ordinary_traffic", "under_mix_without_big_bodies", "under_hostile_mix")
+
+
+def measured_run(target: Target, script: Path, args: argparse.Namespace) -> dict[str, float]:
+    """One wrk run of normal traffic, with the share of CPU the VM's host stole meanwhile."""
+    before = cpu_ticks()
+    run = run_wrk(target, script, args.concurrency, args.seconds)
+    return {**run, "steal": round(steal_share(before, cpu_ticks()), 4)}
 
 
 def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -225,6 +268,21 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=1, help="repeat the three runs, interleaved; medians"
     )
+    parser.add_argument(
+        "--kinds", default="",
+        help="comma-separated hostile kinds (idle, slowloris, unread, schema, cascade, deep, "
+        "bad_ref, bare_lf, nul); all by default",
+    )  # fmt: skip
+    parser.add_argument(
+        "--spread", action="store_true",
+        help="spread the slowloris connections' bytes over each second (by default they are "
+        "sent together: 200 bytes on 200 connections at once, every second)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hostile-nice", type=int, default=0,
+        help="nice value of the hostile clients' thread (on the load CPU, beside wrk and the "
+        "upstream)",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(BENCH / "results" / "soak.json"))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ringside-soak-"))
@@ -246,31 +304,32 @@ def main() -> int:
         rounds: list[dict[str, Any]] = []
         for _ in range(args.rounds):
             measured: dict[str, Any] = {
-                "alone": run_wrk(target, script, args.concurrency, args.seconds),
+                "alone": measured_run(target, script, args),
                 "hostile_answered": {},
             }
             for phase, big_bodies in (
+                ("beside_ordinary_traffic", False),
                 ("under_mix_without_big_bodies", False),
                 ("under_hostile_mix", True),
             ):
-                hostile = Hostile(port, args, big_bodies)
+                hostile = Hostile(port, args, big_bodies, phase == "beside_ordinary_traffic")
                 hostile.thread.start()
                 time.sleep(2)  # the hostile mix in full swing
-                measured[phase] = run_wrk(target, script, args.concurrency, args.seconds)
+                measured[phase] = measured_run(target, script, args)
                 hostile.stop()
                 hostile.thread.join(30)
                 measured["hostile_answered"][phase] = hostile.answered
                 time.sleep(2)
             rounds.append(measured)
-        phases = {
-            phase: median_run([r[phase] for r in rounds])
-            for phase in ("alone", "under_mix_without_big_bodies", "under_hostile_mix")
-        }
+        phases = {phase: median_run([r[phase] for r in rounds]) for phase in PHASES}
         alone, mixed = phases["alone"], phases["under_hostile_mix"]
         answered = rounds[-1]["hostile_answered"]
         result = {
             **phases,
             "p99_ratio": mixed["p99_ms"] / alone["p99_ms"],
+            "p99_ratio_beside_ordinary": (
+                phases["beside_ordinary_traffic"]["p99_ms"] / alone["p99_ms"]
+            ),
             "p99_ratio_without_big_bodies": (
                 phases["under_mix_without_big_bodies"]["p99_ms"] / alone["p99_ms"]
             ),
