@@ -6,8 +6,11 @@ other request of the process waits. From `SLICED_FROM_BYTES` a body is instead f
 C push parser (yajl) `SLICE_BYTES` at a time, the loop turning between slices; its depth is
 then checked by orjson's probe (one call: ~0.3-0.7 ms for 500 KB) a part of the body at a time.
 When the request is done the body is freed in slices (`release`): freeing 15,000 objects when
-the last reference goes is itself one C call of ~0.4-1 ms. Smaller bodies keep orjson's one
-call (`parse_json_object`): cheaper, and too short to matter.
+the last reference goes is itself one C call of ~0.4-1 ms. The parts of the body its endpoint's
+checks serialize whole are measured in slices too (`measure_parts`). Every turn between slices
+goes through the process's `Lane` (sidecar/api/lane.py): while other requests are in flight,
+this work waits its share of the loop. Smaller bodies keep orjson's one call
+(`parse_json_object`): cheaper, and too short to matter.
 
 The answer is exactly orjson's: the same objects, the same refusals with the same messages.
 Where yajl reads a body differently (it takes a lone high-surrogate escape, vertical tab and form
