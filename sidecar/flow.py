@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from sidecar.json_size import Sizes
     from sidecar.responses_request import ResponsesCall
     from sidecar.routing import Candidate, Route
+    from sidecar.schema_check import Primed
     from sidecar.stores.budget import Hold, Scope
     from sidecar.structured import SchemaPlan
 
@@ -89,6 +90,7 @@ class Flow:
     schema_enforced: bool = False
     schema_plan: SchemaPlan | None = None  # the compiled response_format, when it asks for JSON
     part_sizes: Sizes | None = None  # a large body's parts its checks serialize, measured in slices
+    schema_primed: Primed | None = None  # its response_format, compiled before its checks
     # POST /v1/responses: the client's request for providers with the native Responses API
     # (`body` is its translation onto chat, what every other provider is sent)
     responses: ResponsesCall | None = None

@@ -368,6 +368,15 @@ def _chat_tool_choice(choice: Any) -> tuple[Any, tuple[str, str] | None]:
     )
 
 
+def chat_response_format(text: Any) -> dict[str, Any] | None:
+    """The chat `response_format` a Responses request's `text` becomes; None for text, or
+    when `text` is not well formed (the request's checks say why)."""
+    try:
+        return _response_format(text)
+    except (KeyError, TypeError):
+        return None
+
+
 def _response_format(text: Any) -> dict[str, Any] | None:
     spec = text.get("format") if isinstance(text, dict) else None
     if not isinstance(spec, dict) or spec.get("type") == "text":

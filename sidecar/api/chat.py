@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -15,7 +16,7 @@ from sidecar import sse
 from sidecar.api.answers import ringside_headers, send, sse_response
 from sidecar.api.common import JSON_CONTENT_TYPE
 from sidecar.api.request_path import ended_by_shutdown, handle
-from sidecar.api.validation import requested_max_output, validate_chat_request
+from sidecar.api.validation import requested_max_output, schema_format, validate_chat_request
 from sidecar.errors import (
     GatewayError,
     UpstreamError,
@@ -36,11 +37,14 @@ class ChatCompletions:
 
     large_parts: tuple[str, ...] = ("response_format",)
 
+    def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        return schema_format(body.get("response_format"))
+
     def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         body = flow.body
         validate_chat_request(body)
         flow.schema_plan = runtime.services.schemas.plan(
-            body.get("response_format"), flow.part_sizes
+            body.get("response_format"), flow.part_sizes, flow.schema_primed
         )
         flow.stream = body.get("stream") is True
         return Estimate(prompt_tokens=len(raw) // 4, max_output=requested_max_output(body))

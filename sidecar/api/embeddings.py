@@ -91,6 +91,9 @@ class Embeddings:
 
     large_parts: tuple[str, ...] = ()
 
+    def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
     def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         validate_embeddings_request(flow.body)
         flow.endpoint = EMBEDDINGS

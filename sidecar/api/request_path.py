@@ -11,9 +11,10 @@ its request's validation and estimate, and how its answer is produced and sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -43,6 +44,11 @@ class Endpoint(Protocol):
     # the members of a client's body `prepare` serializes whole (the response_format's bound):
     # measured in slices beforehand when the body is large (sidecar/json_size.py)
     large_parts: tuple[str, ...]
+
+    def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The json_schema `response_format` `prepare` will plan, if well formed: compiled
+        beforehand, its measure off the event loop (`SchemaCache.prime`)."""
+        ...
 
     def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         """Check `flow.body` (a 400 GatewayError for the first malformed parameter), set what
@@ -154,6 +160,12 @@ async def _process(
     if large:  # the parts the endpoint's checks serialize, measured in slices; then the checks
         flow.part_sizes = await measure_parts(flow.body, endpoint.large_parts, lane)
         checks = lane.slicer()
+    if (schema_format := endpoint.schema_format(flow.body)) is not None:
+        # over a bound: `prepare` refuses it, after the checks that come before
+        with contextlib.suppress(GatewayError):
+            flow.schema_primed = await runtime.services.schemas.prime(
+                schema_format, flow.part_sizes
+            )
     estimate = endpoint.prepare(flow, runtime, raw)
     if large:  # a step of their own, charged to the lane
         flow.part_sizes = None

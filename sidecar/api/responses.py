@@ -24,11 +24,11 @@ from aiohttp import web
 from sidecar.api.answers import ringside_headers, send, sse_response
 from sidecar.api.common import JSON_CONTENT_TYPE
 from sidecar.api.request_path import ended_by_shutdown, handle
-from sidecar.api.validation import requested_max_output
+from sidecar.api.validation import requested_max_output, schema_format
 from sidecar.errors import GatewayError, UpstreamError, internal_error, kept, server_shutting_down
 from sidecar.flow import Flow
 from sidecar.responses_answer import from_completion, response_id
-from sidecar.responses_request import check, to_chat
+from sidecar.responses_request import chat_response_format, check, to_chat
 from sidecar.responses_stream import ChatEvents, NativeEvents, replay
 from sidecar.routing import Estimate
 from sidecar.runtime import Runtime
@@ -61,6 +61,9 @@ class Responses:
 
     large_parts: tuple[str, ...] = ("text",)
 
+    def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        return schema_format(chat_response_format(body.get("text")))
+
     def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         check(flow.body)
         call = to_chat(flow.body)
@@ -68,7 +71,7 @@ class Responses:
         flow.body = call.chat  # what budgets, limits and the schema loop read
         try:
             flow.schema_plan = runtime.services.schemas.plan(
-                call.chat.get("response_format"), flow.part_sizes
+                call.chat.get("response_format"), flow.part_sizes, flow.schema_primed
             )
         except GatewayError as error:
             raise as_responses_error(error) from None

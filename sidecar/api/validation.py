@@ -103,6 +103,18 @@ def _content_part(part: Any, where: str) -> None:
         raise invalid_request(f"{where}.{field} must be {rule} (a {kind} part)", f"{where}.{field}")
 
 
+def schema_format(value: Any) -> dict[str, Any] | None:
+    """`value` if it is a well-formed json_schema `response_format` (what is worth compiling
+    before the request's other checks: `SchemaCache.prime`), else None."""
+    if not isinstance(value, dict) or value.get("type") != "json_schema":
+        return None
+    try:
+        _response_format(value)
+    except GatewayError:
+        return None
+    return value
+
+
 def _response_format(value: Any) -> None:
     if value is None:
         return
