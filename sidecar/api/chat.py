@@ -36,6 +36,7 @@ class ChatCompletions:
     """The chat request/answer shape (an `Endpoint`)."""
 
     large_parts: tuple[str, ...] = ("response_format",)
+    format_member = "response_format"
 
     def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
         return schema_format(body.get("response_format"))

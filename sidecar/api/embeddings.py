@@ -90,6 +90,7 @@ class Embeddings:
     """The embeddings request/answer shape (an `Endpoint`)."""
 
     large_parts: tuple[str, ...] = ()
+    format_member = ""
 
     def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
         return None

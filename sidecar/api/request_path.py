@@ -45,6 +45,10 @@ class Endpoint(Protocol):
     # measured in slices beforehand when the body is large (sidecar/json_size.py)
     large_parts: tuple[str, ...]
 
+    # the member of a client's body that holds its response format, if the endpoint has one
+    # (most requests have none: `schema_format` is only called when it is an object)
+    format_member: str
+
     def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """The json_schema `response_format` `prepare` will plan, if well formed: compiled
         beforehand, its measure off the event loop (`SchemaCache.prime`)."""
@@ -160,7 +164,12 @@ async def _process(
     if large:  # the parts the endpoint's checks serialize, measured in slices; then the checks
         flow.part_sizes = await measure_parts(flow.body, endpoint.large_parts, lane)
         checks = lane.slicer()
-    if (schema_format := endpoint.schema_format(flow.body)) is not None:
+    member = endpoint.format_member
+    if (
+        member
+        and type(flow.body.get(member)) is dict
+        and (schema_format := endpoint.schema_format(flow.body)) is not None
+    ):
         # over a bound: `prepare` refuses it, after the checks that come before
         with contextlib.suppress(GatewayError):
             flow.schema_primed = await runtime.services.schemas.prime(

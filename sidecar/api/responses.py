@@ -60,6 +60,7 @@ class Responses:
     """The Responses API request/answer shape (an `Endpoint`)."""
 
     large_parts: tuple[str, ...] = ("text",)
+    format_member = "text"
 
     def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
         return schema_format(chat_response_format(body.get("text")))
