@@ -131,7 +131,7 @@ def _input(value: Any, continues: bool) -> None:
 
 def _message(item: dict[str, Any], where: str) -> None:
     role = item.get("role")
-    if role not in MESSAGE_ROLES:
+    if not isinstance(role, str) or role not in MESSAGE_ROLES:  # a list or object: unhashable
         raise invalid_request(
             f"{where}.role must be one of user, system, developer, assistant; got {role!r}",
             f"{where}.role",
@@ -182,7 +182,7 @@ def _tools(tools: Any) -> None:
 
 
 def _tool_choice(choice: Any) -> None:
-    if choice is None or choice in CHOICE_MODES:
+    if choice is None or (isinstance(choice, str) and choice in CHOICE_MODES):
         return
     if not isinstance(choice, dict) or not isinstance(choice.get("type"), str):
         raise invalid_request(
@@ -203,7 +203,7 @@ def _text(text: Any) -> None:
     if spec is None:
         return
     kind = spec.get("type") if isinstance(spec, dict) else None
-    if kind not in FORMAT_TYPES:
+    if not isinstance(kind, str) or kind not in FORMAT_TYPES:  # a list or object: unhashable
         raise invalid_request(
             "text.format must be {type: text | json_object | json_schema}", "text.format"
         )

@@ -394,6 +394,13 @@ def test_the_sdk_raises_the_refusal(gateway: SidecarProcess) -> None:
         ),
         ({"model": TRANSLATED, "input": "x", "stream": "yes"}, "stream"),
         ({"model": TRANSLATED, "input": "x", "metadata": {"a": 1}}, "metadata"),
+        # wrong JSON types where a string is looked up in a set (each was a 500: unhashable)
+        ({"model": TRANSLATED, "input": [{"role": ["user"], "content": "x"}]}, "input[0].role"),
+        ({"model": TRANSLATED, "input": [{"role": {"a": 1}, "content": "x"}]}, "input[0].role"),
+        ({"model": TRANSLATED, "input": "x", "tool_choice": {"type": ["f"]}}, "tool_choice"),
+        ({"model": TRANSLATED, "input": "x", "tool_choice": ["auto"]}, "tool_choice"),
+        ({"model": TRANSLATED, "input": "x", "text": {"format": {"type": ["xml"]}}}, "text.format"),
+        ({"model": TRANSLATED, "input": "x", "text": {"format": {"type": {}}}}, "text.format"),
     ],
 )
 def test_malformed_requests_are_400_naming_the_parameter(
@@ -402,6 +409,10 @@ def test_malformed_requests_are_400_naming_the_parameter(
     answer = post(gateway, body)
     assert answer.status == 400
     assert answer.error["param"] == param
+    assert (answer.error["code"], answer.error["type"]) == (
+        "invalid_request",
+        "invalid_request_error",
+    )
 
 
 def test_an_invalid_schema_is_a_400_naming_text_format(gateway: SidecarProcess) -> None:
