@@ -2,7 +2,7 @@
 
 The `response_format` bound (SPEC 2.3, 128 KiB serialized) is one `orjson.dumps` of the format:
 ~0.3-1 ms for a 500 KB schema, in one block of the event loop. For a large body those sizes are
-measured a slice at a time beforehand (`sidecar.api.big_body.measure_parts`), and the bound
+measured a slice at a time beforehand (`sidecar.api.big_body.measure_part`), and the bound
 reads them here.
 """
 

@@ -159,16 +159,63 @@ def test_the_responses_api_format_is_primed_under_the_key_plan_reads() -> None:
     assert CHAT.schema_format({"response_format": chat_format(schema)}) is not None
     for malformed in (
         {"text": {"format": {"type": "json_schema", "schema": schema}}},  # no name
+        {"text": {"format": {"type": "json_schema", "name": 5, "schema": schema}}},
+        {"text": {"format": {"type": "json_schema", "name": "s", "schema": "x"}}},
+        {"text": {"format": {"type": "json_schema", "name": "s", "schema": [schema]}}},
+        {"text": {"format": {"type": ["json_schema"], "name": "s", "schema": schema}}},
         {"text": {"format": "json_schema"}},
         {"text": []},
+        {"text": None},
     ):
-        assert RESPONSES.schema_format(malformed) is None
+        assert RESPONSES.schema_format(malformed) is None, malformed
     for malformed_chat in (
         {"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}},
+        {"response_format": {"type": "json_schema", "json_schema": [schema]}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": 1}}},
+        {"response_format": {"type": {"json_schema": True}}},
         {"response_format": {"type": "json_object"}},  # nothing to measure
         {"response_format": "json"},
     ):
-        assert CHAT.schema_format(malformed_chat) is None
+        assert CHAT.schema_format(malformed_chat) is None, malformed_chat
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+async def test_hostile_formats_get_the_checks_answers(tmp_path: Path, path: str) -> None:
+    """Wrong types, a schema nested past the bound (refused by the measure, in its thread), and
+    one at the bound's edge: each a 400 in the envelope naming the format, or an answer."""
+    deep: Any = {"type": "string"}
+    for _ in range(40):  # 40 levels of subschemas: over the 32 the measure takes (and under
+        deep = {"not": deep}  # the body's 64 levels of JSON)
+    chat = path == "/v1/chat/completions"
+    param = "response_format" if chat else "text.format"
+
+    def body(fmt: Any) -> dict[str, Any]:
+        if chat:
+            return {"model": "fc:mock/echo", "messages": HELLO, "response_format": fmt}
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            fmt = {"type": "json_schema", **fmt["json_schema"]}
+        return {"model": "fc:mock/echo", "input": "hi", "text": {"format": fmt}}
+
+    cases = [
+        (chat_format(deep), "nests subschemas over 32 deep"),
+        ({"type": "json_schema", "json_schema": {"name": 5, "schema": {}}}, None),
+        ({"type": "json_schema", "json_schema": {"name": "s", "schema": "x"}}, None),
+        ({"type": ["json_schema"]}, None),
+        ("json_schema", None),
+    ]
+    async with api_client(tmp_path, CONFIG) as (client, _state):
+        for fmt, says in cases:
+            async with client.post(path, json=body(fmt)) as response:
+                answer = await response.json()
+            assert response.status == 400, (fmt, answer)
+            error = answer["error"]
+            assert (error["code"], error["type"]) == ("invalid_request", "invalid_request_error")
+            assert str(error["param"]).startswith(param), (fmt, error)
+            if says is not None:
+                assert says in error["message"], error
+        # and the sidecar goes on: a well-formed schema near the bound is answered
+        async with client.post(path, json=body(chat_format(heavy_schema(1)))) as response:
+            assert response.status == 200, await response.text()
 
 
 async def test_a_request_with_two_faults_is_refused_for_the_first_as_before(

@@ -6,8 +6,8 @@ other request of the process waits. From `SLICED_FROM_BYTES` a body is instead f
 C push parser (yajl) `SLICE_BYTES` at a time, the loop turning between slices; its depth is
 then checked by orjson's probe (one call: ~0.3-0.7 ms for 500 KB) a part of the body at a time.
 When the request is done the body is freed in slices (`release`): freeing 15,000 objects when
-the last reference goes is itself one C call of ~0.4-1 ms. The parts of the body its endpoint's
-checks serialize whole are measured in slices too (`measure_parts`). Every turn between slices
+the last reference goes is itself one C call of ~0.4-1 ms. The part of the body its endpoint's
+checks serialize whole is measured in slices too (`measure_part`). Every turn between slices
 goes through the process's `Lane` (sidecar/api/lane.py): while other requests are in flight,
 this work waits its share of the loop. Smaller bodies keep orjson's one call
 (`parse_json_object`): cheaper, and too short to matter.
@@ -191,16 +191,15 @@ async def _fits_depth(body: dict[str, object], walk: _Walk) -> bool:
 _SIZED_FROM_BYTES = 1024  # a container's size is kept from this size
 
 
-async def measure_parts(body: dict[str, object], keys: tuple[str, ...], lane: Lane) -> Sizes:
-    """The serialized sizes of `body[key]` for each of `keys` and of the containers of 1 KiB
-    or more inside them, a slice at a time: what `sidecar.json_size.serialized_size` reads
-    instead of serializing a large part in one call (the `response_format` bound)."""
+async def measure_part(part: object, lane: Lane) -> Sizes:
+    """The serialized sizes of a part of a body and of the containers of 1 KiB or more inside
+    it, a slice at a time: what `sidecar.json_size.serialized_size` reads instead of
+    serializing a large part in one call (the `response_format` bound). None measured for a
+    part that is not a container (it is small: serialized at once)."""
     sizes: Sizes = {}
     walk = _Walk(lane.slicer())
-    for key in keys:
-        part = body.get(key)
-        if type(part) in _CONTAINERS:
-            await _measure(part, sizes, walk, 1)
+    if type(part) in _CONTAINERS:
+        await _measure(part, sizes, walk, 1)
     await walk.slicer.turn()
     return sizes
 
@@ -222,16 +221,14 @@ async def _measure(value: Any, sizes: Sizes, walk: _Walk, depth: int) -> int:
             batch = [member for _, member in chunk]
         else:
             batch = chunk
-        alone = [
-            m
-            for m in batch
-            if type(m) in _CONTAINERS and (len(m) > _WIDE or walk.one_by_one(1)) and m
-        ]
+        alone: list[Any] = []
+        rest: list[Any] = []
+        for m in batch:
+            measured_alone = type(m) in _CONTAINERS and m and (len(m) > _WIDE or walk.one_by_one(1))
+            (alone if measured_alone else rest).append(m)
         for member in alone:
             total += await _measure(member, sizes, walk, depth + 1)
-        if len(alone) < len(batch):
-            chosen = {id(m) for m in alone}
-            rest = [m for m in batch if id(m) not in chosen]
+        if rest:
             total += len(orjson.dumps(rest)) - 1 - len(rest)
         await walk.turn()
     if total >= _SIZED_FROM_BYTES:

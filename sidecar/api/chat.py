@@ -35,7 +35,6 @@ log = logging.getLogger("ringside")
 class ChatCompletions:
     """The chat request/answer shape (an `Endpoint`)."""
 
-    large_parts: tuple[str, ...] = ("response_format",)
     format_member = "response_format"
 
     def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:

@@ -89,7 +89,6 @@ def as_base64(completion: Completion) -> bytes:
 class Embeddings:
     """The embeddings request/answer shape (an `Endpoint`)."""
 
-    large_parts: tuple[str, ...] = ()
     format_member = ""
 
     def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from sidecar.addons.idempotency import well_formed
 from sidecar.api.answers import ringside_headers
 from sidecar.api.big_body import (
     SLICED_FROM_BYTES,
-    measure_parts,
+    measure_part,
     parse_large_json_object,
     release,
 )
@@ -41,12 +41,9 @@ log = logging.getLogger("ringside")
 class Endpoint(Protocol):
     """What one request/answer shape adds to the shared path."""
 
-    # the members of a client's body `prepare` serializes whole (the response_format's bound):
-    # measured in slices beforehand when the body is large (sidecar/json_size.py)
-    large_parts: tuple[str, ...]
-
-    # the member of a client's body that holds its response format, if the endpoint has one
-    # (most requests have none: `schema_format` is only called when it is an object)
+    # the member of a client's body that holds its response format, if the endpoint has one:
+    # `prime`d when it is an object (most requests have none), and, in a large body, measured
+    # in slices beforehand, `prepare` serializing it whole for its bound (sidecar/json_size.py)
     format_member: str
 
     def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -92,7 +89,7 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     except GatewayError as error:
         flow.error, flow.status = kept(error), error.status
         if flow.body_bytes >= SLICED_FROM_BYTES:
-            await lane.slicer().turn()  # a large body's checks were a step: its answer another
+            await lane.turn(0)  # a large body's checks were a step: its answer another
         await pipeline.run("error", flow)
         response = error_response(error, ringside_headers(flow))
         flow.answer = response
@@ -160,11 +157,11 @@ async def _process(
     await pipeline.run("request", flow)
     if flow.response is not None:
         return _addon_answer(flow)
-    large = flow.body_bytes >= SLICED_FROM_BYTES
-    if large:  # the parts the endpoint's checks serialize, measured in slices; then the checks
-        flow.part_sizes = await measure_parts(flow.body, endpoint.large_parts, lane)
-        checks = lane.slicer()
     member = endpoint.format_member
+    large = flow.body_bytes >= SLICED_FROM_BYTES
+    if large:  # the part the endpoint's checks serialize, measured in slices; then the checks
+        flow.part_sizes = await measure_part(flow.body.get(member) if member else None, lane)
+        checks = lane.slicer()
     if (
         member
         and type(flow.body.get(member)) is dict

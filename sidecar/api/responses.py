@@ -59,11 +59,14 @@ def as_responses_error(error: GatewayError) -> GatewayError:
 class Responses:
     """The Responses API request/answer shape (an `Endpoint`)."""
 
-    large_parts: tuple[str, ...] = ("text",)
     format_member = "text"
 
     def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        return schema_format(chat_response_format(body.get("text")))
+        text = body.get("text")
+        spec = text.get("format") if isinstance(text, dict) else None
+        if not isinstance(spec, dict) or spec.get("type") != "json_schema":
+            return None  # (the translation takes any other type for json_schema: check refuses)
+        return schema_format(chat_response_format(text))
 
     def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         check(flow.body)
