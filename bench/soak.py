@@ -44,6 +44,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def hostile_config(path: Path) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-ORDINARY_LOOPS = 5  # cascade, deep, bad_ref, bare_lf, nul: each a new connection per request
+KINDS = ("idle", "slowloris", "unread", "schema", "cascade", "deep", "bad_ref", "bare_lf", "nul")
 _SERIAL = "S" * 9  # where each request's serial goes in the schema template
 
 
@@ -194,29 +195,24 @@ class Hostile:
     async def _main(self) -> None:
         self._event_loop, self._stopped = asyncio.get_running_loop(), asyncio.Event()
         stream = json.dumps({**json.loads(BODY), "stream": True})
-        kinds = {
-            "idle": [self._idle(slow=False) for _ in range(self.args.idle_connections)],
-            "slowloris": [self._idle(slow=True) for _ in range(self.args.idle_connections)],
-            "unread": [
+        made: dict[str, Callable[[], list[Coroutine[Any, Any, None]]]] = {
+            "idle": lambda: [self._idle(slow=False) for _ in range(self.args.idle_connections)],
+            "slowloris": lambda: [self._idle(slow=True) for _ in range(self.args.idle_connections)],
+            "unread": lambda: [
                 self._post(stream, "unread", read=False) for _ in range(self.args.unread_streams)
             ],
-            "schema": [self._loop(schema_body, "schema")] if self.big_bodies else [],
-            "cascade": [self._loop(cascade_body(), "cascade")],
-            "deep": [self._loop(DEEP, "deep")],
-            "bad_ref": [self._loop(BAD_REF, "bad_ref")],
-            "bare_lf": [self._raw(b"GET / HTTP/1.1\nHost: x\n\n", "bare_lf")],
-            "nul": [self._raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", "nul")],
+            "schema": lambda: [self._loop(schema_body, "schema")] if self.big_bodies else [],
+            "cascade": lambda: [self._loop(cascade_body(), "cascade")],
+            "deep": lambda: [self._loop(DEEP, "deep")],
+            "bad_ref": lambda: [self._loop(BAD_REF, "bad_ref")],
+            "bare_lf": lambda: [self._raw(b"GET / HTTP/1.1\nHost: x\n\n", "bare_lf")],
+            "nul": lambda: [self._raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", "nul")],
         }
         if self.ordinary:  # as many loops as the paced hostile kinds, each a valid request
-            kinds = {"ordinary": [self._loop(BODY, "ordinary") for _ in range(ORDINARY_LOOPS)]}
-        chosen = self.args.kinds.split(",") if self.args.kinds else list(kinds)
-        if self.ordinary:
-            chosen = ["ordinary"]
-        tasks = [task for kind, made in kinds.items() for task in made if kind in chosen]
-        for kind, made in kinds.items():
-            if kind not in chosen:
-                for coroutine in made:
-                    coroutine.close()
+            # (cascade, deep, bad_ref, bare_lf, nul: each a new connection per request)
+            made = {"ordinary": lambda: [self._loop(BODY, "ordinary") for _ in range(5)]}
+        chosen = self.args.kinds if self.args.kinds and not self.ordinary else list(made)
+        tasks = [task for kind in chosen for task in made[kind]()]
         await asyncio.gather(*(asyncio.ensure_future(t) for t in tasks), return_exceptions=True)
 
 
@@ -238,6 +234,15 @@ def pin(sidecar_pid: int, load_pids: list[int]) -> tuple[set[int], set[int]] | N
 
 
 PHASES = ("alone", "beside_ordinary_traffic", "under_mix_without_big_bodies", "under_hostile_mix")
+
+
+def kinds_list(text: str) -> list[str]:
+    """`--kinds`: hostile kinds by name, each one known."""
+    kinds = [kind for kind in text.split(",") if kind]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown kinds {unknown}: choose from {KINDS}")
+    return kinds
 
 
 def measured_run(target: Target, script: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -269,9 +274,8 @@ def main() -> int:
         "--rounds", type=int, default=1, help="repeat the three runs, interleaved; medians"
     )
     parser.add_argument(
-        "--kinds", default="",
-        help="comma-separated hostile kinds (idle, slowloris, unread, schema, cascade, deep, "
-        "bad_ref, bare_lf, nul); all by default",
+        "--kinds", default=[], type=kinds_list,
+        help=f"comma-separated hostile kinds ({', '.join(KINDS)}); all by default",
     )  # fmt: skip
     parser.add_argument(
         "--spread", action="store_true",
