@@ -87,8 +87,17 @@ def check(body: dict[str, Any]) -> None:
     for name in ("user", "previous_response_id", "safety_identifier", "prompt_cache_key"):
         _string(body.get(name), name)
     reasoning = body.get("reasoning")
-    if reasoning is not None and not isinstance(reasoning, dict):
-        raise invalid_request("reasoning must be an object", "reasoning")
+    if reasoning is not None:
+        if not isinstance(reasoning, dict):
+            raise invalid_request("reasoning must be an object", "reasoning")
+        for name in ("effort", "summary", "generate_summary"):
+            _string(reasoning.get(name), f"reasoning.{name}")
+    _string(body.get("truncation"), "truncation", 'a string ("auto" or "disabled")')
+    include = body.get("include")
+    if include is not None and (
+        not isinstance(include, list) or not all(isinstance(item, str) for item in include)
+    ):
+        raise invalid_request("include must be an array of strings", "include")
 
 
 def _input(value: Any, continues: bool) -> None:

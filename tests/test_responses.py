@@ -401,6 +401,12 @@ def test_the_sdk_raises_the_refusal(gateway: SidecarProcess) -> None:
         ({"model": TRANSLATED, "input": "x", "tool_choice": ["auto"]}, "tool_choice"),
         ({"model": TRANSLATED, "input": "x", "text": {"format": {"type": ["xml"]}}}, "text.format"),
         ({"model": TRANSLATED, "input": "x", "text": {"format": {"type": {}}}}, "text.format"),
+        # wrong JSON types in what a translated provider does not use (was accepted: 200)
+        ({"model": TRANSLATED, "input": "x", "reasoning": {"effort": 3}}, "reasoning.effort"),
+        ({"model": TRANSLATED, "input": "x", "reasoning": {"summary": []}}, "reasoning.summary"),
+        ({"model": TRANSLATED, "input": "x", "truncation": {"a": 1}}, "truncation"),
+        ({"model": TRANSLATED, "input": "x", "include": "usage"}, "include"),
+        ({"model": TRANSLATED, "input": "x", "include": [1]}, "include"),
     ],
 )
 def test_malformed_requests_are_400_naming_the_parameter(
