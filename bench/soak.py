@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -124,8 +125,11 @@ class Hostile:
 
     def stop(self) -> None:
         self.stopping.set()
-        if self._event_loop is not None and self._stopped is not None:
-            self._event_loop.call_soon_threadsafe(self._stopped.set)
+        loop = self._event_loop
+        if loop is not None and self._stopped is not None and not loop.is_closed():
+            # a phase with none of the chosen kinds has ended its loop already
+            with contextlib.suppress(RuntimeError):  # closed between the check and the call
+                loop.call_soon_threadsafe(self._stopped.set)
 
     async def _held(self) -> None:
         """Until `stop`: a connection kept open and silent."""
@@ -353,6 +357,7 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     finally:
         stop_all(procs)
+        shutil.rmtree(workdir, ignore_errors=True)  # its config and the sidecar's log
     return 0
 
 
