@@ -204,3 +204,40 @@ async def test_what_something_else_keeps_is_left_whole(
         (kept,) = keeper.kept
         expected = orjson.loads(raw)
         assert kept == (expected if part is None else expected[part])
+
+
+async def pieces(raw: bytes, size: int) -> Any:
+    """A body sent chunked, `size` bytes a chunk, the client pausing between them."""
+    for start in range(0, len(raw), size):
+        yield raw[start : start + size]
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("messages", [100, 4_000], ids=["small", "large"])
+async def test_a_body_sent_in_chunks_is_gathered_whole(client: Any, messages: int) -> None:
+    """Chunked transfer, many reads: every byte in order, small body or large."""
+    body = long_conversation(messages)
+    async with client.post(
+        "/v1/chat/completions",
+        data=pieces(body, 7_001),
+        headers={"Content-Type": "application/json"},
+    ) as response:
+        answer = await response.json()
+    answered(response.status, answer)
+    assert answer["usage"]["prompt_tokens"] > messages * 20
+
+
+async def test_a_chunked_body_over_the_limit_is_413(tmp_path: Path) -> None:
+    config = {**CONFIG, "limits": {"max_body_bytes": 100_000}}
+    async with (
+        api_client(tmp_path, config) as (test_client, _state),
+        test_client.post(
+            "/v1/chat/completions",
+            data=pieces(long_conversation(4_000), 7_001),
+            headers={"Content-Type": "application/json"},
+        ) as response,
+    ):
+        answer = await response.json()
+    assert response.status == 413, answer
+    assert answer["error"]["code"] == "request_too_large"
+    assert "100000-byte limit" in answer["error"]["message"]
