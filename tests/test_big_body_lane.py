@@ -106,7 +106,32 @@ def test_a_size_kept_for_another_object_is_not_read() -> None:
     assert serialized_size(value, {id(value): (value, 5)}) == 5
 
 
-async def test_large_work_waits_its_share_while_others_are_in_flight() -> None:
+class BusyLoop:
+    """Other requests' work on the loop: a step of `step_s` of CPU at every turn, counted."""
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+        self.steps = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            until = time.perf_counter() + self.step_s
+            while time.perf_counter() < until:
+                pass
+            self.steps += 1
+            await asyncio.sleep(0)
+
+    def __enter__(self) -> BusyLoop:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def test_large_work_waits_its_share_while_others_work() -> None:
     lane = Lane()
     slicer = lane.slicer()
     started = time.perf_counter()
@@ -114,10 +139,14 @@ async def test_large_work_waits_its_share_while_others_are_in_flight() -> None:
     assert time.perf_counter() - started < 0.002
     lane.requests, lane.large = 2, 1  # one other request in flight
     started = time.perf_counter()
-    for _ in range(5):  # 5 slices of 1 ms each: 9 ms of wait after each
-        slicer.since = time.perf_counter_ns() - 1_000_000
-        await slicer.turn()
-    waited = time.perf_counter() - started
+    await lane.turn(2_000_000)  # ... waiting on its upstream: the loop is idle, no wait
+    assert time.perf_counter() - started < 0.002
+    with BusyLoop(0.0001):  # ... and working on the loop: 0.1 ms steps
+        started = time.perf_counter()
+        for _ in range(5):  # 5 slices of 1 ms each: 9 ms of wait after each
+            slicer.since = time.perf_counter_ns() - 1_000_000
+            await slicer.turn()
+        waited = time.perf_counter() - started
     assert waited >= 5 * 0.001 * (1 / LARGE_SHARE - 1) * 0.9, waited
     lane.requests = 1  # the other one done: full speed again
     started = time.perf_counter()
@@ -154,30 +183,59 @@ async def timed_refusal(client: Any, body: bytes) -> float:
     return time.perf_counter() - started
 
 
-async def test_a_large_body_yields_to_requests_in_flight(served: Any) -> None:
-    client, state = served
-    bodies = [schema_body(15_000, serial) for serial in range(4)]
-    await timed_refusal(client, bodies[0])  # warm
-    alone = min([await timed_refusal(client, bodies[1]), await timed_refusal(client, bodies[2])])
+async def in_flight(client: Any, state: Any) -> asyncio.Future[Any]:
+    """A request left waiting on its (60 s) provider, once it is in flight."""
     slow = asyncio.ensure_future(
         client.post("/v1/chat/completions", json={"model": "fc:mock/slow", "messages": HELLO})
     )
-    for _ in range(1000):  # until the slow request is in flight, waiting on its provider
+    for _ in range(1000):
         if state.lane.requests:
             break
         await asyncio.sleep(0.001)
-    try:
-        beside = await timed_refusal(client, bodies[3])
-    finally:
-        slow.cancel()
-    # at a share of 0.1 its work spreads over ~10 times as long; the bound leaves room for a
-    # loaded machine, where `alone` is itself longer
-    assert beside > 3 * alone, (alone, beside)
+    return slow
+
+
+async def settled(state: Any) -> None:
     for _ in range(200):
         if state.lane.requests == 0:
             break
         await asyncio.sleep(0.01)
     assert (state.lane.requests, state.lane.large) == (0, 0)
+
+
+async def test_a_large_body_yields_to_requests_working_on_the_loop(served: Any) -> None:
+    client, state = served
+    bodies = [schema_body(15_000, serial) for serial in range(4)]
+    await timed_refusal(client, bodies[0])  # warm
+    alone = min([await timed_refusal(client, bodies[1]), await timed_refusal(client, bodies[2])])
+    slow = await in_flight(client, state)
+    try:
+        with BusyLoop(0.00005):  # the other request's steps: 50 µs each, back to back
+            beside = await timed_refusal(client, bodies[3])
+    finally:
+        slow.cancel()
+    # turn for turn with 50 µs steps it would take ~2-3 times as long; at a share of 0.1 ~10
+    # times. The bound leaves room for a loaded machine, where `alone` is itself longer
+    assert beside > 4 * alone, (alone, beside)
+    await settled(state)
+
+
+async def test_a_large_body_runs_at_full_speed_beside_requests_waiting_upstream(
+    served: Any,
+) -> None:
+    """Requests in flight that wait on their providers leave the loop idle: a large body does
+    not wait for them (it did: ~10 times its work, for nothing)."""
+    client, state = served
+    bodies = [schema_body(15_000, serial) for serial in range(5)]
+    await timed_refusal(client, bodies[0])  # warm
+    alone = min([await timed_refusal(client, bodies[1]), await timed_refusal(client, bodies[2])])
+    slow = await in_flight(client, state)
+    try:
+        beside = min([await timed_refusal(client, b) for b in bodies[3:]])
+    finally:
+        slow.cancel()
+    assert beside < 2 * alone, (alone, beside)
+    await settled(state)
 
 
 def big_format_body(megabytes: float, serial: int, endpoint: str) -> bytes:

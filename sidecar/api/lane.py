@@ -5,14 +5,16 @@ loop turning between them. Slices bound how long another request waits when its 
 during one, not how often that happens: with large bodies arriving back to back a slice runs
 most of the time, and every step of every other request then waits one out (the soak measured
 normal traffic's p99 at 3.4 times its figure alone). So large-body work is the loop's background
-lane: while any other request is in flight in the process, it gets at most `LARGE_SHARE` of the
-loop's time (after a slice that held the loop h ns the next one waits h x (1/share - 1), shared
-by every large body in progress); with none in flight it runs at full speed. What is left for
-the others is a slice (~0.05-0.1 ms) at the few of their steps that meet one.
+lane: after each slice the loop turns, and when something else ran in that turn (another
+request's work), large-body work gets at most `LARGE_SHARE` of the loop's time (after a slice
+that held the loop h ns the next one waits h x (1/share - 1), shared by every large body in
+progress). When nothing else ran (no other request in flight, or all of them waiting on their
+upstreams, as LLM calls mostly do) it goes on at full speed: a wait would leave the loop idle.
+What is left for the others is a slice (~0.03-0.06 ms) at the few of their steps that meet one.
 
-A large body's request is therefore slower while the process serves others: ~10 times its work
-(~20-60 ms for a 500 KB body) when the loop is never idle. That is the point: the one who sends
-the large body waits for it, not everyone else.
+A large body's request is therefore slower while the process works for others: ~10 times its
+work (~120 ms for the soak's 590 KB body) when the loop is never idle. That is the point: the one
+who sends the large body waits for it, not everyone else.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import time
 
 LARGE_SHARE = 0.1  # of the loop's time, for large bodies' work while other requests are in flight
+_IDLE_TURN_NS = 20_000  # a turn of the loop this short ran nothing else (an empty one: ~1-3 µs)
 _SLEEP_FROM_NS = 500_000  # a shorter wait is not slept (uvloop's timers count whole ms): it is
 # owed, and paid with the next waits
 
@@ -41,16 +44,20 @@ class Lane:
         return Slicer(self)
 
     async def turn(self, held_ns: int) -> None:
-        """Let the loop turn after a slice of large-body work that held it `held_ns`: at once
-        when no other request is in flight, else when the share allows the next slice."""
-        if self.requests <= self.large:
-            self._next_ns = 0
-            await asyncio.sleep(0)
-            return
+        """Let the loop turn after a slice of large-body work that held it `held_ns`: what the
+        others have ready runs first. The next slice comes at once when nothing else ran in that
+        turn (no other request in flight, or all of them waiting on their upstreams: waiting
+        would only delay this body), else when the share allows."""
+        started = time.perf_counter_ns()
+        await asyncio.sleep(0)
         now = time.perf_counter_ns()
-        self._next_ns = max(self._next_ns, now) + int(held_ns * self._wait_per_held)
+        if self.requests <= self.large or now - started < _IDLE_TURN_NS:
+            self._next_ns = 0
+            return
+        self._next_ns = max(self._next_ns, started) + int(held_ns * self._wait_per_held)
         wait = self._next_ns - now
-        await asyncio.sleep(wait / 1e9 if wait >= _SLEEP_FROM_NS else 0)
+        if wait >= _SLEEP_FROM_NS:
+            await asyncio.sleep(wait / 1e9)
 
 
 class Slicer:
