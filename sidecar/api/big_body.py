@@ -66,6 +66,7 @@ class _Slices:
 
     def __init__(self, raw: bytes | bytearray, slicer: Slicer) -> None:
         self.raw = raw
+        self.view = memoryview(raw)  # a slice of it copied once (a bytearray's slice is a copy)
         self.at = 0
         self.slicer = slicer
 
@@ -75,7 +76,7 @@ class _Slices:
         end = min(start + min(size, SLICE_BYTES), len(raw))
         self.at = end
         _check_suspects(raw, max(start - 5, 0), end)  # a match may straddle the last slice
-        return bytes(raw[start:end])
+        return bytes(self.view[start:end])
 
 
 def _check_suspects(raw: bytes | bytearray, start: int, end: int) -> None:

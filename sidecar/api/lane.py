@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-LARGE_SHARE = 0.1  # of the loop's time, for large bodies' work while other requests are in flight
+LARGE_SHARE = 0.1  # of the loop's time, for large bodies' work while other requests work on it
 _IDLE_TURN_NS = 20_000  # a turn of the loop this short ran nothing else (an empty one: ~1-3 µs)
 _BUSY_SHARE = 0.25  # of a wait's time on the loop's CPU: the others worked during it
 _QUIET_NS = 1_000_000  # others that have not worked on the loop this long are waiting elsewhere
