@@ -24,6 +24,16 @@ from sidecar.ids import new_id
 from sidecar.settings import load_settings
 
 
+def mock_config(content: str) -> dict[str, Any]:
+    """A config of one mock provider answering `content`, its model `fc:mock/echo` priced."""
+    return {
+        "listen": {"api": "127.0.0.1:8787", "admin": "127.0.0.1:8788"},
+        "storage": {"backend": "memory"},
+        "providers": {"mock": {"kind": "mock", "mock": {"default": {"content": content}}}},
+        "models": {"fc:mock/echo": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}},
+    }
+
+
 @asynccontextmanager
 async def api_client(
     directory: Path, config: dict[str, Any] | str

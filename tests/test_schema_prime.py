@@ -25,14 +25,9 @@ from sidecar.errors import GatewayError
 from sidecar.responses_request import to_chat
 from sidecar.schema_check import SchemaCache, _key
 from sidecar.schema_graph import measure
-from tests.inprocess import api_client
+from tests.inprocess import api_client, mock_config
 
-CONFIG: dict[str, Any] = {
-    "listen": {"api": "127.0.0.1:8787", "admin": "127.0.0.1:8788"},
-    "storage": {"backend": "memory"},
-    "providers": {"mock": {"kind": "mock", "mock": {"default": {"content": "{}"}}}},
-    "models": {"fc:mock/echo": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}},
-}
+CONFIG = mock_config("{}")
 HELLO = [{"role": "user", "content": "hi"}]
 
 
