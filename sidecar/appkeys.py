@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from sidecar.api.body_memory import BodyMemory
 from sidecar.api.lane import Lane
 from sidecar.runtime import Runtime, RuntimeHolder
 from sidecar.settings import Settings
@@ -29,6 +30,7 @@ class GatewayState:
         # shutdown, and answers so (sidecar/api/request_path.py), not by its client going away
         self.grace_over = False
         self.lane = Lane()  # requests in flight; large bodies' share of the loop (api/lane.py)
+        self.body_memory = BodyMemory()  # what large bodies hold (api/body_memory.py)
 
     @property
     def runtime(self) -> Runtime:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
 
     from sidecar.addons.idempotency import HeldClaim
+    from sidecar.api.body_memory import Reservation
     from sidecar.errors import GatewayError, UpstreamError
     from sidecar.json_size import Sizes
     from sidecar.responses_request import ResponsesCall
@@ -90,6 +91,8 @@ class Flow:
     schema_enforced: bool = False
     schema_plan: SchemaPlan | None = None  # the compiled response_format, when it asks for JSON
     part_sizes: Sizes | None = None  # a large body's parts its checks serialize, measured in slices
+    # a large body's share of limits.max_body_memory_bytes (sidecar/api/body_memory.py)
+    body_memory: Reservation | None = None
     schema_primed: Primed | None = None  # its response_format, compiled before its checks
     # POST /v1/responses: the client's request for providers with the native Responses API
     # (`body` is its translation onto chat, what every other provider is sent)

@@ -64,6 +64,7 @@ async def serve(settings: Settings, config_path: str, started: float, workers: i
     await admin_runner.setup()
     api_guard.attach(state.runtime.services.metrics)
     admin_guard.attach(state.runtime.services.metrics)
+    state.body_memory.attach(state.runtime.services.metrics)
     listen = settings.listen
     api_site = web.TCPSite(
         api_runner, listen.api.host, listen.api.port, backlog=1024, reuse_port=reuse_port

@@ -266,6 +266,13 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.body_memory = Gauge(
+            "ringside_body_memory_bytes",
+            "Memory that request bodies from 64 KiB hold, raw and parsed (estimated), of "
+            "limits.max_body_memory_bytes",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.connection_timeouts = Counter(
             "ringside_connection_timeouts_total",
             "Connections closed because headers (phase=header) or a body (phase=body) "

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import re
 import sys
+from collections.abc import Callable
 from gc import is_tracked
 from itertools import filterfalse, islice
 from typing import Any
@@ -246,28 +247,35 @@ _HOLD_CHECKS = 100  # how many times `release` looks whether it holds the body's
 _HOLD_PAUSE = 0.01  # seconds between two looks
 
 
-def release(body: dict[str, object], lane: Lane = UNSHARED) -> None:
+def release(
+    body: dict[str, object], lane: Lane = UNSHARED, freed: Callable[[], None] | None = None
+) -> None:
     """Free a large body in slices once nothing else holds it (its request is done); a body
-    still held after a second is left to reference counting."""
+    still held after a second is left to reference counting. `freed` is called at the end
+    (the body's memory share given back: sidecar/api/body_memory.py)."""
     # No reference kept to the task (module state would be shared by every app): it only ever
     # waits on a turn of the loop or a timer, and the loop holds it through either.
-    asyncio.ensure_future(_release(body, lane))  # noqa: RUF006
+    asyncio.ensure_future(_release(body, lane, freed))  # noqa: RUF006
 
 
-async def _release(body: dict[str, object], lane: Lane) -> None:
-    for _ in range(_HOLD_CHECKS):
-        await asyncio.sleep(0)
-        if sys.getrefcount(body) <= _ALONE:  # this frame's name and getrefcount's argument
-            break
-        await asyncio.sleep(_HOLD_PAUSE)
-    else:
-        return
-    nodes: list[Any] = [body]
-    del body
+async def _release(body: dict[str, object], lane: Lane, freed: Callable[[], None] | None) -> None:
     try:
-        await _take_apart(nodes, _Walk(lane.slicer()))
-    except Exception:  # whatever is left is freed by reference counting, as it would have been
-        log.exception("freeing a large request body in slices")
+        for _ in range(_HOLD_CHECKS):
+            await asyncio.sleep(0)
+            if sys.getrefcount(body) <= _ALONE:  # this frame's name and getrefcount's argument
+                break
+            await asyncio.sleep(_HOLD_PAUSE)
+        else:
+            return
+        nodes: list[Any] = [body]
+        del body
+        try:
+            await _take_apart(nodes, _Walk(lane.slicer()))
+        except Exception:  # whatever is left is freed by reference counting, as it would be
+            log.exception("freeing a large request body in slices")
+    finally:
+        if freed is not None:
+            freed()
 
 
 async def _take_apart(nodes: list[Any], walk: _Walk) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 from aiohttp import web
@@ -23,27 +23,44 @@ def request_id(request: web.Request) -> str:
     return "req_" + new_id()
 
 
-async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
+async def read_body(
+    request: web.Request,
+    limit: int,
+    hold: Callable[[int], Awaitable[None]] | None = None,
+    length: int | None = None,
+) -> bytes | bytearray:
     """The request body, or 413 as soon as it is known to be over `limit` bytes
     (415 when it is declared as something else than JSON: see `require_json`). A body that
     comes in several reads is gathered as it comes: joined at the end, megabytes were one step
-    of the loop (~1 ms a MB, most of it the new buffer's first touch)."""
+    of the loop (~1 ms a MB, most of it the new buffer's first touch). `hold` is told the
+    body's size in bytes before it is read when Content-Length gives it, else as it grows: it
+    raises to refuse the body (sidecar/api/body_memory.py). `length`: the request's
+    Content-Length when the caller has read it already."""
     if request.headers.get("Content-Type") != JSON_CONTENT_TYPE:  # what the SDKs send
         require_json(request)
-    length = request.content_length
-    if length is not None and length > limit:
-        raise too_large(limit)
+    if length is None:
+        length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise too_large(limit)
+        if hold is not None:
+            await hold(length)
     content = request.content
     if content.is_eof():  # a small body arrives with the headers: it is all buffered already
         whole = content.read_nowait()
         if len(whole) > limit:
             raise too_large(limit)
+        if hold is not None:
+            await hold(len(whole))
         return whole
     gathered = bytearray()
     # one read at a time as it came (iter_any joins what is buffered: one more copy)
     async for chunk, _end_of_http_chunk in request.content.iter_chunks():
-        if len(gathered) + len(chunk) > limit:
+        size = len(gathered) + len(chunk)
+        if size > limit:
             raise too_large(limit)
+        if hold is not None:
+            await hold(size)
         gathered += chunk
     return gathered
 

@@ -114,9 +114,13 @@ async def handle(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
             await pipeline.run("done", flow)
         finally:
             lane.requests -= 1
+            held = flow.body_memory
             if flow.body_bytes >= SLICED_FROM_BYTES:
                 lane.large -= 1
-                release(flow.body, lane)  # in slices, once the flow is gone
+                # in slices, once the flow is gone; its memory's share given back then
+                release(flow.body, lane, held.give_back if held is not None else None)
+            elif held is not None:  # refused while it was read
+                held.give_back()
     return response
 
 
@@ -147,12 +151,20 @@ async def _process(
     await pipeline.run("headers", flow)
     if flow.response is not None:
         return _addon_answer(flow)
-    raw = await read_body(request, runtime.settings.limits.max_body_bytes)
+    limits = runtime.settings.limits
+    length = request.content_length
+    if length is None or length >= SLICED_FROM_BYTES:  # it may be large: it holds memory
+        memory = request.app[STATE].body_memory.reservation(limits.max_body_memory_bytes)
+        flow.body_memory = memory
+        raw = await read_body(request, limits.max_body_bytes, memory.hold_bytes, length)
+    else:
+        raw = await read_body(request, limits.max_body_bytes, None, length)
     flow.body_bytes = len(raw)
     if flow.body_bytes < SLICED_FROM_BYTES:
         flow.body = parse_json_object(raw)
     else:  # in slices, on the loop's background lane: the process's other requests go first
         lane.large += 1
+        await memory.hold_parsed(raw, lane)  # what it will hold parsed, or refused
         flow.body = await parse_large_json_object(raw, lane)
     await pipeline.run("request", flow)
     if flow.response is not None:

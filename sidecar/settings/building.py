@@ -451,6 +451,7 @@ def build(
             **_given(
                 data.get("limits", {}),
                 max_body_bytes=None,
+                max_body_memory_bytes=None,
                 max_cascade=None,
                 header_timeout=float,
                 body_timeout=float,

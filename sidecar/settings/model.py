@@ -299,6 +299,8 @@ class AdminSettings:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = 20 * 1024 * 1024
+    # what bodies from 64 KiB may hold at once, raw and parsed, per worker (api/body_memory.py)
+    max_body_memory_bytes: int = 128 * 1024 * 1024
     max_cascade: int = 8  # candidates one request may expand to (each may cost a call)
     # connections (sidecar/server_limits.py): deadlines in seconds, caps per listener
     header_timeout: float = 10.0
