@@ -1,7 +1,7 @@
 """What large request bodies hold of a worker's memory at once, and its bound.
 
-Parsed, a JSON body takes many times its size: 20 MiB of `[[],[],…]` is ~7 million lists, 588
-MB of RSS for one request (29 times), past the 256 MiB memory limit of the pod manifests; and
+Parsed, a JSON body takes many times its size: 20 MiB of `[[],[],…]` is ~7 million lists, and
+one such request took the sidecar from 53 to 556 MiB of RSS, past the pod manifests' 256 MiB; and
 `limits.max_body_bytes` bounds one body, not how many arrive at once. So a body from
 `SLICED_FROM_BYTES` (a large one: parsed in slices, sidecar/api/big_body.py) holds a share of
 `limits.max_body_memory_bytes` while its request runs: its bytes, taken before they are read
@@ -10,9 +10,9 @@ parsed, what its objects will hold, counted from its bytes a slice at a time
 (`parsed_objects`). A body that would take more than the whole bound is `413
 request_too_large` (read no further when its length alone is over); one that does not fit while
 others hold their shares waits up to `WAIT_SECONDS` for room, then is `503 server_busy` with
-`Retry-After: 1` (the SDKs retry it). Its
-share is given back once the body is freed (`big_body.release`). Smaller bodies are not counted:
-each is under 64 KiB (~2 MB parsed at most), and the connection cap bounds how many there are.
+`Retry-After: 1` (the SDKs retry it). Its share is given back once the body is freed
+(`big_body.release`). Smaller bodies are not counted: each is under 64 KiB (~2 MB parsed at
+most), and the connection cap bounds how many there are.
 """
 
 from __future__ import annotations
