@@ -76,6 +76,14 @@ VALUES: dict[str, bytes] = {
     "past orjson's depth": nested(1024),
     "far past orjson's depth": nested(5000),
     "unterminated": b"[1, 2",
+    "escaped quotes and backslashes": b'"a\\"b\\\\c\\\\\\"d\\\\"',
+    "a string of escaped quotes": b'"' + b'\\"' * 3000 + b'"',
+    "a long string then a value": b'["' + b"s" * 5000 + b'", 1]',
+    "a long unterminated string": b'"' + b"s" * 5000,
+    "an escape at the body's end": b'"abc\\',
+    "a 5,000-digit integer": b"1" * 5000,
+    "a 5,000-digit float": b"1." + b"1" * 5000,
+    "a long number in an array": b"[1, " + b"2" * 5000 + b", 3]",
 }
 # whole bodies: what is around the padded object
 BODIES: dict[str, bytes] = {
@@ -91,9 +99,10 @@ BODIES: dict[str, bytes] = {
 
 
 def padded(before: int, value: bytes, after: int = 0) -> bytes:
-    """{"pad": "<before x>", "v": value, "tail": "<after y>"}: `value` starts at a chosen
-    offset; the body is past SLICED_FROM_BYTES."""
-    head = b'{"pad": "' + b"x" * before + b'", "v": '
+    """{"pad": 0, <before spaces> "v": value, "tail": "<after y>"}: `value` starts at a chosen
+    offset; the body is past SLICED_FROM_BYTES. (Spaces, not a string: a read that would end
+    inside a string goes on to its end, so a value after one would start a read.)"""
+    head = b'{"pad": 0,' + b" " * before + b'"v": '
     tail_pad = max(after, SLICED_FROM_BYTES - len(head) - len(value))
     return head + value + b', "tail": "' + b"y" * tail_pad + b'"}'
 
@@ -142,6 +151,16 @@ OFFSETS = [0, SLICE_BYTES - 3 - 20, SLICE_BYTES - 20 - 1, 2 * SLICE_BYTES - 20 +
 async def test_a_tricky_value_reads_the_same(name: str, offset: int) -> None:
     # the value starts `offset` bytes into the body, give or take the 20 of its head
     await assert_same(padded(offset, VALUES[name]))
+
+
+@pytest.mark.parametrize("shift", range(12))
+async def test_an_escape_across_a_slice_boundary_reads_the_same(shift: int) -> None:
+    """Every byte of a string's escapes on the boundary in turn: a read that ends inside the
+    string goes on to its closing quote, not to an escaped one."""
+    value = b'"ab\\"c\\\\\\"d\\\\", "e\\\\"'
+    for before in (SLICE_BYTES - 20 - shift, 2 * SLICE_BYTES - 20 - shift):
+        kind, body = await assert_same(padded(before, b"[" + value + b"]"))
+        assert kind == "ok" and body["v"] == ['ab"c\\"d\\', "e\\"]
 
 
 @pytest.mark.parametrize("name", BODIES)

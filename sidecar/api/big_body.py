@@ -3,8 +3,9 @@
 orjson parses a body in one call that holds the event loop (and the GIL) for all of it: ~2-4 ms
 for a 470 KB body of 15,000 objects, ~30 ms at `limits.max_body_bytes`' 20 MiB, while every
 other request of the process waits. From `SLICED_FROM_BYTES` a body is instead fed to ijson's
-C push parser (yajl) `SLICE_BYTES` at a time, the loop turning between slices; its depth is
-then checked by orjson's probe (one call: ~0.3-0.7 ms for 500 KB) a part of the body at a time.
+C push parser (yajl) `SLICE_BYTES` at a time (a read never ends inside a string: `_Slices`),
+the loop turning between slices; its depth is then checked by orjson's probe (one call:
+~0.3-0.7 ms for 500 KB) a part of the body at a time.
 When the request is done the body is freed in slices (`release`): freeing 15,000 objects when
 the last reference goes is itself one C call of ~0.4-1 ms. The part of the body its endpoint's
 checks serialize whole is measured in slices too (`measure_part`). Every turn between slices
@@ -63,7 +64,14 @@ class _OrjsonDecides(Exception):
 
 
 class _Slices:
-    """The body as ijson's asynchronous file: a slice per read, a turn of the loop before it."""
+    """The body as ijson's asynchronous file: a slice per read, a turn of the loop before it.
+
+    A read never ends inside a string: yajl lexes a token that spans reads again from its start
+    at every read, so a 1.3 MB string fed 2 KiB at a time cost 250 ms (quadratic; a base64 image,
+    a pasted document). A read that would end inside one is extended to the string's closing
+    quote: yajl lexes it once (~3 ns a byte, one step of the loop: ~3 ms for a 1 MB string). A
+    number longer than a slice, which would do the same, is orjson's to decide (no real number
+    has that many digits)."""
 
     def __init__(self, raw: bytes | bytearray, slicer: Slicer) -> None:
         self.raw = raw
@@ -75,9 +83,62 @@ class _Slices:
         await self.slicer.turn()
         raw, start = self.raw, self.at
         end = min(start + min(size, SLICE_BYTES), len(raw))
+        if end < len(raw):
+            chunk = self.view[start:end]
+            if _quotes(chunk) & 1:  # it ends inside a string (every read starts outside one)
+                end = await self._string_end(end, _ends_escaping(chunk))
+            elif raw[end - 1] in _NUMBER_BYTES and not bytes(chunk).translate(None, _NUMBER_BYTES):
+                raise _OrjsonDecides  # all of it one number
         self.at = end
         _check_suspects(raw, max(start - 5, 0), end)  # a match may straddle the last slice
         return bytes(self.view[start:end])
+
+    async def _string_end(self, at: int, escaped: bool) -> int:
+        """Where the string the body is inside at `at` ends: past its closing quote (the body's
+        end if it has none). `escaped`: the byte at `at` is escaped."""
+        raw = self.raw
+        at += escaped
+        while (quote := raw.find(b'"', at)) >= 0:
+            if not _backslashes_before(raw, quote, at) & 1:
+                return quote + 1
+            at = quote + 1  # an escaped quote: the string goes on
+            if self.slicer.held_ns() > TURN_NS:  # a string of many escaped quotes
+                await self.slicer.turn()
+        return len(raw)
+
+
+_NUMBER_BYTES = b"0123456789+-.eE"
+_ESCAPE = re.compile(rb"\\[\s\S]")  # a backslash and the byte it escapes
+_BACKSLASH_RUN = 4096  # bytes looked at a time for the backslashes before a quote
+
+
+def _quotes(chunk: memoryview) -> int:
+    """How many unescaped quotes `chunk` holds (it starts outside a string, or where a string
+    starts: never in an escape)."""
+    data = bytes(chunk)
+    if b"\\" in data:  # escapes are only in strings: each escaped byte dropped
+        data = _ESCAPE.sub(b"", data)
+    return data.count(b'"')
+
+
+def _ends_escaping(chunk: memoryview) -> bool:
+    """Whether `chunk` (inside a string at its end) ends on a backslash that escapes the next
+    byte: an odd run of them."""
+    return bool(_backslashes_before(chunk, len(chunk), 0) & 1)
+
+
+def _backslashes_before(raw: Any, at: int, start: int) -> int:
+    """How many backslashes come right before `at`, from `start` on, counted in C a window at a
+    time (a hostile run of them can be megabytes)."""
+    count = 0
+    while at > start:
+        window = bytes(raw[max(at - _BACKSLASH_RUN, start) : at])
+        run = len(window) - len(window.rstrip(b"\\"))
+        count += run
+        if run < len(window):
+            break
+        at -= run
+    return count
 
 
 def _check_suspects(raw: bytes | bytearray, start: int, end: int) -> None:
