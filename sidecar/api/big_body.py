@@ -34,8 +34,9 @@ from typing import Any
 import ijson
 import orjson
 
-from sidecar.api.common import MAX_JSON_DEPTH, fits_depth_at, parse_json_object
+from sidecar.api.common import MAX_JSON_DEPTH, fits_depth_at, parse_json_object, too_deep
 from sidecar.api.lane import UNSHARED, Lane, Slicer
+from sidecar.errors import invalid_request
 from sidecar.json_size import SIZE_NESTING, Sizes
 
 log = logging.getLogger("ringside")
@@ -60,7 +61,8 @@ _LOW_SURROGATE = re.compile(rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 class _OrjsonDecides(Exception):
-    """The body holds something yajl reads differently: parse it with orjson instead."""
+    """The body holds something yajl reads differently (the message says what): parse it with
+    orjson instead."""
 
 
 class _Slices:
@@ -88,9 +90,8 @@ class _Slices:
             if _quotes(chunk) & 1:  # it ends inside a string (every read starts outside one)
                 end = await self._string_end(end, _ends_escaping(chunk))
             elif raw[end - 1] in _NUMBER_BYTES and not bytes(chunk).translate(None, _NUMBER_BYTES):
-                raise _OrjsonDecides  # all of it one number
+                raise _OrjsonDecides(f"a number longer than {SLICE_BYTES} bytes")
         self.at = end
-        _check_suspects(raw, max(start - 5, 0), end)  # a match may straddle the last slice
         return bytes(self.view[start:end])
 
     async def _string_end(self, at: int, escaped: bool) -> int:
@@ -143,38 +144,87 @@ def _backslashes_before(raw: Any, at: int, start: int) -> int:
 
 def _check_suspects(raw: bytes | bytearray, start: int, end: int) -> None:
     if raw.find(b"\x0b", start, end) >= 0 or raw.find(b"\x0c", start, end) >= 0:
-        raise _OrjsonDecides
+        raise _OrjsonDecides("a vertical tab or form feed")
     for match in _HIGH_SURROGATE.finditer(raw, start, end):
         at = match.start()
-        backslashes = 1
-        while at - backslashes >= 0 and raw[at - backslashes] == 0x5C:
-            backslashes += 1
-        # an escape only after an odd run of backslashes ("\\ud800" is text); a high surrogate
-        # only when a low one follows
-        if backslashes % 2 and not _LOW_SURROGATE.match(raw, at + 6):
-            raise _OrjsonDecides
+        # an escape only after an even run of backslashes before its own ("\\ud800" is text);
+        # a high surrogate only when a low one follows
+        if not _backslashes_before(raw, at, 0) & 1 and not _LOW_SURROGATE.match(raw, at + 6):
+            raise _OrjsonDecides("a lone surrogate escape")
 
 
 async def parse_large_json_object(
-    raw: bytes | bytearray, lane: Lane = UNSHARED
+    raw: bytes | bytearray, lane: Lane = UNSHARED, values: int | None = None
 ) -> dict[str, object]:
     """`parse_json_object` for a large body, the loop turning between slices (on `lane`'s
-    terms): the same object or the same 400."""
+    terms): the same object or the same 400. `values`: at most how many values the body holds
+    (sidecar/api/body_memory.py counts them), which bounds what orjson may read again."""
     slicer = lane.slicer()
     try:
+        await _find_suspects(raw, slicer)  # before anything is built (freeing it is one step)
         body = await _parsed(raw, slicer)
-    except Exception:  # _OrjsonDecides, or anything yajl refuses (ijson.JSONError and others)
-        return parse_json_object(raw)
+    except Exception as exc:  # _OrjsonDecides, or anything yajl refuses (ijson.JSONError...)
+        return _decided(raw, values, _reason(exc))
     if not isinstance(body, dict):  # refused: orjson says why (not an object, or too deep)
-        return parse_json_object(raw)
-    if not await _fits_depth(body, _Walk(slicer)):
-        return parse_json_object(raw)  # orjson's refusal: too deep, or past its own depth
+        return _decided(raw, values, _NOT_AN_OBJECT, body, lane)
+    if not await _fits_depth(body, _Walk(slicer)):  # orjson's refusal: too deep, or past its own
+        return _decided(raw, values, _TOO_DEEP, body, lane)
     return body
+
+
+_SCANNED_BYTES = 32 * 1024  # looked at for suspects between two turns of the loop
+
+
+async def _find_suspects(raw: bytes | bytearray, slicer: Slicer) -> None:
+    """`_OrjsonDecides` if the body holds what yajl reads otherwise than orjson, looked for a
+    part at a time."""
+    for start in range(0, len(raw), _SCANNED_BYTES):
+        # from 5 bytes back: a surrogate escape may straddle the parts
+        _check_suspects(raw, max(start - 5, 0), start + _SCANNED_BYTES)
+        await slicer.turn()
+
+
+ORJSON_DECIDES_MAX_VALUES = 20_000  # orjson reads that many again in ~1-4 ms (one step)
+_NOT_AN_OBJECT = "not an object"
+_TOO_DEEP = "too deep"
+
+
+def _decided(
+    raw: bytes | bytearray,
+    values: int | None,
+    reason: str,
+    parsed: Any = None,
+    lane: Lane = UNSHARED,
+) -> dict[str, object]:
+    """orjson's reading of a body the sliced one could not decide, when it is short: up to
+    `ORJSON_DECIDES_MAX_VALUES` values (a body of 680,000 small values took ~130 ms, one step of
+    the loop, any client's to cause). Past that, the body is refused for what the sliced reading
+    found, without orjson's position of it: integers past 64 bits and numbers past 1e308, which
+    orjson reads as floats or refuses, are then refused. What the sliced reading built, `parsed`,
+    is freed in slices (a body yajl refuses halfway is freed by it in one step: ~40 ns a value
+    built)."""
+    if values is None or values <= ORJSON_DECIDES_MAX_VALUES:
+        return parse_json_object(raw)
+    if type(parsed) in _CONTAINERS:  # what the sliced reading built, freed a slice at a time
+        release(parsed, lane)
+        del parsed
+    if reason == _NOT_AN_OBJECT:
+        raise invalid_request("the request body must be a JSON object")
+    if reason == _TOO_DEEP:
+        raise too_deep()
+    raise invalid_request(f"the request body is not valid JSON: {reason}")
+
+
+def _reason(exc: Exception) -> str:
+    """What the sliced reading refused, in a line that does not quote the body (yajl's
+    message goes on to show it)."""
+    first_line = str(exc).partition("\n")[0].strip()
+    return first_line or type(exc).__name__
 
 
 async def _parsed(raw: bytes | bytearray, slicer: Slicer) -> Any:
     if _YAJL is None:  # no C backend: ijson's pure-Python one is slower than orjson's block
-        raise _OrjsonDecides
+        raise _OrjsonDecides("no yajl")
     parsed: Any = None
     # One value and nothing after it (trailing data is an ijson.JSONError). Each read of
     # _Slices suspends (asyncio.sleep(0)): measured with ijson 3.6, a read that returns without

@@ -115,10 +115,12 @@ class Reservation:
         if total >= SLICED_FROM_BYTES:
             await self.hold(total, "its bytes")
 
-    async def hold_parsed(self, raw: bytes | bytearray, lane: Lane) -> None:
-        """Hold what `raw` will hold parsed, counted in slices on `lane` before it is."""
+    async def hold_parsed(self, raw: bytes | bytearray, lane: Lane) -> int:
+        """Hold what `raw` will hold parsed, counted in slices on `lane` before it is; how many
+        values it holds at most."""
         objects = await parsed_objects(raw, lane.slicer())
         await self.hold(parsed_bytes(len(raw), objects), f"~{objects} values once parsed")
+        return objects
 
     def give_back(self) -> None:
         if self.held:

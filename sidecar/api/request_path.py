@@ -164,8 +164,8 @@ async def _process(
         flow.body = parse_json_object(raw)
     else:  # in slices, on the loop's background lane: the process's other requests go first
         lane.large += 1
-        await memory.hold_parsed(raw, lane)  # what it will hold parsed, or refused
-        flow.body = await parse_large_json_object(raw, lane)
+        values = await memory.hold_parsed(raw, lane)  # what it will hold parsed, or refused
+        flow.body = await parse_large_json_object(raw, lane, values)
     await pipeline.run("request", flow)
     if flow.response is not None:
         return _addon_answer(flow)
