@@ -209,3 +209,26 @@ async def test_random_documents_read_the_same() -> None:
         # and with one byte changed: whatever orjson makes of it, the sliced reading agrees
         at = rng.randrange(SLICED_FROM_BYTES, len(raw))
         await assert_same(raw[:at] + bytes([rng.choice(b'{}[]",:\\x0 \x0b\xff')]) + raw[at + 1 :])
+
+
+LONG = 70_000
+# name -> the JSON text of a value holding a string that spans many reads (one is extended to its
+# closing quote)
+LONG_VALUES: dict[str, bytes] = {
+    "ASCII": b'"' + b"x" * LONG + b'"',
+    "non-ASCII": orjson.dumps("é😀中a" * (LONG // 9)),
+    "dense escapes": b'"' + b'\\n\\"\\\\\\u00e9\\ud83d\\ude00/' * (LONG // 25) + b'"',
+    "in an array, twice": b'["' + b"a" * LONG + b'", 1, "' + b"b" * LONG + b'"]',
+    "nested": b'{"a": [{"b": "' + b"c" * LONG + b'"}]}',
+    "as a key": b'{"' + b"k" * LONG + b'": 1}',
+    "a control character at its end": b'"' + b"x" * LONG + b'\x01"',
+    "a lone surrogate escape at its end": b'"' + b"x" * LONG + b'\\ud800"',
+    "an invalid escape in the middle": b'"' + b"x" * LONG + b"\\q" + b"x" * LONG + b'"',
+    "invalid UTF-8 in the middle": b'"' + b"x" * LONG + b"\xff" + b"x" * 100 + b'"',
+    "unterminated": b'"' + b"x" * LONG,
+}
+
+
+@pytest.mark.parametrize("name", LONG_VALUES)
+async def test_a_long_string_reads_the_same(name: str) -> None:
+    await assert_same(padded(0, LONG_VALUES[name]))
