@@ -26,7 +26,7 @@ import asyncio
 import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from gc import is_tracked
 from itertools import filterfalse, islice
 from typing import Any
@@ -264,6 +264,12 @@ class _Walk:
         """Let the loop turn if the walk has held it `TURN_NS`."""
         if self.slicer.held_ns() > TURN_NS:
             await self.slicer.turn()
+
+
+def paced(lane: Lane) -> Callable[[], Awaitable[None]]:
+    """A turn of the loop to await between parts of some large-body work: it turns once the
+    work has held the loop `TURN_NS`, on `lane`'s terms."""
+    return _Walk(lane.slicer()).turn
 
 
 async def _fits_depth(body: dict[str, object], walk: _Walk) -> bool:

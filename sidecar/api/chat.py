@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -16,7 +17,12 @@ from sidecar import sse
 from sidecar.api.answers import ringside_headers, send, sse_response
 from sidecar.api.common import JSON_CONTENT_TYPE
 from sidecar.api.request_path import ended_by_shutdown, handle
-from sidecar.api.validation import requested_max_output, schema_format, validate_chat_request
+from sidecar.api.validation import (
+    check_messages_ahead,
+    requested_max_output,
+    schema_format,
+    validate_chat_request,
+)
 from sidecar.errors import (
     GatewayError,
     UpstreamError,
@@ -40,9 +46,12 @@ class ChatCompletions:
     def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
         return schema_format(body.get("response_format"))
 
+    async def check_ahead(self, flow: Flow, pace: Callable[[], Awaitable[None]]) -> None:
+        flow.messages_checked = await check_messages_ahead(flow.body, pace)
+
     def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         body = flow.body
-        validate_chat_request(body)
+        validate_chat_request(body, flow.messages_checked)
         flow.schema_plan = runtime.services.schemas.plan(
             body.get("response_format"), flow.part_sizes, flow.schema_primed
         )

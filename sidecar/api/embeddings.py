@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import sys
 from array import array
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -93,6 +94,9 @@ class Embeddings:
 
     def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
         return None
+
+    async def check_ahead(self, flow: Flow, pace: Callable[[], Awaitable[None]]) -> None:
+        """Nothing: its checks of a large body run in `prepare`, in one step."""
 
     def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         validate_embeddings_request(flow.body)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from sidecar.api.answers import ringside_headers
 from sidecar.api.big_body import (
     SLICED_FROM_BYTES,
     measure_part,
+    paced,
     parse_large_json_object,
     release,
 )
@@ -49,6 +51,12 @@ class Endpoint(Protocol):
     def schema_format(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """The json_schema `response_format` `prepare` will plan, if well formed: compiled
         beforehand, its measure off the event loop (`SchemaCache.prime`)."""
+        ...
+
+    async def check_ahead(self, flow: Flow, pace: Callable[[], Awaitable[None]]) -> None:
+        """For a large body: check what `prepare` would check in one step and a long array
+        makes long (chat's messages) a part at a time, `pace` awaited between parts, and
+        note on `flow` what `prepare` may then skip; the first malformed one's 400."""
         ...
 
     def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
@@ -173,6 +181,7 @@ async def _process(
     large = flow.body_bytes >= SLICED_FROM_BYTES
     if large:  # the part the endpoint's checks serialize, measured in slices; then the checks
         flow.part_sizes = await measure_part(flow.body.get(member) if member else None, lane)
+        await endpoint.check_ahead(flow, paced(lane))
         checks = lane.slicer()
     if (
         member

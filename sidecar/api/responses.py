@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from types import MappingProxyType
 from typing import Any
 
@@ -67,6 +68,9 @@ class Responses:
         if not isinstance(spec, dict) or spec.get("type") != "json_schema":
             return None  # (the translation takes any other type for json_schema: check refuses)
         return schema_format(chat_response_format(text))
+
+    async def check_ahead(self, flow: Flow, pace: Callable[[], Awaitable[None]]) -> None:
+        """Nothing: its checks of a large body run in `prepare`, in one step."""
 
     def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         check(flow.body)

@@ -5,7 +5,8 @@ Only what the OpenAI API defines is checked; unknown parameters pass through unt
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from itertools import islice
 from typing import Any
 
 from sidecar.errors import GatewayError, invalid_request
@@ -41,10 +42,12 @@ def _boolean(body: dict[str, Any], name: str) -> None:
         raise invalid_request(f"{name} must be true or false", name)
 
 
-def _messages(messages: Any) -> None:
+def _messages(messages: Any, start: int = 0, stop: int | None = None) -> None:
+    """Check `messages[start:stop]` (all of them by default)."""
     if not isinstance(messages, list) or not messages:
         raise invalid_request("messages must be a non-empty array of message objects", "messages")
-    for index, message in enumerate(messages):
+    batch = messages if start == 0 and stop is None else islice(messages, start, stop)
+    for index, message in enumerate(batch, start):
         if not isinstance(message, dict):
             where = f"messages[{index}]"
             raise invalid_request(f"{where} must be an object with role and content", where)
@@ -204,15 +207,35 @@ _CHECKS: tuple[tuple[str, Callable[[dict[str, Any], str], None]], ...] = (
 )  # fmt: skip
 
 
-def validate_chat_request(body: dict[str, Any]) -> None:
-    """Raise a 400 GatewayError for the first malformed parameter."""
+_CHECKS_BUT_MESSAGES = _CHECKS[1:]
+_MESSAGES_BATCH = 128  # checked between two looks at the clock (~20-40 µs)
+
+
+def validate_chat_request(body: dict[str, Any], messages_checked: bool = False) -> None:
+    """Raise a 400 GatewayError for the first malformed parameter; `messages_checked`: by
+    `check_messages_ahead`, which found them well formed."""
     if "model" not in body:
         raise invalid_request("model is required (e.g. fc:openai/gpt-4o-mini)", "model")
     if "messages" not in body:
         _messages(None)
-    for name, check in _CHECKS:
+    for name, check in _CHECKS_BUT_MESSAGES if messages_checked else _CHECKS:
         if name in body:
             check(body, name)
+
+
+async def check_messages_ahead(body: dict[str, Any], pace: Callable[[], Awaitable[None]]) -> bool:
+    """Check a large body's messages `_MESSAGES_BATCH` at a time, `pace` awaited between
+    batches (it lets the loop turn when the check has held it long enough): ~0.15-0.3 µs a
+    message, so 100,000 of them were one step of 15-30 ms in `validate_chat_request`. The
+    first malformed one is the same 400; True when all are well formed (the rest of the
+    checks then skip them), False when there is nothing to check ahead."""
+    messages = body.get("messages")
+    if "model" not in body or not isinstance(messages, list) or not messages:
+        return False  # validate_chat_request answers, in its order
+    for start in range(0, len(messages), _MESSAGES_BATCH):
+        _messages(messages, start, start + _MESSAGES_BATCH)
+        await pace()
+    return True
 
 
 def requested_max_output(body: dict[str, Any]) -> int | None:
