@@ -91,7 +91,9 @@ class Flow:
     schema_enforced: bool = False
     schema_plan: SchemaPlan | None = None  # the compiled response_format, when it asks for JSON
     part_sizes: Sizes | None = None  # a large body's parts its checks serialize, measured in slices
-    messages_checked: bool = False  # a large body's, in slices (api/validation.py)
+    # a large body's long array (chat's messages, embeddings' input) checked in slices before
+    # `prepare` (Endpoint.check_ahead), which then skips it
+    checked_ahead: bool = False
     # a large body's share of limits.max_body_memory_bytes (sidecar/api/body_memory.py)
     body_memory: Reservation | None = None
     schema_primed: Primed | None = None  # its response_format, compiled before its checks

@@ -92,7 +92,10 @@ async def client(tmp_path: Path) -> AsyncIterator[Any]:
 
 
 async def longest_step(
-    client: Any, bodies: list[bytes], check: Callable[[int, Any], None]
+    client: Any,
+    bodies: list[bytes],
+    check: Callable[[int, Any], None],
+    path: str = "/v1/chat/completions",
 ) -> float:
     """Post `bodies` one after the other; every answer to `check`; the longest step of the loop
     meanwhile (one at a time: with several at once a turn of the loop runs a step of each).
@@ -101,7 +104,7 @@ async def longest_step(
 
     async def post(body: bytes) -> None:
         async with client.post(
-            "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+            path, data=body, headers={"Content-Type": "application/json"}
         ) as response:
             check(response.status, await response.json())
 
@@ -359,3 +362,27 @@ async def test_the_other_checks_of_a_large_body_still_run(client: Any) -> None:
     raw = many_messages(5_000, {"role": "user", "content": "x"})
     async with client.post("/v1/chat/completions", data=raw, headers=JSON) as response:
         answered(response.status, await response.json())
+
+
+INPUT_RULE = (
+    "input must be a non-empty string, an array of strings, an array of token ids, or an "
+    "array of arrays of token ids (at most 2048 inputs)"
+)
+
+
+async def test_a_long_embeddings_input_is_checked_a_part_at_a_time(client: Any) -> None:
+    """~0.1 µs a token id: 300,000 of them (OpenAI's most in one request) were one step of
+    ~20-30 ms. Arrays of token-id arrays only: every other form has at most 2,048 items."""
+    given = [list(range(150_000)), [*range(150_000), -1]]
+    raw = orjson.dumps({"model": "fc:mock/echo", "input": given})
+    refused = refused_with(INPUT_RULE)
+    longest = await longest_step(client, [raw, raw, raw], refused, "/v1/embeddings")
+    assert longest < MAX_STEP_MS, f"the loop was held {longest:.2f} ms in one step"
+
+
+async def test_a_long_embeddings_input_well_formed_is_answered(client: Any) -> None:
+    raw = orjson.dumps({"model": "fc:mock/echo", "input": [list(range(20_000))] * 2})
+    async with client.post("/v1/embeddings", data=raw, headers=JSON) as response:
+        answer = await response.json()
+    assert response.status == 200, answer
+    assert len(answer["data"]) == 2

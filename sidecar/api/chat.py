@@ -47,11 +47,11 @@ class ChatCompletions:
         return schema_format(body.get("response_format"))
 
     async def check_ahead(self, flow: Flow, pace: Callable[[], Awaitable[None]]) -> None:
-        flow.messages_checked = await check_messages_ahead(flow.body, pace)
+        flow.checked_ahead = await check_messages_ahead(flow.body, pace)
 
     def prepare(self, flow: Flow, runtime: Runtime, raw: bytes | bytearray) -> Estimate:
         body = flow.body
-        validate_chat_request(body, flow.messages_checked)
+        validate_chat_request(body, flow.checked_ahead)
         flow.schema_plan = runtime.services.schemas.plan(
             body.get("response_format"), flow.part_sizes, flow.schema_primed
         )
