@@ -85,14 +85,15 @@ class _Slices:
         await self.slicer.turn()
         raw, start = self.raw, self.at
         end = min(start + min(size, SLICE_BYTES), len(raw))
-        if end < len(raw):
-            chunk = self.view[start:end]
-            if _quotes(chunk) & 1:  # it ends inside a string (every read starts outside one)
-                end = await self._string_end(end, _ends_escaping(chunk))
-            elif raw[end - 1] in _NUMBER_BYTES and not bytes(chunk).translate(None, _NUMBER_BYTES):
-                raise _OrjsonDecides(f"a number longer than {SLICE_BYTES} bytes")
+        chunk = bytes(self.view[start:end])  # the one copy yajl is handed, mostly
         self.at = end
-        return bytes(self.view[start:end])
+        if end < len(raw):
+            if _quotes(chunk) & 1:  # it ends inside a string (every read starts outside one)
+                self.at = await self._string_end(end, _ends_escaping(chunk))
+                return bytes(self.view[start : self.at])
+            if raw[end - 1] in _NUMBER_BYTES and not chunk.translate(None, _NUMBER_BYTES):
+                raise _OrjsonDecides(f"a number longer than {SLICE_BYTES} bytes")
+        return chunk
 
     async def _string_end(self, at: int, escaped: bool) -> int:
         """Where the string the body is inside at `at` ends: past its closing quote (the body's
@@ -113,16 +114,15 @@ _ESCAPE = re.compile(rb"\\[\s\S]")  # a backslash and the byte it escapes
 _BACKSLASH_RUN = 4096  # bytes looked at a time for the backslashes before a quote
 
 
-def _quotes(chunk: memoryview) -> int:
+def _quotes(chunk: bytes) -> int:
     """How many unescaped quotes `chunk` holds (it starts outside a string, or where a string
     starts: never in an escape)."""
-    data = bytes(chunk)
-    if b"\\" in data:  # escapes are only in strings: each escaped byte dropped
-        data = _ESCAPE.sub(b"", data)
-    return data.count(b'"')
+    if b"\\" in chunk:  # escapes are only in strings: each escaped byte dropped
+        chunk = _ESCAPE.sub(b"", chunk)
+    return chunk.count(b'"')
 
 
-def _ends_escaping(chunk: memoryview) -> bool:
+def _ends_escaping(chunk: bytes) -> bool:
     """Whether `chunk` (inside a string at its end) ends on a backslash that escapes the next
     byte: an odd run of them."""
     return bool(_backslashes_before(chunk, len(chunk), 0) & 1)
@@ -207,7 +207,6 @@ def _decided(
         return parse_json_object(raw)
     if type(parsed) in _CONTAINERS:  # what the sliced reading built, freed a slice at a time
         release(parsed, lane)
-        del parsed
     if reason == _NOT_AN_OBJECT:
         raise invalid_request("the request body must be a JSON object")
     if reason == _TOO_DEEP:

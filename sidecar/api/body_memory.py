@@ -41,7 +41,7 @@ class BodyMemory:
 
     def __init__(self) -> None:
         self.held = 0
-        self._freed: list[asyncio.Future[None]] = []  # of those waiting for room
+        self._freed = asyncio.Event()  # set, and replaced, when a share is given back
         self._tally: Any = None
         self._gauge: Any = None
 
@@ -57,31 +57,20 @@ class BodyMemory:
 
     async def room_for(self, amount: int, limit: int) -> None:
         """Until `amount` more fits in `limit`, or 503 after `WAIT_SECONDS`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_SECONDS
-        while self.held + amount > limit:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise memory_busy(limit)
-            freed = loop.create_future()
-            self._freed.append(freed)
-            try:
-                await asyncio.wait_for(freed, left)
-            except TimeoutError:
-                raise memory_busy(limit) from None
-            finally:
-                if freed in self._freed:
-                    self._freed.remove(freed)
+        try:
+            async with asyncio.timeout(WAIT_SECONDS):
+                while self.held + amount > limit:
+                    await self._freed.wait()
+        except TimeoutError:
+            raise memory_busy(limit) from None
 
     def _add(self, amount: int) -> None:
         self.held += amount
         if self._tally is not None:
             self._tally.inc(self._gauge, amount)
         if amount < 0:  # every waiter looks again
-            for freed in self._freed:
-                if not freed.done():
-                    freed.set_result(None)
-            self._freed.clear()
+            self._freed.set()
+            self._freed = asyncio.Event()
 
 
 class Reservation:

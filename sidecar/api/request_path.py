@@ -172,6 +172,7 @@ async def _process(
         flow.body = parse_json_object(raw)
     else:  # in slices, on the loop's background lane: the process's other requests go first
         lane.large += 1
+        # (Content-Length is exact: a large body took the branch with `memory` above)
         values = await memory.hold_parsed(raw, lane)  # what it will hold parsed, or refused
         flow.body = await parse_large_json_object(raw, lane, values)
     await pipeline.run("request", flow)
