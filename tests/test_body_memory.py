@@ -19,10 +19,13 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
+from openai.types.chat import ChatCompletion
 
 from sidecar.api.big_body import SLICED_FROM_BYTES, parse_large_json_object
 from sidecar.api.body_memory import OBJECT_BYTES, WAIT_SECONDS, parsed_objects
 from sidecar.api.lane import UNSHARED
+from sidecar.settings import ConfigError, load_settings
 from tests.inprocess import api_client, mock_config
 from tests.procs import SidecarProcess, wait_until
 from tests.support import metric_samples, post_chat
@@ -119,25 +122,38 @@ async def test_a_dense_body_over_the_bound_is_413_and_holds_nothing_after(
     async with api_client(tmp_path, config(16 * MIB)) as (client, state):
         async with client.post("/v1/chat/completions", data=dense, headers=JSON) as response:
             answer = await response.json()
-        assert response.status == 413, answer
-        error = answer["error"]
-        assert error["code"] == "request_too_large"
-        assert error["type"] == "invalid_request_error"
-        assert "limits.max_body_memory_bytes (16777216 bytes)" in error["message"]
-        assert "values once parsed" in error["message"]
+        refused_for_memory(
+            response.status,
+            answer,
+            "values once parsed), more than limits.max_body_memory_bytes (16777216 bytes)",
+        )
         async with client.post("/v1/chat/completions", data=prose, headers=JSON) as response:
             answer = await response.json()
         assert response.status == 200, answer
         assert answer["choices"][0]["message"]["content"] == "in process"
-        await wait_for_nothing_held(state)
+        await until_held(state, lambda held: held == 0)
 
 
-async def wait_for_nothing_held(state: Any) -> None:
-    for _ in range(300):  # a body is freed in slices after its request
-        if state.body_memory.held == 0:
+def refused_for_memory(status: int, answer: Any, text: str) -> None:
+    assert status == 413, answer
+    error = answer["error"]
+    assert (error["code"], error["type"], error["param"]) == (
+        "request_too_large",
+        "invalid_request_error",
+        None,
+    )
+    assert error["message"].startswith("the request body would hold "), error
+    assert text in error["message"], error
+
+
+async def until_held(state: Any, check: Callable[[int], bool]) -> None:
+    """Until what large bodies hold passes `check` (a body is freed in slices after its
+    request), for up to 5 s."""
+    for _ in range(500):
+        if check(state.body_memory.held):
             return
         await asyncio.sleep(0.01)
-    raise AssertionError(f"{state.body_memory.held} bytes still held")
+    raise AssertionError(f"{state.body_memory.held} bytes held")
 
 
 async def test_a_body_whose_length_alone_is_over_the_bound_is_refused_unparsed(
@@ -147,10 +163,9 @@ async def test_a_body_whose_length_alone_is_over_the_bound_is_refused_unparsed(
     async with api_client(tmp_path, config(1 * MIB)) as (client, state):
         async with client.post("/v1/chat/completions", data=body, headers=JSON) as response:
             answer = await response.json()
-        assert response.status == 413, answer
         # refused on its Content-Length, before its bytes were read or counted
-        assert "(its bytes), more than limits.max_body_memory_bytes" in answer["error"]["message"]
-        await wait_for_nothing_held(state)
+        refused_for_memory(response.status, answer, "(its bytes), more than limits.max_body")
+        await until_held(state, lambda held: held == 0)
 
 
 async def test_a_chunked_body_is_counted_as_it_grows(tmp_path: Path) -> None:
@@ -164,9 +179,8 @@ async def test_a_chunked_body_is_counted_as_it_grows(tmp_path: Path) -> None:
         async with client.post("/v1/chat/completions", data=chunks(), headers=JSON) as response:
             answer = await response.json()
         assert response.request_info.headers.get("Transfer-Encoding") == "chunked"
-        assert response.status == 413, answer
-        assert "(its bytes)" in answer["error"]["message"]
-        await wait_for_nothing_held(state)
+        refused_for_memory(response.status, answer, "(its bytes), more than limits.max_body")
+        await until_held(state, lambda held: held == 0)
 
 
 async def test_a_body_that_does_not_fit_beside_others_waits_then_is_503(
@@ -177,7 +191,7 @@ async def test_a_body_that_does_not_fit_beside_others_waits_then_is_503(
     second = conversation(600_000)
     async with api_client(tmp_path, config(4 * MIB, slow_ms=3000)) as (client, state):
         waiting = asyncio.ensure_future(post(client, first))
-        await until_held(state, 2e6)  # parsed: it waits on its provider
+        await until_held(state, lambda held: held > 2e6)  # parsed: it waits on its provider
         started = time.monotonic()
         status, headers, answer = await post(client, second)
         assert status == 503, answer
@@ -188,10 +202,11 @@ async def test_a_body_that_does_not_fit_beside_others_waits_then_is_503(
         assert headers["Retry-After"] == "1"
         status, _headers, answer = await waiting
         assert status == 200, answer
-        await wait_for_nothing_held(state)
+        await until_held(state, lambda held: held == 0)
         status, _headers, answer = await post(client, second)  # its retry
         assert status == 200, answer
-        await wait_for_nothing_held(state)
+        assert answer["choices"][0]["message"]["content"] == "in process"
+        await until_held(state, lambda held: held == 0)
 
 
 async def test_a_body_waits_for_room_given_back_in_time(tmp_path: Path) -> None:
@@ -200,24 +215,19 @@ async def test_a_body_waits_for_room_given_back_in_time(tmp_path: Path) -> None:
     second = conversation(600_000)
     async with api_client(tmp_path, config(4 * MIB, slow_ms=300)) as (client, state):
         waiting = asyncio.ensure_future(post(client, first))
-        await until_held(state, 2e6)
+        await until_held(state, lambda held: held > 2e6)
         status, _headers, answer = await post(client, second)
         assert status == 200, answer
-        assert (await waiting)[0] == 200
-        await wait_for_nothing_held(state)
+        assert answer["choices"][0]["message"]["content"] == "in process"
+        status, _headers, answer = await waiting
+        assert status == 200, answer
+        assert answer["choices"][0]["message"]["content"] == "slowly"
+        await until_held(state, lambda held: held == 0)
 
 
 async def post(client: Any, body: bytes) -> tuple[int, Any, Any]:
     async with client.post("/v1/chat/completions", data=body, headers=JSON) as answer:
         return answer.status, answer.headers, await answer.json()
-
-
-async def until_held(state: Any, size: float) -> None:
-    for _ in range(500):
-        if state.body_memory.held > size:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{state.body_memory.held} bytes held")
 
 
 def test_a_twenty_mebibyte_dense_body_leaves_the_process_its_memory(
@@ -231,14 +241,27 @@ def test_a_twenty_mebibyte_dense_body_leaves_the_process_its_memory(
     post_chat(proc, conversation(200_000))  # warm: a large body's path taken once
     before = rss_mib(proc)
     answer = post_chat(proc, dense)
-    assert answer.status == 413, answer.body[:300]
-    assert "limits.max_body_memory_bytes (134217728 bytes)" in answer.json()["error"]["message"]
+    refused_for_memory(
+        answer.status, answer.json(), "more than limits.max_body_memory_bytes (134217728 bytes)"
+    )
     grown = rss_mib(proc) - before
     assert grown < 60, f"RSS grew {grown:.0f} MiB"  # its 20 MiB read (~500 MiB when parsed)
     ok = post_chat(proc, conversation(5 * MIB))
     assert ok.status == 200, ok.body[:300]
+    ChatCompletion.model_validate(ok.json())  # an OpenAI object
+    assert ok.json()["choices"][0]["message"]["content"] == "e2e"
 
     def gauge() -> float:
         return metric_samples(proc)[("ringside_body_memory_bytes", frozenset())]
 
     assert wait_until(lambda: gauge() == 0.0, timeout=5)
+
+
+@pytest.mark.parametrize("value", ["128MiB", 1.5, True, None, 1024, -1])
+def test_a_malformed_max_body_memory_bytes_is_refused_at_load(tmp_path: Path, value: Any) -> None:
+    """Not an integer, or under 1 MiB: the config is refused, naming the field."""
+    path = tmp_path / "ringside.yaml"
+    path.write_text(yaml.safe_dump({**config(MIB), "limits": {"max_body_memory_bytes": value}}))
+    with pytest.raises(ConfigError) as refused:
+        load_settings(str(path))
+    assert "limits.max_body_memory_bytes" in str(refused.value)
