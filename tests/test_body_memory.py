@@ -225,6 +225,28 @@ async def test_a_body_waits_for_room_given_back_in_time(tmp_path: Path) -> None:
         await until_held(state, lambda held: held == 0)
 
 
+async def test_a_body_promised_but_not_sent_holds_no_share(tmp_path: Path) -> None:
+    """A client that declares 3 MB and sends 10 bytes (slowly, or never: up to body_timeout)
+    holds nothing: the share is taken as bytes arrive. (When Content-Length was taken ahead,
+    such a client kept every other large body out: 503 after the 1 s wait.)"""
+    async with api_client(tmp_path, config(4 * MIB)) as (client, state):
+        server = client.server
+        _reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 3000000\r\n\r\n"
+            b'{"model": '
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)  # its headers read, its first bytes in
+        assert state.body_memory.held == 0
+        status, _headers, answer = await post(client, conversation(600_000))  # ~2.4 MB
+        assert status == 200, answer
+        assert answer["choices"][0]["message"]["content"] == "in process"
+        writer.close()
+        await until_held(state, lambda held: held == 0)
+
+
 async def post(client: Any, body: bytes) -> tuple[int, Any, Any]:
     async with client.post("/v1/chat/completions", data=body, headers=JSON) as answer:
         return answer.status, answer.headers, await answer.json()

@@ -4,14 +4,14 @@ Parsed, a JSON body takes many times its size: 20 MiB of `[[],[],…]` is ~7 mil
 one such request took the sidecar from 53 to 556 MiB of RSS, past the pod manifests' 256 MiB; and
 `limits.max_body_bytes` bounds one body, not how many arrive at once. So a body from
 `SLICED_FROM_BYTES` (a large one: parsed in slices, sidecar/api/big_body.py) holds a share of
-`limits.max_body_memory_bytes` while its request runs: its bytes, taken before they are read
-when Content-Length gives them (as they arrive when it is sent chunked), then, before it is
-parsed, what its objects will hold, counted from its bytes a slice at a time
-(`parsed_objects`). A body that would take more than the whole bound is `413
-request_too_large` (read no further when its length alone is over); one that does not fit while
-others hold their shares waits up to `WAIT_SECONDS` for room, then is `503 server_busy` with
-`Retry-After: 1` (the SDKs retry it). Its share is given back once the body is freed
-(`big_body.release`). Smaller bodies are not counted: each is under 64 KiB (~2 MB parsed at
+`limits.max_body_memory_bytes` while its request runs: its bytes, taken as they arrive (not
+on what Content-Length promises: a client sending slowly, or never, would hold the share of
+bytes it does not send), then, before it is parsed, what its objects will hold, counted from
+its bytes a slice at a time (`parsed_objects`). A body that would take more than the whole
+bound is `413 request_too_large` (before any of it is read when its Content-Length alone is
+over); one that does not fit while others hold their shares waits up to `WAIT_SECONDS` for
+room, then is `503 server_busy` with `Retry-After: 1` (the SDKs retry it). Its share is given
+back once the body is freed (`big_body.release`). Smaller bodies are not counted: each is under 64 KiB (~2 MB parsed at
 most), and the connection cap bounds how many there are.
 """
 
@@ -92,12 +92,16 @@ class Reservation:
         more = total - self.held
         if more <= 0:
             return
-        if total > self.limit:
-            raise too_much_memory(total, self.limit, what)
+        self.refuse_over(total, what)
         if self.memory.held + more > self.limit:
             await self.memory.room_for(more, self.limit)
         self.held = total
         self.memory._add(more)
+
+    def refuse_over(self, total: int, what: str) -> None:
+        """413 when `total` bytes alone are over the bound (they could never be held)."""
+        if total > self.limit:
+            raise too_much_memory(total, self.limit, what)
 
     async def hold_bytes(self, total: int) -> None:
         """`read_body`'s `hold`: the body's bytes, from a large body's size."""

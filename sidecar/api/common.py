@@ -33,18 +33,16 @@ async def read_body(
     (415 when it is declared as something else than JSON: see `require_json`). A body that
     comes in several reads is gathered as it comes: joined at the end, megabytes were one step
     of the loop (~1 ms a MB, most of it the new buffer's first touch). `hold` is told the
-    body's size in bytes before it is read when Content-Length gives it, else as it grows: it
-    raises to refuse the body (sidecar/api/body_memory.py). `length`: the request's
+    body's size in bytes as it arrives (not what Content-Length promises: a client that sends
+    slowly, or never, would hold it without sending it); it raises to refuse the body
+    (sidecar/api/body_memory.py). `length`: the request's
     Content-Length when the caller has read it already."""
     if request.headers.get("Content-Type") != JSON_CONTENT_TYPE:  # what the SDKs send
         require_json(request)
     if length is None:
         length = request.content_length
-    if length is not None:
-        if length > limit:
-            raise too_large(limit)
-        if hold is not None:
-            await hold(length)
+    if length is not None and length > limit:
+        raise too_large(limit)
     content = request.content
     if content.is_eof():  # a small body arrives with the headers: it is all buffered already
         whole = content.read_nowait()

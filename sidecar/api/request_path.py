@@ -164,6 +164,8 @@ async def _process(
     if length is None or length >= SLICED_FROM_BYTES:  # it may be large: it holds memory
         memory = request.app[STATE].body_memory.reservation(limits.max_body_memory_bytes)
         flow.body_memory = memory
+        if length is not None:  # could never be held: refused before any of it is read
+            memory.refuse_over(length, "its bytes")
         raw = await read_body(request, limits.max_body_bytes, memory.hold_bytes, length)
     else:
         raw = await read_body(request, limits.max_body_bytes, None, length)
