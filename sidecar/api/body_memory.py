@@ -11,8 +11,8 @@ its bytes a slice at a time (`parsed_objects`). A body that would take more than
 bound is `413 request_too_large` (before any of it is read when its Content-Length alone is
 over); one that does not fit while others hold their shares waits up to `WAIT_SECONDS` for
 room, then is `503 server_busy` with `Retry-After: 1` (the SDKs retry it). Its share is given
-back once the body is freed (`big_body.release`). Smaller bodies are not counted: each is under 64 KiB (~2 MB parsed at
-most), and the connection cap bounds how many there are.
+back once the body is freed (`big_body.release`). Smaller bodies are not counted: each is
+under 64 KiB (~2 MB parsed at most), and the connection cap bounds how many there are.
 """
 
 from __future__ import annotations
